@@ -1,0 +1,213 @@
+"""The ``relex-merge`` command line (click + rich). ``relex-merge CONFIG OUT`` merges."""
+
+from __future__ import annotations
+
+import functools
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from relex_merge import __version__
+from relex_merge.errors import RelexError
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise RelexError(f"{option}: cannot read size {text!r} (examples: 8GB, 512MiB, 1000000)")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def default_max_memory() -> int:
+    import psutil
+
+    return max(256 * 1024**2, int(psutil.virtual_memory().available * 0.5))
+
+
+def resolve_device(text: str):
+    import torch
+
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise RelexError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
+    device = torch.device(text)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RelexError("--device: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RelexError(f"--device: no GPU {device.index} (found {torch.cuda.device_count()})")
+    return device
+
+
+def user_errors(func):
+    """One clear line and exit 2 for input errors; the full trace only with -v."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        verbose = kwargs.get("verbose", False)
+        err = Console(stderr=True, highlight=False)
+        try:
+            return func(*args, **kwargs)
+        except RelexError as exc:
+            if verbose:
+                traceback.print_exc()
+            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            err.print("interrupted; nothing was written", soft_wrap=True)
+            sys.exit(130)
+        except Exception as exc:  # a bug or an environment failure: say so, briefly
+            if verbose:
+                traceback.print_exc()
+            err.print(
+                f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with -v for the full trace)",
+                soft_wrap=True,
+            )
+            sys.exit(1)
+
+    return wrapper
+
+
+class DefaultMergeGroup(click.Group):
+    """``relex-merge CONFIG OUT`` is short for ``relex-merge merge CONFIG OUT``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["merge", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultMergeGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="relex-merge")
+def main() -> None:
+    """Predict a later RL checkpoint from a window of earlier ones (RELEX).
+
+    Run `relex-merge CONFIG OUT` (same as `relex-merge merge CONFIG OUT`).
+    """
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]relex[/]"),
+        BarColumn(),
+        TextColumn("{task.fields[tensors]}"),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _summary_table(plan, result) -> Table:
+    summary = result.summary
+    table = Table(title="relex-merge", show_header=True)
+    table.add_column("target step", justify="right")
+    table.add_column("output")
+    for target, folder in result.outputs.items():
+        table.add_row(str(target), str(folder))
+    ev1, r2 = summary.explained_variance_1, summary.linear_r2
+    stats = Table(show_header=False, box=None)
+    stats.add_column(style="bold")
+    stats.add_column()
+    two_pass = sum(1 for r in result.stats.tensors if r.passes == 2)
+    seconds = max(result.seconds, 1e-9)
+    rows = [
+        ("window", f"{len(plan.job.steps)} checkpoints, steps {plan.job.steps[0]}..{plan.job.steps[-1]}"),
+        ("tensors", f"{summary.extrapolated} fitted, {summary.zero_delta} unchanged, "
+         f"{summary.copied} copied; {two_pass} in two passes"),
+        ("rank-1 explained variance", f"{ev1.weighted_mean:.4f} mean, {ev1.minimum:.4f} min" if ev1 else "n/a"),
+        ("linear R²", f"{r2.weighted_mean:.4f} mean, {r2.minimum:.4f} min" if r2 else "n/a"),
+        ("read", f"{human_bytes(result.stats.bytes_read)} in {seconds:.2f} s "
+         f"({human_bytes(result.stats.bytes_read / seconds)}/s)"),
+        ("written", human_bytes(result.bytes_written)),
+    ]
+    for key, value in rows:
+        stats.add_row(key, value)
+    outer = Table.grid()
+    outer.add_row(table)
+    outer.add_row(stats)
+    return outer
+
+
+@main.command("merge")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--max-memory", default=None, help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@user_errors
+def merge_command(config_path, out, print_config, overwrite, max_memory, device, shard_size, quiet, verbose):
+    """Merge a window of checkpoints into the model predicted for target_step."""
+    from relex_merge.config import load_config
+    from relex_merge.engine import EngineOptions
+    from relex_merge.merge import execute_merge, planned_read_bytes
+    from relex_merge.plan import expand_config, plan_merge
+
+    config = load_config(config_path)
+    if print_config:
+        click.echo(expand_config(config).to_yaml(), nl=False)
+        return
+    if out is None:
+        raise RelexError("OUT: give an output folder (or --print-config)")
+    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    if budget <= 0 or shard_bytes <= 0:
+        raise RelexError("--max-memory and --shard-size must be positive")
+    options = EngineOptions(max_memory=budget, device=resolve_device(device))
+    plan = plan_merge(config)
+    console = Console(stderr=True)
+    for warning in plan.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+
+    total_tensors = len(plan.job.base.names())
+    if quiet:
+        result = execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_bytes)
+        return
+    with _progress(console) as progress:
+        task = progress.add_task("merge", total=planned_read_bytes(plan), tensors=f"0/{total_tensors} tensors")
+        done = 0
+
+        def on_progress(nbytes: int, finished: bool) -> None:
+            nonlocal done
+            done += finished
+            progress.update(task, advance=nbytes, tensors=f"{done}/{total_tensors} tensors")
+
+        result = execute_merge(
+            plan, out, options, overwrite=overwrite, shard_size=shard_bytes, progress=on_progress
+        )
+    Console().print(_summary_table(plan, result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Checkpoint readers behind one small interface: tensor names, shape/dtype, and reads of a
+whole tensor or a range of its rows (dim 0). Readers open files lazily (mmap) and never
+materialise a whole model."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from safetensors import safe_open
+
+from relex_merge.errors import RelexError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Length of the axis reads are chunked along (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+
+class CheckpointReader(Protocol):
+    path: Path
+
+    def names(self) -> list[str]: ...
+
+    def meta(self, name: str) -> TensorMeta: ...
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+
+    def files(self) -> list[Path]: ...
+
+
+class SafetensorsReader:
+    """A single .safetensors file, a sharded model (index json) or a folder of shards."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._files = self._shard_files(path)
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        self._meta: dict[str, TensorMeta] = {}
+        for file in self._files:
+            try:
+                handle = safe_open(str(file), framework="pt")
+                keys = list(handle.keys())
+                for name in keys:
+                    sl = handle.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise RelexError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
+                    if name in self._where:
+                        raise RelexError(f"{file}: tensor {name} is also in {self._where[name]}")
+                    self._where[name] = file
+                    self._meta[name] = TensorMeta(tuple(sl.get_shape()), dtype)
+            except RelexError:
+                raise
+            except Exception as exc:  # safetensors raises its own error types
+                raise RelexError(f"{file}: not a readable safetensors file ({exc})") from None
+            self._handles[file] = handle
+        self._check_index()
+
+    @staticmethod
+    def _shard_files(path: Path) -> list[Path]:
+        if path.is_file():
+            return [path]
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise RelexError(f"{index}: not a valid safetensors index ({exc})") from None
+            files = sorted({path / f for f in weight_map.values()})
+            missing = [f for f in files if not f.is_file()]
+            if missing:
+                raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
+            return files
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise RelexError(f"{path}: no .safetensors files")
+        return files
+
+    def _check_index(self) -> None:
+        index = self.path / "model.safetensors.index.json"
+        if not self.path.is_dir() or not index.is_file():
+            return
+        weight_map = json.loads(index.read_text())["weight_map"]
+        for name, file in weight_map.items():
+            if self._where.get(name) != self.path / file:
+                raise RelexError(f"{index}: tensor {name} is not in {file}")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def meta(self, name: str) -> TensorMeta:
+        return self._meta[name]
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        handle = self._handles[self._where[name]]
+        try:
+            if rows is None or not self._meta[name].shape:
+                return handle.get_tensor(name)
+            return handle.get_slice(name)[rows[0] : rows[1]]
+        except Exception as exc:
+            raise RelexError(f"{self._where[name]}: cannot read tensor {name} ({exc})") from None
+
+
+class TorchBinReader:
+    """``pytorch_model*.bin`` files, loaded with weights_only=True and mmap."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        index = path / "pytorch_model.bin.index.json"
+        if path.is_file():
+            self._files = [path]
+        elif index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self._files = sorted({path / f for f in weight_map.values()})
+        else:
+            self._files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("model*.bin"))
+        self._tensors: dict[str, torch.Tensor] = {}
+        for file in self._files:
+            try:
+                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            except Exception as exc:
+                raise RelexError(
+                    f"{file}: cannot load as a weights-only torch checkpoint ({str(exc).splitlines()[0]})"
+                ) from None
+            if not isinstance(state, dict):
+                raise RelexError(f"{file}: expected a state dict, found {type(state).__name__}")
+            for name, tensor in state.items():
+                if isinstance(tensor, torch.Tensor):
+                    self._tensors[name] = tensor
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._tensors[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._tensors[name]
+        if rows is None or t.dim() == 0:
+            return t.clone()
+        return t[rows[0] : rows[1]].clone()
+
+
+def open_checkpoint(path: str | Path) -> CheckpointReader:
+    """Pick the reader for a checkpoint folder or weight file."""
+    path = Path(path)
+    if not path.exists():
+        raise RelexError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix == ".safetensors":
+            return SafetensorsReader(path)
+        if path.suffix in (".bin", ".pt", ".pth"):
+            return TorchBinReader(path)
+        raise RelexError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+    if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+        return SafetensorsReader(path)
+    if any(path.glob("pytorch_model*.bin")) or any(path.glob("model*.bin")):
+        return TorchBinReader(path)
+    if any(path.glob("model_world_size_*_rank_*.pt")):
+        raise RelexError(
+            f"{path}: verl FSDP shards cannot be read yet; export the checkpoint to Hugging Face "
+            "safetensors first (e.g. verl's model merger with --target_dir)"
+        )
+    raise RelexError(f"{path}: no model weights found (*.safetensors or pytorch_model*.bin)")
+
+
+def read_model_config(path: str | Path) -> dict | None:
+    """config.json of a checkpoint (looked up beside the weights and, for verl, in huggingface/)."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    for candidate in (folder / "config.json", folder / "huggingface" / "config.json"):
+        if candidate.is_file():
+            try:
+                return json.loads(candidate.read_text())
+            except ValueError as exc:
+                raise RelexError(f"{candidate}: invalid JSON ({exc})") from None
+    return None

@@ -1,0 +1,84 @@
+"""Run a planned merge into an output folder: one HF model per target, written atomically."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from relex_merge.engine import EngineOptions, EngineStats, ProgressFn, run_merge
+from relex_merge.io.writer import ShardedModelWriter
+from relex_merge.output import (
+    atomic_output_dir,
+    check_output_path,
+    copy_side_files,
+    input_sizes,
+    write_model_config,
+)
+from relex_merge.plan import MergePlan
+from relex_merge.report import FitSummary, model_card, summarize
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    outputs: dict[int, Path]  # target step -> model folder
+    stats: EngineStats
+    summary: FitSummary
+    seconds: float
+    bytes_written: int
+
+
+def target_folders(root: Path, targets: list[int]) -> dict[int, Path]:
+    if len(targets) == 1:
+        return {targets[0]: root}
+    return {t: root / f"step-{t}" for t in targets}
+
+
+def planned_read_bytes(plan: MergePlan) -> int:
+    """Bytes one pass over every input reads (two-pass tensors read their share twice)."""
+    job = plan.job
+    return sum(
+        job.base.meta(n).nbytes + sum(c.meta(n).nbytes for c in job.checkpoints) for n in job.base.names()
+    )
+
+
+def execute_merge(
+    plan: MergePlan,
+    out: Path,
+    options: EngineOptions,
+    *,
+    overwrite: bool = False,
+    shard_size: int = 5 * 1024**3,
+    progress: ProgressFn = lambda nbytes, done: None,
+) -> MergeResult:
+    check_output_path(out, plan.model_paths, overwrite)
+    job = plan.job
+    targets = list(job.targets)
+    start = time.perf_counter()
+    with atomic_output_dir(out) as tmp:
+        folders = target_folders(tmp, targets)
+        tensors = job.output_tensors()
+        writers = []
+        for folder in folders.values():
+            folder.mkdir(exist_ok=True)
+            writers.append(ShardedModelWriter(folder, tensors, shard_size))
+        try:
+            stats = run_merge(job, writers, options, progress)
+            for writer in writers:
+                writer.close()
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        summary = summarize(stats.tensors)
+        sizes = input_sizes(plan.model_paths)
+        tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
+        for target, folder in folders.items():
+            write_model_config(plan.base_config, folder, plan.config.out_dtype)
+            copy_side_files(Path(plan.config.base_path), tokenizer_source, folder)
+            (folder / "relex_config.yml").write_text(plan.config.to_yaml())
+            card = model_card(plan.config, target, list(job.steps), summary, sizes, plan.warnings)
+            (folder / "README.md").write_text(card)
+        written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
+    final = {t: out / f.relative_to(tmp) if f != tmp else out for t, f in folders.items()}
+    return MergeResult(final, stats, summary, time.perf_counter() - start, written)

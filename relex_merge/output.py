@@ -1,0 +1,118 @@
+"""Writing merged models: atomic output folders, the files a Hugging Face model needs
+beside its weights, and the model card."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from relex_merge.errors import RelexError
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
+    """Refuse outputs that would clobber a file, an input or an existing model."""
+    resolved = out.resolve()
+    for source in inputs:
+        src = source.resolve()
+        folder = src if src.is_dir() else src.parent
+        if resolved == folder or _is_within(resolved, folder) or _is_within(folder, resolved):
+            raise RelexError(f"{out}: output overlaps the input {source}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise RelexError(f"{out}: output path is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise RelexError(f"{out}: output folder is not empty; pass --overwrite to replace it")
+    if not out.parent.exists():
+        raise RelexError(f"{out.parent}: parent folder of the output does not exist")
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    tmp = out.parent / f".{out.name}.relex-tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = out.parent / f".{out.name}.relex-old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | None) -> None:
+    if base_config is None:
+        return
+    config = dict(base_config)
+    if out_dtype is not None:
+        # transformers 5 reads "dtype"; older loaders (vLLM on transformers 4) read "torch_dtype"
+        config["dtype"] = out_dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = out_dtype
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _source_folders(path: Path) -> list[Path]:
+    folder = path if path.is_dir() else path.parent
+    return [folder, folder / "huggingface"]
+
+
+def copy_side_files(base: Path, tokenizer_source: Path | None, dst: Path) -> list[str]:
+    """Copy generation config and tokenizer files; returns the names copied."""
+    copied = []
+    for folder in _source_folders(base):
+        gen = folder / "generation_config.json"
+        if gen.is_file():
+            shutil.copy2(gen, dst / gen.name)
+            copied.append(gen.name)
+            break
+    for folder in _source_folders(tokenizer_source or base):
+        found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
+        if found:
+            for file in found:
+                shutil.copy2(file, dst / file.name)
+                copied.append(file.name)
+            break
+    return copied
+
+
+def input_sizes(paths: Sequence[Path]) -> dict[str, int]:
+    sizes = {}
+    for path in paths:
+        files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
+        sizes[str(path)] = sum(f.stat().st_size for f in files)
+    return sizes

@@ -1,0 +1,170 @@
+"""From a parsed config to a validated merge job. Everything here reads only headers and
+small JSON files: no tensor data is read before the whole input has been checked."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from relex_merge.config import RelexConfig
+from relex_merge.engine import MergeJob
+from relex_merge.errors import RelexError
+from relex_merge.fit import window_indices
+from relex_merge.io.readers import CheckpointReader, open_checkpoint, read_model_config
+from relex_merge.trajectory import expand_trajectory
+
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    config: RelexConfig  # expanded: models listed explicitly
+    job: MergeJob
+    base_config: dict | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model_paths(self) -> list[Path]:
+        return [Path(self.config.base_path)] + [Path(m.model) for m in self.config.models or []]
+
+
+def _check_steps(config: RelexConfig) -> list[int]:
+    steps = [m.parameters.step for m in config.models or []]
+    seen: set[int] = set()
+    for i, step in enumerate(steps):
+        if step in seen:
+            raise RelexError(f"models[{i}].parameters.step: step {step} is listed twice")
+        if i and step < steps[i - 1]:
+            raise RelexError(
+                f"models[{i}].parameters.step: steps must increase ({steps[i - 1]} then {step}); "
+                "list the checkpoints in training order"
+            )
+        seen.add(step)
+    if len(steps) < 2:
+        raise RelexError(f"models: need at least 2 window checkpoints, got {len(steps)}")
+    base_step = config.parameters.base_step
+    if steps[0] <= base_step:
+        raise RelexError(
+            f"models[0].parameters.step: {steps[0]} is not after the base model's step "
+            f"(parameters.base_step = {base_step})"
+        )
+    return steps
+
+
+def _check_parameters(config: RelexConfig, steps: list[int]) -> tuple[list[int], list[str]]:
+    p = config.parameters
+    warnings: list[str] = []
+    n = len(steps)
+    if p.window is not None and p.window > n:
+        raise RelexError(f"parameters.window: {p.window} is more than the {n} checkpoints given")
+    used = [steps[k] for k in window_indices(n, p.window)]
+    if p.rank > len(used):
+        raise RelexError(f"parameters.rank: {p.rank} exceeds the {len(used)} checkpoints in the window")
+    if p.fit == "polynomial" and p.degree >= len(used):
+        raise RelexError(
+            f"parameters.degree: a degree-{p.degree} polynomial needs more than {len(used)} checkpoints"
+        )
+    targets = p.targets()
+    if len(set(targets)) != len(targets):
+        raise RelexError("parameters.target_step: a target step is listed twice")
+    if p.mode == "reconstruct":
+        targets = targets or [used[-1]]
+        unobserved = [t for t in targets if t not in used]
+        if unobserved:
+            raise RelexError(
+                f"parameters.target_step: reconstruct mode denoises observed checkpoints; step(s) "
+                f"{unobserved} are not in the window {used[0]}..{used[-1]}"
+            )
+    else:
+        if not targets:
+            raise RelexError("parameters.target_step: required in extrapolate mode (e.g. target_step: 500)")
+        inside = [t for t in targets if t <= used[-1]]
+        if inside:
+            warnings.append(
+                f"target step(s) {inside} lie inside the window (last step {used[-1]}): "
+                "this interpolates; use mode: reconstruct to denoise an observed checkpoint"
+            )
+    return targets, warnings
+
+
+def _open_all(config: RelexConfig) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    base = open_checkpoint(config.base_path)
+    checkpoints = [open_checkpoint(m.model) for m in config.models or []]
+    return base, checkpoints
+
+
+def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader]) -> None:
+    names = base.names()
+    expected = set(names)
+    if not names:
+        raise RelexError(f"{base.path}: the base model has no tensors")
+    for reader in checkpoints:
+        got = set(reader.names())
+        missing = sorted(expected - got)
+        if missing:
+            raise RelexError(f"{reader.path}: tensor {missing[0]} of the base model is missing")
+        extra = sorted(got - expected)
+        if extra:
+            raise RelexError(f"{reader.path}: tensor {extra[0]} is not in the base model {base.path}")
+        for name in names:
+            a, b = base.meta(name), reader.meta(name)
+            if a.shape != b.shape:
+                raise RelexError(
+                    f"{reader.path}: tensor {name} has shape {list(b.shape)}, base has {list(a.shape)}"
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise RelexError(f"{reader.path}: tensor {name} is {b.dtype}, base has {a.dtype}")
+
+
+def _check_architectures(config: RelexConfig) -> dict | None:
+    base_config = read_model_config(config.base_path)
+    base_arch = (base_config or {}).get("architectures")
+    for m in config.models or []:
+        arch = (read_model_config(m.model) or {}).get("architectures")
+        if base_arch and arch and arch != base_arch:
+            raise RelexError(f"{m.model}: architecture {arch} differs from the base model's {base_arch}")
+    return base_config
+
+
+def _check_paths(config: RelexConfig) -> None:
+    for key, path in [("base_model", config.base_path)] + [
+        (f"models[{i}].model", m.model) for i, m in enumerate(config.models or [])
+    ]:
+        if not Path(path).exists():
+            raise RelexError(f"{key}: {path} does not exist")
+    if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
+        raise RelexError(f"tokenizer_source: {config.tokenizer_source} is not a directory")
+
+
+def expand_config(config: RelexConfig) -> RelexConfig:
+    """The config with its checkpoint list resolved (what --print-config shows)."""
+    return expand_trajectory(config)
+
+
+def plan_merge(config: RelexConfig) -> MergePlan:
+    config = expand_config(config)
+    steps = _check_steps(config)
+    targets, warnings = _check_parameters(config, steps)
+    _check_paths(config)
+    base_config = _check_architectures(config)
+    base, checkpoints = _open_all(config)
+    _check_tensors(base, checkpoints)
+    out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
+    compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
+    job = MergeJob(
+        base=base,
+        checkpoints=checkpoints,
+        steps=steps,
+        targets=targets,
+        spec=config.parameters.spec(),
+        compute_dtype=compute,
+        out_dtype=out_dtype,
+    )
+    return MergePlan(config=config, job=job, base_config=base_config, warnings=warnings)

@@ -1,0 +1,141 @@
+"""Summaries of how well the window fits the rank-r linear picture, and the model card."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from relex_merge.config import RelexConfig
+from relex_merge.engine import TensorReport
+
+
+@dataclass(frozen=True)
+class Distribution:
+    weighted_mean: float  # weighted by tensor size: what most of the parameters see
+    median: float
+    p05: float
+    minimum: float
+    worst_tensor: str
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    extrapolated: int
+    zero_delta: int
+    copied: int  # non-float tensors taken from the base
+    explained_variance_1: Distribution | None
+    explained_variance_r: Distribution | None
+    linear_r2: Distribution | None
+
+
+def _distribution(pairs: list[tuple[str, int, float]]) -> Distribution | None:
+    pairs = [p for p in pairs if not math.isnan(p[2])]
+    if not pairs:
+        return None
+    values = sorted(v for _, _, v in pairs)
+    total = sum(n for _, n, _ in pairs)
+    worst = min(pairs, key=lambda p: p[2])
+    return Distribution(
+        weighted_mean=sum(n * v for _, n, v in pairs) / total,
+        median=values[len(values) // 2],
+        p05=values[int(0.05 * (len(values) - 1))],
+        minimum=worst[2],
+        worst_tensor=worst[0],
+    )
+
+
+def summarize(reports: Sequence[TensorReport]) -> FitSummary:
+    fitted = [r for r in reports if r.diagnostics is not None and not r.zero_delta]
+    return FitSummary(
+        extrapolated=len(fitted),
+        zero_delta=sum(1 for r in reports if r.zero_delta),
+        copied=sum(1 for r in reports if r.diagnostics is None),
+        explained_variance_1=_distribution(
+            [(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]
+        ),
+        explained_variance_r=_distribution(
+            [(r.name, r.numel, r.diagnostics.explained_variance_r) for r in fitted]
+        ),
+        linear_r2=_distribution([(r.name, r.numel, r.diagnostics.linear_r2) for r in fitted]),
+    )
+
+
+def _row(label: str, d: Distribution | None) -> str:
+    if d is None:
+        return f"| {label} | n/a | n/a | n/a | n/a |"
+    return (
+        f"| {label} | {d.weighted_mean:.4f} | {d.median:.4f} | {d.p05:.4f} | "
+        f"{d.minimum:.4f} (`{d.worst_tensor}`) |"
+    )
+
+
+def model_card(
+    config: RelexConfig,
+    target: int,
+    steps: Sequence[int],
+    summary: FitSummary,
+    input_sizes: dict[str, int],
+    warnings: Sequence[str],
+) -> str:
+    p = config.parameters
+    window = steps if p.window is None else steps[-p.window :]
+    span = window[-1] - (window[0] if len(window) > 1 else p.base_step)
+    horizon = (target - window[-1]) / span if span else float("nan")
+    fit = p.fit if p.fit != "polynomial" else f"polynomial (degree {p.degree})"
+    lines: list[str | None] = [
+        "---",
+        f"base_model: {config.base_path}",
+        "library_name: transformers",
+        "tags:",
+        "- relex",
+        "- merge",
+        "- mergekit",
+        "---",
+        "",
+        f"# RELEX {'reconstruction' if p.mode == 'reconstruct' else 'extrapolation'} to step {target}",
+        "",
+        "Made with [relex-merge](https://github.com/relex-merge/relex-merge) from a window of RL "
+        "checkpoints (RELEX, arXiv 2605.21468): each tensor's displacement from the base was "
+        "projected onto its top singular directions and the coefficients were fitted against the "
+        "training step. This model was not trained; it is a prediction.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{config.base_path}` (step {p.base_step}) |",
+        f"| window steps | {_steps_text(window)} ({len(window)} checkpoints) |",
+        f"| mode | {p.mode} |",
+        f"| target step | {target} |",
+        f"| horizon past the window | {horizon:.2f} x the window span |" if p.mode == "extrapolate" else None,
+        f"| rank | {p.rank} |",
+        f"| fit | {fit} |",
+        f"| scale | {p.scale} |",
+        f"| output dtype | {config.out_dtype or 'as the base model'} |",
+        "",
+        "## How well the window fits the picture",
+        "",
+        f"{summary.extrapolated} tensors fitted, {summary.zero_delta} unchanged in the window "
+        f"(copied from the base), {summary.copied} non-float tensors copied.",
+        "",
+        "| statistic | size-weighted mean | median | 5th percentile | minimum (tensor) |",
+        "|---|---|---|---|---|",
+        _row("rank-1 explained variance", summary.explained_variance_1),
+        _row(f"rank-{p.rank} explained variance", summary.explained_variance_r) if p.rank > 1 else None,
+        _row("linear R² of the rank-1 coefficient", summary.linear_r2),
+        "",
+        "A straight line inside the window does not guarantee one beyond it: on small GRPO runs "
+        "the coefficient decelerates later, and far horizons overshoot. Evaluate before use.",
+    ]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    lines += ["", "## Inputs", "", "| checkpoint | step | weight bytes |", "|---|---|---|"]
+    lines.append(f"| `{config.base_path}` | {p.base_step} (base) | {input_sizes.get(config.base_path, 0)} |")
+    for m in config.models or []:
+        lines.append(f"| `{m.model}` | {m.parameters.step} | {input_sizes.get(m.model, 0)} |")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if len(steps) > 6:
+        return f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
+    return ", ".join(str(s) for s in steps)
