@@ -172,6 +172,7 @@ def merge_command(config_path, out, print_config, overwrite, max_memory, device,
     from relex_merge.config import load_config
     from relex_merge.engine import EngineOptions
     from relex_merge.merge import execute_merge, planned_read_bytes
+    from relex_merge.output import check_output_path
     from relex_merge.plan import expand_config, plan_merge
 
     config = load_config(config_path)
@@ -186,6 +187,7 @@ def merge_command(config_path, out, print_config, overwrite, max_memory, device,
         raise RelexError("--max-memory and --shard-size must be positive")
     options = EngineOptions(max_memory=budget, device=resolve_device(device))
     plan = plan_merge(config)
+    check_output_path(out, plan.model_paths, overwrite)  # before the progress bar starts
     console = Console(stderr=True)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)

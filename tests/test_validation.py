@@ -1,0 +1,283 @@
+"""Every validation error: one line naming the file or key, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.helpers import run_cli
+
+
+def base_config(run: Path, steps=(1, 2, 3), target=9, **params) -> dict:
+    return {
+        "merge_method": "relex",
+        "base_model": str(run / "base"),
+        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
+        "parameters": {"target_step": target, **params},
+    }
+
+
+def variant(run: Path, tmp: Path, edit) -> Path:
+    """A copy of checkpoint-2 whose state dict (or config) is changed by ``edit``."""
+    folder = tmp / "variant"
+    shutil.copytree(run / "checkpoint-2", folder)
+    state = load_file(folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    edit(state, config)
+    save_file(state, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def with_model(config: dict, index: int, path: Path) -> dict:
+    config["models"][index]["model"] = str(path)
+    return config
+
+
+def _drop(name):
+    def edit(state, config):
+        del state[name]
+
+    return edit
+
+
+def _add(state, config):
+    state["extra.weight"] = torch.zeros(2)
+
+
+def _reshape(state, config):
+    state["model.norm.weight"] = torch.zeros(3)
+
+
+def _arch(state, config):
+    config["architectures"] = ["LlamaForCausalLM"]
+
+
+CASES = {
+    "unknown key with hint": (
+        lambda run, tmp: {**base_config(run), "parameterz": {}},
+        "{cfg}: unknown key 'parameterz' (did you mean 'parameters'?)",
+    ),
+    "unknown nested key": (
+        lambda run, tmp: base_config(run, rnak=2),
+        "{cfg}: unknown key 'parameters.rnak' (did you mean 'rank'?)",
+    ),
+    "wrong merge method": (
+        lambda run, tmp: {**base_config(run), "merge_method": "relexx"},
+        "{cfg}: merge_method: expected 'relex', got 'relexx'",
+    ),
+    "non-integer step": (
+        lambda run, tmp: _set_step(base_config(run), 1, 2.5),
+        "{cfg}: models.1.parameters.step: Input should be a valid integer",
+    ),
+    "negative step": (
+        lambda run, tmp: _set_step(base_config(run), 0, -1),
+        "{cfg}: models.0.parameters.step: Input should be greater than or equal to 0",
+    ),
+    "missing base": (
+        lambda run, tmp: {**base_config(run), "base_model": str(tmp / "nope")},
+        "base_model: {tmp}/nope does not exist",
+    ),
+    "missing checkpoint": (
+        lambda run, tmp: with_model(base_config(run), 1, tmp / "gone"),
+        "models[1].model: {tmp}/gone does not exist",
+    ),
+    "duplicate steps": (
+        lambda run, tmp: _set_step(base_config(run), 2, 2),
+        "models[2].parameters.step: step 2 is listed twice",
+    ),
+    "unsorted steps": (
+        lambda run, tmp: _set_step(base_config(run), 1, 5),
+        "models[2].parameters.step: steps must increase (5 then 3); list the checkpoints in training order",
+    ),
+    "one checkpoint": (
+        lambda run, tmp: base_config(run, steps=(1,)),
+        "models: need at least 2 window checkpoints, got 1",
+    ),
+    "rank above T": (
+        lambda run, tmp: base_config(run, rank=4),
+        "parameters.rank: 4 exceeds the 3 checkpoints in the window",
+    ),
+    "rank zero": (
+        lambda run, tmp: base_config(run, rank=0),
+        "{cfg}: parameters.rank: Input should be greater than or equal to 1",
+    ),
+    "rank above window": (
+        lambda run, tmp: base_config(run, rank=3, window=2),
+        "parameters.rank: 3 exceeds the 2 checkpoints in the window",
+    ),
+    "window above T": (
+        lambda run, tmp: base_config(run, window=5),
+        "parameters.window: 5 is more than the 3 checkpoints given",
+    ),
+    "window one": (
+        lambda run, tmp: base_config(run, window=1),
+        "{cfg}: parameters.window: Input should be greater than or equal to 2",
+    ),
+    "scale zero": (
+        lambda run, tmp: base_config(run, scale=0),
+        "{cfg}: parameters.scale: Input should be greater than 0",
+    ),
+    "degree too high": (
+        lambda run, tmp: base_config(run, fit="polynomial", degree=3),
+        "parameters.degree: a degree-3 polynomial needs more than 3 checkpoints",
+    ),
+    "unknown fit": (
+        lambda run, tmp: base_config(run, fit="cubic"),
+        "{cfg}: parameters.fit: Input should be 'linear', 'linear_origin' or 'polynomial'",
+    ),
+    "no target": (
+        lambda run, tmp: base_config(run, target=None),
+        "parameters.target_step: required in extrapolate mode (e.g. target_step: 500)",
+    ),
+    "reconstruct unobserved": (
+        lambda run, tmp: base_config(run, target=7, mode="reconstruct"),
+        "parameters.target_step: reconstruct mode denoises observed checkpoints; step(s) [7] are not in the window 1..3",
+    ),
+    "missing tensor": (
+        lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _drop("model.norm.weight"))),
+        "{tmp}/variant: tensor model.norm.weight of the base model is missing",
+    ),
+    "extra tensor": (
+        lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _add)),
+        "{tmp}/variant: tensor extra.weight is not in the base model {run}/base",
+    ),
+    "shape mismatch": (
+        lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _reshape)),
+        "{tmp}/variant: tensor model.norm.weight has shape [3], base has [32]",
+    ),
+    "architecture mismatch": (
+        lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _arch)),
+        "{tmp}/variant: architecture ['LlamaForCausalLM'] differs from the base model's ['Qwen2ForCausalLM']",
+    ),
+    "models and trajectory": (
+        lambda run, tmp: {**base_config(run), "trajectory": {"run_dir": str(run)}},
+        "config: give either 'models' or 'trajectory', not both",
+    ),
+    "bad step range": (
+        lambda run, tmp: _trajectory(run, steps="1..3"),
+        "trajectory.steps: expected 'FIRST-LAST' (e.g. '1-75') or a list, got '1..3'",
+    ),
+    "trajectory step not found": (
+        lambda run, tmp: _trajectory(run, steps=[1, 40]),
+        "trajectory.steps: no checkpoint for step(s) [40] in {run}",
+    ),
+    "empty run dir": (
+        lambda run, tmp: _trajectory(_mkdir(tmp / "empty")),
+        "trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
+    ),
+    "no weights": (
+        lambda run, tmp: with_model(base_config(run), 0, _mkdir(tmp / "hollow")),
+        "{tmp}/hollow: no model weights found (*.safetensors or pytorch_model*.bin)",
+    ),
+}
+
+
+def _set_step(config, index, step):
+    config["models"][index]["parameters"]["step"] = step
+    return config
+
+
+def _trajectory(run, **kw):
+    config = base_config(run)
+    del config["models"]
+    config["trajectory"] = {"run_dir": str(run), **kw}
+    return config
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_validation_error(case, qwen_run, tmp_path):
+    make, expected = CASES[case]
+    config = make(qwen_run, tmp_path)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    before = snapshot(qwen_run)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out))
+    message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert snapshot(qwen_run) == before
+
+
+def test_yaml_syntax_error(tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text("merge_method: relex\nmodels: [\n")
+    result = run_cli(str(cfg), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"error: {cfg}: line ") and "YAML syntax error" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_trainer_state_must_agree_with_folder_name(qwen_run, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2, 3):
+        shutil.copytree(qwen_run / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 7}))
+    cfg = tmp_path / "c.yml"
+    config = _trajectory(run)
+    config["base_model"] = str(qwen_run / "base")
+    cfg.write_text(yaml.safe_dump(config))
+    result = run_cli(str(cfg), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {run}/checkpoint-2/trainer_state.json: global_step is 7 but the folder name says 2; "
+        "rename the folder or list the checkpoint explicitly under models:"
+    )
+
+
+def test_target_inside_window_warns_but_merges(qwen_run, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(base_config(qwen_run, target=2)))
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0
+    assert "warning: target step(s) [2] lie inside the window (last step 3)" in result.stderr
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    "where,message",
+    [
+        ("inside-input", "output overlaps the input"),
+        ("is-file", "output path is a file; give a folder"),
+    ],
+)
+def test_bad_output_paths(where, message, qwen_run, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(base_config(qwen_run)))
+    if where == "inside-input":
+        out = qwen_run / "checkpoint-2" / "merged"
+    else:
+        out = tmp_path / "file"
+        out.write_text("x")
+    before = snapshot(qwen_run)
+    result = run_cli(str(cfg), str(out))
+    assert result.exit_code == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert snapshot(qwen_run) == before
+
+
+def test_verbose_shows_the_trace(tmp_path):
+    result = run_cli(str(tmp_path / "missing.yml"), str(tmp_path / "o"), "-v")
+    assert result.exit_code == 2
+    assert "Traceback" in result.stderr and "config file not found" in result.stderr
