@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 import click
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -71,7 +72,7 @@ def user_errors(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         verbose = kwargs.get("verbose", False)
-        err = Console(stderr=True, highlight=False)
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
         try:
             return func(*args, **kwargs)
         except RelexError as exc:
@@ -156,46 +157,24 @@ def _summary_table(plan, result) -> Table:
     return outer
 
 
-@main.command("merge")
-@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
-@click.argument("out", required=False, type=click.Path(path_type=Path))
-@click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--max-memory", default=None, help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
-@user_errors
-def merge_command(config_path, out, print_config, overwrite, max_memory, device, shard_size, quiet, verbose):
-    """Merge a window of checkpoints into the model predicted for target_step."""
-    from relex_merge.config import load_config
-    from relex_merge.engine import EngineOptions
+def _run_relex_stage(config, out, options, *, overwrite, shard_size, quiet, single_target_only=False):
     from relex_merge.merge import execute_merge, planned_read_bytes
     from relex_merge.output import check_output_path
-    from relex_merge.plan import expand_config, plan_merge
+    from relex_merge.plan import plan_merge
 
-    config = load_config(config_path)
-    if print_config:
-        click.echo(expand_config(config).to_yaml(), nl=False)
-        return
-    if out is None:
-        raise RelexError("OUT: give an output folder (or --print-config)")
-    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
-    shard_bytes = parse_size(shard_size, "--shard-size")
-    if budget <= 0 or shard_bytes <= 0:
-        raise RelexError("--max-memory and --shard-size must be positive")
-    options = EngineOptions(max_memory=budget, device=resolve_device(device))
     plan = plan_merge(config)
+    if single_target_only and len(plan.job.targets) != 1:
+        raise RelexError(
+            f"stage '{config.name}': a stage used by later stages needs exactly one target_step"
+        )
     check_output_path(out, plan.model_paths, overwrite)  # before the progress bar starts
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
-
-    total_tensors = len(plan.job.base.names())
     if quiet:
-        result = execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_bytes)
+        execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_size)
         return
+    total_tensors = len(plan.job.base.names())
     with _progress(console) as progress:
         task = progress.add_task("merge", total=planned_read_bytes(plan), tensors=f"0/{total_tensors} tensors")
         done = 0
@@ -206,9 +185,100 @@ def merge_command(config_path, out, print_config, overwrite, max_memory, device,
             progress.update(task, advance=nbytes, tensors=f"{done}/{total_tensors} tensors")
 
         result = execute_merge(
-            plan, out, options, overwrite=overwrite, shard_size=shard_bytes, progress=on_progress
+            plan, out, options, overwrite=overwrite, shard_size=shard_size, progress=on_progress
         )
     Console().print(_summary_table(plan, result))
+
+
+def _print_expanded(documents, source) -> None:
+    from relex_merge.config import parse_config
+    from relex_merge.plan import expand_config
+
+    texts = []
+    for number, doc in enumerate(documents, 1):
+        if isinstance(doc, dict) and doc.get("merge_method") == "relex":
+            where = f"{source}: document {number}" if len(documents) > 1 else source
+            texts.append(expand_config(parse_config(doc, where)).to_yaml())
+        else:
+            texts.append(yaml.safe_dump(doc, sort_keys=False))
+    click.echo("---\n".join(texts), nl=False)
+
+
+@main.command("merge")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", required=False, type=click.Path(path_type=Path))
+@click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--max-memory", default=None, help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--intermediate-dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).")
+@click.option("--lazy", is_flag=True, help="Reuse stages already finished in --intermediate-dir.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@user_errors
+def merge_command(
+    config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy, quiet, verbose
+):
+    """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
+    import shutil
+
+    from relex_merge.config import load_documents, parse_config
+    from relex_merge.engine import EngineOptions
+    from relex_merge.mergekit_runner import known_methods, run_mergekit
+    from relex_merge.output import check_output_path
+    from relex_merge.stages import is_finished_model, parse_stages, substitute
+
+    documents = load_documents(config_path)
+    if print_config:
+        _print_expanded(documents, config_path)
+        return
+    stages = parse_stages(documents, str(config_path), known_methods())
+    if out is None:
+        raise RelexError("OUT: give an output folder (or --print-config)")
+    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    if budget <= 0 or shard_bytes <= 0:
+        raise RelexError("--max-memory and --shard-size must be positive")
+    if lazy and intermediate_dir is None:
+        raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
+    options = EngineOptions(max_memory=budget, device=resolve_device(device))
+    check_output_path(out, [], overwrite)
+    multi = len(stages) > 1
+    stage_root = intermediate_dir or out.parent / f".{out.name}.relex-stages"
+    console = Console(stderr=True, soft_wrap=True)
+    paths: dict[str, str] = {}
+    try:
+        for stage in stages:
+            target = out if stage.name is None or not multi else stage_root / stage.name
+            where = f"{config_path}: {stage.label}" if multi else str(config_path)
+            if multi and stage.name is not None:
+                paths[stage.name] = str(target)
+                if lazy and is_finished_model(target):
+                    if not quiet:
+                        console.print(f"stage '{stage.name}': reusing {target}")
+                    continue
+                stage_root.mkdir(parents=True, exist_ok=True)
+                if not quiet:
+                    console.print(f"[bold]stage '{stage.name}'[/] ({stage.method}) -> {target}")
+            document = substitute(stage.document, paths)
+            stage_overwrite = overwrite if target == out else True
+            if stage.method == "relex":
+                _run_relex_stage(
+                    parse_config(document, where), target, options, overwrite=stage_overwrite,
+                    shard_size=shard_bytes, quiet=quiet, single_target_only=target != out,
+                )
+            else:
+                run_mergekit(
+                    document, where, target, device=options.device.type, shard_size=shard_bytes,
+                    quiet=quiet, overwrite=stage_overwrite,
+                )
+                if not quiet and target == out:
+                    Console().print(f"{stage.method} merge written to {out}")
+    finally:
+        if multi and intermediate_dir is None and stage_root.exists():
+            shutil.rmtree(stage_root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def parse_config(data: Any, source: str) -> RelexConfig:
         raise RelexError(_first_error_line(source, err)) from err
 
 
-def load_config(path: str | Path) -> RelexConfig:
+def load_documents(path: str | Path) -> list[Any]:
+    """The YAML documents of a config file (several for multi-stage merges)."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -159,10 +160,20 @@ def load_config(path: str | Path) -> RelexConfig:
     except OSError as exc:
         raise RelexError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
-        data = yaml.safe_load(text)
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RelexError(f"{path}:{where}: YAML syntax error: {problem}") from None
-    return parse_config(data, str(path))
+        raise RelexError(f"{path}:{where} YAML syntax error: {problem}") from None
+    if not documents:
+        raise RelexError(f"{path}: the config is empty")
+    return documents
+
+
+def load_config(path: str | Path) -> RelexConfig:
+    """A single-document relex config."""
+    documents = load_documents(path)
+    if len(documents) != 1:
+        raise RelexError(f"{path}: expected one YAML document, found {len(documents)}")
+    return parse_config(documents[0], str(path))

@@ -16,7 +16,14 @@ import torch
 
 from relex_merge.io.readers import CheckpointReader, TensorMeta
 from relex_merge.io.writer import OutputTensor
-from relex_merge.fit import RelexSpec, TensorDiagnostics, diagnostics, gram_update, relex_weights
+from relex_merge.fit import (
+    RelexSpec,
+    TensorDiagnostics,
+    apply_weights,
+    diagnostics,
+    gram_update,
+    relex_weights,
+)
 
 
 class ChunkSink(Protocol):
@@ -164,10 +171,7 @@ def _emit(
     weights: torch.Tensor,
     shape: tuple,
 ) -> None:
-    if torch.count_nonzero(weights) == 0:
-        outputs = base.unsqueeze(0).expand(len(sinks), -1)
-    else:
-        outputs = base + weights.to(deltas.device, deltas.dtype) @ deltas
+    outputs = apply_weights(base, deltas, weights)
     for j, sink in enumerate(sinks):
         sink.write(name, outputs[j].reshape(shape).to(out_meta.dtype))
 

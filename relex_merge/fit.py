@@ -153,6 +153,13 @@ def relex_weights(
     return weights
 
 
+def apply_weights(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Outputs (n_targets x n): base + W @ deltas, in the deltas' dtype and device."""
+    if torch.count_nonzero(weights) == 0:
+        return base.unsqueeze(0).expand(weights.shape[0], -1)
+    return base + weights.to(deltas.device, deltas.dtype) @ deltas
+
+
 def diagnostics(gram: torch.Tensor, steps: Sequence[float], spec: RelexSpec) -> TensorDiagnostics:
     """Explained variance and linear R^2 of the window used by ``spec``."""
     idx = list(window_indices(gram.shape[0], spec.window))

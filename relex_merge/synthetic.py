@@ -4,7 +4,8 @@
 
 writes ``runs/synthetic/base`` and ``runs/synthetic/checkpoint-{1..8}``: a tiny Qwen2 model
 with a character-level tokenizer whose every tensor moves along one random direction with a
-coefficient linear in the step, plus a little noise. Everything is offline and takes seconds.
+coefficient linear in the step, plus a little noise; and ``runs/synthetic/domain-finetune``,
+another fine-tune of the same base for multi-stage examples. Offline, in seconds.
 """
 
 from __future__ import annotations
@@ -124,6 +125,22 @@ def make_planted_run(
     return run_dir
 
 
+def make_finetune(base_dir: Path, folder: Path, magnitude: float = 2e-3, seed: int = 100) -> Path:
+    """Another fine-tune of the same base (a random small task vector), for multi-stage merges."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(base_dir, folder, dirs_exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    state = {
+        name: (t.float() + magnitude * torch.randn(t.shape, generator=gen)).to(t.dtype)
+        for name, t in load_file(base_dir / "model.safetensors").items()
+    }
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
@@ -132,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--tied", action="store_true", help="tie input and output embeddings")
     args = parser.parse_args(argv)
     make_planted_run(args.run_dir, steps=range(1, args.steps + 1), arch=args.arch, tied=args.tied)
-    print(f"wrote {args.run_dir}/base and checkpoint-1..{args.steps}")
+    make_finetune(args.run_dir / "base", args.run_dir / "domain-finetune")
+    print(f"wrote {args.run_dir}/base, checkpoint-1..{args.steps} and domain-finetune")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from relex_merge.mergekit_runner import known_methods
 from tests.helpers import run_cli
 
 
@@ -70,7 +71,7 @@ CASES = {
     ),
     "wrong merge method": (
         lambda run, tmp: {**base_config(run), "merge_method": "relexx"},
-        "{cfg}: merge_method: expected 'relex', got 'relexx'",
+        "{cfg}: merge_method: unknown method 'relexx' (known: {known})",
     ),
     "non-integer step": (
         lambda run, tmp: _set_step(base_config(run), 1, 2.5),
@@ -209,7 +210,8 @@ def test_validation_error(case, qwen_run, tmp_path):
     before = snapshot(qwen_run)
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out))
-    message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg)
+    known = ", ".join(sorted(known_methods()))
+    message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg, known=known)
     assert result.exit_code == 2, result.output
     assert result.stderr.strip().splitlines() == [f"error: {message}"]
     assert "Traceback" not in result.output

@@ -1,0 +1,74 @@
+"""RELEX as a mergekit (>= 0.1.5) merge method, on the same math as the streaming engine.
+
+    from relex_merge.mergekit_method import register
+    register()            # explicit and idempotent; importing this module registers nothing
+
+mergekit then accepts ``merge_method: relex`` with a per-model ``step`` and the shared
+``target_step``, ``rank``, ``fit``, ``degree``, ``window``, ``scale`` and ``base_step``.
+mergekit hands a method all T+1 copies of a tensor at once; the relex-merge engine instead
+streams row chunks within --max-memory.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+from mergekit.merge_methods import registry
+from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, PerNonBase, TensorGroup
+from mergekit.merge_methods.easy_define import merge_method
+
+from relex_merge.fit import FitSpec, RelexSpec, apply_weights, gram_update, relex_weights
+
+METHOD_NAME = "relex"
+
+
+def relex_group(
+    group: TensorGroup,
+    step: PerNonBase[int],
+    target_step: int,
+    rank: int = 1,
+    fit: Literal["linear", "linear_origin", "polynomial"] = "linear",
+    degree: int = 2,
+    window: Optional[int] = None,
+    scale: float = 1.0,
+    base_step: int = 0,
+) -> torch.Tensor:
+    base = group.base.tensor
+    # order by the step value: mergekit's input order is not the training order
+    entries = sorted(group.non_base, key=lambda entry: step[entry.id])
+    steps = [step[entry.id] for entry in entries]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"relex: duplicate step values {steps}")
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    base_flat = base.to(compute).reshape(-1)
+    deltas = torch.stack([entry.tensor.to(compute).reshape(-1) - base_flat for entry in entries])
+    gram = torch.zeros(len(entries), len(entries), dtype=torch.float64, device=deltas.device)
+    gram_update(gram, deltas)
+    spec = RelexSpec(
+        rank=rank,
+        fit=FitSpec(kind=fit, degree=degree, origin_step=float(base_step)),
+        window=window,
+        scale=scale,
+    )
+    weights = relex_weights(gram.cpu(), steps, [target_step], spec)
+    return apply_weights(base_flat, deltas, weights)[0].reshape(base.shape).to(base.dtype)
+
+
+RELEX_METHOD: MergeMethod = merge_method(
+    relex_group,
+    name=METHOD_NAME,
+    pretty_name="RELEX extrapolation",
+    reference_url="https://arxiv.org/abs/2605.21468",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=2),
+)
+
+
+def register() -> MergeMethod:
+    """Make ``merge_method: relex`` available to mergekit; safe to call any number of times."""
+    current = {m.spec.name: m for m in registry.registered_methods()}.get(METHOD_NAME)
+    if current is None:
+        registry.register(RELEX_METHOD)
+    elif current is not RELEX_METHOD:
+        raise RuntimeError(f"another mergekit method is already registered as {METHOD_NAME!r}")
+    return RELEX_METHOD

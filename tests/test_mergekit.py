@@ -1,0 +1,198 @@
+"""relex as a mergekit merge method, mergekit methods through relex-merge, multi-stage configs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from relex_merge.mergekit_method import RELEX_METHOD, register
+from relex_merge.synthetic import make_finetune
+from tests.helpers import run_cli
+from tests.test_cli import generate, load_state
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def relex_doc(run: Path, steps, target, **params) -> dict:
+    return {
+        "merge_method": "relex",
+        "base_model": str(run / "base"),
+        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
+        "parameters": {"target_step": target, **params},
+        "dtype": "float32",
+    }
+
+
+def test_register_is_explicit_and_idempotent():
+    from mergekit.merge_methods import registry
+
+    assert register() is RELEX_METHOD
+    assert register() is RELEX_METHOD
+    assert [m for m in registry.registered_methods() if m.spec.name == "relex"] == [RELEX_METHOD]
+    names = [p.name for p in RELEX_METHOD.spec.parameters]
+    assert names == ["step", "target_step", "rank", "fit", "degree", "window", "scale", "base_step"]
+
+
+@pytest.mark.parametrize("params", [{}, {"rank": 2, "window": 4}, {"fit": "linear_origin", "scale": 0.7}])
+def test_mergekit_runner_equals_streaming_engine(qwen_run, tmp_path, params):
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    register()
+    steps = [1, 2, 3, 4, 5]
+    ours = tmp_path / "c.yml"
+    ours.write_text(yaml.safe_dump(relex_doc(qwen_run, steps, 15, **params)))
+    assert run_cli(str(ours), str(tmp_path / "ours"), "-q").exit_code == 0
+
+    shuffled = relex_doc(qwen_run, steps, 15, **params)
+    random.Random(0).shuffle(shuffled["models"])  # mergekit must order by step, not position
+    assert [m["parameters"]["step"] for m in shuffled["models"]] != steps
+    config = MergeConfiguration.model_validate(shuffled)
+    run_merge(config, str(tmp_path / "mk"), options=MergeOptions(write_model_card=False, quiet=True))
+
+    a, b = load_state(tmp_path / "ours"), load_state(tmp_path / "mk")
+    assert set(a) == set(b)
+    for name in a:
+        err = (a[name].double() - b[name].double()).norm() / b[name].double().norm()
+        assert err < 1e-5, name
+
+
+def test_plain_mergekit_method_through_relex_merge(qwen_run, tmp_path):
+    cfg = tmp_path / "lin.yml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": str(qwen_run / "checkpoint-1"), "parameters": {"weight": 1.0}},
+                    {"model": str(qwen_run / "checkpoint-3"), "parameters": {"weight": 1.0}},
+                ],
+                "dtype": "float32",
+            }
+        )
+    )
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "-q")
+    assert result.exit_code == 0, result.output
+    merged = load_state(out)["model.norm.weight"]
+    a = load_state(qwen_run / "checkpoint-1")["model.norm.weight"]
+    b = load_state(qwen_run / "checkpoint-3")["model.norm.weight"]
+    assert torch.allclose(merged, (a + b) / 2, atol=1e-6)
+    assert (out / "mergekit_config.yml").is_file() and "- mergekit" in (out / "README.md").read_text()
+
+
+def two_stage(qwen_run: Path, tmp_path: Path, method: str) -> Path:
+    domain = make_finetune(qwen_run / "base", tmp_path / "domain")
+    stage2 = {
+        "merge_method": method,
+        "base_model": str(qwen_run / "base"),
+        "models": [
+            {"model": "rl", "parameters": {"weight": 1.0, **({"density": 0.8} if method == "ties" else {})}},
+            {"model": str(domain), "parameters": {"weight": 0.5, **({"density": 0.8} if method == "ties" else {})}},
+        ],
+        "dtype": "float32",
+    }
+    cfg = tmp_path / "multi.yml"
+    cfg.write_text(yaml.safe_dump_all([{"name": "rl", **relex_doc(qwen_run, [1, 2, 3, 4], 12)}, stage2]))
+    return cfg
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_two_stage_merge_end_to_end(qwen_run, tmp_path, method):
+    cfg = two_stage(qwen_run, tmp_path, method)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "-q")
+    assert result.exit_code == 0, result.output
+    generate(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # intermediates removed
+    if method == "task_arithmetic":
+        # rl task vector + 0.5 * domain task vector
+        base = load_state(qwen_run / "base")
+        domain = load_state(tmp_path / "domain")
+        single = tmp_path / "rl.yml"
+        single.write_text(yaml.safe_dump(relex_doc(qwen_run, [1, 2, 3, 4], 12)))
+        assert run_cli(str(single), str(tmp_path / "rl-only"), "-q").exit_code == 0
+        rl = load_state(tmp_path / "rl-only")
+        merged = load_state(out)
+        for name in ("model.norm.weight", "model.layers.1.mlp.up_proj.weight"):
+            expected = base[name] + (rl[name] - base[name]) + 0.5 * (domain[name] - base[name])
+            assert torch.allclose(merged[name], expected, atol=1e-5), name
+
+
+def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
+    cfg = two_stage(qwen_run, tmp_path, "task_arithmetic")
+    inter = tmp_path / "stages"
+    first = run_cli(str(cfg), str(tmp_path / "out1"), "--intermediate-dir", str(inter))
+    assert first.exit_code == 0, first.output
+    stage_file = inter / "rl" / "model.safetensors"
+    stamp = stage_file.stat().st_mtime_ns
+    second = run_cli(str(cfg), str(tmp_path / "out2"), "--intermediate-dir", str(inter), "--lazy")
+    assert second.exit_code == 0, second.output
+    assert f"stage 'rl': reusing {inter / 'rl'}" in second.stderr
+    assert stage_file.stat().st_mtime_ns == stamp
+    assert torch.equal(load_state(tmp_path / "out1")["model.norm.weight"], load_state(tmp_path / "out2")["model.norm.weight"])
+    # without --lazy the stage is rebuilt
+    third = run_cli(str(cfg), str(tmp_path / "out3"), "--intermediate-dir", str(inter), "-q")
+    assert third.exit_code == 0 and stage_file.stat().st_mtime_ns != stamp
+
+
+def test_shipped_multistage_configs_run(tmp_path):
+    from relex_merge.synthetic import main as make_synthetic
+
+    make_synthetic([str(tmp_path / "runs" / "synthetic")])
+    for name in ("relex-then-ties.yml", "reconstruct-then-task-arithmetic.yml"):
+        out = tmp_path / f"out-{name}"
+        result = run_cli(str(REPO / "merge_configs" / name), str(out), "-q", cwd=tmp_path)
+        assert result.exit_code == 0, result.output
+        generate(out)
+
+
+def _write(tmp_path, docs) -> Path:
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(yaml.safe_dump_all(docs))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("unknown method", "{cfg}: document 2: merge_method: unknown method 'frankenmerge' (known: "),
+        ("unknown stage", "{cfg}: document 2: 'rl-typo' is neither a stage name nor an existing path"),
+        ("cycle", "{cfg}: stages form a cycle: "),
+        ("two finals", "{cfg}: a multi-document config needs exactly one document without 'name:' (the final output); found 2"),
+        ("duplicate name", "{cfg}: document 2: name: stage 'rl' is defined twice"),
+    ],
+)
+def test_multistage_errors(case, expected, qwen_run, tmp_path):
+    rl = {"name": "rl", **relex_doc(qwen_run, [1, 2, 3], 9)}
+    final = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(qwen_run / "base"),
+        "models": [{"model": "rl", "parameters": {"weight": 1.0}}],
+    }
+    docs = {
+        "unknown method": [rl, {**final, "merge_method": "frankenmerge"}],
+        "unknown stage": [rl, {**final, "models": [{"model": "rl-typo", "parameters": {"weight": 1.0}}]}],
+        "cycle": [
+            {**rl, "base_model": "b"},
+            {**final, "name": "b", "base_model": "rl"},
+            {**final, "models": [{"model": "b", "parameters": {"weight": 1.0}}]},
+        ],
+        "two finals": [rl, final, final],
+        "duplicate name": [rl, {**rl}, final],
+    }[case]
+    cfg = _write(tmp_path, docs)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(cfg=cfg)), lines
+    if case == "cycle":
+        assert lines[0].endswith("rl -> b -> rl") or lines[0].endswith("b -> rl -> b")
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
