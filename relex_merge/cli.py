@@ -157,12 +157,14 @@ def _summary_table(plan, result) -> Table:
     return outer
 
 
-def _run_relex_stage(config, out, options, *, overwrite, shard_size, quiet, single_target_only=False):
+def _run_relex_stage(
+    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, single_target_only=False
+):
     from relex_merge.merge import execute_merge, planned_read_bytes
     from relex_merge.output import check_output_path
     from relex_merge.plan import plan_merge
 
-    plan = plan_merge(config)
+    plan = plan_merge(config, allow_unsafe_pickle)
     if single_target_only and len(plan.job.targets) != 1:
         raise RelexError(
             f"stage '{config.name}': a stage used by later stages needs exactly one target_step"
@@ -215,11 +217,13 @@ def _print_expanded(documents, source) -> None:
 @click.option("--intermediate-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).")
 @click.option("--lazy", is_flag=True, help="Reuse stages already finished in --intermediate-dir.")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def merge_command(
-    config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy, quiet, verbose
+    config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy,
+    allow_unsafe_pickle, quiet, verbose,
 ):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
     import shutil
@@ -267,7 +271,8 @@ def merge_command(
             if stage.method == "relex":
                 _run_relex_stage(
                     parse_config(document, where), target, options, overwrite=stage_overwrite,
-                    shard_size=shard_bytes, quiet=quiet, single_target_only=target != out,
+                    shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
+                    single_target_only=target != out,
                 )
             else:
                 run_mergekit(
@@ -279,6 +284,46 @@ def merge_command(
     finally:
         if multi and intermediate_dir is None and stage_root.exists():
             shutil.rmtree(stage_root, ignore_errors=True)
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
+              show_default=True, help="Dtype of the written float tensors (keep: as stored).")
+@click.option("--config-from", type=click.Path(path_type=Path, file_okay=False),
+              help="HF folder with config.json and tokenizer (default: SRC or SRC/huggingface).")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@user_errors
+def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_memory, allow_unsafe_pickle, quiet, verbose):
+    """Convert a checkpoint (HF, .bin, verl FSDP shards, DCP, ZeRO) to an HF safetensors folder."""
+    from relex_merge.convert import plan_convert, write_converted
+
+    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    plan = plan_convert(
+        src, out, dtype=dtype, config_from=config_from, overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle
+    )
+    console = Console(stderr=True, soft_wrap=True)
+    for warning in getattr(plan.reader, "warnings", []):
+        console.print(f"[yellow]warning:[/] {warning}")
+    if quiet:
+        write_converted(plan, shard_size=shard_bytes, max_memory=budget)
+        return
+    with Progress(TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console) as progress:
+        task = progress.add_task("convert", total=None)
+
+        def on_progress(nbytes: int, total: int) -> None:
+            progress.update(task, advance=nbytes, total=total)
+
+        result = write_converted(plan, shard_size=shard_bytes, max_memory=budget, progress=on_progress)
+    Console().print(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class EngineStats:
 ProgressFn = Callable[[int, bool], None]  # (bytes just read, tensor finished)
 
 
-def _row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
     return [(start, min(rows, start + chunk_rows)) for start in range(0, max(rows, 1), chunk_rows)]
 
 
@@ -107,7 +107,7 @@ class _TensorStream:
         return base, deltas, shape
 
 
-def _chunk_rows(meta: TensorMeta, copies: int, itemsize: int, budget: int) -> int:
+def chunk_rows(meta: TensorMeta, copies: int, itemsize: int, budget: int) -> int:
     row_bytes = max(1, meta.numel // max(meta.rows, 1)) * itemsize * copies
     return max(1, min(meta.rows, budget // row_bytes))
 
@@ -122,8 +122,8 @@ def merge_tensor(
 
     if not meta.dtype.is_floating_point:
         # Integer buffers (position ids, masks) cannot move along a direction: copy the base.
-        rows = _chunk_rows(meta, 2, meta.dtype.itemsize, options.max_memory)
-        for span in _row_ranges(meta.rows, rows):
+        rows = chunk_rows(meta, 2, meta.dtype.itemsize, options.max_memory)
+        for span in row_ranges(meta.rows, rows):
             chunk = stream.base_rows(span if meta.shape else None)
             for sink in sinks:
                 sink.write(name, chunk)
@@ -131,8 +131,8 @@ def merge_tensor(
 
     # base + T deltas + the n_targets outputs + one raw read buffer, all in compute dtype
     copies = n_ckpt + n_targets + 2
-    chunk_rows = _chunk_rows(meta, copies, job.compute_dtype.itemsize, options.max_memory)
-    spans = _row_ranges(meta.rows, chunk_rows)
+    rows_per_chunk = chunk_rows(meta, copies, job.compute_dtype.itemsize, options.max_memory)
+    spans = row_ranges(meta.rows, rows_per_chunk)
     gram = torch.zeros(n_ckpt, n_ckpt, dtype=torch.float64, device=options.device)
 
     if len(spans) == 1:

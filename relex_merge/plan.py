@@ -94,13 +94,17 @@ def _check_parameters(config: RelexConfig, steps: list[int]) -> tuple[list[int],
     return targets, warnings
 
 
-def _open_all(config: RelexConfig) -> tuple[CheckpointReader, list[CheckpointReader]]:
-    base = open_checkpoint(config.base_path)
-    checkpoints = [open_checkpoint(m.model) for m in config.models or []]
+def _open_all(
+    config: RelexConfig, allow_unsafe_pickle: bool
+) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    base = open_checkpoint(config.base_path, allow_unsafe_pickle)
+    checkpoints = [open_checkpoint(m.model, allow_unsafe_pickle) for m in config.models or []]
     return base, checkpoints
 
 
-def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader]) -> None:
+def _check_tensors(
+    base: CheckpointReader, checkpoints: list[CheckpointReader], tied_embeddings: bool
+) -> None:
     names = base.names()
     expected = set(names)
     if not names:
@@ -110,7 +114,9 @@ def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader]) 
         missing = sorted(expected - got)
         if missing:
             raise RelexError(f"{reader.path}: tensor {missing[0]} of the base model is missing")
-        extra = sorted(got - expected)
+        # training frameworks save the tied output matrix too; HF saves drop it
+        ignorable = {"lm_head.weight"} if tied_embeddings else set()
+        extra = sorted(got - expected - ignorable)
         if extra:
             raise RelexError(f"{reader.path}: tensor {extra[0]} is not in the base model {base.path}")
         for name in names:
@@ -148,14 +154,16 @@ def expand_config(config: RelexConfig) -> RelexConfig:
     return expand_trajectory(config)
 
 
-def plan_merge(config: RelexConfig) -> MergePlan:
+def plan_merge(config: RelexConfig, allow_unsafe_pickle: bool = False) -> MergePlan:
     config = expand_config(config)
     steps = _check_steps(config)
     targets, warnings = _check_parameters(config, steps)
     _check_paths(config)
     base_config = _check_architectures(config)
-    base, checkpoints = _open_all(config)
-    _check_tensors(base, checkpoints)
+    base, checkpoints = _open_all(config, allow_unsafe_pickle)
+    _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
+    for reader in [base, *checkpoints]:
+        warnings.extend(getattr(reader, "warnings", []))
     out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
     compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
     job = MergeJob(

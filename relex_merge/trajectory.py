@@ -11,7 +11,13 @@ from relex_merge.config import ModelEntry, ModelParameters, RelexConfig, Traject
 from relex_merge.errors import RelexError
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
-WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "pytorch_model*.bin",
+    "model*.bin",
+    "model_world_size_*_rank_*.pt",  # verl FSDP shards
+    "*.distcp",  # torch.distributed.checkpoint
+)
 
 
 def has_weights(path: Path) -> bool:
@@ -19,8 +25,12 @@ def has_weights(path: Path) -> bool:
 
 
 def _weights_dir(step_dir: Path) -> Path:
-    """The folder inside a step directory that holds loadable weights."""
-    for candidate in (step_dir, step_dir / "actor" / "huggingface", step_dir / "actor"):
+    """The folder inside a step directory that holds loadable weights.
+
+    verl's FSDP shards in ``actor/`` come before an ``actor/huggingface/`` export: the shards
+    keep the training precision, exports are often cast to bf16.
+    """
+    for candidate in (step_dir, step_dir / "actor", step_dir / "actor" / "huggingface"):
         if has_weights(candidate):
             return candidate
     return step_dir

@@ -175,7 +175,8 @@ CASES = {
     ),
     "no weights": (
         lambda run, tmp: with_model(base_config(run), 0, _mkdir(tmp / "hollow")),
-        "{tmp}/hollow: no model weights found (*.safetensors or pytorch_model*.bin)",
+        "{tmp}/hollow: no model weights found (safetensors, pytorch_model*.bin, verl FSDP shards, "
+        "torch.distributed.checkpoint or DeepSpeed ZeRO)",
     ),
 }
 

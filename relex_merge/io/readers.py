@@ -141,32 +141,35 @@ class SafetensorsReader:
             raise RelexError(f"{self._where[name]}: cannot read tensor {name} ({exc})") from None
 
 
-class TorchBinReader:
-    """``pytorch_model*.bin`` files, loaded with weights_only=True and mmap."""
+def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
+    """torch.load with mmap, weights-only unless the user trusts the file; one-line errors."""
+    import pickle
 
-    def __init__(self, path: Path):
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=not allow_unsafe_pickle)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise RelexError(
+                f"{file}: this pickle holds more than tensors and could run code when loaded; "
+                "pass --allow-unsafe-pickle only if you trust where it came from"
+            ) from None
+        raise RelexError(f"{file}: cannot read: not a torch checkpoint ({_first_line(exc)})") from None
+    except Exception as exc:
+        raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class StateDictReader:
+    """Tensors already in (memory-mapped) memory, e.g. a loaded pickle."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], files: list[Path]):
         self.path = path
-        index = path / "pytorch_model.bin.index.json"
-        if path.is_file():
-            self._files = [path]
-        elif index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self._files = sorted({path / f for f in weight_map.values()})
-        else:
-            self._files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("model*.bin"))
-        self._tensors: dict[str, torch.Tensor] = {}
-        for file in self._files:
-            try:
-                state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
-            except Exception as exc:
-                raise RelexError(
-                    f"{file}: cannot load as a weights-only torch checkpoint ({str(exc).splitlines()[0]})"
-                ) from None
-            if not isinstance(state, dict):
-                raise RelexError(f"{file}: expected a state dict, found {type(state).__name__}")
-            for name, tensor in state.items():
-                if isinstance(tensor, torch.Tensor):
-                    self._tensors[name] = tensor
+        self._tensors = tensors
+        self._files = files
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -185,8 +188,41 @@ class TorchBinReader:
         return t[rows[0] : rows[1]].clone()
 
 
-def open_checkpoint(path: str | Path) -> CheckpointReader:
-    """Pick the reader for a checkpoint folder or weight file."""
+def torch_bin_reader(path: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
+    """``pytorch_model*.bin`` (single or with an index), loaded weights-only with mmap."""
+    index = path / "pytorch_model.bin.index.json"
+    if path.is_file():
+        files = [path]
+    elif index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RelexError(f"{index}: not a valid index ({exc})") from None
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
+    else:
+        files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("model*.bin"))
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        state = load_torch_file(file, allow_unsafe_pickle)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise RelexError(f"{file}: expected a state dict, found {type(state).__name__}")
+        for name, tensor in state.items():
+            if isinstance(tensor, torch.Tensor):
+                tensors[name] = tensor
+    return StateDictReader(path, tensors, files)
+
+
+def open_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> CheckpointReader:
+    """Pick the reader for a checkpoint folder or weight file by what it contains."""
+    from relex_merge.io.dcp import DcpReader, is_dcp_checkpoint
+    from relex_merge.io.fsdp import FsdpShardReader, is_fsdp_checkpoint
+    from relex_merge.io.zero import is_zero_checkpoint, zero_reader
+
     path = Path(path)
     if not path.exists():
         raise RelexError(f"{path}: no such file or directory")
@@ -194,18 +230,22 @@ def open_checkpoint(path: str | Path) -> CheckpointReader:
         if path.suffix == ".safetensors":
             return SafetensorsReader(path)
         if path.suffix in (".bin", ".pt", ".pth"):
-            return TorchBinReader(path)
-        raise RelexError(f"{path}: unknown weight file type (expected .safetensors or .bin)")
+            return torch_bin_reader(path, allow_unsafe_pickle)
+        raise RelexError(f"{path}: unknown weight file type (expected .safetensors, .bin or .pt)")
     if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
         return SafetensorsReader(path)
     if any(path.glob("pytorch_model*.bin")) or any(path.glob("model*.bin")):
-        return TorchBinReader(path)
-    if any(path.glob("model_world_size_*_rank_*.pt")):
-        raise RelexError(
-            f"{path}: verl FSDP shards cannot be read yet; export the checkpoint to Hugging Face "
-            "safetensors first (e.g. verl's model merger with --target_dir)"
-        )
-    raise RelexError(f"{path}: no model weights found (*.safetensors or pytorch_model*.bin)")
+        return torch_bin_reader(path, allow_unsafe_pickle)
+    if is_fsdp_checkpoint(path):
+        return FsdpShardReader(path, allow_unsafe_pickle)
+    if is_dcp_checkpoint(path):
+        return DcpReader(path)
+    if is_zero_checkpoint(path):
+        return zero_reader(path)
+    raise RelexError(
+        f"{path}: no model weights found (safetensors, pytorch_model*.bin, verl FSDP shards, "
+        "torch.distributed.checkpoint or DeepSpeed ZeRO)"
+    )
 
 
 def read_model_config(path: str | Path) -> dict | None:

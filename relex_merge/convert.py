@@ -1,0 +1,106 @@
+"""Any readable checkpoint -> a Hugging Face safetensors model folder, streamed tensor by
+tensor (row chunks within the memory budget), dtype kept unless asked otherwise."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from relex_merge.engine import chunk_rows, row_ranges
+from relex_merge.errors import RelexError
+from relex_merge.io.readers import CheckpointReader, TensorMeta, open_checkpoint, read_model_config
+from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
+from relex_merge.plan import TORCH_DTYPES
+
+_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    tensors: int
+    bytes_written: int
+    dtype: str
+
+
+def _config_folder(src: Path, config_from: Path | None) -> Path:
+    if config_from is not None:
+        if read_model_config(config_from) is None:
+            raise RelexError(f"--config-from: no config.json in {config_from} or {config_from}/huggingface")
+        return config_from
+    folder = src if src.is_dir() else src.parent
+    if read_model_config(folder) is None:
+        raise RelexError(
+            f"{src}: no config.json here or in huggingface/; pass --config-from with the model's HF folder"
+        )
+    return folder
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    reader: CheckpointReader
+    out: Path
+    tensors: list[OutputTensor]
+    config: dict
+    config_folder: Path
+    config_dtype: str | None
+
+
+def plan_convert(
+    src: Path,
+    out: Path,
+    *,
+    dtype: str = "keep",
+    config_from: Path | None = None,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
+) -> ConvertPlan:
+    """Open and check everything (headers only); nothing is written."""
+    reader = open_checkpoint(src, allow_unsafe_pickle)
+    config_folder = _config_folder(src, config_from)
+    config = read_model_config(config_folder) or {}
+    check_output_path(out, [src], overwrite)
+    names = reader.names()
+    if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
+        names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
+    target = None if dtype == "keep" else TORCH_DTYPES[dtype]
+
+    def out_meta(name: str) -> TensorMeta:
+        meta = reader.meta(name)
+        return TensorMeta(meta.shape, target) if target and meta.dtype.is_floating_point else meta
+
+    tensors = [OutputTensor(n, out_meta(n)) for n in names]
+    float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
+    config_dtype = _DTYPE_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
+    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
+
+
+def write_converted(
+    plan: ConvertPlan,
+    *,
+    shard_size: int = 5 * 1024**3,
+    max_memory: int = 1 << 30,
+    progress: Callable[[int, int], None] = lambda nbytes, total: None,
+) -> ConvertResult:
+    reader = plan.reader
+    total = sum(reader.meta(t.name).nbytes for t in plan.tensors)
+    with atomic_output_dir(plan.out) as tmp:
+        writer = ShardedModelWriter(tmp, plan.tensors, shard_size)
+        try:
+            for tensor in plan.tensors:
+                meta = reader.meta(tensor.name)
+                rows = chunk_rows(meta, 2, max(meta.dtype.itemsize, 4), max_memory)
+                for span in row_ranges(meta.rows, rows):
+                    chunk = reader.read(tensor.name, span if meta.shape else None)
+                    progress(chunk.nbytes, total)
+                    writer.write(tensor.name, chunk.to(tensor.meta.dtype))
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        write_model_config(plan.config, tmp, plan.config_dtype)
+        copy_side_files(plan.config_folder, None, tmp)
+        written = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    return ConvertResult(len(plan.tensors), written, plan.config_dtype or "n/a")

@@ -1,0 +1,39 @@
+"""DeepSpeed ZeRO checkpoints, through DeepSpeed's own fp32 consolidation (needs `deepspeed`).
+
+ZeRO scatters flat fp32 partitions of the optimizer state across rank files; DeepSpeed's
+``get_fp32_state_dict_from_zero_checkpoint`` reassembles them, holding the model once in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from relex_merge.errors import RelexError
+from relex_merge.io.readers import StateDictReader
+
+_PATTERNS = ("*zero_pp_rank_*_optim_states.pt", "*/*zero_pp_rank_*_optim_states.pt")
+
+
+def is_zero_checkpoint(folder: Path) -> bool:
+    return any(any(folder.glob(p)) for p in _PATTERNS)
+
+
+def zero_reader(folder: Path) -> StateDictReader:
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise RelexError(
+            f"{folder}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
+            "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
+        ) from None
+    # A folder with `latest` holds tags (global_stepN/); a tag folder is read directly.
+    if (folder / "latest").is_file():
+        root, tag = folder, None
+    else:
+        root, tag = folder.parent, folder.name
+    try:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    except Exception as exc:
+        raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
+    files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
+    return StateDictReader(folder, dict(state), files)

@@ -1,0 +1,226 @@
+"""Native trainer checkpoints: verl FSDP shards, DCP, .bin; `relex-merge convert`."""
+
+from __future__ import annotations
+
+import fractions
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from relex_merge.io.readers import open_checkpoint
+from tests.helpers import run_cli
+from tests.test_cli import generate, load_state
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = [1, 2, 3, 4]
+
+
+@pytest.fixture(scope="session")
+def shards(qwen_run, tmp_path_factory):
+    """Real FSDP2 / DCP / (ddp, fsdp) saves of qwen_run's checkpoints, made by torch.distributed."""
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run(
+        [sys.executable, "-m", "tests.make_shards", str(qwen_run), str(out), *map(str, STEPS)],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def assert_same_as(reader, reference: dict[str, torch.Tensor]) -> None:
+    assert sorted(reader.names()) == sorted(reference)
+    for name, tensor in reference.items():
+        assert reader.meta(name).shape == tuple(tensor.shape)
+        assert torch.equal(reader.read(name), tensor), name
+        if tensor.dim() and tensor.shape[0] > 3:
+            lo, hi = 1, tensor.shape[0] - 1  # a row range crossing the rank boundary
+            assert torch.equal(reader.read(name, (lo, hi)), tensor[lo:hi]), name
+
+
+@pytest.mark.parametrize("layout", ["fsdp2", "ddp-fsdp", "dcp"])
+def test_distributed_saves_read_back_unsharded(layout, shards, qwen_run):
+    folder = {
+        "fsdp2": shards / "global_step_2" / "actor",
+        "ddp-fsdp": shards / "ddp-1",
+        "dcp": shards / "dcp-1",
+    }[layout]
+    step = 2 if layout == "fsdp2" else 1
+    reader = open_checkpoint(folder)
+    assert type(reader).__name__ == {"fsdp2": "FsdpShardReader", "ddp-fsdp": "FsdpShardReader", "dcp": "DcpReader"}[layout]
+    assert_same_as(reader, load_state(qwen_run / f"checkpoint-{step}"))
+
+
+def test_single_gpu_plain_tensors_and_missing_fsdp_config(qwen_run, tmp_path):
+    state = load_state(qwen_run / "checkpoint-3")
+    torch.save(state, tmp_path / "model_world_size_1_rank_0.pt")
+    reader = open_checkpoint(tmp_path)
+    assert_same_as(reader, state)
+    assert reader.warnings == [f"{tmp_path}: no fsdp_config.json; world size 1 inferred from the rank file names"]
+
+
+def test_bin_checkpoints(qwen_run, tmp_path):
+    state = load_state(qwen_run / "checkpoint-2")
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save(state, single / "pytorch_model.bin")
+    assert_same_as(open_checkpoint(single), state)
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    names = sorted(state)
+    halves = {"pytorch_model-00001-of-00002.bin": names[::2], "pytorch_model-00002-of-00002.bin": names[1::2]}
+    for file, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, sharded / file)
+    weight_map = {k: f for f, keys in halves.items() for k in keys}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_same_as(open_checkpoint(sharded), state)
+
+
+def _merge_config(path: Path, base: Path, models: list[tuple[Path, int]]) -> Path:
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "relex",
+                "base_model": str(base),
+                "models": [{"model": str(m), "parameters": {"step": s}} for m, s in models],
+                "parameters": {"target_step": 12, "rank": 2},
+            }
+        )
+    )
+    return path
+
+
+def test_relex_over_verl_shards_equals_relex_over_hf(shards, qwen_run, tmp_path):
+    hf = _merge_config(tmp_path / "hf.yml", qwen_run / "base", [(qwen_run / f"checkpoint-{s}", s) for s in STEPS])
+    assert run_cli(str(hf), str(tmp_path / "from-hf"), "-q").exit_code == 0
+    # base from HF, window from verl shards, discovered through trajectory:
+    verl = tmp_path / "verl.yml"
+    verl.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "relex",
+                "base_model": str(qwen_run / "base"),
+                "trajectory": {"run_dir": str(shards), "steps": f"{STEPS[0]}-{STEPS[-1]}"},
+                "parameters": {"target_step": 12, "rank": 2},
+            }
+        )
+    )
+    printed = run_cli(str(verl), "--print-config")
+    assert all(m["model"].endswith("/actor") for m in yaml.safe_load(printed.stdout)["models"])
+    result = run_cli(str(verl), str(tmp_path / "from-verl"), "-q")
+    assert result.exit_code == 0, result.output
+    a, b = load_state(tmp_path / "from-hf"), load_state(tmp_path / "from-verl")
+    assert set(a) == set(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
+def test_convert_verl_to_hf(dtype, shards, qwen_run, tmp_path):
+    out = tmp_path / "hf"
+    result = run_cli("convert", str(shards / "global_step_3" / "actor"), str(out), "--dtype", dtype, "-q")
+    assert result.exit_code == 0, result.output
+    converted = load_state(out)
+    reference = load_state(qwen_run / "checkpoint-3")
+    expected_dtype = torch.float32 if dtype == "keep" else torch.bfloat16
+    for name, tensor in reference.items():
+        assert converted[name].dtype == expected_dtype
+        assert torch.equal(converted[name], tensor.to(expected_dtype)), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == ("float32" if dtype == "keep" else "bfloat16")
+    generate(out)
+
+
+def test_convert_dcp_needs_a_config(shards, qwen_run, tmp_path):
+    refused = run_cli("convert", str(shards / "dcp-1"), str(tmp_path / "o"))
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == (
+        f"error: {shards / 'dcp-1'}: no config.json here or in huggingface/; "
+        "pass --config-from with the model's HF folder"
+    )
+    assert not (tmp_path / "o").exists()
+    ok = run_cli("convert", str(shards / "dcp-1"), str(tmp_path / "o"), "--config-from", str(qwen_run / "base"), "-q")
+    assert ok.exit_code == 0, ok.output
+    generate(tmp_path / "o")
+
+
+def _copy_actor(shards: Path, tmp_path: Path) -> Path:
+    actor = tmp_path / "actor"
+    shutil.copytree(shards / "global_step_2" / "actor", actor)
+    return actor
+
+
+def _truncate(actor: Path) -> str:
+    file = actor / "model_world_size_2_rank_1.pt"
+    file.write_bytes(file.read_bytes()[:2000])
+    return f"{file}: cannot read: truncated or not a torch checkpoint ("
+
+
+def _drop_rank(actor: Path) -> str:
+    (actor / "model_world_size_2_rank_1.pt").unlink()
+    return f"{actor}: missing rank file model_world_size_2_rank_1.pt"
+
+
+def _wrong_world(actor: Path) -> str:
+    (actor / "fsdp_config.json").write_text(json.dumps({"FSDP_version": 2, "world_size": 4}))
+    return f"{actor / 'fsdp_config.json'}: world_size is 4 but the rank files are for world size 2"
+
+
+def _mixed_world(actor: Path) -> str:
+    shutil.copy(actor / "model_world_size_2_rank_0.pt", actor / "model_world_size_4_rank_0.pt")
+    return f"{actor}: rank files of several world sizes [2, 4]; keep one save per folder"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _drop_rank, _wrong_world, _mixed_world], ids=lambda f: f.__name__[1:])
+def test_broken_shards_give_one_line(damage, shards, qwen_run, tmp_path):
+    actor = _copy_actor(shards, tmp_path)
+    expected = damage(actor)
+    cfg = _merge_config(tmp_path / "c.yml", qwen_run / "base", [(qwen_run / "checkpoint-1", 1), (actor, 2)])
+    result = run_cli(str(cfg), str(tmp_path / "out"))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expected}"), lines
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsafe_pickle_is_refused_unless_allowed(qwen_run, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qwen_run / "checkpoint-2", folder)
+    (folder / "model.safetensors").unlink()
+    state = load_state(qwen_run / "checkpoint-2")
+    torch.save({**state, "note": fractions.Fraction(1, 3)}, folder / "pytorch_model.bin")
+    cfg = _merge_config(tmp_path / "c.yml", qwen_run / "base", [(qwen_run / "checkpoint-1", 1), (folder, 2)])
+    refused = run_cli(str(cfg), str(tmp_path / "out"))
+    assert refused.exit_code == 2
+    assert refused.stderr.strip() == (
+        f"error: {folder / 'pytorch_model.bin'}: this pickle holds more than tensors and could run code when "
+        "loaded; pass --allow-unsafe-pickle only if you trust where it came from"
+    )
+    allowed = run_cli(str(cfg), str(tmp_path / "out"), "--allow-unsafe-pickle", "-q")
+    assert allowed.exit_code == 0, allowed.output
+
+
+def test_zero_checkpoint_without_deepspeed_says_how(tmp_path):
+    pytest.importorskip("torch")
+    try:
+        import deepspeed  # noqa: F401
+
+        pytest.skip("deepspeed is installed here")
+    except ImportError:
+        pass
+    tag = tmp_path / "global_step10"
+    tag.mkdir()
+    (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    result = run_cli("convert", str(tag), str(tmp_path / "o"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {tag}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
+        "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
+    )
