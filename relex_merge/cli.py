@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import re
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -11,6 +13,7 @@ from pathlib import Path
 import click
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -66,31 +69,57 @@ def resolve_device(text: str):
     return device
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that partial output is removed on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free space or choose another output folder",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another output folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system; choose another output folder",
+}
+
+
 def user_errors(func):
-    """One clear line and exit 2 for input errors; the full trace only with -v."""
+    """One clear line for every failure (exit 2 for bad input and environment problems);
+    the full trace only with -v. SIGINT/SIGTERM exit 130/143 after partial output is removed."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         verbose = kwargs.get("verbose", False)
         err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+        def fail(message: str, code: int):
+            if verbose:
+                traceback.print_exc()
+            err.print(f"[bold red]error:[/] {escape(message)}")
+            sys.exit(code)
+
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return func(*args, **kwargs)
         except RelexError as exc:
-            if verbose:
-                traceback.print_exc()
-            err.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
-            sys.exit(exc.exit_code)
+            fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            err.print("interrupted; nothing was written", soft_wrap=True)
+            err.print("interrupted; partial output removed, inputs untouched")
             sys.exit(130)
-        except Exception as exc:  # a bug or an environment failure: say so, briefly
-            if verbose:
-                traceback.print_exc()
-            err.print(
-                f"[bold red]error:[/] {type(exc).__name__}: {exc} (rerun with -v for the full trace)",
-                soft_wrap=True,
-            )
-            sys.exit(1)
+        except Terminated:
+            err.print("terminated; partial output removed, inputs untouched")
+            sys.exit(143)
+        except OSError as exc:
+            where = exc.filename or "i/o"
+            advice = _OS_ADVICE.get(exc.errno, exc.strerror or str(exc))
+            fail(f"{where}: {advice}", 2)
+        except Exception as exc:  # a bug: say so, briefly
+            fail(f"{type(exc).__name__}: {exc} (rerun with -v for the full trace)", 1)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     return wrapper
 
@@ -122,7 +151,7 @@ def _progress(console: Console) -> Progress:
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=console,
-        transient=False,
+        transient=True,  # the summary replaces it; an error leaves only its own line
     )
 
 
@@ -158,7 +187,7 @@ def _summary_table(plan, result) -> Table:
 
 
 def _run_relex_stage(
-    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, single_target_only=False
+    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, single_target_only=False
 ):
     from relex_merge.merge import execute_merge, planned_read_bytes
     from relex_merge.output import check_output_path
@@ -172,9 +201,9 @@ def _run_relex_stage(
     check_output_path(out, plan.model_paths, overwrite)  # before the progress bar starts
     console = Console(stderr=True, soft_wrap=True)
     for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if quiet:
-        execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_size)
+        execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_size, full_hash=full_hash)
         return
     total_tensors = len(plan.job.base.names())
     with _progress(console) as progress:
@@ -187,7 +216,7 @@ def _run_relex_stage(
             progress.update(task, advance=nbytes, tensors=f"{done}/{total_tensors} tensors")
 
         result = execute_merge(
-            plan, out, options, overwrite=overwrite, shard_size=shard_size, progress=on_progress
+            plan, out, options, overwrite=overwrite, shard_size=shard_size, full_hash=full_hash, progress=on_progress
         )
     Console().print(_summary_table(plan, result))
 
@@ -218,12 +247,14 @@ def _print_expanded(documents, source) -> None:
               help="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).")
 @click.option("--lazy", is_flag=True, help="Reuse stages already finished in --intermediate-dir.")
 @click.option("--allow-unsafe-pickle", is_flag=True, help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only).")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge although inputs hold NaN/Inf (those tensors are copied from the base).")
+@click.option("--hash", "full_hash", is_flag=True, help="Fingerprint inputs with a full sha256 (default: fast sampled hash).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def merge_command(
     config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy,
-    allow_unsafe_pickle, quiet, verbose,
+    allow_unsafe_pickle, allow_nonfinite, full_hash, quiet, verbose,
 ):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
     import shutil
@@ -238,7 +269,9 @@ def merge_command(
     if print_config:
         _print_expanded(documents, config_path)
         return
-    stages = parse_stages(documents, str(config_path), known_methods())
+    # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
+    only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
+    stages = parse_stages(documents, str(config_path), ["relex"] if only_relex else known_methods())
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
     budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
@@ -247,7 +280,7 @@ def merge_command(
         raise RelexError("--max-memory and --shard-size must be positive")
     if lazy and intermediate_dir is None:
         raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
-    options = EngineOptions(max_memory=budget, device=resolve_device(device))
+    options = EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite)
     check_output_path(out, [], overwrite)
     multi = len(stages) > 1
     stage_root = intermediate_dir or out.parent / f".{out.name}.relex-stages"
@@ -261,18 +294,18 @@ def merge_command(
                 paths[stage.name] = str(target)
                 if lazy and is_finished_model(target):
                     if not quiet:
-                        console.print(f"stage '{stage.name}': reusing {target}")
+                        console.print(escape(f"stage '{stage.name}': reusing {target}"))
                     continue
                 stage_root.mkdir(parents=True, exist_ok=True)
                 if not quiet:
-                    console.print(f"[bold]stage '{stage.name}'[/] ({stage.method}) -> {target}")
+                    console.print(f"[bold]stage {escape(repr(stage.name))}[/] ({stage.method}) -> {escape(str(target))}")
             document = substitute(stage.document, paths)
             stage_overwrite = overwrite if target == out else True
             if stage.method == "relex":
                 _run_relex_stage(
                     parse_config(document, where), target, options, overwrite=stage_overwrite,
                     shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
-                    single_target_only=target != out,
+                    full_hash=full_hash, single_target_only=target != out,
                 )
             else:
                 run_mergekit(
@@ -311,12 +344,12 @@ def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_mem
     )
     console = Console(stderr=True, soft_wrap=True)
     for warning in getattr(plan.reader, "warnings", []):
-        console.print(f"[yellow]warning:[/] {warning}")
+        console.print(f"[yellow]warning:[/] {escape(warning)}")
     if quiet:
         write_converted(plan, shard_size=shard_bytes, max_memory=budget)
         return
     with Progress(TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console) as progress:
+                  TimeRemainingColumn(), console=console, transient=True) as progress:
         task = progress.add_task("convert", total=None)
 
         def on_progress(nbytes: int, total: int) -> None:

@@ -14,6 +14,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 
+from relex_merge.errors import RelexError
 from relex_merge.io.readers import CheckpointReader, TensorMeta
 from relex_merge.io.writer import OutputTensor
 from relex_merge.fit import (
@@ -56,6 +57,7 @@ class MergeJob:
 class EngineOptions:
     max_memory: int
     device: torch.device = torch.device("cpu")
+    allow_nonfinite: bool = False  # else NaN/Inf in an input stops the merge
 
 
 @dataclass
@@ -65,6 +67,7 @@ class TensorReport:
     diagnostics: TensorDiagnostics | None  # None: not extrapolated (non-float tensor)
     passes: int
     zero_delta: bool = False
+    nonfinite: bool = False  # NaN/Inf in the window (--allow-nonfinite): copied from the base
 
 
 @dataclass
@@ -83,14 +86,24 @@ def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
 class _TensorStream:
     """Reads row ranges of one tensor from the base and every checkpoint as deltas."""
 
-    def __init__(self, job: MergeJob, name: str, device: torch.device, progress: ProgressFn):
-        self.job, self.name, self.device, self.progress = job, name, device, progress
+    def __init__(self, job: MergeJob, name: str, options: EngineOptions, progress: ProgressFn):
+        self.job, self.name, self.progress = job, name, progress
+        self.device = options.device
+        self.check_finite = not options.allow_nonfinite
         self.meta = job.base.meta(name)
 
-    def base_rows(self, rows: tuple[int, int] | None) -> torch.Tensor:
-        chunk = self.job.base.read(self.name, rows)
+    def _read(self, reader: CheckpointReader, rows: tuple[int, int] | None) -> torch.Tensor:
+        chunk = reader.read(self.name, rows)
         self.progress(chunk.nbytes, False)
+        if self.check_finite and chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+            raise RelexError(
+                f"{reader.path}: tensor {self.name} has NaN or Inf values; "
+                "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
+            )
         return chunk
+
+    def base_rows(self, rows: tuple[int, int] | None) -> torch.Tensor:
+        return self._read(self.job.base, rows)
 
     def deltas(self, rows: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor, tuple]:
         """(base chunk flattened in compute dtype, T x n deltas, chunk shape)."""
@@ -100,8 +113,7 @@ class _TensorStream:
         base = raw_base.to(self.device, dtype).reshape(-1)
         deltas = torch.empty(len(self.job.checkpoints), base.numel(), dtype=dtype, device=self.device)
         for k, reader in enumerate(self.job.checkpoints):
-            chunk = reader.read(self.name, rows)
-            self.progress(chunk.nbytes, False)
+            chunk = self._read(reader, rows)
             deltas[k] = chunk.to(self.device, dtype).reshape(-1)
             deltas[k] -= base
         return base, deltas, shape
@@ -115,7 +127,7 @@ def chunk_rows(meta: TensorMeta, copies: int, itemsize: int, budget: int) -> int
 def merge_tensor(
     job: MergeJob, name: str, sinks: Sequence[ChunkSink], options: EngineOptions, progress: ProgressFn
 ) -> TensorReport:
-    stream = _TensorStream(job, name, options.device, progress)
+    stream = _TensorStream(job, name, options, progress)
     meta = stream.meta
     out_meta = job.output_meta(name)
     n_ckpt, n_targets = len(job.checkpoints), len(job.targets)
@@ -138,7 +150,7 @@ def merge_tensor(
     if len(spans) == 1:
         base, deltas, shape = stream.deltas(None)
         gram_update(gram, deltas)
-        weights = relex_weights(gram.cpu(), job.steps, job.targets, job.spec)
+        weights = _weights(gram, job)
         _emit(job, name, sinks, out_meta, base, deltas, weights, shape)
         passes = 1
     else:
@@ -146,19 +158,28 @@ def merge_tensor(
             _, deltas, _ = stream.deltas(span)
             gram_update(gram, deltas)
             del deltas
-        weights = relex_weights(gram.cpu(), job.steps, job.targets, job.spec)
+        weights = _weights(gram, job)
         for span in spans:
             base, deltas, shape = stream.deltas(span)
             _emit(job, name, sinks, out_meta, base, deltas, weights, shape)
         passes = 2
     gram = gram.cpu()
+    finite = bool(torch.isfinite(gram).all())
     return TensorReport(
         name,
         meta.numel,
-        diagnostics(gram, job.steps, job.spec),
+        diagnostics(gram, job.steps, job.spec) if finite else None,
         passes=passes,
-        zero_delta=bool(gram.abs().max() == 0),
+        zero_delta=finite and bool(gram.abs().max() == 0),
+        nonfinite=not finite,
     )
+
+
+def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
+    gram = gram.cpu()
+    if not bool(torch.isfinite(gram).all()):  # only reachable with --allow-nonfinite
+        return torch.zeros(len(job.targets), gram.shape[0], dtype=torch.float64)
+    return relex_weights(gram, job.steps, job.targets, job.spec)
 
 
 def _emit(

@@ -12,7 +12,7 @@ from relex_merge.output import (
     atomic_output_dir,
     check_output_path,
     copy_side_files,
-    input_sizes,
+    input_record,
     write_model_config,
 )
 from relex_merge.plan import MergePlan
@@ -49,6 +49,7 @@ def execute_merge(
     *,
     overwrite: bool = False,
     shard_size: int = 5 * 1024**3,
+    full_hash: bool = False,
     progress: ProgressFn = lambda nbytes, done: None,
 ) -> MergeResult:
     check_output_path(out, plan.model_paths, overwrite)
@@ -71,13 +72,15 @@ def execute_merge(
                 writer.abort()
             raise
         summary = summarize(stats.tensors)
-        sizes = input_sizes(plan.model_paths)
+        readers = [job.base, *job.checkpoints]
+        paths = [plan.config.base_path] + [m.model for m in plan.config.models or []]
+        inputs = [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
         tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
         for target, folder in folders.items():
             write_model_config(plan.base_config, folder, plan.config.out_dtype)
             copy_side_files(Path(plan.config.base_path), tokenizer_source, folder)
             (folder / "relex_config.yml").write_text(plan.config.to_yaml())
-            card = model_card(plan.config, target, list(job.steps), summary, sizes, plan.warnings)
+            card = model_card(plan.config, target, list(job.steps), summary, inputs, plan.warnings)
             (folder / "README.md").write_text(card)
         written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
     final = {t: out / f.relative_to(tmp) if f != tmp else out for t, f in folders.items()}

@@ -4,9 +4,11 @@ beside its weights, and the model card."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -23,7 +25,6 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 def _is_within(path: Path, folder: Path) -> bool:
@@ -32,6 +33,10 @@ def _is_within(path: Path, folder: Path) -> bool:
         return True
     except ValueError:
         return False
+
+
+def _writable(folder: Path) -> bool:
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
@@ -48,6 +53,8 @@ def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
         raise RelexError(f"{out}: output folder is not empty; pass --overwrite to replace it")
     if not out.parent.exists():
         raise RelexError(f"{out.parent}: parent folder of the output does not exist")
+    if not _writable(out.parent):
+        raise RelexError(f"{out.parent}: permission denied; choose an output folder you can write to")
 
 
 @contextlib.contextmanager
@@ -59,6 +66,11 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is None or str(exc.filename).startswith(str(tmp)):
+            raise OSError(exc.errno, exc.strerror, str(out)) from exc  # name the folder the user chose
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,9 +122,34 @@ def copy_side_files(base: Path, tokenizer_source: Path | None, dst: Path) -> lis
     return copied
 
 
-def input_sizes(paths: Sequence[Path]) -> dict[str, int]:
-    sizes = {}
-    for path in paths:
-        files = [path] if path.is_file() else [p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES]
-        sizes[str(path)] = sum(f.stat().st_size for f in files)
-    return sizes
+_SAMPLE = 1 << 20
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    path: str
+    bytes: int
+    fingerprint: str  # "fast:<sha256 of sizes and samples>" or "sha256:<of every byte>"
+
+
+def _file_digest(file: Path, full: bool) -> bytes:
+    digest = hashlib.sha256()
+    size = file.stat().st_size
+    digest.update(f"{file.name}:{size}".encode())
+    with open(file, "rb") as f:
+        if full:
+            for block in iter(lambda: f.read(16 * _SAMPLE), b""):
+                digest.update(block)
+        else:  # head, middle and tail: catches truncation, re-saves and most edits in ms
+            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
+                f.seek(offset)
+                digest.update(f.read(_SAMPLE))
+    return digest.digest()
+
+
+def input_record(path: str, files: Sequence[Path], full_hash: bool) -> InputRecord:
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        digest.update(_file_digest(file, full_hash))
+    kind = "sha256" if full_hash else "fast"
+    return InputRecord(path, sum(f.stat().st_size for f in files), f"{kind}:{digest.hexdigest()[:32]}")

@@ -8,6 +8,7 @@ from typing import Sequence
 
 from relex_merge.config import RelexConfig
 from relex_merge.engine import TensorReport
+from relex_merge.output import InputRecord
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,7 @@ class FitSummary:
     extrapolated: int
     zero_delta: int
     copied: int  # non-float tensors taken from the base
+    nonfinite: tuple[str, ...]  # NaN/Inf in the window (--allow-nonfinite): taken from the base
     explained_variance_1: Distribution | None
     explained_variance_r: Distribution | None
     linear_r2: Distribution | None
@@ -50,7 +52,8 @@ def summarize(reports: Sequence[TensorReport]) -> FitSummary:
     return FitSummary(
         extrapolated=len(fitted),
         zero_delta=sum(1 for r in reports if r.zero_delta),
-        copied=sum(1 for r in reports if r.diagnostics is None),
+        copied=sum(1 for r in reports if r.diagnostics is None and not r.nonfinite),
+        nonfinite=tuple(r.name for r in reports if r.nonfinite),
         explained_variance_1=_distribution(
             [(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]
         ),
@@ -75,7 +78,7 @@ def model_card(
     target: int,
     steps: Sequence[int],
     summary: FitSummary,
-    input_sizes: dict[str, int],
+    inputs: Sequence[InputRecord],
     warnings: Sequence[str],
 ) -> str:
     p = config.parameters
@@ -126,12 +129,28 @@ def model_card(
         "A straight line inside the window does not guarantee one beyond it: on small GRPO runs "
         "the coefficient decelerates later, and far horizons overshoot. Evaluate before use.",
     ]
+    if summary.nonfinite:
+        warnings = [
+            *warnings,
+            f"{len(summary.nonfinite)} tensor(s) had NaN or Inf values in the window and were copied "
+            f"from the base: {', '.join(summary.nonfinite[:5])}",
+        ]
     if warnings:
         lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
-    lines += ["", "## Inputs", "", "| checkpoint | step | weight bytes |", "|---|---|---|"]
-    lines.append(f"| `{config.base_path}` | {p.base_step} (base) | {input_sizes.get(config.base_path, 0)} |")
-    for m in config.models or []:
-        lines.append(f"| `{m.model}` | {m.parameters.step} | {input_sizes.get(m.model, 0)} |")
+    steps_by_path = {config.base_path: f"{p.base_step} (base)"}
+    steps_by_path.update({m.model: str(m.parameters.step) for m in config.models or []})
+    lines += [
+        "",
+        "## Inputs",
+        "",
+        "Fingerprints: `fast` hashes each file's size and three 1 MiB samples; `sha256` "
+        "(`--hash`) every byte.",
+        "",
+        "| checkpoint | step | weight bytes | fingerprint |",
+        "|---|---|---|---|",
+    ]
+    for record in inputs:
+        lines.append(f"| `{record.path}` | {steps_by_path.get(record.path, '')} | {record.bytes} | `{record.fingerprint}` |")
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 

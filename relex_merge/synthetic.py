@@ -100,13 +100,17 @@ def make_planted_run(
     noise: float = 1e-4,
     seed: int = 0,
     curve=lambda s: s,
+    model_kwargs: dict | None = None,
 ) -> Path:
-    """Write ``run_dir/base`` and ``run_dir/checkpoint-N`` for each step (HF Trainer layout)."""
+    """Write ``run_dir/base`` and ``run_dir/checkpoint-N`` for each step (HF Trainer layout).
+
+    ``model_kwargs`` (hidden, layers) sizes the tiny model; ``curve`` maps step to coefficient.
+    """
     from safetensors.torch import load_file, save_file
 
     run_dir.mkdir(parents=True, exist_ok=True)
     base_dir = run_dir / "base"
-    make_tiny_model(base_dir, arch=arch, tied=tied, seed=seed)
+    make_tiny_model(base_dir, arch=arch, tied=tied, seed=seed, **(model_kwargs or {}))
     base = load_file(base_dir / "model.safetensors")
     gen = torch.Generator().manual_seed(seed + 1)
     directions = {}

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import fractions
 import json
 import shutil
+import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -58,6 +62,66 @@ def _reshape(state, config):
 
 def _arch(state, config):
     config["architectures"] = ["LlamaForCausalLM"]
+
+
+@dataclass
+class Case:
+    config: dict
+    out: Path | None = None
+    args: tuple = ()
+
+
+def _damaged_safetensors(run: Path, tmp: Path, how: str) -> Path:
+    folder = tmp / "damaged"
+    shutil.copytree(run / "checkpoint-2", folder)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    (header_len,) = struct.unpack("<Q", data[:8])
+    if how == "header":
+        file.write_bytes(data[: 8 + header_len // 2])  # cut inside the JSON header
+    else:
+        file.write_bytes(data[: len(data) - 100])  # the last tensor's bytes are short
+    return folder
+
+
+def _nan(state, config):
+    state["model.norm.weight"][3] = float("nan")
+
+
+def _unsafe_pickle(run: Path, tmp: Path) -> Path:
+    folder = tmp / "pickled"
+    shutil.copytree(run / "checkpoint-2", folder)
+    (folder / "model.safetensors").unlink()
+    state = load_file(run / "checkpoint-2" / "model.safetensors")
+    torch.save({**state, "note": fractions.Fraction(1, 3)}, folder / "pytorch_model.bin")
+    return folder
+
+
+class _FullDisk:
+    """A file whose writes fail as on a full disk after the first 1 kB."""
+
+    def __init__(self, path, mode):
+        self._file = open(path, mode)
+        self._written = 0
+
+    def write(self, data):
+        self._written += len(memoryview(data).cast("B"))
+        if self._written > 1024:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+
+def _disk_full(run, tmp, mp):
+    mp.setattr("relex_merge.io.writer.open", _FullDisk, raising=False)
+    return base_config(run)
+
+
+def _no_permission(run, tmp, mp):
+    mp.setattr("relex_merge.output._writable", lambda folder: False)  # root ignores chmod
+    return base_config(run)
 
 
 CASES = {
@@ -173,12 +237,65 @@ CASES = {
         lambda run, tmp: _trajectory(_mkdir(tmp / "empty")),
         "trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
     ),
+    "wrong type": (
+        lambda run, tmp: base_config(run, rank="two"),
+        "{cfg}: parameters.rank: Input should be a valid integer",
+    ),
+    "truncated safetensors header": (
+        lambda run, tmp: with_model(base_config(run), 1, _damaged_safetensors(run, tmp, "header")),
+        "{tmp}/damaged/model.safetensors: not a readable safetensors file "
+        "(Error while deserializing header: invalid header length)",
+    ),
+    "data shorter than header": (
+        lambda run, tmp: with_model(base_config(run), 1, _damaged_safetensors(run, tmp, "data")),
+        "{tmp}/damaged/model.safetensors: not a readable safetensors file "
+        "(Error while deserializing header: incomplete metadata, file not fully covered)",
+    ),
+    "nan in checkpoint": (
+        lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _nan)),
+        "{tmp}/variant: tensor model.norm.weight has NaN or Inf values; "
+        "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)",
+    ),
+    "unsafe pickle": (
+        lambda run, tmp: with_model(base_config(run), 1, _unsafe_pickle(run, tmp)),
+        "{tmp}/pickled/pytorch_model.bin: this pickle holds more than tensors and could run code when "
+        "loaded; pass --allow-unsafe-pickle only if you trust where it came from",
+    ),
+    "output is a file": (
+        lambda run, tmp: Case(base_config(run), out=_touch(tmp / "file")),
+        "{tmp}/file: output path is a file; give a folder",
+    ),
+    "output inside an input": (
+        lambda run, tmp: Case(base_config(run), out=run / "checkpoint-2" / "merged"),
+        "{run}/checkpoint-2/merged: output overlaps the input {run}/checkpoint-2; choose another output folder",
+    ),
+    "output equals an input": (
+        lambda run, tmp: Case(base_config(run), out=run / "checkpoint-3", args=("--overwrite",)),
+        "{run}/checkpoint-3: output overlaps the input {run}/checkpoint-3; choose another output folder",
+    ),
+    "output contains an input": (
+        lambda run, tmp: Case(base_config(run), out=run, args=("--overwrite",)),
+        "{run}: output overlaps the input {run}/base; choose another output folder",
+    ),
+    "disk full": (
+        _disk_full,
+        "{tmp}/out: no space left on the device; free space or choose another output folder",
+    ),
+    "permission denied": (
+        _no_permission,
+        "{tmp}: permission denied; choose an output folder you can write to",
+    ),
     "no weights": (
         lambda run, tmp: with_model(base_config(run), 0, _mkdir(tmp / "hollow")),
         "{tmp}/hollow: no model weights found (safetensors, pytorch_model*.bin, verl FSDP shards, "
         "torch.distributed.checkpoint or DeepSpeed ZeRO)",
     ),
 }
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("x")
+    return path
 
 
 def _set_step(config, index, step):
@@ -202,22 +319,31 @@ def snapshot(folder: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
+def test_table_has_every_required_case():
+    assert len(CASES) >= 25
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_validation_error(case, qwen_run, tmp_path):
+def test_validation_error(case, qwen_run, tmp_path, monkeypatch):
     make, expected = CASES[case]
-    config = make(qwen_run, tmp_path)
+    made = make(qwen_run, tmp_path, monkeypatch) if make in (_disk_full, _no_permission) else make(qwen_run, tmp_path)
+    made = made if isinstance(made, Case) else Case(made)
     cfg = tmp_path / "c.yml"
-    cfg.write_text(yaml.safe_dump(config))
+    cfg.write_text(yaml.safe_dump(made.config))
     before = snapshot(qwen_run)
-    out = tmp_path / "out"
-    result = run_cli(str(cfg), str(out))
+    out = made.out or tmp_path / "out"
+    existed = out.exists()
+    result = run_cli(str(cfg), str(out), *made.args)
     known = ", ".join(sorted(known_methods()))
     message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg, known=known)
     assert result.exit_code == 2, result.output
-    assert result.stderr.strip().splitlines() == [f"error: {message}"]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines == [f"error: {message}"]
     assert "Traceback" not in result.output
-    assert not out.exists()
+    assert out.exists() == existed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert not [p for p in qwen_run.iterdir() if p.name.startswith(".")]
     assert snapshot(qwen_run) == before
 
 
@@ -256,28 +382,6 @@ def test_target_inside_window_warns_but_merges(qwen_run, tmp_path):
     assert result.exit_code == 0
     assert "warning: target step(s) [2] lie inside the window (last step 3)" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
-
-
-@pytest.mark.parametrize(
-    "where,message",
-    [
-        ("inside-input", "output overlaps the input"),
-        ("is-file", "output path is a file; give a folder"),
-    ],
-)
-def test_bad_output_paths(where, message, qwen_run, tmp_path):
-    cfg = tmp_path / "c.yml"
-    cfg.write_text(yaml.safe_dump(base_config(qwen_run)))
-    if where == "inside-input":
-        out = qwen_run / "checkpoint-2" / "merged"
-    else:
-        out = tmp_path / "file"
-        out.write_text("x")
-    before = snapshot(qwen_run)
-    result = run_cli(str(cfg), str(out))
-    assert result.exit_code == 2
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert snapshot(qwen_run) == before
 
 
 def test_verbose_shows_the_trace(tmp_path):

@@ -1,0 +1,164 @@
+"""Nothing lost, nothing half-written: signals, determinism, fuzzed configs, provenance."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from relex_merge.synthetic import make_planted_run
+from tests.helpers import run_cli
+from tests.test_cli import load_state, write_config
+from tests.test_validation import snapshot
+
+
+@pytest.fixture(scope="module")
+def slow_run(tmp_path_factory):
+    """Big enough (~9 MB a checkpoint) that a merge with a tiny budget takes seconds."""
+    return make_planted_run(
+        tmp_path_factory.mktemp("slow") / "run", steps=range(1, 7), model_kwargs=dict(hidden=256, layers=4)
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_signal_mid_write_removes_partial_output(sig, code, slow_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", slow_run, range(1, 7), 20)
+    out = tmp_path / "out"
+    before = snapshot(slow_run)
+    exe = Path(sys.executable).parent / "relex-merge"
+    proc = subprocess.Popen(
+        [str(exe), str(cfg), str(out), "--max-memory", "16KB", "-q"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # wait until shard data is being written
+        shards = list(tmp_path.glob(".out.relex-tmp-*/*.safetensors"))
+        if shards and shards[0].stat().st_size > 100_000:
+            break
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    else:
+        pytest.fail("the merge never started writing")
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr
+    assert "partial output removed, inputs untouched" in stderr
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert snapshot(slow_run) == before
+
+
+def test_same_config_twice_is_byte_identical(qwen_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5], [10, 30], parameters={"rank": 2})
+    for name in ("a", "b"):
+        assert run_cli(str(cfg), str(tmp_path / name), "-q", "--shard-size", "40KB").exit_code == 0
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.safetensors"))
+    assert files_a == files_b and len(files_a) > 2
+    for rel in files_a:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_model_card_fingerprints_inputs(qwen_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    assert run_cli(str(cfg), str(tmp_path / "fast"), "-q").exit_code == 0
+    assert run_cli(str(cfg), str(tmp_path / "full"), "-q", "--hash").exit_code == 0
+    fast = (tmp_path / "fast" / "README.md").read_text()
+    full = (tmp_path / "full" / "README.md").read_text()
+    size = (qwen_run / "checkpoint-2" / "model.safetensors").stat().st_size
+    row = next(line for line in fast.splitlines() if line.startswith(f"| `{qwen_run / 'checkpoint-2'}` |"))
+    assert f"| 2 | {size} | `fast:" in row
+    assert sum(1 for line in full.splitlines() if "`sha256:" in line) == 4  # base + 3 checkpoints
+    # a changed checkpoint changes its fingerprint
+    copy = tmp_path / "ck2"
+    copy.mkdir()
+    state = load_file(qwen_run / "checkpoint-2" / "model.safetensors")
+    state["model.norm.weight"][0] += 1.0
+    save_file(state, copy / "model.safetensors")
+    (copy / "config.json").write_text((qwen_run / "checkpoint-2" / "config.json").read_text())
+    config = yaml.safe_load(cfg.read_text())
+    config["models"][1]["model"] = str(copy)
+    cfg.write_text(yaml.safe_dump(config))
+    assert run_cli(str(cfg), str(tmp_path / "changed"), "-q").exit_code == 0
+    changed = (tmp_path / "changed" / "README.md").read_text()
+    fingerprint = row.split("`")[-2]
+    assert fingerprint not in changed
+
+
+def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
+    copy = tmp_path / "ck2"
+    copy.mkdir()
+    state = load_file(qwen_run / "checkpoint-2" / "model.safetensors")
+    state["model.norm.weight"][5] = float("inf")
+    save_file(state, copy / "model.safetensors")
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    config = yaml.safe_load(cfg.read_text())
+    config["models"][1]["model"] = str(copy)
+    cfg.write_text(yaml.safe_dump(config))
+    result = run_cli(str(cfg), str(tmp_path / "out"), "--allow-nonfinite")
+    assert result.exit_code == 0, result.output
+    merged = load_state(tmp_path / "out")
+    assert torch.equal(merged["model.norm.weight"], load_state(qwen_run / "base")["model.norm.weight"])
+    assert torch.isfinite(merged["model.layers.0.mlp.up_proj.weight"]).all()
+    assert "had NaN or Inf values in the window and were copied from the base: model.norm.weight" in (
+        tmp_path / "out" / "README.md"
+    ).read_text()
+
+
+# Fuzzing: random documents built from real and mistyped keys and odd values.
+KEYS = ["merge_method", "base_model", "models", "parameters", "trajectory", "dtype", "out_dtype", "name",
+        "model", "step", "target_step", "rank", "fit", "window", "scale", "mode", "degree", "run_dir",
+        "steps", "every", "tokenizer_source", "weight", "parametrs", "x"]
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 1000), st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from(["relex", "ties", "linear", "reconstruct", "1-8", "bfloat16", "", "runs/x", "polynomial"]),
+    st.text(max_size=8),
+)
+documents = st.recursive(
+    scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.sampled_from(KEYS), children, max_size=6)
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(docs=st.lists(documents, min_size=1, max_size=3), raw=st.one_of(st.none(), st.text(max_size=40)))
+def test_fuzzed_configs_never_trace(docs, raw, tmp_path):
+    cfg = tmp_path / "fuzz.yml"
+    cfg.write_text(raw if raw is not None else yaml.safe_dump_all(docs))
+    out = tmp_path / "fuzz-out"
+    for args in ((str(cfg), str(out), "-q"), (str(cfg), "--print-config")):
+        result = run_cli(*args)
+        assert result.exit_code in (0, 2), (result.exit_code, result.output)
+        assert "Traceback" not in result.output
+        if result.exit_code == 2:
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not out.exists() or any(out.iterdir())
+
+
+def test_fingerprint_of_identical_files_is_stable(tmp_path):
+    from relex_merge.output import input_record
+
+    f = tmp_path / "w.safetensors"
+    f.write_bytes(b"x" * 3_000_000)
+    a = input_record("p", [f], False)
+    b = input_record("p", [f], False)
+    full = input_record("p", [f], True)
+    assert a == b and a.fingerprint.startswith("fast:") and full.fingerprint.startswith("sha256:")
+    f.write_bytes(b"x" * 1_500_000 + b"y" + b"x" * 1_499_999)  # same size, changed middle
+    assert input_record("p", [f], False) != a
