@@ -155,12 +155,12 @@ def _progress(console: Console) -> Progress:
     )
 
 
-def _summary_table(plan, result) -> Table:
+def _summary_table(plan, result, profile: bool = False) -> Table:
     summary = result.summary
     table = Table(title="relex-merge", show_header=True)
     table.add_column("target step", justify="right")
     table.add_column("output")
-    for target, folder in result.outputs.items():
+    for target, _, folder in result.outputs:
         table.add_row(str(target), str(folder))
     ev1, r2 = summary.explained_variance_1, summary.linear_r2
     stats = Table(show_header=False, box=None)
@@ -178,6 +178,12 @@ def _summary_table(plan, result) -> Table:
          f"({human_bytes(result.stats.bytes_read / seconds)}/s)"),
         ("written", human_bytes(result.bytes_written)),
     ]
+    if summary.nonfinite:
+        rows.append(("non-finite", f"{len(summary.nonfinite)} tensors copied from the base (--allow-nonfinite)"))
+    if profile:
+        s = result.stats
+        rows.append(("profile", f"wall {seconds:.2f} s: read {s.read_seconds:.2f} s, math {s.math_seconds:.2f} s, "
+                                f"write {s.write_seconds:.2f} s (read and write run beside the math)"))
     for key, value in rows:
         stats.add_row(key, value)
     outer = Table.grid()
@@ -187,13 +193,20 @@ def _summary_table(plan, result) -> Table:
 
 
 def _run_relex_stage(
-    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, single_target_only=False
+    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, profile=False,
+    fit_cache=None, single_target_only=False,
 ):
     from relex_merge.merge import execute_merge, planned_read_bytes
     from relex_merge.output import check_output_path
     from relex_merge.plan import plan_merge
 
     plan = plan_merge(config, allow_unsafe_pickle)
+    if fit_cache is not None:
+        from dataclasses import replace
+
+        from relex_merge.analyze import load_fit_cache
+
+        plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(fit_cache, plan)))
     if single_target_only and len(plan.job.targets) != 1:
         raise RelexError(
             f"stage '{config.name}': a stage used by later stages needs exactly one target_step"
@@ -218,7 +231,7 @@ def _run_relex_stage(
         result = execute_merge(
             plan, out, options, overwrite=overwrite, shard_size=shard_size, full_hash=full_hash, progress=on_progress
         )
-    Console().print(_summary_table(plan, result))
+    Console().print(_summary_table(plan, result, profile))
 
 
 def _print_expanded(documents, source) -> None:
@@ -249,12 +262,15 @@ def _print_expanded(documents, source) -> None:
 @click.option("--allow-unsafe-pickle", is_flag=True, help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge although inputs hold NaN/Inf (those tensors are copied from the base).")
 @click.option("--hash", "full_hash", is_flag=True, help="Fingerprint inputs with a full sha256 (default: fast sampled hash).")
+@click.option("--profile", is_flag=True, help="Print the split of time between reading, math and writing.")
+@click.option("--fit-cache", type=click.Path(path_type=Path, dir_okay=False),
+              help="Gram matrices saved by `analyze --out`: skips the Gram pass (single-stage relex configs).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def merge_command(
     config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy,
-    allow_unsafe_pickle, allow_nonfinite, full_hash, quiet, verbose,
+    allow_unsafe_pickle, allow_nonfinite, full_hash, profile, fit_cache, quiet, verbose,
 ):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
     import shutil
@@ -305,7 +321,8 @@ def merge_command(
                 _run_relex_stage(
                     parse_config(document, where), target, options, overwrite=stage_overwrite,
                     shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
-                    full_hash=full_hash, single_target_only=target != out,
+                    full_hash=full_hash, profile=profile, fit_cache=fit_cache if not multi else None,
+                    single_target_only=target != out,
                 )
             else:
                 run_mergekit(
@@ -357,6 +374,180 @@ def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_mem
 
         result = write_converted(plan, shard_size=shard_bytes, max_memory=budget, progress=on_progress)
     Console().print(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
+
+
+def _load_single_relex(config_path: Path):
+    from relex_merge.config import load_documents, parse_config
+
+    documents = load_documents(config_path)
+    if len(documents) != 1 or not isinstance(documents[0], dict) or documents[0].get("merge_method") != "relex":
+        raise RelexError(f"{config_path}: expected one relex config (merge_method: relex)")
+    return parse_config(documents[0], str(config_path))
+
+
+def _engine_options(max_memory, device, allow_nonfinite=False):
+    from relex_merge.engine import EngineOptions
+
+    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
+    if budget <= 0:
+        raise RelexError("--max-memory must be positive")
+    return EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite)
+
+
+@main.command("analyze")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Write analysis.json, the fit cache and PNG plots here.")
+@click.option("--tolerance", default=0.2, show_default=True, type=float,
+              help="Backtest relative error under which the line counts as holding.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
+@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
+@click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@user_errors
+def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, device, allow_unsafe_pickle, as_json,
+                    quiet, verbose):
+    """How well does the window fit a line, and how far ahead does it hold? (backtests)"""
+    from relex_merge.analyze import CACHE_NAME, run_analysis, summary_rows, write_fit_cache
+    from relex_merge.output import atomic_output_dir, check_output_path
+    from relex_merge.plan import plan_merge
+    from relex_merge import plots
+
+    if not 0 < tolerance < 10:
+        raise RelexError("--tolerance: expected a relative error such as 0.2")
+    plan = plan_merge(_load_single_relex(config_path), allow_unsafe_pickle, require_targets=False)
+    options = _engine_options(max_memory, device)
+    if out_dir is not None:
+        check_output_path(out_dir, plan.model_paths, overwrite)
+    console = Console(stderr=True, soft_wrap=True)
+    if quiet:
+        analysis, stats = run_analysis(plan, options, tolerance)
+    else:
+        total = sum(plan.job.base.meta(n).nbytes + sum(c.meta(n).nbytes for c in plan.job.checkpoints)
+                    for n in plan.job.base.names() if plan.job.base.meta(n).dtype.is_floating_point)
+        with _progress(console) as progress:
+            task = progress.add_task("analyze", total=total, tensors="reading the window")
+            analysis, stats = run_analysis(
+                plan, options, tolerance, progress=lambda n, done: progress.update(task, advance=n)
+            )
+    written = []
+    if out_dir is not None:
+        with atomic_output_dir(out_dir) as tmp:
+            (tmp / "analysis.json").write_text(analysis.to_json())
+            write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
+            if plots.available():
+                written = [p.name for p in plots.write_plots(analysis, tmp)]
+    if as_json:
+        click.echo(analysis.to_json())
+        return
+    out = Console()
+    table = Table(title="relex-merge analyze", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in summary_rows(analysis):
+        table.add_row(key, value)
+    out.print(table)
+    backtest = Table(title="backtest: fit on the first K checkpoints, predict the later ones")
+    for column in ("K", "held-out step", "horizon (x fit span)", "relative error", "cosine", "norm ratio"):
+        backtest.add_column(column, justify="right")
+    for p in analysis.backtest:
+        backtest.add_row(str(p.fit_count), str(p.step), f"{p.horizon:.2f}", f"{p.relative_error:.2%}",
+                         f"{p.cosine:.4f}", f"{p.norm_ratio:.3f}")
+    out.print(backtest)
+    out.print("[bold]verdict[/]")
+    for line in analysis.verdict:
+        out.print(f"- {escape(line)}", soft_wrap=True)
+    if out_dir is not None:
+        extra = f", plots: {', '.join(written)}" if written else " (no plots: pip install 'relex-merge[plots]')"
+        out.print(escape(f"wrote {out_dir}/analysis.json and {out_dir}/{CACHE_NAME}{extra}"), soft_wrap=True)
+
+
+def _task_list(text: str) -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks:
+        raise RelexError("--tasks: give at least one lm-eval task")
+    return tasks
+
+
+def _numbers(text: str, option: str, kind):
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise RelexError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+
+
+@main.command("eval")
+@click.argument("model_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
+@click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
+@click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
+@click.option("--device", default="cpu", show_default=True, help="Device for lm-eval's hf backend.")
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks and lm-eval's own logging.")
+@user_errors
+def eval_command(model_dir, tasks, include_path, limit, device, batch_size, verbose):
+    """Score a model folder with lm-eval (offline); results JSON goes into the folder."""
+    from relex_merge.evaluate import RESULTS_NAME, evaluate
+
+    if not model_dir.is_dir():
+        raise RelexError(f"{model_dir}: not a folder")
+    result = evaluate(model_dir, _task_list(tasks), include_path=include_path, limit=limit, device=device,
+                      batch_size=batch_size, quiet=not verbose)
+    table = Table(title=f"lm-eval: {model_dir}")
+    for column in ("task", "metric", "value", "stderr"):
+        table.add_column(column)
+    for score in result.scores:
+        table.add_row(score.task, score.metric, f"{score.value:.4f}", f"{score.stderr:.4f}")
+    Console().print(table)
+    Console().print(escape(f"results: {model_dir / RESULTS_NAME}"), soft_wrap=True)
+
+
+@main.command("sweep")
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--targets", required=True, help="Comma-separated target steps, e.g. 100,200,400.")
+@click.option("--scales", default="1.0", show_default=True, help="Comma-separated scales, e.g. 0.5,1.0.")
+@click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
+@click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
+@click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
+@click.option("--keep-all", is_flag=True, help="Keep every candidate under OUT/candidates/.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
+@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
+@click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@user_errors
+def sweep_command(config_path, out, targets, scales, tasks, include_path, limit, keep_all, overwrite, max_memory,
+                  device, allow_unsafe_pickle, quiet, verbose):
+    """Build candidates for several targets and scales, score each with lm-eval, keep the best."""
+    from relex_merge.plan import plan_merge
+    from relex_merge.sweep import run_sweep
+
+    target_list = _numbers(targets, "--targets", int)
+    scale_list = _numbers(scales, "--scales", float)
+    plan = plan_merge(_load_single_relex(config_path), allow_unsafe_pickle, require_targets=False)
+    console = Console(stderr=True, soft_wrap=True)
+    result = run_sweep(
+        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device),
+        include_path=include_path, limit=limit, keep_all=keep_all, overwrite=overwrite,
+        say=(lambda text: None) if quiet else (lambda text: console.print(escape(text))),
+    )
+    table = Table(title=f"relex-merge sweep ({', '.join(_task_list(tasks))}" + (f", limit {limit})" if limit else ")"))
+    for column in ("candidate", "target step", "scale", "score", "stderr"):
+        table.add_column(column, justify="right")
+    for c in [result.baseline, *result.candidates]:
+        mark = " (best)" if c is result.best else ""
+        table.add_row(c.label + mark, str(c.target), "" if c.scale is None else f"{c.scale:g}",
+                      f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}")
+    out_console = Console()
+    out_console.print(table)
+    verdict = "beats" if result.best.result.mean > result.baseline.result.mean else "does NOT beat"
+    out_console.print(escape(f"best: {result.best.label}, kept as {result.kept}; it {verdict} the last window "
+                             f"checkpoint ({result.baseline.result.mean:.4f})"), soft_wrap=True)
 
 
 if __name__ == "__main__":

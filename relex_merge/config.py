@@ -98,6 +98,13 @@ class RelexConfig(_Strict):
         data = self.model_dump(mode="json", exclude_none=True)
         return yaml.safe_dump(data, sort_keys=False)
 
+    def for_output(self, target: int, scale: float) -> "RelexConfig":
+        """The config that reproduces one output on its own (written beside it)."""
+        if self.parameters.targets() == [target] and self.parameters.scale == scale:
+            return self
+        parameters = self.parameters.model_copy(update={"target_step": target, "scale": scale})
+        return self.model_copy(update={"parameters": parameters})
+
 
 def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "<top>"

@@ -91,7 +91,7 @@ def write_converted(
         try:
             for tensor in plan.tensors:
                 meta = reader.meta(tensor.name)
-                rows = chunk_rows(meta, 2, max(meta.dtype.itemsize, 4), max_memory)
+                rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
                 for span in row_ranges(meta.rows, rows):
                     chunk = reader.read(tensor.name, span if meta.shape else None)
                     progress(chunk.nbytes, total)

@@ -71,6 +71,29 @@ def gram_update(gram: torch.Tensor, deltas: torch.Tensor, column_block: int = 1 
         gram += (block @ block.T).to(device=gram.device, dtype=torch.float64)
 
 
+def deltas_and_gram(
+    raw: list[torch.Tensor],
+    base: torch.Tensor,
+    deltas: torch.Tensor,
+    gram: torch.Tensor | None,
+    column_block: int = 1 << 16,
+) -> None:
+    """deltas[k] = raw[k] - base (converting to deltas' dtype) and, if given, gram += D D^T.
+
+    Column blocks of 64K elements keep a block's T rows in cache between the subtraction and
+    its Gram product (one pass over memory instead of two; ~20% faster in bench/ on 2 cores).
+    Each block's product is taken in the deltas' dtype and summed across blocks in float64.
+    """
+    n = base.numel()
+    for start in range(0, n, column_block):
+        stop = min(n, start + column_block)
+        block = deltas[:, start:stop]
+        for k, chunk in enumerate(raw):
+            torch.sub(chunk[start:stop], base[start:stop], out=block[k])
+        if gram is not None:
+            gram += (block @ block.T).to(torch.float64)
+
+
 def top_components(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``rank`` singular values and left singular vectors of M from G = M M^T.
 
@@ -154,10 +177,11 @@ def relex_weights(
 
 
 def apply_weights(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Outputs (n_targets x n): base + W @ deltas, in the deltas' dtype and device."""
-    if torch.count_nonzero(weights) == 0:
-        return base.unsqueeze(0).expand(weights.shape[0], -1)
-    return base + weights.to(deltas.device, deltas.dtype) @ deltas
+    """Outputs (n_targets x n, a new tensor): base + W @ deltas, in the deltas' dtype and device."""
+    if not bool(weights.any()):  # the base itself (also keeps NaN deltas out: 0 * NaN is NaN)
+        return base.unsqueeze(0).repeat(weights.shape[0], 1)
+    w = weights.to(deltas.device, deltas.dtype)
+    return torch.addmm(base.unsqueeze(0).expand(w.shape[0], -1), w, deltas)
 
 
 def diagnostics(gram: torch.Tensor, steps: Sequence[float], spec: RelexSpec) -> TensorDiagnostics:

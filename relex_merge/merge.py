@@ -21,17 +21,22 @@ from relex_merge.report import FitSummary, model_card, summarize
 
 @dataclass(frozen=True)
 class MergeResult:
-    outputs: dict[int, Path]  # target step -> model folder
+    outputs: list[tuple[int, float, Path]]  # (target step, scale, model folder)
     stats: EngineStats
     summary: FitSummary
     seconds: float
     bytes_written: int
 
 
-def target_folders(root: Path, targets: list[int]) -> dict[int, Path]:
-    if len(targets) == 1:
-        return {targets[0]: root}
-    return {t: root / f"step-{t}" for t in targets}
+def output_names(targets: list[int], scales: list[float] | None) -> list[str]:
+    """Folder names of the outputs: step-500, or step-500-scale-0.5 in a sweep."""
+    if scales is None:
+        return [f"step-{t}" for t in targets]
+    return [f"step-{t}-scale-{s:g}" for t, s in zip(targets, scales)]
+
+
+def target_folders(root: Path, names: list[str]) -> list[Path]:
+    return [root] if len(names) == 1 else [root / name for name in names]
 
 
 def planned_read_bytes(plan: MergePlan) -> int:
@@ -56,11 +61,13 @@ def execute_merge(
     job = plan.job
     targets = list(job.targets)
     start = time.perf_counter()
+    scales = list(job.scales) if job.scales is not None else [plan.config.parameters.scale] * len(targets)
+    names = output_names(targets, list(job.scales) if job.scales is not None else None)
     with atomic_output_dir(out) as tmp:
-        folders = target_folders(tmp, targets)
+        folders = target_folders(tmp, names)
         tensors = job.output_tensors()
         writers = []
-        for folder in folders.values():
+        for folder in folders:
             folder.mkdir(exist_ok=True)
             writers.append(ShardedModelWriter(folder, tensors, shard_size))
         try:
@@ -76,12 +83,13 @@ def execute_merge(
         paths = [plan.config.base_path] + [m.model for m in plan.config.models or []]
         inputs = [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
         tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
-        for target, folder in folders.items():
-            write_model_config(plan.base_config, folder, plan.config.out_dtype)
-            copy_side_files(Path(plan.config.base_path), tokenizer_source, folder)
-            (folder / "relex_config.yml").write_text(plan.config.to_yaml())
-            card = model_card(plan.config, target, list(job.steps), summary, inputs, plan.warnings)
+        for target, scale, folder in zip(targets, scales, folders):
+            config = plan.config.for_output(target, scale)
+            write_model_config(plan.base_config, folder, config.out_dtype)
+            copy_side_files(Path(config.base_path), tokenizer_source, folder)
+            (folder / "relex_config.yml").write_text(config.to_yaml())
+            card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings)
             (folder / "README.md").write_text(card)
         written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
-    final = {t: out / f.relative_to(tmp) if f != tmp else out for t, f in folders.items()}
+    final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
     return MergeResult(final, stats, summary, time.perf_counter() - start, written)

@@ -58,7 +58,9 @@ def _check_steps(config: RelexConfig) -> list[int]:
     return steps
 
 
-def _check_parameters(config: RelexConfig, steps: list[int]) -> tuple[list[int], list[str]]:
+def _check_parameters(
+    config: RelexConfig, steps: list[int], require_targets: bool = True
+) -> tuple[list[int], list[str]]:
     p = config.parameters
     warnings: list[str] = []
     n = len(steps)
@@ -83,7 +85,7 @@ def _check_parameters(config: RelexConfig, steps: list[int]) -> tuple[list[int],
                 f"{unobserved} are not in the window {used[0]}..{used[-1]}"
             )
     else:
-        if not targets:
+        if not targets and require_targets:
             raise RelexError("parameters.target_step: required in extrapolate mode (e.g. target_step: 500)")
         inside = [t for t in targets if t <= used[-1]]
         if inside:
@@ -154,10 +156,14 @@ def expand_config(config: RelexConfig) -> RelexConfig:
     return expand_trajectory(config)
 
 
-def plan_merge(config: RelexConfig, allow_unsafe_pickle: bool = False) -> MergePlan:
+def plan_merge(
+    config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True
+) -> MergePlan:
+    """Validate everything (headers only) and return the job; ``require_targets=False`` for
+    analyze, where targets only inform the verdict."""
     config = expand_config(config)
     steps = _check_steps(config)
-    targets, warnings = _check_parameters(config, steps)
+    targets, warnings = _check_parameters(config, steps, require_targets)
     _check_paths(config)
     base_config = _check_architectures(config)
     base, checkpoints = _open_all(config, allow_unsafe_pickle)

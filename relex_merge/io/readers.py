@@ -5,12 +5,13 @@ materialise a whole model."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
 
 from relex_merge.errors import RelexError
 
@@ -64,33 +65,69 @@ class CheckpointReader(Protocol):
     def files(self) -> list[Path]: ...
 
 
+_HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the JSON header
+
+
+def read_safetensors_header(file: Path) -> tuple[int, dict[str, tuple[TensorMeta, int]]]:
+    """(data start, {name: (meta, byte offset in file)}), checked against the file size."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise RelexError(f"{file}: not a safetensors file (shorter than 8 bytes); re-copy or re-save it")
+        (length,) = struct.unpack("<Q", head)
+        if length > _HEADER_LIMIT or 8 + length > size:
+            raise RelexError(f"{file}: truncated safetensors header ({size} bytes, header says {length}); re-copy or re-save it")
+        raw = f.read(length)
+    try:
+        header = json.loads(raw)
+    except ValueError as exc:
+        raise RelexError(f"{file}: corrupt safetensors header ({exc})") from None
+    start = 8 + length
+    tensors: dict[str, tuple[TensorMeta, int]] = {}
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            lo, hi = (int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise RelexError(f"{file}: tensor {name} has an unreadable or unsupported header entry {info}") from None
+        meta = TensorMeta(shape, dtype)
+        if hi - lo != meta.nbytes:
+            raise RelexError(f"{file}: tensor {name} spans {hi - lo} bytes but its shape needs {meta.nbytes}")
+        tensors[name] = (meta, start + lo)
+        end = max(end, hi)
+    if start + end > size:
+        raise RelexError(
+            f"{file}: data is shorter than the header says ({size - start} of {end} bytes); "
+            "the file is truncated: re-copy or re-save it"
+        )
+    return start, tensors
+
+
 class SafetensorsReader:
-    """A single .safetensors file, a sharded model (index json) or a folder of shards."""
+    """A single .safetensors file, a sharded model (index json) or a folder of shards.
+
+    Reads are positioned reads straight into a fresh tensor (no mmap): one copy from the page
+    cache, and resident memory holds only what the engine is working on.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._files = self._shard_files(path)
-        self._handles = {}
-        self._where: dict[str, Path] = {}
+        self._where: dict[str, tuple[Path, int]] = {}
         self._meta: dict[str, TensorMeta] = {}
+        self._fds: dict[Path, int] = {}
         for file in self._files:
-            try:
-                handle = safe_open(str(file), framework="pt")
-                keys = list(handle.keys())
-                for name in keys:
-                    sl = handle.get_slice(name)
-                    dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
-                    if dtype is None:
-                        raise RelexError(f"{file}: tensor {name} has unsupported dtype {sl.get_dtype()}")
-                    if name in self._where:
-                        raise RelexError(f"{file}: tensor {name} is also in {self._where[name]}")
-                    self._where[name] = file
-                    self._meta[name] = TensorMeta(tuple(sl.get_shape()), dtype)
-            except RelexError:
-                raise
-            except Exception as exc:  # safetensors raises its own error types
-                raise RelexError(f"{file}: not a readable safetensors file ({exc})") from None
-            self._handles[file] = handle
+            _, tensors = read_safetensors_header(file)
+            for name, (meta, offset) in tensors.items():
+                if name in self._where:
+                    raise RelexError(f"{file}: tensor {name} is also in {self._where[name][0]}")
+                self._where[name] = (file, offset)
+                self._meta[name] = meta
         self._check_index()
 
     @staticmethod
@@ -119,7 +156,7 @@ class SafetensorsReader:
             return
         weight_map = json.loads(index.read_text())["weight_map"]
         for name, file in weight_map.items():
-            if self._where.get(name) != self.path / file:
+            if name not in self._where or self._where[name][0] != self.path / file:
                 raise RelexError(f"{index}: tensor {name} is not in {file}")
 
     def names(self) -> list[str]:
@@ -131,14 +168,48 @@ class SafetensorsReader:
     def files(self) -> list[Path]:
         return list(self._files)
 
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        handle = self._handles[self._where[name]]
-        try:
-            if rows is None or not self._meta[name].shape:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows[0] : rows[1]]
-        except Exception as exc:
-            raise RelexError(f"{self._where[name]}: cannot read tensor {name} ({exc})") from None
+        meta = self._meta[name]
+        return self.read_into(name, rows, torch.empty(self._span(meta, rows)[1], dtype=torch.uint8))
+
+    @staticmethod
+    def _span(meta: TensorMeta, rows: tuple[int, int] | None) -> tuple[int, int]:
+        """(byte offset within the tensor, byte length) of a row range."""
+        if rows is None or not meta.shape:
+            return 0, meta.nbytes
+        row_bytes = meta.nbytes // max(meta.shape[0], 1)
+        return rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
+
+    def read_into(self, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
+        """Read into the front of a uint8 ``buffer`` (reused by the engine: no page faults
+        on fresh memory) and return a typed, shaped view of it."""
+        meta = self._meta[name]
+        file, offset = self._where[name]
+        skip, length = self._span(meta, rows)
+        shape = meta.shape if rows is None or not meta.shape else (rows[1] - rows[0],) + meta.shape[1:]
+        target = buffer[:length]
+        view = memoryview(target.numpy())
+        done, fd = 0, self._fd(file)
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + skip + done)
+            if n <= 0:
+                raise RelexError(f"{file}: ended early while reading tensor {name}; the file is truncated")
+            done += n
+        return target.view(meta.dtype).reshape(shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __del__(self):
+        self.close()
 
 
 def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):

@@ -43,8 +43,8 @@ def shard_file_names(n_shards: int) -> list[str]:
     return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
 
 
-def _header(tensors: list[OutputTensor]) -> bytes:
-    header: dict = {"__metadata__": {"format": "pt"}}
+def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    header: dict = {"__metadata__": metadata}
     offset = 0
     for t in tensors:
         header[t.name] = {
@@ -61,10 +61,22 @@ def _header(tensors: list[OutputTensor]) -> bytes:
 class ShardedModelWriter:
     """Receives chunks in plan order: each tensor's rows front to back, tensors in order."""
 
-    def __init__(self, out_dir: Path, tensors: list[OutputTensor], shard_size: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: list[OutputTensor],
+        shard_size: int,
+        metadata: dict[str, str] | None = None,
+        file_name: str | None = None,  # for a single-file output other than model.safetensors
+    ):
         self.out_dir = out_dir
         self.shards = plan_shards(tensors, shard_size)
         self.file_names = shard_file_names(len(self.shards))
+        if file_name is not None:
+            if len(self.shards) != 1:
+                raise ValueError("file_name needs a single shard")
+            self.file_names = [file_name]
+        self.metadata = metadata or {"format": "pt"}
         self._queue = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
         self._position = 0  # index into _queue of the tensor being written
         self._written = 0  # bytes of that tensor written so far
@@ -92,7 +104,7 @@ class ShardedModelWriter:
     def _start_shard(self, shard: int) -> None:
         self._close_file()
         self._file = open(self.out_dir / self.file_names[shard], "wb")
-        self._file.write(_header(self.shards[shard]))
+        self._file.write(_header(self.shards[shard], self.metadata))
         self._open_shard = shard
 
     def _close_file(self) -> None:

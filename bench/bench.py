@@ -1,0 +1,226 @@
+"""Benchmark relex-merge against mergekit, a dense in-memory RELEX and the I/O floor.
+
+    python bench/bench.py --size 130m --dtype float32 --window 8 --reps 3 --work /tmp/relex-bench
+
+Makes a synthetic RL trajectory for a Qwen2-shaped model (random weights; each tensor moves
+along one direction linearly in the step, plus noise), then measures, interleaved over
+--reps repetitions with the page cache warm:
+
+  relex (1 target)      relex-merge CONFIG OUT
+  relex (3 targets)     the same with target_step: [t, 2t, 3t]
+  relex (small budget)  --max-memory 256MB: tensors that do not fit go in two row-chunked passes
+  mergekit              mergekit-yaml, task_arithmetic over the same base + T checkpoints
+  dense reference       bench/dense_reference.py: load everything, torch.linalg.svd per tensor
+  read floor            read every input file once
+  write floor           write one output's bytes once
+
+Each command runs in its own process; wall time and peak RSS come from that process
+(resource.getrusage of the child). Prints a markdown table (and writes it to --table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    # name: (hidden, layers, intermediate, vocab, heads, kv_heads, tied)
+    "tiny": (128, 2, 512, 4096, 4, 2, False),
+    "130m": (768, 12, 2048, 32000, 12, 4, False),  # ~130M parameters
+    "0.5b": (896, 24, 4864, 151936, 14, 2, True),  # Qwen2.5-0.5B's shapes
+}
+HERE = Path(__file__).resolve().parent
+
+
+def make_config(size: str):
+    from transformers import Qwen2Config
+
+    hidden, layers, inter, vocab, heads, kv, tied = SIZES[size]
+    return Qwen2Config(
+        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, vocab_size=vocab,
+        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+        max_position_embeddings=2048,
+    )
+
+
+def make_trajectory(work: Path, size: str, dtype: torch.dtype, window: int) -> Path:
+    """work/run/{base,checkpoint-1..T}; reused when already there."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    run = work / "run"
+    marker = run / f"done-{size}-{dtype}-{window}"
+    if marker.exists():
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    config = make_config(size)
+    config.dtype = str(dtype).removeprefix("torch.")
+    config.architectures = ["Qwen2ForCausalLM"]
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    gen = torch.Generator().manual_seed(0)
+    base = {n: (0.02 * torch.randn(s, generator=gen)).to(dtype) for n, s in shapes.items()}
+    direction = {n: 1e-3 * torch.randn(s, generator=gen) for n, s in shapes.items()}
+    folders = [("base", 0)] + [(f"checkpoint-{k}", k) for k in range(1, window + 1)]
+    for folder, step in folders:
+        (run / folder).mkdir(parents=True)
+        state = {
+            n: (base[n].float() + step * direction[n] + 1e-5 * torch.randn(shapes[n], generator=gen)).to(dtype)
+            if step else base[n]
+            for n in shapes
+        }
+        save_file(state, run / folder / "model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(run / folder)
+    marker.write_text("ok")
+    return run
+
+
+def write_configs(work: Path, run: Path, window: int) -> dict[str, Path]:
+    import yaml
+
+    models = [{"model": str(run / f"checkpoint-{k}"), "parameters": {"step": k}} for k in range(1, window + 1)]
+    t = 4 * window
+    relex = {"merge_method": "relex", "base_model": str(run / "base"), "models": models,
+             "parameters": {"target_step": t}}
+    relex3 = {**relex, "parameters": {"target_step": [t, 2 * t, 3 * t]}}
+    mergekit = {
+        "merge_method": "task_arithmetic",
+        "base_model": str(run / "base"),
+        "models": [{"model": m["model"], "parameters": {"weight": 1.0 / window}} for m in models],
+        "dtype": "float32",
+    }
+    configs = {"relex": relex, "relex3": relex3, "mergekit": mergekit}
+    paths = {}
+    for name, config in configs.items():
+        paths[name] = work / f"{name}.yml"
+        paths[name].write_text(yaml.safe_dump(config))
+    return paths
+
+
+def measure(cmd: list[str]) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one command run in a fresh wrapper process."""
+    wrapper = (
+        "import resource,subprocess,sys,time;t=time.perf_counter();"
+        "r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL,stderr=subprocess.PIPE,text=True);"
+        "w=time.perf_counter()-t;"
+        "print(w, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024);"
+        "sys.exit(r.returncode) if r.returncode==0 else sys.exit(print(r.stderr[-2000:],file=sys.stderr) or 1)"
+    )
+    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
+    wall, rss = proc.stdout.split()
+    return float(wall), int(rss)
+
+
+def input_files(run: Path, window: int) -> list[Path]:
+    return [run / "base" / "model.safetensors"] + [
+        run / f"checkpoint-{k}" / "model.safetensors" for k in range(1, window + 1)
+    ]
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    parser.add_argument("--window", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/relex-bench"))
+    parser.add_argument("--max-memory", default="8GB", help="relex-merge's budget in the main runs")
+    parser.add_argument("--small-budget", default="256MB")
+    parser.add_argument("--skip", default="", help="comma-separated candidates to leave out")
+    parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.work.mkdir(parents=True, exist_ok=True)
+    dtype = getattr(torch, args.dtype)
+    run = make_trajectory(args.work, args.size, dtype, args.window)
+    configs = write_configs(args.work, run, args.window)
+    files = input_files(run, args.window)
+    input_bytes = sum(f.stat().st_size for f in files)
+    out_bytes = files[0].stat().st_size
+    bin_dir = Path(sys.executable).parent
+    outs = args.work / "out"
+    relex = str(bin_dir / "relex-merge")
+    candidates = {
+        "relex-merge (1 target)": [relex, str(configs["relex"]), str(outs / "relex"), "--overwrite", "-q",
+                                   "--max-memory", args.max_memory],
+        "relex-merge (3 targets)": [relex, str(configs["relex3"]), str(outs / "relex3"), "--overwrite", "-q",
+                                    "--max-memory", args.max_memory],
+        f"relex-merge (--max-memory {args.small_budget})": [
+            relex, str(configs["relex"]), str(outs / "relex-small"), "--overwrite", "-q",
+            "--max-memory", args.small_budget],
+        "mergekit task_arithmetic": [str(bin_dir / "mergekit-yaml"), str(configs["mergekit"]),
+                                     str(outs / "mergekit"), "--copy-tokenizer", "--no-write-model-card"],
+        "dense reference (SVD in RAM)": [sys.executable, str(HERE / "dense_reference.py"), str(run),
+                                         str(args.window), str(4 * args.window), str(outs / "dense")],
+        "read floor": [sys.executable, str(HERE / "io_floor.py"), "read", *map(str, files)],
+        "write floor": [sys.executable, str(HERE / "io_floor.py"), "write", str(out_bytes), str(outs / "floor.bin")],
+    }
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    candidates = {k: v for k, v in candidates.items() if not any(s in k for s in skip)}
+    outs.mkdir(exist_ok=True)
+    subprocess.run(candidates["read floor"], check=True)  # warm the page cache
+    results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
+    for rep in range(args.reps):
+        for name, cmd in candidates.items():
+            if name == "mergekit task_arithmetic":
+                shutil.rmtree(outs / "mergekit", ignore_errors=True)
+            results[name].append(measure(cmd))
+            print(f"rep {rep + 1}/{args.reps} {name}: {results[name][-1][0]:.2f} s", file=sys.stderr)
+
+    median = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    peak = {k: max(r for _, r in v) for k, v in results.items()}
+    floor = median.get("read floor", 0) + median.get("write floor", 0)
+    mk = median.get("mergekit task_arithmetic")
+    rows = [
+        "| run | median wall (s) | peak RSS (GB) | input read (GB) | throughput (GB/s) | vs mergekit | vs I/O floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in candidates:
+        reads = 0 if name == "write floor" else input_bytes
+        vs_mergekit = f"{median[name] / mk:.2f}x" if mk else "n/a"
+        vs_floor = f"{median[name] / floor:.2f}x" if floor else "n/a"
+        rows.append(
+            f"| {name} | {median[name]:.2f} | {peak[name] / 1e9:.2f} | {reads / 1e9:.2f} | "
+            f"{reads / 1e9 / median[name]:.2f} | {vs_mergekit} | {vs_floor} |"
+        )
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, "
+        f"torch {torch.__version__}"
+    )
+    params = sum(
+        t.numel() for t in __import__("safetensors.torch", fromlist=["load_file"]).load_file(files[0]).values()
+    )
+    header = (
+        f"Qwen2-shaped {args.size} ({params / 1e6:.0f}M parameters), {args.dtype}, window T={args.window}, "
+        f"{args.reps} interleaved repetitions, page cache warm; {machine}. "
+        f"I/O floor = read floor + write floor = {floor:.2f} s.\n\n"
+        f"Command: `python bench/bench.py --size {args.size} --dtype {args.dtype} --window {args.window} "
+        f"--reps {args.reps}`\n"
+    )
+    table = header + "\n" + "\n".join(rows) + "\n"
+    print(table)
+    if args.table:
+        args.table.write_text(table)
+    (args.work / "results.json").write_text(json.dumps({"median": median, "peak_rss": peak}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

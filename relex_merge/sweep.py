@@ -1,0 +1,115 @@
+"""Choose the horizon and shrink by measurement: build every (target, scale) candidate from
+ONE read of the window (each is only another weight vector), score each and the last window
+checkpoint with lm-eval, keep the best."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+from relex_merge.engine import EngineOptions
+from relex_merge.errors import RelexError
+from relex_merge.evaluate import EvalResult, evaluate, is_hf_model, task_manager, check_tasks
+from relex_merge.merge import execute_merge
+from relex_merge.output import atomic_output_dir, check_output_path
+from relex_merge.plan import MergePlan
+
+
+@dataclass(frozen=True)
+class Candidate:
+    label: str  # "step-400-scale-0.5" or "baseline (step 20)"
+    target: int | None
+    scale: float | None
+    result: EvalResult
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    candidates: list[Candidate]
+    baseline: Candidate
+    best: Candidate
+    kept: Path  # OUT/best
+
+
+def run_sweep(
+    plan: MergePlan,
+    out: Path,
+    targets: Sequence[int],
+    scales: Sequence[float],
+    tasks: Sequence[str],
+    options: EngineOptions,
+    *,
+    include_path: Path | None = None,
+    limit: int | None = None,
+    keep_all: bool = False,
+    overwrite: bool = False,
+    say: Callable[[str], None] = lambda text: None,
+) -> SweepResult:
+    if not targets or not scales:
+        raise RelexError("--targets and --scales: give at least one value each")
+    if any(s <= 0 for s in scales):
+        raise RelexError("--scales: every scale must be > 0")
+    manager = task_manager(include_path)
+    check_tasks(tasks, manager)  # before any tensor is read
+    check_output_path(out, plan.model_paths, overwrite)
+    pairs = [(t, s) for t in targets for s in scales]
+    job = replace(
+        plan.job,
+        targets=[t for t, _ in pairs],
+        scales=[s for _, s in pairs],
+        spec=replace(plan.job.spec, scale=1.0),
+    )
+    baseline_path = Path(plan.config.models[-1].model)
+    baseline_step = plan.config.models[-1].parameters.step
+    with atomic_output_dir(out) as tmp:
+        say(f"building {len(pairs)} candidates from one read of the window")
+        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True)
+        results = []
+        for target, scale, folder in built.outputs:
+            say(f"scoring {folder.name}")
+            result = _score(folder, tasks, manager, include_path, limit)
+            results.append(Candidate(folder.name, target, scale, result))
+        baseline_dir = baseline_path
+        if not is_hf_model(baseline_dir):
+            from relex_merge.convert import plan_convert, write_converted
+
+            baseline_dir = tmp / "baseline"
+            say(f"converting the last window checkpoint {baseline_path} for scoring")
+            write_converted(plan_convert(baseline_path, baseline_dir, config_from=Path(plan.config.base_path)))
+        say(f"scoring the last window checkpoint (step {baseline_step})")
+        baseline = Candidate(
+            f"last window checkpoint (step {baseline_step})",
+            baseline_step,
+            None,
+            # never write into the user's checkpoint: its results go beside the sweep's
+            _score(baseline_dir, tasks, manager, include_path, limit, tmp / "baseline_lm_eval_results.json"),
+        )
+        best = max(results, key=lambda c: c.result.mean)
+        best_dir = tmp / "best"
+        (tmp / "candidates" / best.label).rename(best_dir)
+        if not keep_all:
+            shutil.rmtree(tmp / "candidates")
+        if (tmp / "baseline").exists():
+            shutil.rmtree(tmp / "baseline")
+        summary = {
+            "tasks": list(tasks),
+            "limit": limit,
+            "best": best.label,
+            "baseline": {"label": baseline.label, "score": baseline.result.mean, "stderr": baseline.result.mean_stderr},
+            "candidates": [
+                {"label": c.label, "target_step": c.target, "scale": c.scale, "score": c.result.mean,
+                 "stderr": c.result.mean_stderr}
+                for c in results
+            ],
+        }
+        (tmp / "sweep_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return SweepResult(results, baseline, best, out / "best")
+
+
+def _score(folder: Path, tasks, manager, include_path, limit, results_file: Path | None = None) -> EvalResult:
+    return evaluate(
+        folder, tasks, include_path=include_path, limit=limit, manager=manager, results_file=results_file
+    )
