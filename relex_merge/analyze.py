@@ -174,7 +174,10 @@ def verdict(a: Analysis) -> list[str]:
     limit = a.supported_horizon if a.supported_horizon is not None else 0.0
     span = a.steps[-1] - a.steps[0]
     for target, horizon in a.target_horizons.items():
-        if horizon <= limit:
+        if a.supported_horizon is None:
+            lines.append(f"Target step {target} ({horizon:.1f}x the window span past its end): no horizon passed "
+                         "the backtest, so expect this prediction to be off; evaluate before use.")
+        elif horizon <= limit:
             lines.append(f"Target step {target} ({horizon:.1f}x the window span past its end) is within the supported range.")
         elif horizon <= a.tested_horizon:
             lines.append(f"Target step {target} ({horizon:.1f}x) is past where the backtest held ({limit:.1f}x): expect errors.")

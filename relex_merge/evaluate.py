@@ -44,7 +44,8 @@ class EvalResult:
 
 def _primary(task: str, metrics: dict) -> TaskScore | None:
     for key, value in metrics.items():
-        if key == "alias" or "_stderr" in key or not isinstance(value, (int, float)):
+        # metric keys look like "exact_match,none"; "alias", "name", "sample_len" are not metrics
+        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
             continue
         metric, _, filt = key.partition(",")
         stderr = metrics.get(f"{metric}_stderr,{filt}" if filt else f"{metric}_stderr")

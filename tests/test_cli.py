@@ -45,7 +45,7 @@ def generate(folder: Path) -> str:
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     inputs = tokenizer("12+34=", return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert out.shape[1] == inputs["input_ids"].shape[1] + 5
     return tokenizer.decode(out[0])
 

@@ -1,0 +1,77 @@
+"""The shipped demo (a real GRPO run): eval and sweep with lm-eval, offline."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import run_cli
+from tests.test_cli import generate
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "demo" / "run"
+TASK = ["--tasks", "relex_demo_addition", "--include-path", str(REPO / "demo" / "tasks")]
+
+
+def test_demo_run_is_shipped_and_small():
+    window = sorted(int(p.name.split("-")[1]) for p in DEMO.glob("checkpoint-*"))
+    assert window[:20] == list(range(1, 21)) and {40, 60, 100, 200} <= set(window)
+    size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert size <= 10 * 1024 * 1024
+    assert (REPO / "demo" / "data" / "addition_test.jsonl").read_text().count("\n") == 300
+
+
+def test_demo_config_merges(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(str(REPO / "merge_configs" / "demo.yml"), str(out), "-q", cwd=REPO)
+    assert result.exit_code == 0, result.output
+    generate(out)
+
+
+@pytest.mark.slow
+def test_eval_scores_a_demo_checkpoint_offline(tmp_path):
+    model = tmp_path / "checkpoint-20"
+    shutil.copytree(DEMO / "checkpoint-20", model)  # eval writes its results into the folder
+    result = run_cli("eval", str(model), *TASK, "--limit", "30", cwd=REPO)
+    assert result.exit_code == 0, result.output
+    assert "relex_demo_addition" in result.stdout and "exact_match" in result.stdout
+    record = json.loads((model / "lm_eval_results.json").read_text())
+    score = record["scores"][0]
+    assert score["metric"] == "exact_match,none" and 0.0 <= score["value"] <= 1.0
+    assert record["limit"] == 30
+
+
+@pytest.mark.slow
+def test_sweep_keeps_the_best_and_removes_the_rest(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli(
+        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "30,60", "--scales", "1.0",
+        *TASK, "--limit", "30", "-q", cwd=REPO,
+    )
+    assert result.exit_code == 0, result.output
+    assert "last window checkpoint (step 20)" in result.stdout
+    assert "step-30-scale-1" in result.stdout and "step-60-scale-1" in result.stdout and "(best)" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["baseline_lm_eval_results.json", "best", "sweep_results.json"]
+    summary = json.loads((out / "sweep_results.json").read_text())
+    assert len(summary["candidates"]) == 2 and summary["best"] in {"step-30-scale-1", "step-60-scale-1"}
+    best = max(summary["candidates"], key=lambda c: c["score"])
+    assert best["label"] == summary["best"]
+    assert (out / "best" / "lm_eval_results.json").is_file()
+    generate(out / "best")
+    assert not (DEMO / "checkpoint-20" / "lm_eval_results.json").exists()  # inputs untouched
+
+
+def test_sweep_with_an_unknown_task_writes_nothing(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli(
+        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "30", "--tasks", "no_such_task",
+        "--include-path", str(REPO / "demo" / "tasks"), cwd=REPO,
+    )
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: --tasks: unknown task 'no_such_task'; add its folder with --include-path (lm-eval task YAML)"
+    )
+    assert not out.exists()
