@@ -124,6 +124,19 @@ def user_errors(func):
     return wrapper
 
 
+def engine_flags(func):
+    """--max-memory, --device and --allow-unsafe-pickle: every command that reads a window."""
+    for option in reversed([
+        click.option("--max-memory", default=None,
+                     help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--allow-unsafe-pickle", is_flag=True,
+                     help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only)."),
+    ]):
+        func = option(func)
+    return func
+
+
 class DefaultMergeGroup(click.Group):
     """``relex-merge CONFIG OUT`` is short for ``relex-merge merge CONFIG OUT``."""
 
@@ -196,7 +209,8 @@ def _run_relex_stage(
     config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, profile=False,
     fit_cache=None, single_target_only=False,
 ):
-    from relex_merge.merge import execute_merge, planned_read_bytes
+    from relex_merge.engine import planned_read_bytes
+    from relex_merge.merge import execute_merge
     from relex_merge.output import check_output_path
     from relex_merge.plan import plan_merge
 
@@ -220,7 +234,8 @@ def _run_relex_stage(
         return
     total_tensors = len(plan.job.base.names())
     with _progress(console) as progress:
-        task = progress.add_task("merge", total=planned_read_bytes(plan), tensors=f"0/{total_tensors} tensors")
+        total = planned_read_bytes(plan.job, options)
+        task = progress.add_task("merge", total=total, tensors=f"0/{total_tensors} tensors")
         done = 0
 
         def on_progress(nbytes: int, finished: bool) -> None:
@@ -253,13 +268,11 @@ def _print_expanded(documents, source) -> None:
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--max-memory", default=None, help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@engine_flags
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--intermediate-dir", type=click.Path(path_type=Path, file_okay=False),
               help="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).")
 @click.option("--lazy", is_flag=True, help="Reuse stages already finished in --intermediate-dir.")
-@click.option("--allow-unsafe-pickle", is_flag=True, help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only).")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge although inputs hold NaN/Inf (those tensors are copied from the base).")
 @click.option("--hash", "full_hash", is_flag=True, help="Fingerprint inputs with a full sha256 (default: fast sampled hash).")
 @click.option("--profile", is_flag=True, help="Print the split of time between reading, math and writing.")
@@ -276,7 +289,6 @@ def merge_command(
     import shutil
 
     from relex_merge.config import load_documents, parse_config
-    from relex_merge.engine import EngineOptions
     from relex_merge.mergekit_runner import known_methods, run_mergekit
     from relex_merge.output import check_output_path
     from relex_merge.stages import is_finished_model, parse_stages, substitute
@@ -290,13 +302,12 @@ def merge_command(
     stages = parse_stages(documents, str(config_path), ["relex"] if only_relex else known_methods())
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
-    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
+    options = _engine_options(max_memory, device, allow_nonfinite)
     shard_bytes = parse_size(shard_size, "--shard-size")
-    if budget <= 0 or shard_bytes <= 0:
-        raise RelexError("--max-memory and --shard-size must be positive")
+    if shard_bytes <= 0:
+        raise RelexError("--shard-size must be positive")
     if lazy and intermediate_dir is None:
         raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
-    options = EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite)
     check_output_path(out, [], overwrite)
     multi = len(stages) > 1
     stage_root = intermediate_dir or out.parent / f".{out.name}.relex-stages"
@@ -401,9 +412,7 @@ def _engine_options(max_memory, device, allow_nonfinite=False):
 @click.option("--tolerance", default=0.2, show_default=True, type=float,
               help="Backtest relative error under which the line counts as holding.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
-@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
+@engine_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
@@ -426,8 +435,11 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
     if quiet:
         analysis, stats = run_analysis(plan, options, tolerance)
     else:
-        total = sum(plan.job.base.meta(n).nbytes + sum(c.meta(n).nbytes for c in plan.job.checkpoints)
-                    for n in plan.job.base.names() if plan.job.base.meta(n).dtype.is_floating_point)
+        from dataclasses import replace
+
+        from relex_merge.engine import planned_read_bytes
+
+        total = planned_read_bytes(replace(plan.job, targets=[]), options)
         with _progress(console) as progress:
             task = progress.add_task("analyze", total=total, tensors="reading the window")
             analysis, stats = run_analysis(
@@ -515,9 +527,7 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, verb
 @click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
 @click.option("--keep-all", is_flag=True, help="Keep every candidate under OUT/candidates/.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
-@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
+@engine_flags
 @click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors

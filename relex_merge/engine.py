@@ -98,15 +98,29 @@ def chunk_rows(meta: TensorMeta, bytes_per_element: int, budget: int) -> int:
     return max(1, min(meta.rows, budget // row_bytes))
 
 
-def bytes_per_element(job: MergeJob, name: str) -> int:
-    """Memory one element of a chunk costs while it is in flight (what the budget divides)."""
+# Reads are cut into spans of about this many raw bytes (all inputs together) even when a
+# tensor fits the budget whole: smaller units let reading, math and writing overlap, which
+# measured faster on 2 cores than one giant unit per tensor.
+PIPELINE_BYTES = 64 << 20
+
+
+def _costs(job: MergeJob, name: str) -> tuple[int, int]:
+    """Bytes per element: (kept for the whole tensor in one-pass mode, in flight per span)."""
     n_in, n_out = len(job.checkpoints) + 1, len(job.targets)
     stored = max(job.base.meta(name).dtype.itemsize, 1)
     out = job.output_meta(name).dtype.itemsize
     compute = job.compute_dtype.itemsize
-    # three raw read slots (one being read, one queued, one in use), base + deltas and the
-    # outputs in compute dtype, and cast outputs waiting in the write queue (up to 2 each)
-    return 3 * n_in * stored + n_in * compute + n_out * compute + 3 * n_out * out
+    kept = n_in * compute  # base + T deltas, in compute dtype
+    # three raw read slots (one being read, one queued, one in use), the outputs in compute
+    # dtype, and cast outputs waiting in the write queue (up to 2 each)
+    flight = 3 * n_in * stored + n_out * compute + 3 * n_out * out
+    return kept, flight
+
+
+def bytes_per_element(job: MergeJob, name: str) -> int:
+    """Memory one element of a span costs when nothing is kept across spans (two passes)."""
+    kept, flight = _costs(job, name)
+    return kept + flight
 
 
 @dataclass(frozen=True)
@@ -115,31 +129,55 @@ class _Read:
 
     name: str
     span: tuple[int, int] | None
-    phase: str  # "copy" (non-float), "both" (single pass), "gram" or "emit" (two passes)
+    phase: str  # "copy" (non-float), "keep" (one pass), "gram" then "emit" (two passes)
     last: bool  # last read of this tensor
+    spans: tuple = ()  # "keep": every span of the tensor, to emit after the last read
 
 
 def _schedule(job: MergeJob, options: EngineOptions) -> Iterator[_Read]:
-    """The reads, in order. Without targets only Gram matrices are built (analyze); a cached
-    Gram matrix turns a two-pass tensor into one pass."""
+    """The reads, in order.
+
+    One pass ("keep") when the whole tensor's base and deltas fit the budget beside one span
+    in flight; otherwise two passes over spans that fit ("gram", then "emit"). Without targets
+    only Gram matrices are built (analyze); a cached Gram matrix makes every tensor one pass.
+    """
+    budget = options.max_memory
     for name in job.base.names():
         meta = job.base.meta(name)
-        spans = row_ranges(meta.rows, chunk_rows(meta, bytes_per_element(job, name), options.max_memory))
-        whole = len(spans) == 1
+        kept, flight = _costs(job, name)
+        n_in = len(job.checkpoints) + 1
+        pipeline_rows = chunk_rows(meta, n_in * max(meta.dtype.itemsize, 1), PIPELINE_BYTES)
+        two_pass_rows = chunk_rows(meta, kept + flight, budget)
+        span_elems = min(meta.rows, pipeline_rows) * max(1, meta.numel // max(meta.rows, 1))
+        one_pass = meta.numel * kept + span_elems * flight <= budget
+        rows = pipeline_rows if one_pass else min(pipeline_rows, two_pass_rows)
+        spans = row_ranges(meta.rows, rows) if meta.shape else [None]
+        if len(spans) == 1:
+            spans = [None]
+        cached = bool(job.gram_cache and name in job.gram_cache)
         if not meta.dtype.is_floating_point:
-            keyed = [None] if whole or not meta.shape else spans
-            phases = [("copy", keyed)] if job.targets else []
+            phases = [("copy", spans)] if job.targets else []
         elif not job.targets:
-            phases = [("gram", [None] if whole else spans)]
-        elif whole:
-            phases = [("both", [None])]
-        elif job.gram_cache and name in job.gram_cache:
+            phases = [("gram", spans)]
+        elif one_pass:
+            phases = [("keep", spans)]
+        elif cached:
             phases = [("emit", spans)]
         else:
             phases = [("gram", spans), ("emit", spans)]
         for p, (phase, pieces) in enumerate(phases):
             for i, span in enumerate(pieces):
-                yield _Read(name, span, phase, p == len(phases) - 1 and i == len(pieces) - 1)
+                last = p == len(phases) - 1 and i == len(pieces) - 1
+                yield _Read(name, span, phase, last, tuple(pieces) if phase == "keep" and last else ())
+
+
+def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
+    """Bytes the merge will read (two-pass tensors count twice): the progress bar's total."""
+    total = 0
+    for read in _schedule(job, options):
+        readers = [job.base] if read.phase == "copy" else [job.base, *job.checkpoints]
+        total += sum(_span_bytes(r.meta(read.name), read.span) for r in readers)
+    return total
 
 
 class _Buffers:
@@ -304,6 +342,7 @@ class _TensorState:
     gram: torch.Tensor
     weights: torch.Tensor | None = None
     passes: int = 1
+    cached: bool = False  # gram came from a fit cache
 
 
 def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
@@ -330,6 +369,77 @@ def _report(name: str, job: MergeJob, state: _TensorState) -> TensorReport:
     )
 
 
+class _TensorMerger:
+    """The math for the read units of one tensor at a time (main thread)."""
+
+    def __init__(self, job: MergeJob, options: EngineOptions, writes: "_WriteQueue", n_sinks: int):
+        self.job, self.options, self.writes, self.n_sinks = job, options, writes, n_sinks
+        self.workspace = _Buffers()
+        self.state: _TensorState | None = None
+
+    def _start(self, read: _Read) -> _TensorState:
+        if self.state is None:
+            n = len(self.job.checkpoints)
+            gram = torch.zeros(n, n, dtype=torch.float64, device=self.options.device)
+            cached = self.job.gram_cache.get(read.name) if self.job.gram_cache else None
+            passes = 2 if read.phase == "gram" and self.job.targets else 1
+            self.state = _TensorState(gram if cached is None else cached.to(self.options.device, torch.float64),
+                                      passes=passes, cached=cached is not None)
+        return self.state
+
+    def process(self, read: _Read, chunks: list[torch.Tensor], release: Callable[[], None]) -> TensorReport | None:
+        job, name = self.job, read.name
+        if read.phase == "copy":
+            copies = [chunks[0].clone() for _ in range(self.n_sinks)]
+            release()
+            for j, chunk in enumerate(copies):
+                self.writes.put(j, name, chunk)
+            return TensorReport(name, job.base.meta(name).numel, None, passes=1) if read.last else None
+        state = self._start(read)
+        meta = job.base.meta(name)
+        row_elems = max(1, meta.numel // max(meta.rows, 1))
+        lo, hi = (read.span[0] * row_elems, read.span[1] * row_elems) if read.span else (0, meta.numel)
+        n_ckpt = len(job.checkpoints)
+        if read.phase == "keep":  # the whole tensor's base and deltas stay in the workspace
+            base_all = self.workspace.get("base", meta.numel, job.compute_dtype, self.options.device)
+            deltas_all = self.workspace.get("deltas", n_ckpt * meta.numel, job.compute_dtype,
+                                            self.options.device).view(n_ckpt, meta.numel)
+            base, deltas = base_all[lo:hi], deltas_all[:, lo:hi]
+        else:
+            base = self.workspace.get("base", hi - lo, job.compute_dtype, self.options.device)
+            deltas = self.workspace.get("deltas", n_ckpt * (hi - lo), job.compute_dtype,
+                                        self.options.device).view(n_ckpt, hi - lo)
+        base.copy_(chunks[0].reshape(-1))
+        needs_gram = read.phase in ("keep", "gram") and not state.cached
+        raw = [c.to(self.options.device).reshape(-1) for c in chunks[1:]]
+        deltas_and_gram(raw, base, deltas, state.gram if needs_gram else None)
+        if needs_gram and not self.options.allow_nonfinite:
+            _check_finite(job, read, chunks, state.gram)
+        del raw, chunks
+        release()
+        if read.phase == "emit":
+            self._emit(name, base, deltas, read.span)
+        elif read.phase == "keep" and read.last:
+            for span in read.spans:
+                s_lo, s_hi = (span[0] * row_elems, span[1] * row_elems) if span else (0, meta.numel)
+                self._emit(name, base_all[s_lo:s_hi], deltas_all[:, s_lo:s_hi], span)
+        if not read.last:
+            return None
+        report = _report(name, job, state)
+        self.state = None
+        return report
+
+    def _emit(self, name: str, base: torch.Tensor, deltas: torch.Tensor, span) -> None:
+        state = self.state
+        if state.weights is None:
+            state.weights = _weights(state.gram, self.job)
+        meta = self.job.base.meta(name)
+        shape = meta.shape if span is None else (span[1] - span[0],) + meta.shape[1:]
+        outputs = apply_weights(base, deltas, state.weights).to("cpu", self.job.output_meta(name).dtype)
+        for j in range(self.n_sinks):
+            self.writes.put(j, name, outputs[j].reshape(shape))
+
+
 def run_merge(
     job: MergeJob,
     sinks_per_target: Sequence[ChunkSink],
@@ -344,56 +454,16 @@ def run_merge(
         progress(nbytes, done)
 
     writes = _WriteQueue(sinks_per_target, stats, depth=2 * len(sinks_per_target))
-    n_ckpt = len(job.checkpoints)
-    workspace = _Buffers()
-    state: _TensorState | None = None
+    merger = _TensorMerger(job, options, writes, len(sinks_per_target))
     prefetcher = _Prefetcher(job, options, stats, counting_progress)
     try:
         for read, chunks, slot in prefetcher:
             start = time.perf_counter()
-            name = read.name
-            if read.phase == "copy":
-                for j in range(len(sinks_per_target)):
-                    writes.put(j, name, chunks[0].clone())
-                if read.last:
-                    stats.tensors.append(TensorReport(name, job.base.meta(name).numel, None, passes=1))
-            else:
-                if state is None:
-                    cached = job.gram_cache.get(name) if job.gram_cache else None
-                    gram = torch.zeros(n_ckpt, n_ckpt, dtype=torch.float64, device=options.device)
-                    state = _TensorState(gram, passes=1 if read.phase == "both" else 2)
-                    if cached is not None:
-                        state.gram = cached.to(options.device, torch.float64)
-                        state.passes = 1
-                shape = tuple(chunks[0].shape)
-                n = chunks[0].numel()
-                deltas = workspace.get("deltas", n_ckpt * n, job.compute_dtype, options.device).view(n_ckpt, n)
-                base = chunks[0].reshape(-1)
-                if base.dtype != job.compute_dtype or base.device != options.device:
-                    base = workspace.get("base", n, job.compute_dtype, options.device).copy_(base)
-                needs_gram = read.phase in ("both", "gram") and not (job.gram_cache and name in job.gram_cache)
-                raw = [c.to(options.device).reshape(-1) for c in chunks[1:]]
-                deltas_and_gram(raw, base, deltas, state.gram if needs_gram else None)
-                if needs_gram and not options.allow_nonfinite:
-                    _check_finite(job, read, chunks, state.gram)
-                if read.phase in ("both", "emit") and state.weights is None:
-                    state.weights = _weights(state.gram, job)
-                outputs = None
-                if read.phase in ("both", "emit"):
-                    out_dtype = job.output_meta(name).dtype
-                    outputs = apply_weights(base, deltas, state.weights).to("cpu", out_dtype)
-                del raw, chunks, base  # base may be a view of the raw slot
-                prefetcher.release(slot)
-                if outputs is not None:
-                    for j in range(len(sinks_per_target)):
-                        writes.put(j, name, outputs[j].reshape(shape))
-                if read.last:
-                    stats.tensors.append(_report(name, job, state))
-                    state = None
-            if read.phase == "copy":
-                prefetcher.release(slot)
+            report = merger.process(read, chunks, lambda: prefetcher.release(slot))
+            del chunks
             stats.math_seconds += time.perf_counter() - start
-            if read.last:
+            if report is not None:
+                stats.tensors.append(report)
                 progress(0, True)
         writes.finish()
     except BaseException:

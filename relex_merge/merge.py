@@ -39,14 +39,6 @@ def target_folders(root: Path, names: list[str]) -> list[Path]:
     return [root] if len(names) == 1 else [root / name for name in names]
 
 
-def planned_read_bytes(plan: MergePlan) -> int:
-    """Bytes one pass over every input reads (two-pass tensors read their share twice)."""
-    job = plan.job
-    return sum(
-        job.base.meta(n).nbytes + sum(c.meta(n).nbytes for c in job.checkpoints) for n in job.base.names()
-    )
-
-
 def execute_merge(
     plan: MergePlan,
     out: Path,

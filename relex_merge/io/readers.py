@@ -65,6 +65,19 @@ class CheckpointReader(Protocol):
     def files(self) -> list[Path]: ...
 
 
+def indexed_files(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` (HF sharded checkpoint) points to, all present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RelexError(f"{index}: not a valid index ({exc})") from None
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
+    return files
+
+
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own cap on the JSON header
 
 
@@ -136,15 +149,7 @@ class SafetensorsReader:
             return [path]
         index = path / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise RelexError(f"{index}: not a valid safetensors index ({exc})") from None
-            files = sorted({path / f for f in weight_map.values()})
-            missing = [f for f in files if not f.is_file()]
-            if missing:
-                raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
-            return files
+            return indexed_files(index)
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise RelexError(f"{path}: no .safetensors files")
@@ -265,14 +270,7 @@ def torch_bin_reader(path: Path, allow_unsafe_pickle: bool = False) -> StateDict
     if path.is_file():
         files = [path]
     elif index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise RelexError(f"{index}: not a valid index ({exc})") from None
-        files = sorted({path / f for f in weight_map.values()})
-        missing = [f for f in files if not f.is_file()]
-        if missing:
-            raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
+        files = indexed_files(index)
     else:
         files = sorted(path.glob("pytorch_model*.bin")) or sorted(path.glob("model*.bin"))
     tensors: dict[str, torch.Tensor] = {}
