@@ -13,7 +13,7 @@ from typing import Sequence
 import torch
 
 from relex_merge.backtest import HoldoutSums, backtest_tensor, holdouts
-from relex_merge.engine import EngineOptions, EngineStats, MergeJob, TensorReport, run_merge
+from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_merge
 from relex_merge.errors import RelexError
 from relex_merge.fit import RelexSpec, top_components
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter

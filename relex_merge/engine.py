@@ -10,6 +10,7 @@ input, the main thread does the math, a writer appends finished chunks to the sh
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -459,7 +460,7 @@ def run_merge(
     try:
         for read, chunks, slot in prefetcher:
             start = time.perf_counter()
-            report = merger.process(read, chunks, lambda: prefetcher.release(slot))
+            report = merger.process(read, chunks, functools.partial(prefetcher.release, slot))
             del chunks
             stats.math_seconds += time.perf_counter() - start
             if report is not None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from relex_merge.engine import EngineOptions, MergeJob, run_merge
-from relex_merge.fit import FitSpec, RelexSpec, fit_predict, gram_update, relex_weights, top_components
+from relex_merge.fit import FitSpec, RelexSpec, fit_predict, gram_update, top_components
 from tests.helpers import DictReader, dense_relex
 
 
