@@ -258,17 +258,17 @@ class _Prefetcher:
             self._wait(self._queue, exc, put=True)
 
     def _read_all(self, readers: list[CheckpointReader], read: _Read, slot: int) -> list[torch.Tensor]:
-        sizes = [reader.meta(read.name) for reader in readers]
-        lengths = [_span_bytes(meta, read.span) for meta in sizes]
-        buffer = self._buffers.get(f"slot{slot}", sum(lengths), torch.uint8, torch.device("cpu"))
-        chunks, offset = [], 0
-        for reader, length in zip(readers, lengths):
+        lengths = [_span_bytes(reader.meta(read.name), read.span) for reader in readers]
+        # each input starts 64-byte aligned: typed views need it when dtypes differ (bf16 base, fp32 window)
+        starts = [sum(-(-n // 64) * 64 for n in lengths[:i]) for i in range(len(lengths))]
+        buffer = self._buffers.get(f"slot{slot}", starts[-1] + lengths[-1], torch.uint8, torch.device("cpu"))
+        chunks = []
+        for reader, start, length in zip(readers, starts, lengths):
             read_into = getattr(reader, "read_into", None)
             if read_into is not None:
-                chunk = read_into(read.name, read.span, buffer[offset : offset + length])
+                chunk = read_into(read.name, read.span, buffer[start : start + length])
             else:
                 chunk = reader.read(read.name, read.span)
-            offset += length
             self.progress(chunk.nbytes, False)
             chunks.append(chunk)
         return chunks
