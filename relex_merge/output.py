@@ -35,6 +35,12 @@ def _is_within(path: Path, folder: Path) -> bool:
         return False
 
 
+def _existing_ancestor(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
@@ -51,15 +57,24 @@ def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
         raise RelexError(f"{out}: output path is a file; give a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise RelexError(f"{out}: output folder is not empty; pass --overwrite to replace it")
-    if not out.parent.exists():
-        raise RelexError(f"{out.parent}: parent folder of the output does not exist")
-    if not _writable(out.parent):
-        raise RelexError(f"{out.parent}: permission denied; choose an output folder you can write to")
+    ancestor = _existing_ancestor(out.parent)
+    if not ancestor.is_dir():
+        raise RelexError(f"{ancestor}: is a file, so the output folder {out} cannot be made")
+    if not _writable(ancestor):
+        raise RelexError(f"{ancestor}: permission denied; choose an output folder you can write to")
 
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
+
+    Missing parent folders are made (like mkdir -p) and removed again if the merge fails.
+    """
+    made = []
+    for parent in reversed(out.parents):
+        if not parent.exists():
+            parent.mkdir()
+            made.append(parent)
     tmp = out.parent / f".{out.name}.relex-tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -67,12 +82,12 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
     try:
         yield tmp
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp, made)
         if exc.filename is None or str(exc.filename).startswith(str(tmp)):
             raise OSError(exc.errno, exc.strerror, str(out)) from exc  # name the folder the user chose
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp, made)
         raise
     old = out.parent / f".{out.name}.relex-old-{os.getpid()}"
     if out.exists():
@@ -82,8 +97,11 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text())
+def _remove(tmp: Path, made_parents: list[Path]) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+    for parent in reversed(made_parents):
+        with contextlib.suppress(OSError):
+            parent.rmdir()  # only if still empty
 
 
 def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | None) -> None:

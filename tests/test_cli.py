@@ -205,6 +205,27 @@ def test_overwrite_replaces_and_refusal_keeps_existing(qwen_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
+def test_missing_output_parents_are_made_and_removed_on_failure(qwen_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    nested = tmp_path / "a" / "b" / "out"
+    assert run_cli(str(cfg), str(nested), "-q").exit_code == 0
+    assert (nested / "model.safetensors").is_file()
+    # a merge that fails mid-way leaves no folders behind
+    config = yaml.safe_load(cfg.read_text())
+    broken = tmp_path / "ck2"
+    shutil.copytree(qwen_run / "checkpoint-2", broken)
+    state = load_state(broken)
+    state["model.norm.weight"][0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(state, broken / "model.safetensors")
+    config["models"][1]["model"] = str(broken)
+    cfg.write_text(yaml.safe_dump(config))
+    result = run_cli(str(cfg), str(tmp_path / "x" / "y" / "out"), "-q")
+    assert result.exit_code == 2 and "NaN or Inf" in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
 @pytest.mark.slow
 def test_console_script_in_a_subprocess(qwen_run, tmp_path):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)

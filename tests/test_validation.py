@@ -265,6 +265,10 @@ CASES = {
         lambda run, tmp: Case(base_config(run), out=_touch(tmp / "file")),
         "{tmp}/file: output path is a file; give a folder",
     ),
+    "output under a file": (
+        lambda run, tmp: Case(base_config(run), out=_touch(tmp / "file") / "sub" / "out"),
+        "{tmp}/file: is a file, so the output folder {tmp}/file/sub/out cannot be made",
+    ),
     "output inside an input": (
         lambda run, tmp: Case(base_config(run), out=run / "checkpoint-2" / "merged"),
         "{run}/checkpoint-2/merged: output overlaps the input {run}/checkpoint-2; choose another output folder",
