@@ -18,7 +18,6 @@ from relex_merge.errors import RelexError
 from relex_merge.fit import RelexSpec, top_components
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.io.readers import TensorMeta, read_safetensors_header
-from relex_merge.output import input_record
 from relex_merge.plan import MergePlan
 
 CACHE_NAME = "fit_cache.safetensors"
@@ -223,13 +222,11 @@ def _representative(reports: Sequence[TensorReport], analysis: Analysis, steps, 
 def write_fit_cache(path: Path, plan: MergePlan, reports: Sequence[TensorReport]) -> None:
     """Every tensor's Gram matrix (T x T float64) with the steps and input fingerprints."""
     tensors = [r for r in reports if r.gram is not None]
-    readers = [plan.job.base, *plan.job.checkpoints]
-    paths = [plan.config.base_path] + [m.model for m in plan.config.models or []]
     metadata = {
         "format": "pt",
         "relex_fit_cache": "1",
         "steps": json.dumps(list(plan.job.steps)),
-        "inputs": json.dumps([input_record(p, r.files(), False).fingerprint for p, r in zip(paths, readers)]),
+        "inputs": json.dumps([record.fingerprint for record in plan.fingerprints()]),
     }
     n = len(plan.job.steps)
     layout = [OutputTensor(t.name, TensorMeta((n, n), torch.float64)) for t in tensors]
@@ -252,9 +249,7 @@ def load_fit_cache(path: Path, plan: MergePlan) -> dict[str, torch.Tensor]:
             raise RelexError(f"--fit-cache: {path} is not a relex fit cache")
         if json.loads(meta["steps"]) != list(plan.job.steps):
             raise RelexError(f"--fit-cache: {path} was made for steps {meta['steps']}, not {list(plan.job.steps)}")
-        readers = [plan.job.base, *plan.job.checkpoints]
-        paths = [plan.config.base_path] + [m.model for m in plan.config.models or []]
-        now = [input_record(p, r.files(), False).fingerprint for p, r in zip(paths, readers)]
+        now = [record.fingerprint for record in plan.fingerprints()]
         if json.loads(meta["inputs"]) != now:
             raise RelexError(f"--fit-cache: {path} was made from other checkpoint files; rerun relex-merge analyze")
         return {name: f.get_tensor(name) for name in f.keys()}

@@ -12,7 +12,6 @@ from relex_merge.output import (
     atomic_output_dir,
     check_output_path,
     copy_side_files,
-    input_record,
     write_model_config,
 )
 from relex_merge.plan import MergePlan
@@ -71,9 +70,7 @@ def execute_merge(
                 writer.abort()
             raise
         summary = summarize(stats.tensors)
-        readers = [job.base, *job.checkpoints]
-        paths = [plan.config.base_path] + [m.model for m in plan.config.models or []]
-        inputs = [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
+        inputs = plan.fingerprints(full_hash)
         tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
         for target, scale, folder in zip(targets, scales, folders):
             config = plan.config.for_output(target, scale)

@@ -13,6 +13,7 @@ from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
 from relex_merge.fit import window_indices
 from relex_merge.io.readers import CheckpointReader, open_checkpoint, read_model_config
+from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
 
 TORCH_DTYPES = {
@@ -33,6 +34,12 @@ class MergePlan:
     @property
     def model_paths(self) -> list[Path]:
         return [Path(self.config.base_path)] + [Path(m.model) for m in self.config.models or []]
+
+    def fingerprints(self, full_hash: bool = False) -> list[InputRecord]:
+        """Path (as configured), size and fingerprint of the base and every window checkpoint."""
+        readers = [self.job.base, *self.job.checkpoints]
+        paths = [self.config.base_path] + [m.model for m in self.config.models or []]
+        return [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
 
 
 def _check_steps(config: RelexConfig) -> list[int]:
