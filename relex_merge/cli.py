@@ -310,6 +310,8 @@ def merge_command(
         raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
     check_output_path(out, [], overwrite)
     multi = len(stages) > 1
+    if fit_cache is not None and (multi or stages[0].method != "relex"):
+        raise RelexError("--fit-cache: only for a single-stage relex config")
     stage_root = intermediate_dir or out.parent / f".{out.name}.relex-stages"
     console = Console(stderr=True, soft_wrap=True)
     paths: dict[str, str] = {}
@@ -332,7 +334,7 @@ def merge_command(
                 _run_relex_stage(
                     parse_config(document, where), target, options, overwrite=stage_overwrite,
                     shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
-                    full_hash=full_hash, profile=profile, fit_cache=fit_cache if not multi else None,
+                    full_hash=full_hash, profile=profile, fit_cache=fit_cache,
                     single_target_only=target != out,
                 )
             else:
