@@ -389,15 +389,6 @@ def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_mem
     Console().print(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
 
 
-def _load_single_relex(config_path: Path):
-    from relex_merge.config import load_documents, parse_config
-
-    documents = load_documents(config_path)
-    if len(documents) != 1 or not isinstance(documents[0], dict) or documents[0].get("merge_method") != "relex":
-        raise RelexError(f"{config_path}: expected one relex config (merge_method: relex)")
-    return parse_config(documents[0], str(config_path))
-
-
 def _engine_options(max_memory, device, allow_nonfinite=False):
     from relex_merge.engine import EngineOptions
 
@@ -423,13 +414,14 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
                     quiet, verbose):
     """How well does the window fit a line, and how far ahead does it hold? (backtests)"""
     from relex_merge.analyze import CACHE_NAME, run_analysis, summary_rows, write_fit_cache
+    from relex_merge.config import load_config
     from relex_merge.output import atomic_output_dir, check_output_path
     from relex_merge.plan import plan_merge
     from relex_merge import plots
 
     if not 0 < tolerance < 10:
         raise RelexError("--tolerance: expected a relative error such as 0.2")
-    plan = plan_merge(_load_single_relex(config_path), allow_unsafe_pickle, require_targets=False)
+    plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
     options = _engine_options(max_memory, device)
     if out_dir is not None:
         check_output_path(out_dir, plan.model_paths, overwrite)
@@ -536,12 +528,13 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, verb
 def sweep_command(config_path, out, targets, scales, tasks, include_path, limit, keep_all, overwrite, max_memory,
                   device, allow_unsafe_pickle, quiet, verbose):
     """Build candidates for several targets and scales, score each with lm-eval, keep the best."""
+    from relex_merge.config import load_config
     from relex_merge.plan import plan_merge
     from relex_merge.sweep import run_sweep
 
     target_list = _numbers(targets, "--targets", int)
     scale_list = _numbers(scales, "--scales", float)
-    plan = plan_merge(_load_single_relex(config_path), allow_unsafe_pickle, require_targets=False)
+    plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
     console = Console(stderr=True, soft_wrap=True)
     result = run_sweep(
         plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device),

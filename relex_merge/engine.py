@@ -119,12 +119,6 @@ def _costs(job: MergeJob, name: str) -> tuple[int, int]:
     return kept, flight
 
 
-def bytes_per_element(job: MergeJob, name: str) -> int:
-    """Memory one element of a span costs when nothing is kept across spans (two passes)."""
-    kept, flight = _costs(job, name)
-    return kept + flight
-
-
 @dataclass(frozen=True)
 class _Read:
     """One row span of one tensor, read from every input."""

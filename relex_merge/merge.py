@@ -52,8 +52,9 @@ def execute_merge(
     job = plan.job
     targets = list(job.targets)
     start = time.perf_counter()
-    scales = list(job.scales) if job.scales is not None else [plan.config.parameters.scale] * len(targets)
-    names = output_names(targets, list(job.scales) if job.scales is not None else None)
+    sweep_scales = list(job.scales) if job.scales is not None else None
+    names = output_names(targets, sweep_scales)
+    scales = sweep_scales or [plan.config.parameters.scale] * len(targets)
     with atomic_output_dir(out) as tmp:
         folders = target_folders(tmp, names)
         tensors = job.output_tensors()
