@@ -211,7 +211,7 @@ def main(argv=None) -> None:
         f"{args.reps} interleaved repetitions, page cache warm; {machine}. "
         f"I/O floor = read floor + write floor = {floor:.2f} s.\n\n"
         f"Command: `python bench/bench.py --size {args.size} --dtype {args.dtype} --window {args.window} "
-        f"--reps {args.reps}`\n"
+        f"--reps {args.reps}" + (f" --skip {args.skip}" if args.skip else "") + "`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)

@@ -24,4 +24,4 @@ def test_bench_script_runs_and_prints_the_table(tmp_path):
     for row in ("relex-merge (1 target)", "relex-merge (3 targets)", "mergekit task_arithmetic", "read floor",
                 "write floor"):
         assert f"| {row} |" in text
-    assert "Command: `python bench/bench.py --size tiny --dtype bfloat16 --window 3 --reps 1`" in text
+    assert "Command: `python bench/bench.py --size tiny --dtype bfloat16 --window 3 --reps 1 --skip dense`" in text

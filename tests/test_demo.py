@@ -45,6 +45,16 @@ def test_eval_scores_a_demo_checkpoint_offline(tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_output_keeps_the_model_folder_untouched(tmp_path):
+    before = sorted(p.name for p in (DEMO / "checkpoint-20").iterdir())
+    results = tmp_path / "scores.json"
+    result = run_cli("eval", str(DEMO / "checkpoint-20"), *TASK, "--limit", "10", "--output", str(results), cwd=REPO)
+    assert result.exit_code == 0, result.output
+    assert json.loads(results.read_text())["scores"][0]["task"] == "relex_demo_addition"
+    assert sorted(p.name for p in (DEMO / "checkpoint-20").iterdir()) == before
+
+
+@pytest.mark.slow
 def test_sweep_keeps_the_best_and_removes_the_rest(tmp_path):
     out = tmp_path / "sweep"
     result = run_cli(
