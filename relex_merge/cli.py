@@ -195,8 +195,9 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
         rows.append(("non-finite", f"{len(summary.nonfinite)} tensors copied from the base (--allow-nonfinite)"))
     if profile:
         s = result.stats
-        rows.append(("profile", f"wall {seconds:.2f} s: read {s.read_seconds:.2f} s, math {s.math_seconds:.2f} s, "
-                                f"write {s.write_seconds:.2f} s (read and write run beside the math)"))
+        rows.append(("profile", f"wall {seconds:.2f} s: reader thread {s.read_seconds:.2f} s reading + "
+                                f"{s.delta_seconds:.2f} s forming deltas, main thread {s.math_seconds:.2f} s "
+                                f"(Gram, weights, weighted sums), writer thread {s.write_seconds:.2f} s"))
     for key, value in rows:
         stats.add_row(key, value)
     outer = Table.grid()

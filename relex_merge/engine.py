@@ -10,7 +10,6 @@ input, the main thread does the math, a writer appends finished chunks to the sh
 
 from __future__ import annotations
 
-import functools
 import os
 import queue
 import threading
@@ -25,9 +24,10 @@ from relex_merge.fit import (
     RelexSpec,
     TensorDiagnostics,
     apply_weights,
-    deltas_and_gram,
     diagnostics,
+    gram_update,
     relex_weights,
+    subtract_base,
 )
 from relex_merge.io.readers import CheckpointReader, TensorMeta
 from relex_merge.io.writer import OutputTensor
@@ -83,7 +83,8 @@ class TensorReport:
 class EngineStats:
     bytes_read: int = 0
     tensors: list[TensorReport] = field(default_factory=list)
-    read_seconds: float = 0.0  # reader thread busy (overlapped with math)
+    read_seconds: float = 0.0  # reader thread: reading (overlapped with the math)
+    delta_seconds: float = 0.0  # reader thread: base conversion and subtraction
     math_seconds: float = 0.0  # main thread: conversion, Gram, fit, weighted sums
     write_seconds: float = 0.0  # writer thread busy (overlapped)
 
@@ -112,10 +113,12 @@ def _costs(job: MergeJob, name: str) -> tuple[int, int]:
     stored = max(job.base.meta(name).dtype.itemsize, 1)
     out = job.output_meta(name).dtype.itemsize
     compute = job.compute_dtype.itemsize
-    kept = n_in * compute  # base + T deltas, in compute dtype
-    # three raw read slots (one being read, one queued, one in use), the outputs in compute
-    # dtype, and cast outputs waiting in the write queue (up to 2 each)
-    flight = 3 * n_in * stored + n_out * compute + 3 * n_out * out
+    # base + T deltas in compute dtype, twice: the reader fills the next tensor's workspace
+    # while the math finishes the current one
+    kept = 2 * n_in * compute
+    # one raw read buffer, three slots of base + deltas for two-pass spans (being filled,
+    # queued, in use), the outputs in compute dtype, and cast outputs in the write queue
+    flight = n_in * stored + 3 * n_in * compute + n_out * compute + 3 * n_out * out
     return kept, flight
 
 
@@ -190,23 +193,39 @@ class _Buffers:
         return current[:numel]
 
 
-_SLOTS = 3  # raw read buffers: one being filled, one queued, one in use by the math
+_SLOTS = 3  # per-span buffers: one being filled, one queued, one in use by the math
+
+
+@dataclass
+class _Unit:
+    """What the reader hands the math: a copy chunk, or a span's base and deltas."""
+
+    read: _Read
+    token: tuple[str, int]  # ("slot", n) or ("workspace", parity): released by the math
+    chunk: torch.Tensor | None = None  # "copy"
+    base: torch.Tensor | None = None  # compute dtype, flattened span
+    deltas: torch.Tensor | None = None  # T x span
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # "keep": the whole tensor's (base, deltas)
 
 
 class _Prefetcher:
-    """Reads the scheduled chunks on a thread, one chunk ahead of the math."""
+    """Reads the scheduled spans on a thread and turns them into deltas there, one span ahead
+    of the math (Gram products and weighted sums) on the main thread."""
 
     def __init__(self, job: MergeJob, options: EngineOptions, stats: EngineStats, progress: ProgressFn):
         self.job, self.options, self.stats, self.progress = job, options, stats, progress
         self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._free: queue.Queue = queue.Queue()
+        self._free = {"slot": queue.Queue(), "workspace": queue.Queue()}
         for slot in range(_SLOTS):
-            self._free.put(slot)
+            self._free["slot"].put(slot)
+        for parity in range(2):
+            self._free["workspace"].put(parity)
         self._buffers = _Buffers()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="relex-reader", daemon=True)
+        self._keep: tuple[str, int] | None = None  # tensor being read in one-pass mode, its workspace
 
-    def __iter__(self) -> Iterator[tuple[_Read, list[torch.Tensor], int]]:
+    def __iter__(self) -> Iterator[_Unit]:
         self._thread.start()
         try:
             while True:
@@ -220,9 +239,9 @@ class _Prefetcher:
             self._stop.set()
             self._thread.join(timeout=30)
 
-    def release(self, slot: int) -> None:
-        """The math is done with this slot's chunks."""
-        self._free.put(slot)
+    def release(self, token: tuple[str, int]) -> None:
+        """The math is done with this slot or workspace."""
+        self._free[token[0]].put(token[1])
 
     def _wait(self, q: queue.Queue, item=None, put: bool = False):
         """Put ``item`` (returns True) or get one, giving up (None) once stopped."""
@@ -239,24 +258,58 @@ class _Prefetcher:
     def _run(self) -> None:
         try:
             for read in _schedule(self.job, self.options):
-                slot = self._wait(self._free)
-                if slot is None:
-                    return
-                start = time.perf_counter()
-                readers = [self.job.base] if read.phase == "copy" else [self.job.base, *self.job.checkpoints]
-                chunks = self._read_all(readers, read, slot)
-                self.stats.read_seconds += time.perf_counter() - start
-                if not self._wait(self._queue, (read, chunks, slot), put=True):
+                unit = self._produce(read)
+                if unit is None or not self._wait(self._queue, unit, put=True):
                     return
             self._wait(self._queue, None, put=True)
         except BaseException as exc:  # handed to the main thread, which raises it
             self._wait(self._queue, exc, put=True)
 
-    def _read_all(self, readers: list[CheckpointReader], read: _Read, slot: int) -> list[torch.Tensor]:
+    def _produce(self, read: _Read) -> _Unit | None:
+        job, device, dtype = self.job, self.options.device, self.job.compute_dtype
+        if read.phase == "keep" and (self._keep is None or self._keep[0] != read.name):
+            parity = self._wait(self._free["workspace"])
+            if parity is None:
+                return None
+            self._keep = (read.name, parity)
+        token = ("workspace", self._keep[1]) if read.phase == "keep" else None
+        if token is None:
+            slot = self._wait(self._free["slot"])
+            if slot is None:
+                return None
+            token = ("slot", slot)
+        start = time.perf_counter()
+        if read.phase == "copy":
+            chunk = self._read_all([job.base], read, f"copy{token[1]}")[0]
+            self.stats.read_seconds += time.perf_counter() - start
+            return _Unit(read, token, chunk=chunk)
+        chunks = self._read_all([job.base, *job.checkpoints], read, "raw")
+        self.stats.read_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        meta = job.base.meta(read.name)
+        n_ckpt = len(job.checkpoints)
+        if read.phase == "keep":
+            key = f"ws{token[1]}"
+            base_all = self._buffers.get(key + "-base", meta.numel, dtype, device)
+            deltas_all = self._buffers.get(key + "-deltas", n_ckpt * meta.numel, dtype, device).view(n_ckpt, -1)
+            lo, hi = _element_range(meta, read.span)
+            base, deltas = base_all[lo:hi], deltas_all[:, lo:hi]
+            workspace = (base_all, deltas_all)
+        else:
+            n = chunks[0].numel()
+            base = self._buffers.get(f"slot{token[1]}-base", n, dtype, device)
+            deltas = self._buffers.get(f"slot{token[1]}-deltas", n_ckpt * n, dtype, device).view(n_ckpt, n)
+            workspace = None
+        base.copy_(chunks[0].reshape(-1))
+        subtract_base([c.to(device).reshape(-1) for c in chunks[1:]], base, deltas)
+        self.stats.delta_seconds += time.perf_counter() - start
+        return _Unit(read, token, base=base, deltas=deltas, workspace=workspace)
+
+    def _read_all(self, readers: list[CheckpointReader], read: _Read, key: str) -> list[torch.Tensor]:
         lengths = [_span_bytes(reader.meta(read.name), read.span) for reader in readers]
         # each input starts 64-byte aligned: typed views need it when dtypes differ (bf16 base, fp32 window)
         starts = [sum(-(-n // 64) * 64 for n in lengths[:i]) for i in range(len(lengths))]
-        buffer = self._buffers.get(f"slot{slot}", starts[-1] + lengths[-1], torch.uint8, torch.device("cpu"))
+        buffer = self._buffers.get(key, starts[-1] + lengths[-1], torch.uint8, torch.device("cpu"))
         chunks = []
         for reader, start, length in zip(readers, starts, lengths):
             read_into = getattr(reader, "read_into", None)
@@ -269,20 +322,28 @@ class _Prefetcher:
         return chunks
 
 
+def _element_range(meta: TensorMeta, span: tuple[int, int] | None) -> tuple[int, int]:
+    """Flat element range of a row span."""
+    if span is None:
+        return 0, meta.numel
+    row_elems = max(1, meta.numel // max(meta.rows, 1))
+    return span[0] * row_elems, span[1] * row_elems
+
+
 def _span_bytes(meta: TensorMeta, span: tuple[int, int] | None) -> int:
     if span is None or not meta.shape:
         return meta.nbytes
     return meta.nbytes // max(meta.shape[0], 1) * (span[1] - span[0])
 
 
-def _check_finite(job: MergeJob, read: _Read, chunks: list[torch.Tensor], gram: torch.Tensor) -> None:
+def _check_finite(job: MergeJob, read: _Read, gram: torch.Tensor) -> None:
     """NaN or Inf in any input makes a delta, hence the Gram diagonal, non-finite: checking
-    the T x T Gram matrix is free; the chunks are scanned only to name the culprit."""
+    the T x T Gram matrix is free; the span is read again only to name the culprit."""
     if bool(torch.isfinite(gram).all()):
         return
-    readers = [job.base, *job.checkpoints]
-    for reader, chunk in zip(readers, chunks):
-        if not bool(torch.isfinite(chunk).all()):
+    for reader in [job.base, *job.checkpoints]:
+        chunk = reader.read(read.name, read.span)
+        if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
             raise RelexError(
                 f"{reader.path}: tensor {read.name} has NaN or Inf values; "
                 "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
@@ -366,59 +427,47 @@ def _report(name: str, job: MergeJob, state: _TensorState) -> TensorReport:
 
 
 class _TensorMerger:
-    """The math for the read units of one tensor at a time (main thread)."""
+    """The math for the units of one tensor at a time (main thread): Gram products, weights
+    and weighted sums; the reader thread has already formed the deltas."""
 
     def __init__(self, job: MergeJob, options: EngineOptions, writes: "_WriteQueue", n_sinks: int):
         self.job, self.options, self.writes, self.n_sinks = job, options, writes, n_sinks
-        self.workspace = _Buffers()
         self.state: _TensorState | None = None
 
     def _start(self, read: _Read) -> _TensorState:
         if self.state is None:
             n = len(self.job.checkpoints)
-            gram = torch.zeros(n, n, dtype=torch.float64, device=self.options.device)
             cached = self.job.gram_cache.get(read.name) if self.job.gram_cache else None
+            gram = torch.zeros(n, n, dtype=torch.float64, device=self.options.device)
             passes = 2 if read.phase == "gram" and self.job.targets else 1
             self.state = _TensorState(gram if cached is None else cached.to(self.options.device, torch.float64),
                                       passes=passes, cached=cached is not None)
         return self.state
 
-    def process(self, read: _Read, chunks: list[torch.Tensor], release: Callable[[], None]) -> TensorReport | None:
-        job, name = self.job, read.name
+    def process(self, unit: _Unit, release: Callable[[tuple[str, int]], None]) -> TensorReport | None:
+        job, read = self.job, unit.read
+        name = read.name
         if read.phase == "copy":
-            copies = [chunks[0].clone() for _ in range(self.n_sinks)]
-            release()
+            copies = [unit.chunk.clone() for _ in range(self.n_sinks)]
+            release(unit.token)
             for j, chunk in enumerate(copies):
                 self.writes.put(j, name, chunk)
             return TensorReport(name, job.base.meta(name).numel, None, passes=1) if read.last else None
         state = self._start(read)
-        meta = job.base.meta(name)
-        row_elems = max(1, meta.numel // max(meta.rows, 1))
-        lo, hi = (read.span[0] * row_elems, read.span[1] * row_elems) if read.span else (0, meta.numel)
-        n_ckpt = len(job.checkpoints)
-        if read.phase == "keep":  # the whole tensor's base and deltas stay in the workspace
-            base_all = self.workspace.get("base", meta.numel, job.compute_dtype, self.options.device)
-            deltas_all = self.workspace.get("deltas", n_ckpt * meta.numel, job.compute_dtype,
-                                            self.options.device).view(n_ckpt, meta.numel)
-            base, deltas = base_all[lo:hi], deltas_all[:, lo:hi]
-        else:
-            base = self.workspace.get("base", hi - lo, job.compute_dtype, self.options.device)
-            deltas = self.workspace.get("deltas", n_ckpt * (hi - lo), job.compute_dtype,
-                                        self.options.device).view(n_ckpt, hi - lo)
-        base.copy_(chunks[0].reshape(-1))
-        needs_gram = read.phase in ("keep", "gram") and not state.cached
-        raw = [c.to(self.options.device).reshape(-1) for c in chunks[1:]]
-        deltas_and_gram(raw, base, deltas, state.gram if needs_gram else None)
-        if needs_gram and not self.options.allow_nonfinite:
-            _check_finite(job, read, chunks, state.gram)
-        del raw, chunks
-        release()
+        if read.phase in ("keep", "gram") and not state.cached:
+            gram_update(state.gram, unit.deltas)
+            if not self.options.allow_nonfinite:
+                _check_finite(job, read, state.gram)
         if read.phase == "emit":
-            self._emit(name, base, deltas, read.span)
+            self._emit(name, unit.base, unit.deltas, read.span)
         elif read.phase == "keep" and read.last:
+            base_all, deltas_all = unit.workspace
+            meta = job.base.meta(name)
             for span in read.spans:
-                s_lo, s_hi = (span[0] * row_elems, span[1] * row_elems) if span else (0, meta.numel)
-                self._emit(name, base_all[s_lo:s_hi], deltas_all[:, s_lo:s_hi], span)
+                lo, hi = _element_range(meta, span)
+                self._emit(name, base_all[lo:hi], deltas_all[:, lo:hi], span)
+        if read.phase != "keep" or read.last:
+            release(unit.token)
         if not read.last:
             return None
         report = _report(name, job, state)
@@ -457,10 +506,10 @@ def run_merge(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        for read, chunks, slot in prefetcher:
+        for unit in prefetcher:
             start = time.perf_counter()
-            report = merger.process(read, chunks, functools.partial(prefetcher.release, slot))
-            del chunks
+            report = merger.process(unit, prefetcher.release)
+            del unit
             stats.math_seconds += time.perf_counter() - start
             if report is not None:
                 stats.tensors.append(report)
