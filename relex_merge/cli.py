@@ -292,7 +292,8 @@ def merge_command(
     from relex_merge.config import load_documents, parse_config
     from relex_merge.mergekit_runner import known_methods, run_mergekit
     from relex_merge.output import check_output_path
-    from relex_merge.stages import is_finished_model, parse_stages, substitute
+    from relex_merge.io.readers import is_hf_model
+    from relex_merge.stages import parse_stages, substitute
 
     documents = load_documents(config_path)
     if print_config:
@@ -322,7 +323,7 @@ def merge_command(
             where = f"{config_path}: {stage.label}" if multi else str(config_path)
             if multi and stage.name is not None:
                 paths[stage.name] = str(target)
-                if lazy and is_finished_model(target):
+                if lazy and is_hf_model(target):  # stage outputs appear only when complete
                     if not quiet:
                         console.print(escape(f"stage '{stage.name}': reusing {target}"))
                     continue

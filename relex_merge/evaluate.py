@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from relex_merge.errors import RelexError
+from relex_merge.io.readers import is_hf_model
 
 RESULTS_NAME = "lm_eval_results.json"
 
@@ -52,12 +53,6 @@ def _primary(task: str, metrics: dict) -> TaskScore | None:
         stderr = float(stderr) if isinstance(stderr, (int, float)) else float("nan")
         return TaskScore(task, key, float(value), stderr)
     return None
-
-
-def is_hf_model(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (
-        any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
-    )
 
 
 def task_manager(include_path: Path | None):

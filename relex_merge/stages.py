@@ -12,7 +12,6 @@ from relex_merge.errors import RelexError
 
 # Keys whose string values name a model in relex and mergekit configs.
 MODEL_KEYS = ("base_model", "model", "tokenizer_source")
-MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -120,8 +119,3 @@ def _topological(stages: list[Stage], source: str) -> list[Stage]:
     for stage in stages:
         visit(stage, [])
     return order
-
-
-def is_finished_model(folder: Path) -> bool:
-    """A stage output that a lazy rerun may reuse (outputs appear only when complete)."""
-    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in MODEL_FILES)

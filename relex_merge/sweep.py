@@ -12,7 +12,8 @@ from typing import Callable, Sequence
 
 from relex_merge.engine import EngineOptions
 from relex_merge.errors import RelexError
-from relex_merge.evaluate import EvalResult, evaluate, is_hf_model, task_manager, check_tasks
+from relex_merge.evaluate import EvalResult, check_tasks, evaluate, task_manager
+from relex_merge.io.readers import is_hf_model
 from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
 from relex_merge.plan import MergePlan

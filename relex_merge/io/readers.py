@@ -317,6 +317,14 @@ def open_checkpoint(path: str | Path, allow_unsafe_pickle: bool = False) -> Chec
     )
 
 
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def is_hf_model(folder: Path) -> bool:
+    """A folder transformers' from_pretrained loads: config.json and its weight file or index."""
+    return (folder / "config.json").is_file() and any((folder / f).is_file() for f in HF_WEIGHT_FILES)
+
+
 def read_model_config(path: str | Path) -> dict | None:
     """config.json of a checkpoint (looked up beside the weights and, for verl, in huggingface/)."""
     path = Path(path)
