@@ -8,14 +8,15 @@ along one direction linearly in the step, plus noise), then measures, interleave
 
   relex (1 target)      relex-merge CONFIG OUT
   relex (3 targets)     the same with target_step: [t, 2t, 3t]
-  relex (small budget)  --max-memory 256MB: tensors that do not fit go in two row-chunked passes
+  relex (small budget)  --max-memory 256MB: smaller spans per worker
   mergekit              mergekit-yaml, task_arithmetic over the same base + T checkpoints
   dense reference       bench/dense_reference.py: load everything, torch.linalg.svd per tensor
   read floor            read every input file once
   write floor           write one output's bytes once
 
-Each command runs in its own process; wall time and peak RSS come from that process
-(resource.getrusage of the child). Prints a markdown table (and writes it to --table).
+Each command runs in its own process, writing to a fresh path after os.sync(); wall time and
+peak RSS come from that process (resource.getrusage of the child), start-up (Python, `import
+torch`) included. Prints a markdown table (and writes it to --table).
 """
 
 from __future__ import annotations
@@ -125,6 +126,14 @@ def measure(cmd: list[str]) -> tuple[float, int]:
     return float(wall), int(rss)
 
 
+def _fresh_start(outs: Path) -> None:
+    """Every command writes to a path that does not exist yet, and starts with no dirty pages
+    left by the one before (removing or flushing them is not part of its time)."""
+    for path in outs.iterdir():
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    os.sync()
+
+
 def input_files(run: Path, window: int) -> list[Path]:
     return [run / "base" / "model.safetensors"] + [
         run / f"checkpoint-{k}" / "model.safetensors" for k in range(1, window + 1)
@@ -177,8 +186,7 @@ def main(argv=None) -> None:
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
     for rep in range(args.reps):
         for name, cmd in candidates.items():
-            if name == "mergekit task_arithmetic":
-                shutil.rmtree(outs / "mergekit", ignore_errors=True)
+            _fresh_start(outs)
             results[name].append(measure(cmd))
             print(f"rep {rep + 1}/{args.reps} {name}: {results[name][-1][0]:.2f} s", file=sys.stderr)
 

@@ -194,10 +194,7 @@ def run_analysis(
     plan: MergePlan, options: EngineOptions, tolerance: float = DEFAULT_TOLERANCE, progress=lambda n, d: None
 ) -> tuple[Analysis, EngineStats]:
     """Read the window once (Gram matrices only) and analyse."""
-    from dataclasses import replace
-
-    job = replace(plan.job, targets=[])
-    stats = run_merge(job, [], options, progress)
+    stats = run_merge(plan.job.gram_only(), [], options, progress)
     reports = [r for r in stats.tensors if r.gram is not None]
     analysis = analyze_grams(
         [r.name for r in reports], [r.numel for r in reports], [r.gram for r in reports],

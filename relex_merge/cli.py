@@ -125,11 +125,13 @@ def user_errors(func):
 
 
 def engine_flags(func):
-    """--max-memory, --device and --allow-unsafe-pickle: every command that reads a window."""
+    """--max-memory, --device, --threads and --allow-unsafe-pickle: every command that reads a window."""
     for option in reversed([
         click.option("--max-memory", default=None,
                      help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Worker threads (default: one per core, at most 8)."),
         click.option("--allow-unsafe-pickle", is_flag=True,
                      help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only)."),
     ]):
@@ -179,25 +181,29 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
     stats = Table(show_header=False, box=None)
     stats.add_column(style="bold")
     stats.add_column()
-    two_pass = sum(1 for r in result.stats.tensors if r.passes == 2)
+    cached = sum(1 for r in result.stats.tensors if r.diagnostics is not None and r.passes == 1)
     seconds = max(result.seconds, 1e-9)
+    inputs = plan.job.input_bytes
+    passes = "2: Gram, then outputs" if not cached else f"1 for {cached} tensors: Gram matrices from the fit cache"
     rows = [
         ("window", f"{len(plan.job.steps)} checkpoints, steps {plan.job.steps[0]}..{plan.job.steps[-1]}"),
         ("tensors", f"{summary.extrapolated} fitted, {summary.zero_delta} unchanged, "
-         f"{summary.copied} copied; {two_pass} in two passes"),
+         f"{summary.copied} copied"),
         ("rank-1 explained variance", f"{ev1.weighted_mean:.4f} mean, {ev1.minimum:.4f} min" if ev1 else "n/a"),
         ("linear R²", f"{r2.weighted_mean:.4f} mean, {r2.minimum:.4f} min" if r2 else "n/a"),
-        ("read", f"{human_bytes(result.stats.bytes_read)} in {seconds:.2f} s "
-         f"({human_bytes(result.stats.bytes_read / seconds)}/s)"),
+        ("read", f"{human_bytes(inputs)} of inputs in {seconds:.2f} s ({human_bytes(inputs / seconds)}/s)"),
+        ("passes", f"{passes} ({human_bytes(result.stats.bytes_read)} read)"),
         ("written", human_bytes(result.bytes_written)),
     ]
     if summary.nonfinite:
         rows.append(("non-finite", f"{len(summary.nonfinite)} tensors copied from the base (--allow-nonfinite)"))
     if profile:
         s = result.stats
-        rows.append(("profile", f"wall {seconds:.2f} s: reader thread {s.read_seconds:.2f} s reading + "
-                                f"{s.delta_seconds:.2f} s forming deltas, main thread {s.math_seconds:.2f} s "
-                                f"(Gram, weights, weighted sums), writer thread {s.write_seconds:.2f} s"))
+        rows.append(("profile", f"wall {seconds:.2f} s; {s.workers} workers busy "
+                                f"{s.read_seconds + s.math_seconds + s.write_seconds:.2f} s: "
+                                f"{s.read_seconds:.2f} s opening spans, {s.math_seconds:.2f} s deltas, Gram "
+                                f"products and weighted sums (page faults on mapped inputs included), "
+                                f"{s.write_seconds:.2f} s writing; main thread {s.fit_seconds:.2f} s fitting"))
     for key, value in rows:
         stats.add_row(key, value)
     outer = Table.grid()
@@ -283,7 +289,7 @@ def _print_expanded(documents, source) -> None:
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def merge_command(
-    config_path, out, print_config, overwrite, max_memory, device, shard_size, intermediate_dir, lazy,
+    config_path, out, print_config, overwrite, max_memory, device, threads, shard_size, intermediate_dir, lazy,
     allow_unsafe_pickle, allow_nonfinite, full_hash, profile, fit_cache, quiet, verbose,
 ):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
@@ -304,7 +310,7 @@ def merge_command(
     stages = parse_stages(documents, str(config_path), ["relex"] if only_relex else known_methods())
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
-    options = _engine_options(max_memory, device, allow_nonfinite)
+    options = _engine_options(max_memory, device, threads, allow_nonfinite)
     shard_bytes = parse_size(shard_size, "--shard-size")
     if shard_bytes <= 0:
         raise RelexError("--shard-size must be positive")
@@ -391,13 +397,14 @@ def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_mem
     Console().print(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
 
 
-def _engine_options(max_memory, device, allow_nonfinite=False):
+def _engine_options(max_memory, device, threads=None, allow_nonfinite=False):
     from relex_merge.engine import EngineOptions
 
     budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
     if budget <= 0:
         raise RelexError("--max-memory must be positive")
-    return EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite)
+    return EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite,
+                         threads=threads)
 
 
 @main.command("analyze")
@@ -412,8 +419,8 @@ def _engine_options(max_memory, device, allow_nonfinite=False):
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
-def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, device, allow_unsafe_pickle, as_json,
-                    quiet, verbose):
+def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, device, threads, allow_unsafe_pickle,
+                    as_json, quiet, verbose):
     """How well does the window fit a line, and how far ahead does it hold? (backtests)"""
     from relex_merge.analyze import CACHE_NAME, run_analysis, summary_rows, write_fit_cache
     from relex_merge.config import load_config
@@ -424,18 +431,16 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
     if not 0 < tolerance < 10:
         raise RelexError("--tolerance: expected a relative error such as 0.2")
     plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
-    options = _engine_options(max_memory, device)
+    options = _engine_options(max_memory, device, threads)
     if out_dir is not None:
         check_output_path(out_dir, plan.model_paths, overwrite)
     console = Console(stderr=True, soft_wrap=True)
     if quiet:
         analysis, stats = run_analysis(plan, options, tolerance)
     else:
-        from dataclasses import replace
-
         from relex_merge.engine import planned_read_bytes
 
-        total = planned_read_bytes(replace(plan.job, targets=[]), options)
+        total = planned_read_bytes(plan.job.gram_only(), options)
         with _progress(console) as progress:
             task = progress.add_task("analyze", total=total, tensors="reading the window")
             analysis, stats = run_analysis(
@@ -532,7 +537,7 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, resu
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def sweep_command(config_path, out, targets, scales, tasks, include_path, limit, keep_all, overwrite, max_memory,
-                  device, allow_unsafe_pickle, quiet, verbose):
+                  device, threads, allow_unsafe_pickle, quiet, verbose):
     """Build candidates for several targets and scales, score each with lm-eval, keep the best."""
     from relex_merge.config import load_config
     from relex_merge.plan import plan_merge
@@ -543,7 +548,7 @@ def sweep_command(config_path, out, targets, scales, tasks, include_path, limit,
     plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
     console = Console(stderr=True, soft_wrap=True)
     result = run_sweep(
-        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device),
+        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device, threads),
         include_path=include_path, limit=limit, keep_all=keep_all, overwrite=overwrite,
         say=(lambda text: None) if quiet else (lambda text: console.print(escape(text))),
     )

@@ -1,42 +1,41 @@
-"""Streaming executor: one tensor at a time from every checkpoint, in row chunks that fit
-the memory budget.
+"""Streaming executor: every tensor of the base model, in spans of rows, from every input.
 
-Per tensor: if the base, the T deltas and the outputs fit the budget, one pass (read,
-Gram, weights, weighted sum); otherwise two passes over row chunks (pass 1 accumulates the
-Gram matrix, pass 2 forms base + W @ deltas chunk by chunk). Every target comes out of the
-same reads. Three threads overlap the work: a reader prefetches the next chunk of every
-input, the main thread does the math, a writer appends finished chunks to the shards.
+Per tensor, a Gram pass over its spans (deltas and their T x T Gram matrix, summed in float64)
+gives the fit and the weights; an output pass over the same spans forms base + W @ deltas for
+every target and writes each span straight to its place in the output shards. Spans run on a
+pool of worker threads; the main thread hands out spans, fits, and reports progress.
+
+Inputs are read through memory maps where the format allows (safetensors): a span's bytes go
+from the page cache into the math without a copy, and the second pass finds them still cached.
+Within a span the work goes in cache-sized blocks (relex_merge.kernels), so neither the deltas
+nor any other T x n intermediate is ever materialised.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.fit import (
-    RelexSpec,
-    TensorDiagnostics,
-    apply_weights,
-    diagnostics,
-    gram_update,
-    relex_weights,
-    subtract_base,
-)
-from relex_merge.io.readers import CheckpointReader, TensorMeta
+from relex_merge.fit import RelexSpec, TensorDiagnostics, diagnostics, relex_weights
+from relex_merge.io.readers import CheckpointReader, TensorMeta, read_span
 from relex_merge.io.writer import OutputTensor
+from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
 
 class ChunkSink(Protocol):
-    """Where output chunks go (one per target); ShardedModelWriter implements it."""
+    """Where one output's tensor data goes (ShardedModelWriter implements it). Spans arrive
+    from several threads, in any order; ``start`` is the span's first element."""
 
-    def write(self, name: str, chunk: torch.Tensor) -> None: ...
+    def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,12 +59,39 @@ class MergeJob:
             return TensorMeta(meta.shape, self.out_dtype)
         return meta
 
+    @property
+    def readers(self) -> list[CheckpointReader]:
+        return [self.base, *self.checkpoints]
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the base's tensors in every input (each read once)."""
+        return sum(reader.meta(name).nbytes for name in self.base.names() for reader in self.readers)
+
+    def gram_only(self) -> MergeJob:
+        """The same window without targets: Gram matrices and diagnostics only (analyze)."""
+        return replace(self, targets=[], scales=None)
+
+
+def default_threads() -> int:
+    """Worker threads: one per available core, at most 8 (the work is memory-bound beyond)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores))
+
 
 @dataclass(frozen=True)
 class EngineOptions:
     max_memory: int
     device: torch.device = torch.device("cpu")
     allow_nonfinite: bool = False  # else NaN/Inf in an input stops the merge
+    threads: int | None = None  # worker threads; None: default_threads()
+
+    @property
+    def workers(self) -> int:
+        return self.threads or default_threads()
 
 
 @dataclass
@@ -73,7 +99,7 @@ class TensorReport:
     name: str
     numel: int
     diagnostics: TensorDiagnostics | None  # None: not extrapolated (non-float tensor)
-    passes: int
+    passes: int  # times the tensor's inputs were read: 2 (Gram, outputs), 1 (fit cache, copy)
     zero_delta: bool = False
     nonfinite: bool = False  # NaN/Inf in the window (--allow-nonfinite): copied from the base
     gram: torch.Tensor | None = None  # T x T float64 on the CPU (what a fit cache stores)
@@ -81,12 +107,13 @@ class TensorReport:
 
 @dataclass
 class EngineStats:
-    bytes_read: int = 0
+    bytes_read: int = 0  # every pass counted
     tensors: list[TensorReport] = field(default_factory=list)
-    read_seconds: float = 0.0  # reader thread: reading (overlapped with the math)
-    delta_seconds: float = 0.0  # reader thread: base conversion and subtraction
-    math_seconds: float = 0.0  # main thread: conversion, Gram, fit, weighted sums
-    write_seconds: float = 0.0  # writer thread busy (overlapped)
+    workers: int = 0
+    read_seconds: float = 0.0  # worker-seconds getting spans (mapping, or reading for other formats)
+    math_seconds: float = 0.0  # worker-seconds in deltas, Gram products, weighted sums (incl. page faults)
+    write_seconds: float = 0.0  # worker-seconds writing output spans
+    fit_seconds: float = 0.0  # main thread: eigendecompositions, fits, diagnostics
 
 
 ProgressFn = Callable[[int, bool], None]  # (bytes just read, tensor finished)
@@ -101,309 +128,146 @@ def chunk_rows(meta: TensorMeta, bytes_per_element: int, budget: int) -> int:
     return max(1, min(meta.rows, budget // row_bytes))
 
 
-# Reads are cut into spans of about this many raw bytes (all inputs together) even when a
-# tensor fits the budget whole: smaller units let reading, math and writing overlap, which
-# measured faster on 2 cores than one giant unit per tensor.
-PIPELINE_BYTES = 64 << 20
-
-
-def _costs(job: MergeJob, name: str) -> tuple[int, int]:
-    """Bytes per element: (kept for the whole tensor in one-pass mode, in flight per span)."""
-    n_in, n_out = len(job.checkpoints) + 1, len(job.targets)
-    stored = max(job.base.meta(name).dtype.itemsize, 1)
-    out = job.output_meta(name).dtype.itemsize
-    compute = job.compute_dtype.itemsize
-    # base + T deltas in compute dtype, twice: the reader fills the next tensor's workspace
-    # while the math finishes the current one
-    kept = 2 * n_in * compute
-    # one raw read buffer, three slots of base + deltas for two-pass spans (being filled,
-    # queued, in use), the outputs in compute dtype, and cast outputs in the write queue
-    flight = n_in * stored + 3 * n_in * compute + n_out * compute + 3 * n_out * out
-    return kept, flight
+# Input bytes of one span (all inputs together). Spans are the unit handed to a worker: large
+# enough that handing out costs nothing, small enough to spread a tensor over the workers and
+# to keep what a worker holds (its mapped inputs and output buffer) small.
+SPAN_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
-class _Read:
-    """One row span of one tensor, read from every input."""
-
+class _Span:
     name: str
-    span: tuple[int, int] | None
-    phase: str  # "copy" (non-float), "keep" (one pass), "gram" then "emit" (two passes)
-    last: bool  # last read of this tensor
-    spans: tuple = ()  # "keep": every span of the tensor, to emit after the last read
+    phase: str  # "gram", "emit" (outputs) or "copy" (non-float tensors)
+    index: int  # position among the tensor's spans
+    rows: tuple[int, int] | None  # None: the whole tensor
+    start: int  # first element
+    numel: int
 
 
-def _schedule(job: MergeJob, options: EngineOptions) -> Iterator[_Read]:
-    """The reads, in order.
-
-    One pass ("keep") when the whole tensor's base and deltas fit the budget beside one span
-    in flight; otherwise two passes over spans that fit ("gram", then "emit"). Without targets
-    only Gram matrices are built (analyze); a cached Gram matrix makes every tensor one pass.
-    """
-    budget = options.max_memory
-    for name in job.base.names():
-        meta = job.base.meta(name)
-        kept, flight = _costs(job, name)
-        n_in = len(job.checkpoints) + 1
-        pipeline_rows = chunk_rows(meta, n_in * max(meta.dtype.itemsize, 1), PIPELINE_BYTES)
-        two_pass_rows = chunk_rows(meta, kept + flight, budget)
-        span_elems = min(meta.rows, pipeline_rows) * max(1, meta.numel // max(meta.rows, 1))
-        one_pass = meta.numel * kept + span_elems * flight <= budget
-        rows = pipeline_rows if one_pass else min(pipeline_rows, two_pass_rows)
-        spans = row_ranges(meta.rows, rows) if meta.shape else [None]
-        if len(spans) == 1:
-            spans = [None]
-        cached = bool(job.gram_cache and name in job.gram_cache)
-        if not meta.dtype.is_floating_point:
-            phases = [("copy", spans)] if job.targets else []
-        elif not job.targets:
-            phases = [("gram", spans)]
-        elif one_pass:
-            phases = [("keep", spans)]
-        elif cached:
-            phases = [("emit", spans)]
-        else:
-            phases = [("gram", spans), ("emit", spans)]
-        for p, (phase, pieces) in enumerate(phases):
-            for i, span in enumerate(pieces):
-                last = p == len(phases) - 1 and i == len(pieces) - 1
-                yield _Read(name, span, phase, last, tuple(pieces) if phase == "keep" and last else ())
+def _spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple[int, int] | None, int, int]]:
+    """(rows, first element, elements) of each span of a tensor, within the memory budget."""
+    meta = job.base.meta(name)
+    input_bytes = sum(max(reader.meta(name).dtype.itemsize, 1) for reader in job.readers)
+    # what a running span holds per element: its inputs (mapped or read) and its outputs
+    per_element = input_bytes + max(len(job.targets), 1) * job.output_meta(name).dtype.itemsize
+    if options.device.type != "cpu":  # the span also lives on the device, in the compute dtype
+        per_element += (len(job.readers) + len(job.targets)) * job.compute_dtype.itemsize
+    elements = min(SPAN_BYTES // input_bytes, options.max_memory // (options.workers * per_element))
+    if not meta.shape or meta.numel == 0 or elements >= meta.numel:
+        return [(None, 0, meta.numel)]
+    row_elements = meta.numel // meta.rows
+    ranges = row_ranges(meta.rows, max(1, elements // row_elements))
+    if len(ranges) == 1:
+        return [(None, 0, meta.numel)]
+    return [((lo, hi), lo * row_elements, (hi - lo) * row_elements) for lo, hi in ranges]
 
 
 def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
-    """Bytes the merge will read (two-pass tensors count twice): the progress bar's total."""
+    """Bytes the merge will read, every pass counted: the progress bar's total."""
     total = 0
-    for read in _schedule(job, options):
-        readers = [job.base] if read.phase == "copy" else [job.base, *job.checkpoints]
-        total += sum(_span_bytes(r.meta(read.name), read.span) for r in readers)
+    for name in job.base.names():
+        meta = job.base.meta(name)
+        if not meta.dtype.is_floating_point:
+            total += meta.nbytes if job.targets else 0
+            continue
+        window = sum(r.meta(name).nbytes for r in job.readers)
+        cached = bool(job.gram_cache and name in job.gram_cache)
+        total += window * ((0 if cached else 1) + (1 if job.targets else 0))
     return total
 
 
-class _Buffers:
-    """Reusable memory: fresh allocations of large tensors cost page faults on every use,
-    which made reading and subtracting several times slower than the memory copies themselves."""
-
-    def __init__(self):
-        self._tensors: dict[str, torch.Tensor] = {}
-
-    def get(self, key: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        current = self._tensors.get(key)
-        if current is None or current.numel() < numel or current.dtype != dtype or current.device != device:
-            self._tensors[key] = current = torch.empty(numel, dtype=dtype, device=device)
-        return current[:numel]
-
-
-_SLOTS = 3  # per-span buffers: one being filled, one queued, one in use by the math
-
-
 @dataclass
-class _Unit:
-    """What the reader hands the math: a copy chunk, or a span's base and deltas."""
-
-    read: _Read
-    token: tuple[str, int]  # ("slot", n) or ("workspace", parity): released by the math
-    chunk: torch.Tensor | None = None  # "copy"
-    base: torch.Tensor | None = None  # compute dtype, flattened span
-    deltas: torch.Tensor | None = None  # T x span
-    workspace: tuple[torch.Tensor, torch.Tensor] | None = None  # "keep": the whole tensor's (base, deltas)
+class _SpanResult:
+    span: _Span
+    bytes_read: int
+    gram: torch.Tensor | None = None
+    read_seconds: float = 0.0
+    math_seconds: float = 0.0
+    write_seconds: float = 0.0
 
 
-class _Prefetcher:
-    """Reads the scheduled spans on a thread and turns them into deltas there, one span ahead
-    of the math (Gram products and weighted sums) on the main thread."""
+_NO_LOCK = contextlib.nullcontext()
 
-    def __init__(self, job: MergeJob, options: EngineOptions, stats: EngineStats, progress: ProgressFn):
-        self.job, self.options, self.stats, self.progress = job, options, stats, progress
-        self._queue: queue.Queue = queue.Queue(maxsize=1)
-        self._free = {"slot": queue.Queue(), "workspace": queue.Queue()}
-        for slot in range(_SLOTS):
-            self._free["slot"].put(slot)
-        for parity in range(2):
-            self._free["workspace"].put(parity)
-        self._buffers = _Buffers()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="relex-reader", daemon=True)
-        self._keep: tuple[str, int] | None = None  # tensor being read in one-pass mode, its workspace
 
-    def __iter__(self) -> Iterator[_Unit]:
-        self._thread.start()
-        try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            self._stop.set()
-            self._thread.join(timeout=30)
+class _Worker:
+    """Runs spans on the pool's threads; each thread keeps its own scratch buffers."""
 
-    def release(self, token: tuple[str, int]) -> None:
-        """The math is done with this slot or workspace."""
-        self._free[token[0]].put(token[1])
+    def __init__(self, job: MergeJob, options: EngineOptions, sinks: Sequence[ChunkSink]):
+        self.job, self.options, self.sinks = job, options, sinks
+        self.device = options.device
+        self.columns = block_columns(len(job.checkpoints), job.compute_dtype, self.device)
+        self._local = threading.local()
+        self.weights: dict[str, torch.Tensor] = {}  # set by the main thread before a tensor's outputs
+        # mapped views are thread-safe; other readers (lazily loaded shards, DCP) read one at a time
+        self._read_locks = {id(r): threading.Lock() for r in job.readers if not hasattr(r, "view")}
 
-    def _wait(self, q: queue.Queue, item=None, put: bool = False):
-        """Put ``item`` (returns True) or get one, giving up (None) once stopped."""
-        while not self._stop.is_set():
-            try:
-                if put:
-                    q.put(item, timeout=0.1)
-                    return True
-                return q.get(timeout=0.1)
-            except (queue.Full, queue.Empty):
-                continue
-        return None
+    def _read(self, reader: CheckpointReader, span: _Span) -> torch.Tensor:
+        with self._read_locks.get(id(reader), _NO_LOCK):
+            return read_span(reader, span.name, span.rows).reshape(-1)
 
-    def _run(self) -> None:
-        try:
-            for read in _schedule(self.job, self.options):
-                unit = self._produce(read)
-                if unit is None or not self._wait(self._queue, unit, put=True):
-                    return
-            self._wait(self._queue, None, put=True)
-        except BaseException as exc:  # handed to the main thread, which raises it
-            self._wait(self._queue, exc, put=True)
+    def _scratch(self, numel: int) -> Scratch:
+        columns = min(self.columns, max(numel, 1))
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None or scratch.deltas.shape[1] < columns:
+            scratch = Scratch.allocate(len(self.job.checkpoints), len(self.sinks), columns,
+                                       self.job.compute_dtype, self.device)
+            self._local.scratch = scratch
+        return scratch
 
-    def _produce(self, read: _Read) -> _Unit | None:
-        job, device, dtype = self.job, self.options.device, self.job.compute_dtype
-        if read.phase == "keep" and (self._keep is None or self._keep[0] != read.name):
-            parity = self._wait(self._free["workspace"])
-            if parity is None:
-                return None
-            self._keep = (read.name, parity)
-        token = ("workspace", self._keep[1]) if read.phase == "keep" else None
-        if token is None:
-            slot = self._wait(self._free["slot"])
-            if slot is None:
-                return None
-            token = ("slot", slot)
+    def _output_buffer(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """n_outputs x numel, reused across spans (fresh memory costs a page fault per page)."""
+        needed = len(self.sinks) * numel
+        buffer = getattr(self._local, "out", None)
+        if buffer is None or buffer.numel() < needed or buffer.dtype != dtype:
+            buffer = self._local.out = torch.empty(needed, dtype=dtype, device=self.device)
+        return buffer[:needed].view(len(self.sinks), numel)
+
+    def run(self, span: _Span) -> _SpanResult:
+        job = self.job
         start = time.perf_counter()
-        if read.phase == "copy":
-            chunk = self._read_all([job.base], read, f"copy{token[1]}")[0]
-            self.stats.read_seconds += time.perf_counter() - start
-            return _Unit(read, token, chunk=chunk)
-        chunks = self._read_all([job.base, *job.checkpoints], read, "raw")
-        self.stats.read_seconds += time.perf_counter() - start
+        readers = [job.base] if span.phase == "copy" else job.readers
+        inputs = [self._read(reader, span) for reader in readers]
+        result = _SpanResult(span, sum(x.nbytes for x in inputs))
+        if self.device.type != "cpu":
+            inputs = [x.to(self.device) for x in inputs]
+        result.read_seconds = time.perf_counter() - start
         start = time.perf_counter()
-        meta = job.base.meta(read.name)
-        n_ckpt = len(job.checkpoints)
-        if read.phase == "keep":
-            key = f"ws{token[1]}"
-            base_all = self._buffers.get(key + "-base", meta.numel, dtype, device)
-            deltas_all = self._buffers.get(key + "-deltas", n_ckpt * meta.numel, dtype, device).view(n_ckpt, -1)
-            lo, hi = _element_range(meta, read.span)
-            base, deltas = base_all[lo:hi], deltas_all[:, lo:hi]
-            workspace = (base_all, deltas_all)
+        if span.phase == "gram":
+            result.gram = span_gram(inputs, self._scratch(span.numel), self.columns).cpu()
+            result.math_seconds = time.perf_counter() - start
+            return result
+        if span.phase == "copy":
+            outputs = inputs[0].unsqueeze(0).expand(len(self.sinks), -1)
         else:
-            n = chunks[0].numel()
-            base = self._buffers.get(f"slot{token[1]}-base", n, dtype, device)
-            deltas = self._buffers.get(f"slot{token[1]}-deltas", n_ckpt * n, dtype, device).view(n_ckpt, n)
-            workspace = None
-        base.copy_(chunks[0].reshape(-1))
-        subtract_base([c.to(device).reshape(-1) for c in chunks[1:]], base, deltas)
-        self.stats.delta_seconds += time.perf_counter() - start
-        return _Unit(read, token, base=base, deltas=deltas, workspace=workspace)
-
-    def _read_all(self, readers: list[CheckpointReader], read: _Read, key: str) -> list[torch.Tensor]:
-        lengths = [_span_bytes(reader.meta(read.name), read.span) for reader in readers]
-        # each input starts 64-byte aligned: typed views need it when dtypes differ (bf16 base, fp32 window)
-        starts = [sum(-(-n // 64) * 64 for n in lengths[:i]) for i in range(len(lengths))]
-        buffer = self._buffers.get(key, starts[-1] + lengths[-1], torch.uint8, torch.device("cpu"))
-        chunks = []
-        for reader, start, length in zip(readers, starts, lengths):
-            read_into = getattr(reader, "read_into", None)
-            if read_into is not None:
-                chunk = read_into(read.name, read.span, buffer[start : start + length])
-            else:
-                chunk = reader.read(read.name, read.span)
-            self.progress(chunk.nbytes, False)
-            chunks.append(chunk)
-        return chunks
+            outputs = self._output_buffer(span.numel, job.output_meta(span.name).dtype)
+            span_outputs(inputs, self.weights[span.name], self._scratch(span.numel), self.columns, outputs)
+            outputs = outputs.cpu()
+        del inputs  # unmaps the span's inputs
+        result.math_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for sink, output in zip(self.sinks, outputs):
+            sink.write_at(span.name, span.start, output)
+        result.write_seconds = time.perf_counter() - start
+        return result
 
 
-def _element_range(meta: TensorMeta, span: tuple[int, int] | None) -> tuple[int, int]:
-    """Flat element range of a row span."""
-    if span is None:
-        return 0, meta.numel
-    row_elems = max(1, meta.numel // max(meta.rows, 1))
-    return span[0] * row_elems, span[1] * row_elems
-
-
-def _span_bytes(meta: TensorMeta, span: tuple[int, int] | None) -> int:
-    if span is None or not meta.shape:
-        return meta.nbytes
-    return meta.nbytes // max(meta.shape[0], 1) * (span[1] - span[0])
-
-
-def _check_finite(job: MergeJob, read: _Read, gram: torch.Tensor) -> None:
+def _check_finite(job: MergeJob, options: EngineOptions, name: str, gram: torch.Tensor) -> None:
     """NaN or Inf in any input makes a delta, hence the Gram diagonal, non-finite: checking
-    the T x T Gram matrix is free; the span is read again only to name the culprit."""
+    the T x T Gram matrix is free; the inputs are scanned only to name the culprit."""
     if bool(torch.isfinite(gram).all()):
         return
-    for reader in [job.base, *job.checkpoints]:
-        chunk = reader.read(read.name, read.span)
-        if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
-            raise RelexError(
-                f"{reader.path}: tensor {read.name} has NaN or Inf values; "
-                "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
-            )
-    raise RelexError(f"tensor {read.name}: the deltas overflow the compute dtype; use dtype: float64")
-
-
-class _WriteQueue:
-    """Appends chunks to the sinks on a thread; errors surface on the next call."""
-
-    def __init__(self, sinks: Sequence[ChunkSink], stats: EngineStats, depth: int):
-        self.sinks, self.stats = sinks, stats
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="relex-writer", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._error is not None:
-                continue  # drain after a failure
-            sink, name, chunk = item
-            start = time.perf_counter()
-            try:
-                sink.write(name, chunk)
-            except BaseException as exc:
-                self._error = exc
-            self.stats.write_seconds += time.perf_counter() - start
-
-    def put(self, index: int, name: str, chunk: torch.Tensor) -> None:
-        if self._error is not None:
-            raise self._error
-        self._queue.put((self.sinks[index], name, chunk))
-
-    def finish(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def abandon(self) -> None:
-        """Stop after a failure elsewhere: queued chunks are dropped, the thread ends."""
-        self._error = self._error or RuntimeError("merge abandoned")
-        self._queue.put(None)  # the thread drains without writing, so there is room soon
-        self._thread.join(timeout=30)
-
-
-@dataclass
-class _TensorState:
-    gram: torch.Tensor
-    weights: torch.Tensor | None = None
-    passes: int = 1
-    cached: bool = False  # gram came from a fit cache
+    for reader in job.readers:
+        for rows, _, _ in _spans(job, options, name):
+            chunk = reader.read(name, rows)
+            if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
+                raise RelexError(
+                    f"{reader.path}: tensor {name} has NaN or Inf values; "
+                    "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
+                )
+    raise RelexError(f"tensor {name}: the deltas overflow the compute dtype; use dtype: float64")
 
 
 def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
-    gram = gram.cpu()
     if not bool(torch.isfinite(gram).all()):  # only reachable with --allow-nonfinite
         return torch.zeros(len(job.targets), gram.shape[0], dtype=torch.float64)
     weights = relex_weights(gram, job.steps, job.targets, job.spec)
@@ -412,77 +276,119 @@ def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
     return weights
 
 
-def _report(name: str, job: MergeJob, state: _TensorState) -> TensorReport:
-    gram = state.gram.cpu()
+def _report(name: str, job: MergeJob, gram: torch.Tensor, passes: int) -> TensorReport:
     finite = bool(torch.isfinite(gram).all())
     return TensorReport(
         name,
         job.base.meta(name).numel,
         diagnostics(gram, job.steps, job.spec) if finite else None,
-        passes=state.passes,
+        passes=passes,
         zero_delta=finite and bool(gram.abs().max() == 0),
         nonfinite=not finite,
         gram=gram,
     )
 
 
-class _TensorMerger:
-    """The math for the units of one tensor at a time (main thread): Gram products, weights
-    and weighted sums; the reader thread has already formed the deltas."""
+@dataclass
+class _TensorState:
+    spans: list[_Span]
+    remaining: int
+    gram: torch.Tensor
+    passes: int
+    partial_grams: dict[int, torch.Tensor] = field(default_factory=dict)  # span index: its Gram
 
-    def __init__(self, job: MergeJob, options: EngineOptions, writes: "_WriteQueue", n_sinks: int):
-        self.job, self.options, self.writes, self.n_sinks = job, options, writes, n_sinks
-        self.state: _TensorState | None = None
+    def complete_gram(self) -> None:
+        """Sum the spans' Gram matrices in span order, not in the order the workers finished:
+        float64 addition is not associative, and the output must not depend on the timing."""
+        for index in sorted(self.partial_grams):
+            self.gram += self.partial_grams[index]
+        self.partial_grams.clear()
 
-    def _start(self, read: _Read) -> _TensorState:
-        if self.state is None:
-            n = len(self.job.checkpoints)
-            cached = self.job.gram_cache.get(read.name) if self.job.gram_cache else None
-            gram = torch.zeros(n, n, dtype=torch.float64, device=self.options.device)
-            passes = 2 if read.phase == "gram" and self.job.targets else 1
-            self.state = _TensorState(gram if cached is None else cached.to(self.options.device, torch.float64),
-                                      passes=passes, cached=cached is not None)
-        return self.state
 
-    def process(self, unit: _Unit, release: Callable[[tuple[str, int]], None]) -> TensorReport | None:
-        job, read = self.job, unit.read
-        name = read.name
-        if read.phase == "copy":
-            copies = [unit.chunk.clone() for _ in range(self.n_sinks)]
-            release(unit.token)
-            for j, chunk in enumerate(copies):
-                self.writes.put(j, name, chunk)
-            return TensorReport(name, job.base.meta(name).numel, None, passes=1) if read.last else None
-        state = self._start(read)
-        if read.phase in ("keep", "gram") and not state.cached:
-            gram_update(state.gram, unit.deltas)
-            if not self.options.allow_nonfinite:
-                _check_finite(job, read, state.gram)
-        if read.phase == "emit":
-            self._emit(name, unit.base, unit.deltas, read.span)
-        elif read.phase == "keep" and read.last:
-            base_all, deltas_all = unit.workspace
+class _Scheduler:
+    """The main thread's side: spans in the base's order, a tensor's outputs as soon as its
+    Gram matrix is complete (ahead of further Gram spans, so its inputs are still cached)."""
+
+    def __init__(self, job: MergeJob, options: EngineOptions, worker: _Worker, stats: EngineStats,
+                 progress: ProgressFn):
+        self.job, self.options, self.worker, self.stats, self.progress = job, options, worker, stats, progress
+        self.states: dict[str, _TensorState] = {}
+        self.ready: deque[_Span] = deque()  # output spans: handed out first
+        self._gram_spans = self._first_pass()
+
+    def _first_pass(self) -> Iterator[_Span]:
+        job = self.job
+        n = len(job.checkpoints)
+        for name in job.base.names():
             meta = job.base.meta(name)
-            for span in read.spans:
-                lo, hi = _element_range(meta, span)
-                self._emit(name, base_all[lo:hi], deltas_all[:, lo:hi], span)
-        if read.phase != "keep" or read.last:
-            release(unit.token)
-        if not read.last:
-            return None
-        report = _report(name, job, state)
-        self.state = None
-        return report
+            if not meta.dtype.is_floating_point and not job.targets:
+                continue  # analyze: nothing to fit
+            spans = _spans(job, self.options, name)
+            cached = job.gram_cache.get(name) if job.gram_cache else None
+            if not meta.dtype.is_floating_point:
+                phase = "copy"
+            elif cached is not None:
+                phase = "emit"
+            else:
+                phase = "gram"
+            pieces = [_Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
+            gram = torch.zeros(n, n, dtype=torch.float64) if cached is None else cached.to("cpu", torch.float64)
+            passes = (1 if phase == "gram" else 0) + (1 if job.targets else 0)
+            self.states[name] = _TensorState(pieces, len(pieces), gram, passes)
+            if phase == "emit":
+                self._start_outputs(name)
+            else:
+                yield from pieces
 
-    def _emit(self, name: str, base: torch.Tensor, deltas: torch.Tensor, span) -> None:
-        state = self.state
-        if state.weights is None:
-            state.weights = _weights(state.gram, self.job)
-        meta = self.job.base.meta(name)
-        shape = meta.shape if span is None else (span[1] - span[0],) + meta.shape[1:]
-        outputs = apply_weights(base, deltas, state.weights).to("cpu", self.job.output_meta(name).dtype)
-        for j in range(self.n_sinks):
-            self.writes.put(j, name, outputs[j].reshape(shape))
+    def next_span(self) -> _Span | None:
+        if not self.ready:
+            span = next(self._gram_spans, None)  # may queue output spans (fit cache) on the way
+            if span is not None:
+                return span
+        return self.ready.popleft() if self.ready else None
+
+    def _start_outputs(self, name: str) -> None:
+        state = self.states[name]
+        start = time.perf_counter()
+        self.worker.weights[name] = _weights(state.gram, self.job)
+        self.stats.fit_seconds += time.perf_counter() - start
+        state.remaining = len(state.spans)
+        self.ready.extend(replace(s, phase="emit") for s in state.spans)
+
+    def finished(self, result: _SpanResult) -> None:
+        span, stats = result.span, self.stats
+        stats.bytes_read += result.bytes_read
+        stats.read_seconds += result.read_seconds
+        stats.math_seconds += result.math_seconds
+        stats.write_seconds += result.write_seconds
+        self.progress(result.bytes_read, False)
+        state = self.states[span.name]
+        if result.gram is not None:
+            state.partial_grams[span.index] = result.gram
+        state.remaining -= 1
+        if state.remaining:
+            return
+        if span.phase == "gram":
+            state.complete_gram()
+            if not self.options.allow_nonfinite:
+                _check_finite(self.job, self.options, span.name, state.gram)
+            if self.job.targets:
+                self._start_outputs(span.name)
+                return
+        self._tensor_done(span)
+
+    def _tensor_done(self, span: _Span) -> None:
+        state = self.states.pop(span.name)
+        self.worker.weights.pop(span.name, None)
+        meta = self.job.base.meta(span.name)
+        if span.phase == "copy":
+            report = TensorReport(span.name, meta.numel, None, passes=1)
+        else:
+            start = time.perf_counter()
+            report = _report(span.name, self.job, state.gram, state.passes)
+            self.stats.fit_seconds += time.perf_counter() - start
+        self.stats.tensors.append(report)
+        self.progress(0, True)
 
 
 def run_merge(
@@ -491,33 +397,32 @@ def run_merge(
     options: EngineOptions,
     progress: ProgressFn = lambda nbytes, done: None,
 ) -> EngineStats:
-    """Merge every tensor of the base model, in the base's order, into one sink per target."""
-    stats = EngineStats()
-
-    def counting_progress(nbytes: int, done: bool) -> None:
-        stats.bytes_read += nbytes
-        progress(nbytes, done)
-
-    writes = _WriteQueue(sinks_per_target, stats, depth=2 * len(sinks_per_target))
-    merger = _TensorMerger(job, options, writes, len(sinks_per_target))
-    prefetcher = _Prefetcher(job, options, stats, counting_progress)
-    # Leave a core to the reader and writer threads: on 2 cores, torch's second intra-op thread
-    # only contended with them (engine 3.1 s -> 2.4 s on the 130M bench).
+    """Merge every tensor of the base model into one sink per output (none: Gram matrices and
+    diagnostics only). Reports come in the order tensors finish, which is nearly the base's."""
+    workers = options.workers
+    stats = EngineStats(workers=workers)
+    worker = _Worker(job, options, sinks_per_target)
+    scheduler = _Scheduler(job, options, worker, stats, progress)
+    # The workers are the parallelism: torch's intra-op threads would only contend with them.
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+    torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="relex-worker")
+    in_flight: set[Future] = set()
     try:
-        for unit in prefetcher:
-            start = time.perf_counter()
-            report = merger.process(unit, prefetcher.release)
-            del unit
-            stats.math_seconds += time.perf_counter() - start
-            if report is not None:
-                stats.tensors.append(report)
-                progress(0, True)
-        writes.finish()
-    except BaseException:
-        writes.abandon()
-        raise
+        while True:
+            # two spans per worker: one running, one queued, so no worker waits on the main thread
+            while len(in_flight) < 2 * workers and (span := scheduler.next_span()) is not None:
+                in_flight.add(pool.submit(worker.run, span))
+            if not in_flight:
+                break
+            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in done:
+                scheduler.finished(future.result())
     finally:
+        for future in in_flight:
+            future.cancel()
+        pool.shutdown(wait=True)  # running spans are short; their errors no longer matter
         torch.set_num_threads(threads)
+    order = {name: i for i, name in enumerate(job.base.names())}
+    stats.tensors.sort(key=lambda report: order[report.name])
     return stats

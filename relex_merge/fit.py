@@ -71,17 +71,6 @@ def gram_update(gram: torch.Tensor, deltas: torch.Tensor, column_block: int = 1 
         gram += (block @ block.T).to(device=gram.device, dtype=torch.float64)
 
 
-def subtract_base(raw: list[torch.Tensor], base: torch.Tensor, deltas: torch.Tensor) -> None:
-    """deltas[k] = raw[k] - base, converting to deltas' dtype (fp32 at least) before the
-    subtraction: a delta of one RL step is below one bf16 ulp of most weights."""
-    for k, chunk in enumerate(raw):
-        if chunk.dtype == deltas.dtype:
-            torch.sub(chunk, base, out=deltas[k])
-        else:  # convert, then subtract in place: 2x faster than a mixed-dtype subtraction
-            deltas[k].copy_(chunk)
-            deltas[k].sub_(base)
-
-
 def top_components(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``rank`` singular values and left singular vectors of M from G = M M^T.
 

@@ -6,7 +6,7 @@
 mergekit then accepts ``merge_method: relex`` with a per-model ``step`` and the shared
 ``target_step``, ``rank``, ``fit``, ``degree``, ``window``, ``scale`` and ``base_step``.
 mergekit hands a method all T+1 copies of a tensor at once; the relex-merge engine instead
-streams row chunks within --max-memory.
+streams spans of rows within --max-memory.
 """
 
 from __future__ import annotations

@@ -102,7 +102,7 @@ def test_small_shard_size_writes_index_and_shards(qwen_run, tmp_path):
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out), "--shard-size", "30KB", "--max-memory", "4KB")
     assert result.exit_code == 0, result.output
-    assert "in two passes" in result.stdout
+    assert "2: Gram, then outputs" in result.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 1

@@ -97,25 +97,21 @@ def _unsafe_pickle(run: Path, tmp: Path) -> Path:
     return folder
 
 
-class _FullDisk:
-    """A file whose writes fail as on a full disk after the first 1 kB."""
-
-    def __init__(self, path, mode):
-        self._file = open(path, mode)
-        self._written = 0
-
-    def write(self, data):
-        self._written += len(memoryview(data).cast("B"))
-        if self._written > 1024:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return self._file.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self._file, name)
-
-
 def _disk_full(run, tmp, mp):
-    mp.setattr("relex_merge.io.writer.open", _FullDisk, raising=False)
+    """Writes fail as on a full disk once 1 kB has been written."""
+    from relex_merge.io import writer
+
+    written = 0
+    real = writer._pwrite_all
+
+    def pwrite_all(fd, data, position):
+        nonlocal written
+        written += len(data)
+        if written > 1024:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd, data, position)
+
+    mp.setattr(writer, "_pwrite_all", pwrite_all)
     return base_config(run)
 
 

@@ -5,8 +5,10 @@ materialise a whole model."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -124,8 +126,9 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, tuple[TensorMeta
 class SafetensorsReader:
     """A single .safetensors file, a sharded model (index json) or a folder of shards.
 
-    Reads are positioned reads straight into a fresh tensor (no mmap): one copy from the page
-    cache, and resident memory holds only what the engine is working on.
+    ``read`` copies a span into a fresh tensor (positioned reads); ``view`` maps it instead,
+    so the engine's math reads the page cache directly. A mapping lives as long as the view,
+    which keeps resident memory to the spans being worked on.
     """
 
     def __init__(self, path: Path):
@@ -134,6 +137,7 @@ class SafetensorsReader:
         self._where: dict[str, tuple[Path, int]] = {}
         self._meta: dict[str, TensorMeta] = {}
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()
         for file in self._files:
             _, tensors = read_safetensors_header(file)
             for name, (meta, offset) in tensors.items():
@@ -174,14 +178,39 @@ class SafetensorsReader:
         return list(self._files)
 
     def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
-        return fd
+        with self._lock:  # the engine's workers share the reader
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            return fd
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        meta = self._meta[name]
-        return self.read_into(name, rows, torch.empty(self._span(meta, rows)[1], dtype=torch.uint8))
+        file, offset, skip, length, shape = self._locate(name, rows)
+        target = torch.empty(length, dtype=torch.uint8)
+        view = memoryview(target.numpy())
+        done, fd = 0, self._fd(file)
+        while done < length:
+            n = os.preadv(fd, [view[done:]], offset + skip + done)
+            if n <= 0:
+                raise RelexError(f"{file}: ended early while reading tensor {name}; the file is truncated")
+            done += n
+        return target.view(self._meta[name].dtype).reshape(shape)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The span as a tensor over a private mapping of the file (no copy; nothing writes to it)."""
+        file, offset, skip, length, shape = self._locate(name, rows)
+        dtype = self._meta[name].dtype
+        start = offset + skip
+        if length == 0 or start % dtype.itemsize:  # nothing to map, or a misaligned tensor
+            return self.read(name, rows)
+        fd = self._fd(file)
+        if os.fstat(fd).st_size < start + length:  # mapping past the end would be SIGBUS, not an error
+            raise RelexError(f"{file}: ended early while reading tensor {name}; the file is truncated")
+        page = start - start % mmap.ALLOCATIONGRANULARITY
+        # ACCESS_COPY: a writable (copy-on-write) buffer, so torch has nothing to warn about
+        mapping = mmap.mmap(fd, start + length - page, access=mmap.ACCESS_COPY, offset=page)
+        data = torch.frombuffer(mapping, dtype=torch.uint8, offset=start - page, count=length)
+        return data.view(dtype).reshape(shape)  # the tensor keeps the mapping alive
 
     @staticmethod
     def _span(meta: TensorMeta, rows: tuple[int, int] | None) -> tuple[int, int]:
@@ -191,22 +220,13 @@ class SafetensorsReader:
         row_bytes = meta.nbytes // max(meta.shape[0], 1)
         return rows[0] * row_bytes, (rows[1] - rows[0]) * row_bytes
 
-    def read_into(self, name: str, rows: tuple[int, int] | None, buffer: torch.Tensor) -> torch.Tensor:
-        """Read into the front of a uint8 ``buffer`` (reused by the engine: no page faults
-        on fresh memory) and return a typed, shaped view of it."""
+    def _locate(self, name: str, rows: tuple[int, int] | None):
+        """(file, tensor offset, byte offset of the rows in the tensor, byte length, shape)."""
         meta = self._meta[name]
         file, offset = self._where[name]
         skip, length = self._span(meta, rows)
         shape = meta.shape if rows is None or not meta.shape else (rows[1] - rows[0],) + meta.shape[1:]
-        target = buffer[:length]
-        view = memoryview(target.numpy())
-        done, fd = 0, self._fd(file)
-        while done < length:
-            n = os.preadv(fd, [view[done:]], offset + skip + done)
-            if n <= 0:
-                raise RelexError(f"{file}: ended early while reading tensor {name}; the file is truncated")
-            done += n
-        return target.view(meta.dtype).reshape(shape)
+        return file, offset, skip, length, shape
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -215,6 +235,12 @@ class SafetensorsReader:
 
     def __del__(self):
         self.close()
+
+
+def read_span(reader: CheckpointReader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A span of rows for reading only: a mapped view where the reader has one, else a read."""
+    view = getattr(reader, "view", None)
+    return view(name, rows) if view is not None else reader.read(name, rows)
 
 
 def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):

@@ -1,14 +1,16 @@
 """Streaming safetensors writer: every tensor's name, shape and dtype is known before the
-merge starts, so each shard's header is written first and tensor data is appended chunk by
-chunk as it is computed. No output tensor is ever held whole."""
+merge starts, so each shard's header and every tensor's place in it are fixed up front, and
+tensor data is written span by span, from any thread and in any order, straight to its place.
+No output tensor is ever held whole."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 
@@ -58,8 +60,15 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, position)
+        data, position = data[n:], position + n
+
+
 class ShardedModelWriter:
-    """Receives chunks in plan order: each tensor's rows front to back, tensors in order."""
+    """Receives tensor data as spans (``write_at``, thread-safe, any order) or front to back
+    (``write``, one tensor after the other); ``close`` checks that every byte arrived."""
 
     def __init__(
         self,
@@ -77,48 +86,58 @@ class ShardedModelWriter:
                 raise ValueError("file_name needs a single shard")
             self.file_names = [file_name]
         self.metadata = metadata or {"format": "pt"}
-        self._queue = [(s, t) for s, shard in enumerate(self.shards) for t in shard]
-        self._position = 0  # index into _queue of the tensor being written
-        self._written = 0  # bytes of that tensor written so far
-        self._file: BinaryIO | None = None
-        self._open_shard = -1
+        self._headers = [_header(shard, self.metadata) for shard in self.shards]
+        self._place: dict[str, tuple[int, int, TensorMeta]] = {}  # name: (shard, file offset, meta)
+        for s, shard in enumerate(self.shards):
+            offset = len(self._headers[s])
+            for t in shard:
+                self._place[t.name] = (s, offset, t.meta)
+                offset += t.meta.nbytes
+        self._written = dict.fromkeys(self._place, 0)
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        """Write ``chunk`` (any shape, the tensor's dtype) from element ``start`` of ``name``."""
+        shard, offset, meta = self._place[name]
+        if chunk.dtype != meta.dtype:
+            raise RuntimeError(f"writer expected {name} as {meta.dtype}, got {chunk.dtype}")
+        data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        skip = start * meta.dtype.itemsize
+        if skip + data.nbytes > meta.nbytes:
+            raise RuntimeError(f"writer got bytes past the end of {name}")
+        _pwrite_all(self._fd(shard), memoryview(data), offset + skip)
+        with self._lock:
+            self._written[name] += data.nbytes
 
     def write(self, name: str, chunk: torch.Tensor) -> None:
-        shard, expected = self._queue[self._position]
-        if name != expected.name or chunk.dtype != expected.meta.dtype:
-            raise RuntimeError(
-                f"writer expected {expected.name} ({expected.meta.dtype}), got {name} ({chunk.dtype})"
-            )
-        if shard != self._open_shard:
-            self._start_shard(shard)
-        data = chunk.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        assert self._file is not None
-        self._file.write(memoryview(data))
-        self._written += data.nbytes
-        if self._written > expected.meta.nbytes:
-            raise RuntimeError(f"writer got too many bytes for {name}")
-        if self._written == expected.meta.nbytes:
-            self._position += 1
-            self._written = 0
+        """The next span of ``name`` (single-threaded callers that go front to back)."""
+        meta = self._place[name][2]
+        self.write_at(name, self._written[name] // max(meta.dtype.itemsize, 1), chunk)
 
-    def _start_shard(self, shard: int) -> None:
-        self._close_file()
-        self._file = open(self.out_dir / self.file_names[shard], "wb")
-        self._file.write(_header(self.shards[shard], self.metadata))
-        self._open_shard = shard
+    def _fd(self, shard: int) -> int:
+        with self._lock:
+            fd = self._fds.get(shard)
+            if fd is None:
+                path = self.out_dir / self.file_names[shard]
+                fd = self._fds[shard] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                _pwrite_all(fd, memoryview(self._headers[shard]), 0)
+            return fd
 
-    def _close_file(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-            self._file.close()
-            self._file = None
+    def _close_files(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     def close(self) -> None:
-        """Finish the last shard and write the index (only when sharded)."""
-        if self._position != len(self._queue):
-            missing = self._queue[self._position][1].name
-            raise RuntimeError(f"writer closed before tensor {missing} was complete")
-        self._close_file()
+        """Check every tensor is complete, finish the shards and write the index (when sharded)."""
+        for name, written in self._written.items():
+            if written != self._place[name][2].nbytes:
+                raise RuntimeError(f"writer closed before tensor {name} was complete")
+        for shard in range(len(self.shards)):
+            self._fd(shard)  # a shard of empty tensors still gets its header
+        self._close_files()
         if len(self.shards) > 1:
             weight_map = {
                 t.name: self.file_names[s] for s, shard in enumerate(self.shards) for t in shard
@@ -128,4 +147,4 @@ class ShardedModelWriter:
             (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        self._close_file()
+        self._close_files()
