@@ -13,6 +13,8 @@ along one direction linearly in the step, plus noise), then measures, interleave
   dense reference       bench/dense_reference.py: load everything, torch.linalg.svd per tensor
   read floor            read every input file once
   write floor           write one output's bytes once
+  start-up              python -c 'import torch': the part of every torch-based run above that
+                        is interpreter and library loading, not merging
 
 Each command runs in its own process, writing to a fresh path after os.sync(); wall time and
 peak RSS come from that process (resource.getrusage of the child), start-up (Python, `import
@@ -178,6 +180,7 @@ def main(argv=None) -> None:
                                          str(args.window), str(4 * args.window), str(outs / "dense")],
         "read floor": [sys.executable, str(HERE / "io_floor.py"), "read", *map(str, files)],
         "write floor": [sys.executable, str(HERE / "io_floor.py"), "write", str(out_bytes), str(outs / "floor.bin")],
+        "start-up (python -c 'import torch')": [sys.executable, "-c", "import torch"],
     }
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     candidates = {k: v for k, v in candidates.items() if not any(s in k for s in skip)}
@@ -199,7 +202,7 @@ def main(argv=None) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name in candidates:
-        reads = 0 if name == "write floor" else input_bytes
+        reads = 0 if name == "write floor" or name.startswith("start-up") else input_bytes
         vs_mergekit = f"{median[name] / mk:.2f}x" if mk else "n/a"
         vs_floor = f"{median[name] / floor:.2f}x" if floor else "n/a"
         rows.append(

@@ -314,6 +314,7 @@ class _Scheduler:
         self.job, self.options, self.worker, self.stats, self.progress = job, options, worker, stats, progress
         self.states: dict[str, _TensorState] = {}
         self.ready: deque[_Span] = deque()  # output spans: handed out first
+        self.done: dict[str, _TensorState | None] = {}  # finished tensors (None: copied)
         self._gram_spans = self._first_pass()
 
     def _first_pass(self) -> Iterator[_Span]:
@@ -380,15 +381,24 @@ class _Scheduler:
     def _tensor_done(self, span: _Span) -> None:
         state = self.states.pop(span.name)
         self.worker.weights.pop(span.name, None)
-        meta = self.job.base.meta(span.name)
-        if span.phase == "copy":
-            report = TensorReport(span.name, meta.numel, None, passes=1)
-        else:
-            start = time.perf_counter()
-            report = _report(span.name, self.job, state.gram, state.passes)
-            self.stats.fit_seconds += time.perf_counter() - start
-        self.stats.tensors.append(report)
+        self.done[span.name] = None if span.phase == "copy" else state
         self.progress(0, True)
+
+    def reports(self) -> list[TensorReport]:
+        """Every finished tensor's report, in the base's order. Diagnostics wait until the
+        workers are done: on the main thread during the merge they only competed with them."""
+        start = time.perf_counter()
+        reports = []
+        for name in self.job.base.names():
+            if name not in self.done:
+                continue
+            state = self.done[name]
+            if state is None:
+                reports.append(TensorReport(name, self.job.base.meta(name).numel, None, passes=1))
+            else:
+                reports.append(_report(name, self.job, state.gram, state.passes))
+        self.stats.fit_seconds += time.perf_counter() - start
+        return reports
 
 
 def run_merge(
@@ -398,7 +408,7 @@ def run_merge(
     progress: ProgressFn = lambda nbytes, done: None,
 ) -> EngineStats:
     """Merge every tensor of the base model into one sink per output (none: Gram matrices and
-    diagnostics only). Reports come in the order tensors finish, which is nearly the base's."""
+    diagnostics only)."""
     workers = options.workers
     stats = EngineStats(workers=workers)
     worker = _Worker(job, options, sinks_per_target)
@@ -423,6 +433,5 @@ def run_merge(
             future.cancel()
         pool.shutdown(wait=True)  # running spans are short; their errors no longer matter
         torch.set_num_threads(threads)
-    order = {name: i for i, name in enumerate(job.base.names())}
-    stats.tensors.sort(key=lambda report: order[report.name])
+    stats.tensors = scheduler.reports()
     return stats
