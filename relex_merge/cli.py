@@ -199,7 +199,8 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
         rows.append(("non-finite", f"{len(summary.nonfinite)} tensors copied from the base (--allow-nonfinite)"))
     if profile:
         s = result.stats
-        rows.append(("profile", f"wall {seconds:.2f} s; {s.workers} workers busy "
+        workers = f"{s.workers} worker" + ("s" if s.workers != 1 else "")
+        rows.append(("profile", f"wall {seconds:.2f} s; {workers} busy "
                                 f"{s.read_seconds + s.math_seconds + s.write_seconds:.2f} s: "
                                 f"{s.read_seconds:.2f} s opening spans, {s.math_seconds:.2f} s deltas, Gram "
                                 f"products and weighted sums (page faults on mapped inputs included), "

@@ -127,6 +127,17 @@ def test_chunked_cli_output_equals_unchunked(qwen_run, tmp_path):
             assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
 
 
+def test_thread_count_leaves_the_output_byte_identical(qwen_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4], [10, 20])
+    one = run_cli(str(cfg), str(tmp_path / "one"), "--threads", "1", "--profile")
+    assert one.exit_code == 0, one.output
+    assert "1 worker busy" in " ".join(one.stdout.split())
+    assert run_cli(str(cfg), str(tmp_path / "four"), "-q", "--threads", "4").exit_code == 0
+    for t in (10, 20):
+        a = (tmp_path / "one" / f"step-{t}" / "model.safetensors").read_bytes()
+        assert a == (tmp_path / "four" / f"step-{t}" / "model.safetensors").read_bytes()
+
+
 def test_tied_llama_stays_tied(llama_tied_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
