@@ -9,6 +9,8 @@ along one direction linearly in the step, plus noise), then measures, interleave
   relex (1 target)      relex-merge CONFIG OUT
   relex (3 targets)     the same with target_step: [t, 2t, 3t]
   relex (small budget)  --max-memory 256MB: smaller spans per worker
+  relex analyze         `relex-merge analyze --out`: the Gram pass, backtests, JSON, PNG plots
+  relex --fit-cache     the output pass alone: a merge that reuses analyze's fit cache
   mergekit              mergekit-yaml, task_arithmetic over the same base + T checkpoints
   dense reference       bench/dense_reference.py: load everything, torch.linalg.svd per tensor
   read floor            read every input file once
@@ -166,6 +168,7 @@ def main(argv=None) -> None:
     bin_dir = Path(sys.executable).parent
     outs = args.work / "out"
     relex = str(bin_dir / "relex-merge")
+    fit_cache = args.work / "fit-cache" / "fit_cache.safetensors"
     candidates = {
         "relex-merge (1 target)": [relex, str(configs["relex"]), str(outs / "relex"), "--overwrite", "-q",
                                    "--max-memory", args.max_memory],
@@ -174,6 +177,11 @@ def main(argv=None) -> None:
         f"relex-merge (--max-memory {args.small_budget})": [
             relex, str(configs["relex"]), str(outs / "relex-small"), "--overwrite", "-q",
             "--max-memory", args.small_budget],
+        "relex-merge analyze --out (Gram pass, report, plots)": [relex, "analyze", str(configs["relex"]), "--out",
+                                                 str(outs / "analysis"), "-q", "--max-memory", args.max_memory],
+        "relex-merge --fit-cache (output pass only)": [
+            relex, str(configs["relex"]), str(outs / "relex-cached"), "--overwrite", "-q",
+            "--max-memory", args.max_memory, "--fit-cache", str(fit_cache)],
         "mergekit task_arithmetic": [str(bin_dir / "mergekit-yaml"), str(configs["mergekit"]),
                                      str(outs / "mergekit"), "--copy-tokenizer", "--no-write-model-card"],
         "dense reference (SVD in RAM)": [sys.executable, str(HERE / "dense_reference.py"), str(run),
@@ -186,6 +194,9 @@ def main(argv=None) -> None:
     candidates = {k: v for k, v in candidates.items() if not any(s in k for s in skip)}
     outs.mkdir(exist_ok=True)
     subprocess.run(candidates["read floor"], check=True)  # warm the page cache
+    if any("--fit-cache" in name for name in candidates):  # what `analyze --out` leaves behind (not timed)
+        subprocess.run([relex, "analyze", str(configs["relex"]), "--out", str(fit_cache.parent), "--overwrite", "-q"],
+                       check=True, stdout=subprocess.DEVNULL)
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
     for rep in range(args.reps):
         for name, cmd in candidates.items():
