@@ -56,21 +56,6 @@ class TensorDiagnostics:
     singular_values: tuple[float, ...]
 
 
-def gram_update(gram: torch.Tensor, deltas: torch.Tensor, column_block: int = 1 << 18) -> None:
-    """Add ``deltas @ deltas.T`` to the float64 ``gram`` in place.
-
-    ``deltas`` is T x n (any float dtype). Each column block is multiplied in its own
-    precision (fast fp32 BLAS) and summed across blocks in float64, so long tensors do not
-    accumulate fp32 rounding over millions of terms.
-    """
-    n = deltas.shape[1]
-    for start in range(0, n, column_block):
-        block = deltas[:, start : start + column_block]
-        if block.dtype not in (torch.float32, torch.float64):
-            block = block.float()
-        gram += (block @ block.T).to(device=gram.device, dtype=torch.float64)
-
-
 def top_components(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top ``rank`` singular values and left singular vectors of M from G = M M^T.
 
@@ -151,14 +136,6 @@ def relex_weights(
         sub_weights = (predicted / sigma) @ u.T
     weights[:, idx] = sub_weights * spec.scale
     return weights
-
-
-def apply_weights(base: torch.Tensor, deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Outputs (n_targets x n, a new tensor): base + W @ deltas, in the deltas' dtype and device."""
-    if not bool(weights.any()):  # the base itself (also keeps NaN deltas out: 0 * NaN is NaN)
-        return base.unsqueeze(0).repeat(weights.shape[0], 1)
-    w = weights.to(deltas.device, deltas.dtype)
-    return torch.addmm(base.unsqueeze(0).expand(w.shape[0], -1), w, deltas)
 
 
 def diagnostics(gram: torch.Tensor, steps: Sequence[float], spec: RelexSpec) -> TensorDiagnostics:

@@ -1,4 +1,4 @@
-"""RELEX as a mergekit (>= 0.1.5) merge method, on the same math as the streaming engine.
+"""RELEX as a mergekit (>= 0.1.5) merge method, on the same math and kernels as the streaming engine.
 
     from relex_merge.mergekit_method import register
     register()            # explicit and idempotent; importing this module registers nothing
@@ -18,7 +18,8 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from relex_merge.fit import FitSpec, RelexSpec, apply_weights, gram_update, relex_weights
+from relex_merge.fit import FitSpec, RelexSpec, relex_weights
+from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
 METHOD_NAME = "relex"
 
@@ -40,19 +41,21 @@ def relex_group(
     steps = [step[entry.id] for entry in entries]
     if len(set(steps)) != len(steps):
         raise ValueError(f"relex: duplicate step values {steps}")
-    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
-    base_flat = base.to(compute).reshape(-1)
-    deltas = torch.stack([entry.tensor.to(compute).reshape(-1) - base_flat for entry in entries])
-    gram = torch.zeros(len(entries), len(entries), dtype=torch.float64, device=deltas.device)
-    gram_update(gram, deltas)
     spec = RelexSpec(
         rank=rank,
         fit=FitSpec(kind=fit, degree=degree, origin_step=float(base_step)),
         window=window,
         scale=scale,
     )
-    weights = relex_weights(gram.cpu(), steps, [target_step], spec)
-    return apply_weights(base_flat, deltas, weights)[0].reshape(base.shape).to(base.dtype)
+    # the streaming engine's kernels, over the whole tensor as one span
+    compute = torch.float64 if base.dtype == torch.float64 else torch.float32
+    inputs = [base.reshape(-1)] + [entry.tensor.reshape(-1) for entry in entries]
+    columns = block_columns(len(entries), compute, base.device)
+    scratch = Scratch.allocate(len(entries), 1, min(columns, max(base.numel(), 1)), compute, base.device)
+    weights = relex_weights(span_gram(inputs, scratch, columns).cpu(), steps, [target_step], spec)
+    out = torch.empty(1, base.numel(), dtype=base.dtype, device=base.device)
+    span_outputs(inputs, weights, scratch, columns, out)
+    return out.reshape(base.shape)
 
 
 RELEX_METHOD: MergeMethod = merge_method(

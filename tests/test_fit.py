@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from relex_merge.engine import EngineOptions, MergeJob, run_merge
-from relex_merge.fit import FitSpec, RelexSpec, fit_predict, gram_update, top_components
+from relex_merge.fit import FitSpec, RelexSpec, fit_predict, top_components
+from relex_merge.kernels import Scratch, span_gram
 from tests.helpers import DictReader, dense_relex
 
 
@@ -171,8 +172,9 @@ def test_zero_deltas_copy_the_base_and_integers_are_copied():
 def test_gram_accumulates_in_float64_across_blocks():
     gen = torch.Generator().manual_seed(0)
     m = torch.randn(4, 10_000, generator=gen)
-    gram = torch.zeros(4, 4, dtype=torch.float64)
-    gram_update(gram, m, column_block=777)
+    inputs = [torch.zeros(10_000)] + list(m)  # base 0: the deltas are m's rows
+    gram = span_gram(inputs, Scratch.allocate(4, 1, 777, torch.float32, torch.device("cpu")), 777)
+    assert gram.dtype == torch.float64
     assert torch.allclose(gram, m.double() @ m.double().T, rtol=1e-5)
 
 
