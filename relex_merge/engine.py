@@ -314,7 +314,7 @@ class _Scheduler:
         self.job, self.options, self.worker, self.stats, self.progress = job, options, worker, stats, progress
         self.states: dict[str, _TensorState] = {}
         self.ready: deque[_Span] = deque()  # output spans: handed out first
-        self.done: dict[str, _TensorState | None] = {}  # finished tensors (None: copied)
+        self.done: dict[str, tuple[torch.Tensor, int] | None] = {}  # finished: (Gram, passes); None: copied
         self._gram_spans = self._first_pass()
 
     def _first_pass(self) -> Iterator[_Span]:
@@ -381,7 +381,7 @@ class _Scheduler:
     def _tensor_done(self, span: _Span) -> None:
         state = self.states.pop(span.name)
         self.worker.weights.pop(span.name, None)
-        self.done[span.name] = None if span.phase == "copy" else state
+        self.done[span.name] = None if span.phase == "copy" else (state.gram, state.passes)
         self.progress(0, True)
 
     def reports(self) -> list[TensorReport]:
@@ -392,11 +392,11 @@ class _Scheduler:
         for name in self.job.base.names():
             if name not in self.done:
                 continue
-            state = self.done[name]
-            if state is None:
+            fitted = self.done[name]
+            if fitted is None:
                 reports.append(TensorReport(name, self.job.base.meta(name).numel, None, passes=1))
             else:
-                reports.append(_report(name, self.job, state.gram, state.passes))
+                reports.append(_report(name, self.job, *fitted))
         self.stats.fit_seconds += time.perf_counter() - start
         return reports
 
