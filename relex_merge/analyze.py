@@ -1,27 +1,39 @@
-"""How far does the line hold? Per-tensor spectrum and fit quality, backtests inside the
-window, a whole-model verdict, and the fit cache (every tensor's Gram matrix) that lets
-later merges skip the Gram pass."""
+"""How far does the fit hold? Per-tensor spectrum and fit quality, backtests of every fit family
+inside the window, a whole-model verdict per target, and the fit cache (every tensor's Gram
+matrix) that lets later merges skip the Gram pass."""
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from relex_merge.backtest import HoldoutSums, backtest_tensor, holdouts
+from relex_merge import fits
+from relex_merge.backtest import (
+    DEFAULT_TOLERANCE,
+    STOP,
+    Backtest,
+    assess,
+    auto_candidates,
+    horizon,
+    window_steps,
+)
 from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_merge
 from relex_merge.errors import RelexError
-from relex_merge.fit import RelexSpec, top_components
-from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.fit import FitSpec, RelexSpec, diagnostics, top_components, window_indices
 from relex_merge.io.readers import TensorMeta, read_safetensors_header
+from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.plan import MergePlan
 
+__all__ = ["CACHE_NAME", "Analysis", "analyze_grams", "run_analysis", "write_fit_cache", "load_fit_cache",
+           "summary_rows"]
+
 CACHE_NAME = "fit_cache.safetensors"
-DEFAULT_TOLERANCE = 0.2  # relative backtest error under which the line counts as holding
+HORIZON_BINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)  # the family x horizon table's columns
 
 
 @dataclass(frozen=True)
@@ -32,7 +44,7 @@ class TensorAnalysis:
     explained_variance_r: float
     linear_r2: float
     singular_values: list[float]  # normalised by the largest
-    worst_backtest_error: float  # at the longest horizon tested
+    worst_backtest_error: float  # of the analysed fit, at the longest horizon tested
 
 
 @dataclass(frozen=True)
@@ -45,16 +57,31 @@ class HorizonPoint:
     norm_ratio: float
 
 
+@dataclass(frozen=True)
+class FamilyRow:
+    """One family at its best shape: pooled backtest error per horizon bin."""
+
+    fit: str  # e.g. "log (tau=5)"
+    family: str
+    shape: float | None
+    errors: list[float | None]  # per bin of Analysis.horizon_bins; None: no point there
+    supported_horizon: float | None
+
+
 @dataclass
 class Analysis:
-    steps: list[int]
+    steps: list[int]  # the window the fit uses
     targets: list[int]
     spec: dict
+    fit: str  # the fit whose backtest is `backtest` (the configured one, or the one chosen for the farthest target)
     tensors: list[TensorAnalysis]
     backtest: list[HorizonPoint]
-    supported_horizon: float | None  # longest horizon with error <= tolerance throughout
+    supported_horizon: float | None  # longest horizon with error <= tolerance (and below stopping's) throughout
     tested_horizon: float
     target_horizons: dict[int, float]
+    horizon_bins: list[tuple[float, float]]
+    families: list[FamilyRow]  # every family, then stopping
+    target_verdicts: list[dict]
     verdict: list[str]
     tolerance: float
     coefficients: dict[str, dict] = field(default_factory=dict)  # for plots
@@ -63,24 +90,36 @@ class Analysis:
         return json.dumps(asdict(self), indent=2, allow_nan=True)
 
 
-def _window_horizon(steps: Sequence[int], target: int) -> float:
-    span = steps[-1] - steps[0]
-    return (target - steps[-1]) / span if span else float("nan")
+def _points(bt: Backtest, key) -> list[HorizonPoint]:
+    return [HorizonPoint(p.fit_count, p.step, p.horizon, s.relative_error, s.cosine, s.norm_ratio)
+            for p, s in bt.curve(key)]
 
 
-def _coefficients(gram: torch.Tensor, steps: Sequence[int], targets: Sequence[int]) -> dict:
-    """c_k = sigma_1 u_k1 for the plots, with its fitted line (sign made positive at the end)."""
-    sigma, u = top_components(gram, 1)
-    if sigma.numel() == 0:
-        return {}
-    c = (sigma[0] * u[:, 0]).tolist()
-    if c[-1] < 0:
-        c = [-x for x in c]
-    x = torch.tensor(steps, dtype=torch.float64)
-    design = torch.stack([torch.ones_like(x), x], 1)
-    line = torch.linalg.lstsq(design, torch.tensor(c, dtype=torch.float64).unsqueeze(1)).solution[:, 0]
-    return {"steps": list(steps), "coefficients": c, "intercept": float(line[0]), "slope": float(line[1]),
-            "targets": list(targets)}
+def _bins(bt: Backtest) -> list[tuple[float, float]]:
+    edges = list(zip(HORIZON_BINS, HORIZON_BINS[1:]))
+    return [(lo, hi) for lo, hi in edges if any(lo <= p.horizon < hi for p in bt.points)]
+
+
+def _family_rows(bt: Backtest, bins: list[tuple[float, float]], tolerance: float) -> list[FamilyRow]:
+    everything = list(range(len(bt.points)))
+    rows = []
+    for fam in fits.families():
+        mine = [c for c in bt.candidates if c.family == fam.name]
+        if not mine:
+            continue
+        best = min(mine, key=lambda c: bt.error(c, everything))
+        rows.append(FamilyRow(best.describe(), fam.name, best.shape, _binned(bt, best, bins),
+                              bt.supported_horizon(best, tolerance)))
+    rows.append(FamilyRow(STOP, STOP, None, _binned(bt, STOP, bins), None))
+    return rows
+
+
+def _binned(bt: Backtest, key, bins) -> list[float | None]:
+    out = []
+    for lo, hi in bins:
+        ids = [i for i, p in enumerate(bt.points) if lo <= p.horizon < hi]
+        out.append(bt.error(key, ids) if ids else None)
+    return out
 
 
 def analyze_grams(
@@ -93,100 +132,107 @@ def analyze_grams(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> Analysis:
     """Everything `analyze` reports, from the Gram matrices alone (pure: no IO)."""
-    from relex_merge.fit import diagnostics
-
-    points = holdouts(steps, spec)
-    totals = [HoldoutSums() for _ in points]
-    tensors: list[TensorAnalysis] = []
-    for name, numel, gram in zip(names, numels, grams):
-        if not bool(torch.isfinite(gram).all()) or float(gram.trace()) <= 0:
-            continue
+    usable = [(n, k, g) for n, k, g in zip(names, numels, grams)
+              if bool(torch.isfinite(g).all()) and float(g.trace()) > 0]
+    used = window_steps(steps, spec)
+    specs = [spec] * len(targets)
+    assessment = assess([g for _, _, g in usable], steps, targets, specs, tolerance) if targets else None
+    # the family table scores every family, whatever the config's fit
+    bt = Backtest.for_fits(steps, spec, [spec.fit, FitSpec(fits.AUTO, origin_step=spec.fit.origin_step)])
+    for _, _, g in usable:
+        bt.add(g)
+    if spec.fit.resolved is not None:
+        main = spec.fit.resolved
+    elif assessment is not None:
+        farthest = max(range(len(targets)), key=lambda j: targets[j])
+        main = assessment.fits[farthest]
+    else:
+        main = bt.best(bt.tested_horizon, [c for c in bt.candidates if c.family == spec.fit.family]
+                       if spec.fit.family != fits.AUTO else None)
+    tensors = []
+    for name, numel, gram in usable:
         d = diagnostics(gram, steps, spec)
-        per_tensor = backtest_tensor(gram, steps, spec)
-        for total, sums in zip(totals, per_tensor):
-            total.add(sums)
-        longest = max(range(len(points)), key=lambda i: points[i].horizon, default=None)
-        worst = per_tensor[longest].relative_error if longest is not None else float("nan")
+        own = Backtest(bt.steps, spec, [main])
+        own.add(gram)
+        curve = own.curve(main)
+        worst = curve[-1][1].relative_error if curve else math.nan
         top = d.singular_values[0] if d.singular_values else 1.0
-        tensors.append(
-            TensorAnalysis(name, numel, d.explained_variance_1, d.explained_variance_r, d.linear_r2,
-                           [s / top for s in d.singular_values], worst)
-        )
-    curve = [
-        HorizonPoint(p.fit_count, p.step, p.horizon, t.relative_error, t.cosine, t.norm_ratio)
-        for p, t in zip(points, totals)
-    ]
-    curve.sort(key=lambda p: (p.horizon, p.fit_count))
-    supported = None
-    for point in curve:
-        if not point.relative_error <= tolerance:
-            break
-        supported = point.horizon
-    tested = max((p.horizon for p in curve), default=0.0)
-    target_horizons = {t: _window_horizon(steps, t) for t in targets}
+        tensors.append(TensorAnalysis(name, numel, d.explained_variance_1, d.explained_variance_r, d.linear_r2,
+                                      [s / top for s in d.singular_values], worst))
+    bins = _bins(bt)
     analysis = Analysis(
-        steps=list(steps), targets=list(targets), spec=asdict(spec), tensors=tensors, backtest=curve,
-        supported_horizon=supported, tested_horizon=tested, target_horizons=target_horizons,
+        steps=list(used), targets=list(targets), spec=_spec_dict(spec), fit=main.describe(), tensors=tensors,
+        backtest=_points(bt, main), supported_horizon=bt.supported_horizon(main, tolerance),
+        tested_horizon=bt.tested_horizon, target_horizons={t: horizon(used, t) for t in targets},
+        horizon_bins=bins, families=_family_rows(bt, bins, tolerance),
+        target_verdicts=[v.as_dict() for v in assessment.verdicts if v is not None] if assessment else [],
         verdict=[], tolerance=tolerance,
     )
-    analysis.verdict = verdict(analysis)
+    analysis.verdict = verdict(analysis, bt, main) + (
+        [v.line() for v in assessment.verdicts if v is not None] if assessment else []
+    )
     return analysis
 
 
-def verdict(a: Analysis) -> list[str]:
-    """Plain-language reading of the backtest."""
-    lines: list[str] = []
+def _spec_dict(spec: RelexSpec) -> dict:
+    data = asdict(spec)
+    data["fit"] = {"family": spec.fit.family, "shape": spec.fit.shape, "origin_step": spec.fit.origin_step}
+    return data
+
+
+def verdict(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
+    """Plain-language reading of the backtest of the analysed fit, and of the other families."""
     if not a.backtest:
-        return ["The window is too short to backtest: add checkpoints (at least fit size + 1)."]
+        return ["The window is too short to backtest: add checkpoints (at least 5)."]
+    lines: list[str] = []
     tol = f"{a.tolerance:.0%}"
+    name = main.describe()
     near, far = a.backtest[0], a.backtest[-1]
+    stop = {(p.fit_count, p.step): p for p in _points(bt, STOP)}
     if a.supported_horizon is None:
+        stopped = stop[(near.fit_count, near.step)].relative_error
+        why = f"error {near.relative_error:.0%}"
+        if near.relative_error <= a.tolerance and stopped <= near.relative_error:
+            why += f", no better than stopping's {stopped:.0%}"
         lines.append(
-            f"The line does not hold even at the shortest horizon tested ({near.horizon:.2f}x the fit span: "
-            f"error {near.relative_error:.0%} > {tol}). Extrapolation from this window is not supported."
+            f"{name} does not hold even at the shortest horizon tested ({near.horizon:.2f}x the fit span: "
+            f"{why}; tolerance {tol}). Extrapolation with it from this window is not supported."
         )
     elif a.supported_horizon >= a.tested_horizon:
         lines.append(
-            f"The line held at every horizon the window can test, up to {a.tested_horizon:.1f}x the fit span "
+            f"{name} held at every horizon the window can test, up to {a.tested_horizon:.1f}x the fit span "
             f"(backtest error at most {max(p.relative_error for p in a.backtest):.1%}, tolerance {tol})."
         )
     else:
         lines.append(
-            f"The line holds up to {a.supported_horizon:.1f}x the fit span (backtest error <= {tol}); "
-            f"beyond that the error grows, to {far.relative_error:.0%} at {far.horizon:.1f}x."
+            f"{name} holds up to {a.supported_horizon:.1f}x the fit span (backtest error <= {tol} and below "
+            f"stopping's); beyond that the error grows, to {far.relative_error:.0%} at {far.horizon:.1f}x."
         )
     if far.relative_error > 2 * max(near.relative_error, 1e-3) and far.relative_error > a.tolerance / 2:
         lines.append(
             f"Backtest error grows with horizon ({near.relative_error:.1%} at {near.horizon:.1f}x, "
-            f"{far.relative_error:.1%} at {far.horizon:.1f}x): the trajectory is not a straight line."
+            f"{far.relative_error:.1%} at {far.horizon:.1f}x): the trajectory does not follow {name}."
         )
     if far.norm_ratio > 1.1:
         lines.append(
-            f"At the longest horizon the line overshoots: the predicted displacement is {far.norm_ratio:.2f}x the "
-            "true one, so the run decelerates. Far targets will overshoot more; consider scale < 1."
+            f"At the longest horizon {name} overshoots: the predicted displacement is {far.norm_ratio:.2f}x the "
+            "true one, so the run decelerates. Far targets will overshoot more; a decelerating family "
+            "(fit: auto, log, power, saturating) or scale < 1 may do better."
         )
     elif far.norm_ratio < 0.9:
         lines.append(
-            f"At the longest horizon the line undershoots ({far.norm_ratio:.2f}x the true displacement): "
+            f"At the longest horizon {name} undershoots ({far.norm_ratio:.2f}x the true displacement): "
             "the run accelerates."
         )
-    limit = a.supported_horizon if a.supported_horizon is not None else 0.0
-    span = a.steps[-1] - a.steps[0]
-    for target, horizon in a.target_horizons.items():
-        if a.supported_horizon is None:
-            lines.append(f"Target step {target} ({horizon:.1f}x the window span past its end): no horizon passed "
-                         "the backtest, so expect this prediction to be off; evaluate before use.")
-        elif horizon <= limit:
-            lines.append(f"Target step {target} ({horizon:.1f}x the window span past its end) is within the supported range.")
-        elif horizon <= a.tested_horizon:
-            lines.append(f"Target step {target} ({horizon:.1f}x) is past where the backtest held ({limit:.1f}x): expect errors.")
-        else:
-            safe = a.steps[-1] + int(limit * span)
-            lines.append(
-                f"Target step {target} is {horizon:.1f}x the window span past its end, beyond anything this "
-                f"window can test ({a.tested_horizon:.1f}x). Treat it as a guess: evaluate it (relex-merge sweep), "
-                f"prefer targets up to about step {safe}, or shrink with scale."
-            )
+    everything = list(range(len(bt.points)))
+    rows = [FitSpec(r.family, r.shape, bt.spec.fit.origin_step) for r in a.families if r.family != STOP]
+    if rows:
+        best = bt.best_over(everything, rows)
+        lines.append(
+            f"Over every backtest point the best fit is {best.describe()} ({bt.error(best, everything):.1%} pooled "
+            f"error; {name}: {bt.error(main, everything):.1%}; stopping at the last fitted checkpoint: "
+            f"{bt.error(STOP, everything):.1%})."
+        )
     return lines
 
 
@@ -200,17 +246,50 @@ def run_analysis(
         [r.name for r in reports], [r.numel for r in reports], [r.gram for r in reports],
         list(plan.job.steps), list(plan.job.targets), plan.job.spec, tolerance,
     )
-    analysis.coefficients = _representative(reports, analysis, plan.job.steps, plan.job.targets)
+    analysis.coefficients = _representative(reports, analysis, plan.job.steps, plan.job.spec)
     return analysis, stats
 
 
-def _representative(reports: Sequence[TensorReport], analysis: Analysis, steps, targets) -> dict:
-    """Coefficient curves of the three largest tensors and of the worst-fitting one."""
+def _coefficients(gram: torch.Tensor, steps: Sequence[int], spec: RelexSpec, rows: Sequence[FamilyRow],
+                  targets: Sequence[int]) -> dict:
+    """The rank-1 coefficient c_k = sigma_1 u_k1 (sign made positive at the end) and every
+    family's fitted curve through it, carried to the farthest target."""
+    idx = list(window_indices(gram.shape[0], spec.window))
+    sigma, u = top_components(gram.to(torch.float64)[idx][:, idx], 1)
+    if sigma.numel() == 0:
+        return {}
+    c = sigma[0] * u[:, 0]
+    if c[-1] < 0:
+        c = -c
+    used = [float(steps[k]) for k in idx]
+    x = torch.tensor(used, dtype=torch.float64)
+    last = max([used[-1], *[float(t) for t in targets]])
+    grid = torch.linspace(used[0], last, 80, dtype=torch.float64)
+    curves = {}
+    for row in rows:
+        if row.family == STOP:
+            continue
+        fit = FitSpec(row.family, row.shape, spec.fit.origin_step)
+        curve = fit.curve_family.fit(x, c.unsqueeze(1), row.shape, fit.origin_step)
+        curves[row.fit] = {"x": grid.tolist(), "y": curve(grid)[:, 0].tolist()}
+    return {"steps": used, "coefficients": c.tolist(), "targets": list(targets), "curves": curves}
+
+
+def _representative(reports: Sequence[TensorReport], analysis: Analysis, steps, spec: RelexSpec) -> dict:
+    """Coefficient curves of the three largest tensors and of the one the line fits worst."""
     by_name = {r.name: r for r in reports}
-    chosen = [t.name for t in sorted(analysis.tensors, key=lambda t: -t.numel)[:3]]
+    chosen: dict[str, str] = {}
+    for t in sorted(analysis.tensors, key=lambda t: -t.numel)[:3]:
+        chosen[t.name] = f"one of the 3 largest tensors ({t.numel:,} parameters)"
     if analysis.tensors:
-        chosen.append(min(analysis.tensors, key=lambda t: t.linear_r2).name)
-    return {name: _coefficients(by_name[name].gram, steps, targets) for name in dict.fromkeys(chosen)}
+        worst = min(analysis.tensors, key=lambda t: t.linear_r2)
+        chosen.setdefault(worst.name, f"the worst linear R² ({worst.linear_r2:.2f})")
+    out = {}
+    for name, why in chosen.items():
+        data = _coefficients(by_name[name].gram, steps, spec, analysis.families, analysis.targets)
+        if data:
+            out[name] = {**data, "why": why}
+    return out
 
 
 # ---- fit cache -------------------------------------------------------------------------
@@ -263,6 +342,7 @@ def summary_rows(a: Analysis) -> list[tuple[str, str]]:
         ("tensors analysed", str(len(a.tensors))),
         ("rank-1 explained variance", stat([t.explained_variance_1 for t in a.tensors])),
         ("linear R² (rank-1 coefficient)", stat([t.linear_r2 for t in a.tensors])),
+        ("fit analysed", a.fit),
         ("supported horizon", f"{a.supported_horizon:.2f}x the fit span" if a.supported_horizon is not None else "none"),
         ("longest horizon tested", f"{a.tested_horizon:.2f}x"),
     ]

@@ -215,7 +215,7 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
 
 def _run_relex_stage(
     config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, profile=False,
-    fit_cache=None, single_target_only=False,
+    fit_cache=None, single_target_only=False, require_supported=False, tolerance=0.2,
 ):
     from relex_merge.engine import planned_read_bytes
     from relex_merge.merge import execute_merge
@@ -237,8 +237,10 @@ def _run_relex_stage(
     console = Console(stderr=True, soft_wrap=True)
     for warning in plan.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
+    run = dict(overwrite=overwrite, shard_size=shard_size, full_hash=full_hash, require_supported=require_supported,
+               tolerance=tolerance)
     if quiet:
-        execute_merge(plan, out, options, overwrite=overwrite, shard_size=shard_size, full_hash=full_hash)
+        execute_merge(plan, out, options, **run)
         return
     total_tensors = len(plan.job.base.names())
     with _progress(console) as progress:
@@ -251,10 +253,12 @@ def _run_relex_stage(
             done += finished
             progress.update(task, advance=nbytes, tensors=f"{done}/{total_tensors} tensors")
 
-        result = execute_merge(
-            plan, out, options, overwrite=overwrite, shard_size=shard_size, full_hash=full_hash, progress=on_progress
-        )
+        result = execute_merge(plan, out, options, progress=on_progress, **run)
     Console().print(_summary_table(plan, result, profile))
+    for verdict in result.assessment.verdicts:
+        if verdict is not None:
+            colour = "green" if verdict.supported else "yellow"
+            Console().print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}", soft_wrap=True)
 
 
 def _print_expanded(documents, source) -> None:
@@ -286,12 +290,16 @@ def _print_expanded(documents, source) -> None:
 @click.option("--profile", is_flag=True, help="Print the split of time between reading, math and writing.")
 @click.option("--fit-cache", type=click.Path(path_type=Path, dir_okay=False),
               help="Gram matrices saved by `analyze --out`: skips the Gram pass (single-stage relex configs).")
+@click.option("--require-supported", is_flag=True,
+              help="Refuse (exit 3, nothing written) a target the backtest does not support.")
+@click.option("--tolerance", default=0.2, show_default=True, type=float,
+              help="Backtest relative error under which a fit counts as holding (the verdict).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
 def merge_command(
     config_path, out, print_config, overwrite, max_memory, device, threads, shard_size, intermediate_dir, lazy,
-    allow_unsafe_pickle, allow_nonfinite, full_hash, profile, fit_cache, quiet, verbose,
+    allow_unsafe_pickle, allow_nonfinite, full_hash, profile, fit_cache, require_supported, tolerance, quiet, verbose,
 ):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
     import shutil
@@ -312,6 +320,8 @@ def merge_command(
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
     options = _engine_options(max_memory, device, threads, allow_nonfinite)
+    if not 0 < tolerance < 10:
+        raise RelexError("--tolerance: expected a relative error such as 0.2")
     shard_bytes = parse_size(shard_size, "--shard-size")
     if shard_bytes <= 0:
         raise RelexError("--shard-size must be positive")
@@ -344,7 +354,7 @@ def merge_command(
                     parse_config(document, where), target, options, overwrite=stage_overwrite,
                     shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
                     full_hash=full_hash, profile=profile, fit_cache=fit_cache,
-                    single_target_only=target != out,
+                    single_target_only=target != out, require_supported=require_supported, tolerance=tolerance,
                 )
             else:
                 run_mergekit(
@@ -418,7 +428,7 @@ def _engine_options(max_memory, device, threads=None, allow_nonfinite=False):
 @engine_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Every backtest point, and full tracebacks on errors.")
 @user_errors
 def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, device, threads, allow_unsafe_pickle,
                     as_json, quiet, verbose):
@@ -464,13 +474,25 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
     for key, value in summary_rows(analysis):
         table.add_row(key, value)
     out.print(table)
-    backtest = Table(title="backtest: fit on the first K checkpoints, predict the later ones")
-    for column in ("K", "held-out step", "horizon (x fit span)", "relative error", "cosine", "norm ratio"):
-        backtest.add_column(column, justify="right")
-    for p in analysis.backtest:
-        backtest.add_row(str(p.fit_count), str(p.step), f"{p.horizon:.2f}", f"{p.relative_error:.2%}",
-                         f"{p.cosine:.4f}", f"{p.norm_ratio:.3f}")
-    out.print(backtest)
+    if analysis.families:
+        families = Table(title="backtest error by family and horizon (pooled over tensors; horizon in fit spans)")
+        families.add_column("fit")
+        for lo, hi in analysis.horizon_bins:
+            families.add_column(f"{lo:g}-{hi:g}x" if hi != float("inf") else f">{lo:g}x", justify="right")
+        families.add_column("supported up to", justify="right")
+        for row in analysis.families:
+            cells = ["" if e is None else f"{e:.1%}" for e in row.errors]
+            support = "" if row.family == "stop" else ("none" if row.supported_horizon is None else f"{row.supported_horizon:.2f}x")
+            families.add_row("stopping (last fitted checkpoint)" if row.family == "stop" else row.fit, *cells, support)
+        out.print(families)
+    if verbose:
+        backtest = Table(title=f"backtest of {analysis.fit}: fit on the first K checkpoints, predict the later ones")
+        for column in ("K", "held-out step", "horizon (x fit span)", "relative error", "cosine", "norm ratio"):
+            backtest.add_column(column, justify="right")
+        for p in analysis.backtest:
+            backtest.add_row(str(p.fit_count), str(p.step), f"{p.horizon:.2f}", f"{p.relative_error:.2%}",
+                             f"{p.cosine:.4f}", f"{p.norm_ratio:.3f}")
+        out.print(backtest)
     out.print("[bold]verdict[/]")
     for line in analysis.verdict:
         out.print(f"- {escape(line)}", soft_wrap=True)
@@ -484,6 +506,21 @@ def _task_list(text: str) -> list[str]:
     if not tasks:
         raise RelexError("--tasks: give at least one lm-eval task")
     return tasks
+
+
+def _fit_list(text: str, configured):
+    """--fits: family names or auto; the config's own family keeps its shape, others are chosen."""
+    from relex_merge import fits
+    from relex_merge.fit import FitSpec
+
+    out = []
+    for name in (v.strip() for v in text.split(",") if v.strip()):
+        if name != fits.AUTO and name not in fits.names():
+            raise RelexError(f"--fits: unknown fit {name!r}; choose {', '.join(fits.names())} or {fits.AUTO}")
+        out.append(configured if name == configured.family else FitSpec(name, None, configured.origin_step))
+    if not out:
+        raise RelexError("--fits: give at least one fit")
+    return out
 
 
 def _numbers(text: str, option: str, kind):
@@ -528,6 +565,7 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, resu
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--targets", required=True, help="Comma-separated target steps, e.g. 100,200,400.")
 @click.option("--scales", default="1.0", show_default=True, help="Comma-separated scales, e.g. 0.5,1.0.")
+@click.option("--fits", default=None, help="Comma-separated fits, e.g. linear,auto,log (default: the config's).")
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
 @click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
 @click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
@@ -537,7 +575,7 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, resu
 @click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
 @user_errors
-def sweep_command(config_path, out, targets, scales, tasks, include_path, limit, keep_all, overwrite, max_memory,
+def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, limit, keep_all, overwrite, max_memory,
                   device, threads, allow_unsafe_pickle, quiet, verbose):
     """Build candidates for several targets and scales, score each with lm-eval, keep the best."""
     from relex_merge.config import load_config
@@ -547,19 +585,22 @@ def sweep_command(config_path, out, targets, scales, tasks, include_path, limit,
     target_list = _numbers(targets, "--targets", int)
     scale_list = _numbers(scales, "--scales", float)
     plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
+    fit_list = _fit_list(fits, plan.job.spec.fit) if fits else None
     console = Console(stderr=True, soft_wrap=True)
     result = run_sweep(
-        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device, threads),
+        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device, threads), fits=fit_list,
         include_path=include_path, limit=limit, keep_all=keep_all, overwrite=overwrite,
         say=(lambda text: None) if quiet else (lambda text: console.print(escape(text))),
     )
     table = Table(title=f"relex-merge sweep ({', '.join(_task_list(tasks))}" + (f", limit {limit})" if limit else ")"))
-    for column in ("candidate", "target step", "scale", "score", "stderr"):
+    table.add_column("candidate", no_wrap=True)
+    for column in ("target", "scale", "fit", "score", "stderr", "supported"):
         table.add_column(column, justify="right")
     for c in [result.baseline, *result.candidates]:
         mark = " (best)" if c is result.best else ""
-        table.add_row(c.label + mark, str(c.target), "" if c.scale is None else f"{c.scale:g}",
-                      f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}")
+        supported = "" if c.verdict is None else ("yes" if c.verdict.startswith("SUPPORTED") else "no")
+        table.add_row(c.label + mark, str(c.target), "" if c.scale is None else f"{c.scale:g}", c.fit or "",
+                      f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}", supported)
     out_console = Console()
     out_console.print(table)
     verdict = "beats" if result.best.result.mean > result.baseline.result.mean else "does NOT beat"

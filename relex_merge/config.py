@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
 
+from relex_merge import fits
 from relex_merge.errors import RelexError
-from relex_merge.fit import FitSpec, RelexSpec
+from relex_merge.fit import FitSpec, RelexSpec, spec_from_parameters
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
@@ -47,12 +48,46 @@ class TrajectorySpec(_Strict):
 class RelexParameters(_Strict):
     target_step: Union[StrictInt, list[StrictInt], None] = None
     rank: StrictInt = Field(default=1, ge=1)
-    fit: Literal["linear", "linear_origin", "polynomial"] = "linear"
-    degree: StrictInt = Field(default=2, ge=1)
+    fit: str = Field(default="linear", description="a fit family (relex_merge.fits) or auto")
+    degree: StrictInt | None = Field(default=None, description="polynomial degree (default 2)")
+    p: float | None = Field(default=None, description="power: exponent; default: chosen by the backtest")
+    tau: float | None = Field(default=None, description="log, saturating: steps; default: chosen by the backtest")
     window: StrictInt | None = Field(default=None, ge=2)
     scale: float = Field(default=1.0, gt=0)
-    mode: Literal["extrapolate", "reconstruct"] = "extrapolate"
+    mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate"
+    refit_every: StrictInt | None = Field(default=None, ge=1, description="autoregressive re-fitting")
+    refit_window: StrictInt | None = Field(default=None, ge=2, description="points each re-fit uses")
     base_step: StrictInt = Field(default=0, ge=0, description="step of the base model")
+
+    @field_validator("fit")
+    @classmethod
+    def _known_family(cls, value):
+        if value != fits.AUTO and value not in fits.names():
+            hint = difflib.get_close_matches(value, [*fits.names(), fits.AUTO], n=1)
+            suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ValueError(f"unknown fit {value!r}{suggestion}; choose {', '.join(fits.names())} or {fits.AUTO}")
+        return value
+
+    @model_validator(mode="after")
+    def _shape_keys_match_the_fit(self):
+        used = None if self.fit == fits.AUTO else fits.family(self.fit).shape
+        for key in fits.shape_keys():
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if used is None or used.key != key:
+                users = [f.name for f in fits.families() if f.shape is not None and f.shape.key == key]
+                if self.fit == fits.AUTO:
+                    raise ValueError(f"{key}: with fit: auto the backtest chooses every shape; remove {key}")
+                raise ValueError(f"{key}: only used by fit: {', '.join(users)} (fit is {self.fit})")
+            problem = used.problem(value)
+            if problem:
+                raise ValueError(f"{key}: {problem}")
+        if self.refit_window is not None and self.refit_every is None:
+            raise ValueError("refit_window: only used with refit_every")
+        if self.refit_every is not None and self.mode != "extrapolate":
+            raise ValueError(f"refit_every: only used in extrapolate mode (mode is {self.mode})")
+        return self
 
     @field_validator("target_step")
     @classmethod
@@ -70,13 +105,7 @@ class RelexParameters(_Strict):
         return list(self.target_step) if isinstance(self.target_step, list) else [self.target_step]
 
     def spec(self) -> RelexSpec:
-        return RelexSpec(
-            rank=self.rank,
-            fit=FitSpec(kind=self.fit, degree=self.degree, origin_step=float(self.base_step)),
-            window=self.window,
-            scale=self.scale,
-            mode=self.mode,
-        )
+        return spec_from_parameters(**self.model_dump(exclude={"target_step"}))
 
 
 class RelexConfig(_Strict):
@@ -98,16 +127,46 @@ class RelexConfig(_Strict):
         data = self.model_dump(mode="json", exclude_none=True)
         return yaml.safe_dump(data, sort_keys=False)
 
-    def for_output(self, target: int, scale: float) -> "RelexConfig":
-        """The config that reproduces one output on its own (written beside it)."""
-        if self.parameters.targets() == [target] and self.parameters.scale == scale:
-            return self
-        parameters = self.parameters.model_copy(update={"target_step": target, "scale": scale})
+    def for_output(self, target: int, scale: float, fit: "FitSpec | None" = None) -> "RelexConfig":
+        """The config that reproduces one output on its own (written beside it): its target,
+        scale and fit, with the shape the backtest chose written out."""
+        update: dict[str, Any] = {"target_step": target, "scale": scale}
+        if fit is not None:
+            update["fit"] = fit.family
+            for key in fits.shape_keys():
+                update[key] = None
+            shape = fit.curve_family.shape
+            if shape is not None and fit.shape is not None:
+                update[shape.key] = int(fit.shape) if shape.integer else fit.shape
+        parameters = self.parameters.model_copy(update=update)
         return self.model_copy(update={"parameters": parameters})
 
 
 def _location(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "<top>"
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    for arg in list(candidates):
+        candidates += list(getattr(arg, "__args__", ()))
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _user_loc(loc: tuple) -> tuple:
+    """``loc`` without pydantic's union branch tags (``int``, ``list[int]``, ...): only the keys
+    and list positions the user wrote."""
+    model: Any = RelexConfig
+    out: list = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+        elif model is not None and part in model.model_fields:
+            out.append(part)
+            model = _model_of(model.model_fields[part].annotation)
+        elif model is None or out and isinstance(out[-1], str) and part not in getattr(model, "model_fields", {}):
+            continue  # a branch tag
+    return tuple(out)
 
 
 def _allowed_keys(loc: tuple) -> list[str]:
@@ -119,19 +178,46 @@ def _allowed_keys(loc: tuple) -> list[str]:
         field = model.model_fields.get(part)
         if field is None:
             return []
-        annotation = field.annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        for arg in list(candidates):
-            candidates += list(getattr(arg, "__args__", ()))
-        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        model = _model_of(field.annotation)
         if model is None:
             return []
     return list(model.model_fields)
 
 
+_EXPECTED = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _expected(error: dict) -> str:
+    """What the user should have written, in plain words (no pydantic type names)."""
+    kind = error["type"]
+    if kind == "list_type" and error["loc"] and error["loc"][-1] == "list[int]":
+        return "a list of integers"
+    if kind in _EXPECTED:
+        return _EXPECTED[kind]
+    message = error["msg"]
+    for prefix in ("Value error, ", "Input should be "):
+        if message.startswith(prefix):
+            message = message[len(prefix):]
+    if kind.startswith(("greater", "less")):
+        return f"a value {message}"
+    return message
+
+
 def _first_error_line(source: str, err: ValidationError) -> str:
-    # Pydantic reports every failed branch of a union; the most specific (deepest) is the
-    # one that names what the user got wrong.
+    # Pydantic reports every failed branch of a union; the most specific (deepest) error names
+    # what the user got wrong, and the branches of one key are merged: "an integer or a list".
     errors = sorted(err.errors(), key=lambda e: -len(e["loc"]))
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
     if extra:
@@ -140,7 +226,25 @@ def _first_error_line(source: str, err: ValidationError) -> str:
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"{source}: unknown key '{_location(loc)}'{suggestion}"
     first = errors[0]
-    return f"{source}: {_location(first['loc'])}: {first['msg']}"
+    loc = _user_loc(first["loc"])
+    if first["type"] == "value_error":  # our validators say "key: what is wrong"
+        message = _expected(first)
+        key, sep, rest = message.partition(": ")
+        if sep and " " not in key:
+            return f"{source}: {_location(loc + (key,))}: {rest}"
+        return f"{source}: {_location(loc)}: {message}"
+    if first["type"] == "missing":
+        return f"{source}: {_location(loc)}: required"
+    same = [e for e in errors if _user_loc(e["loc"]) == loc and e["type"] in _EXPECTED]
+    if len(same) > 1:
+        wanted = " or ".join(dict.fromkeys(_expected(e) for e in same))
+    else:
+        wanted = _expected(first)
+    got = first.get("input")
+    shown = f", got {got!r}" if isinstance(got, (str, int, float, bool)) or got is None else ""
+    if first["type"] in _EXPECTED or first["type"] == "literal_error" or first["type"].startswith(("greater", "less")):
+        return f"{source}: {_location(loc)}: expected {wanted}{shown}"
+    return f"{source}: {_location(loc)}: {wanted}{shown}"
 
 
 def parse_config(data: Any, source: str) -> RelexConfig:

@@ -25,7 +25,7 @@ from typing import Callable, Iterator, Mapping, Protocol, Sequence
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.fit import RelexSpec, TensorDiagnostics, diagnostics, relex_weights
+from relex_merge.fit import FitSpec, RelexSpec, TensorDiagnostics, diagnostics, relex_weights
 from relex_merge.io.readers import CheckpointReader, TensorMeta, read_span
 from relex_merge.io.writer import OutputTensor
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
@@ -49,6 +49,14 @@ class MergeJob:
     out_dtype: torch.dtype | None = None  # None: keep each tensor's base dtype
     gram_cache: Mapping[str, torch.Tensor] | None = None  # from a fit cache: skips the Gram pass
     scales: Sequence[float] | None = None  # per-output scale (sweep); else spec.scale for all
+    fits: Sequence[FitSpec] | None = None  # per-output fit (auto, sweep); else spec.fit for all
+
+    def output_specs(self) -> list[RelexSpec]:
+        """Each output's spec: its own scale and fit, the rest shared."""
+        n = len(self.targets)
+        scales = list(self.scales) if self.scales is not None else [self.spec.scale] * n
+        fits = list(self.fits) if self.fits is not None else [self.spec.fit] * n
+        return [replace(self.spec, scale=scale, fit=fit) for scale, fit in zip(scales, fits)]
 
     def output_tensors(self) -> list[OutputTensor]:
         return [OutputTensor(name, self.output_meta(name)) for name in self.base.names()]
@@ -70,7 +78,7 @@ class MergeJob:
 
     def gram_only(self) -> MergeJob:
         """The same window without targets: Gram matrices and diagnostics only (analyze)."""
-        return replace(self, targets=[], scales=None)
+        return replace(self, targets=[], scales=None, fits=None)
 
 
 def default_threads() -> int:
@@ -268,11 +276,14 @@ def _check_finite(job: MergeJob, options: EngineOptions, name: str, gram: torch.
 
 
 def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
+    weights = torch.zeros(len(job.targets), gram.shape[0], dtype=torch.float64)
     if not bool(torch.isfinite(gram).all()):  # only reachable with --allow-nonfinite
-        return torch.zeros(len(job.targets), gram.shape[0], dtype=torch.float64)
-    weights = relex_weights(gram, job.steps, job.targets, job.spec)
-    if job.scales is not None:
-        weights = weights * torch.tensor(job.scales, dtype=torch.float64).unsqueeze(1)
+        return weights
+    groups: dict[RelexSpec, list[int]] = {}
+    for j, spec in enumerate(job.output_specs()):
+        groups.setdefault(spec, []).append(j)
+    for spec, rows in groups.items():  # outputs sharing a spec share one fit
+        weights[rows] = relex_weights(gram, job.steps, [job.targets[j] for j in rows], spec)
     return weights
 
 

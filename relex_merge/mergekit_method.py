@@ -4,7 +4,10 @@
     register()            # explicit and idempotent; importing this module registers nothing
 
 mergekit then accepts ``merge_method: relex`` with a per-model ``step`` and the shared
-``target_step``, ``rank``, ``fit``, ``degree``, ``window``, ``scale`` and ``base_step``.
+``target_step``, ``rank``, ``fit`` (any fixed family; ``auto`` needs the whole model, which a
+per-tensor mergekit task never sees), ``degree``, ``p``, ``tau``, ``window``, ``scale``, ``mode``,
+``refit_every``, ``refit_window`` and ``base_step``. A family whose shape the backtest would
+choose (power without ``p``, log or saturating without ``tau``) needs the shape here.
 mergekit hands a method all T+1 copies of a tensor at once; the relex-merge engine instead
 streams spans of rows within --max-memory.
 """
@@ -18,7 +21,7 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
-from relex_merge.fit import FitSpec, RelexSpec, relex_weights
+from relex_merge.fit import spec_from_parameters, relex_weights
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
 METHOD_NAME = "relex"
@@ -29,10 +32,15 @@ def relex_group(
     step: PerNonBase[int],
     target_step: int,
     rank: int = 1,
-    fit: Literal["linear", "linear_origin", "polynomial"] = "linear",
-    degree: int = 2,
+    fit: str = "linear",
+    degree: Optional[int] = None,
+    p: Optional[float] = None,
+    tau: Optional[float] = None,
     window: Optional[int] = None,
     scale: float = 1.0,
+    mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate",
+    refit_every: Optional[int] = None,
+    refit_window: Optional[int] = None,
     base_step: int = 0,
 ) -> torch.Tensor:
     base = group.base.tensor
@@ -41,12 +49,15 @@ def relex_group(
     steps = [step[entry.id] for entry in entries]
     if len(set(steps)) != len(steps):
         raise ValueError(f"relex: duplicate step values {steps}")
-    spec = RelexSpec(
-        rank=rank,
-        fit=FitSpec(kind=fit, degree=degree, origin_step=float(base_step)),
-        window=window,
-        scale=scale,
+    spec = spec_from_parameters(
+        rank=rank, fit=fit, degree=degree, p=p, tau=tau, window=window, scale=scale, mode=mode,
+        refit_every=refit_every, refit_window=refit_window, base_step=base_step,
     )
+    if spec.fit.resolved is None:
+        raise ValueError(
+            f"relex: fit {spec.fit.describe()} needs the whole model's backtest; give the shape (p or tau) or a fixed fit "
+            "(relex-merge analyze names the best one)"
+        )
     # the streaming engine's kernels, over the whole tensor as one span
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     inputs = [base.reshape(-1)] + [entry.tensor.reshape(-1) for entry in entries]

@@ -42,8 +42,16 @@ class MergePlan:
         return [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
 
 
-def _check_steps(config: RelexConfig) -> list[int]:
+def _check_steps(config: RelexConfig, discovered: bool = False) -> list[int]:
+    """The window's steps, checked. ``discovered``: they came from ``trajectory:``, so messages
+    name that key rather than a ``models:`` list the user never wrote."""
     steps = [m.parameters.step for m in config.models or []]
+    if discovered and len(steps) < 2:
+        found = f"step {steps[0]}" if steps else "none"
+        raise RelexError(
+            f"trajectory: need at least 2 window checkpoints, found {len(steps)} ({found}); "
+            "widen trajectory.steps or save checkpoints more often"
+        )
     seen: set[int] = set()
     for i, step in enumerate(steps):
         if step in seen:
@@ -76,19 +84,23 @@ def _check_parameters(
     used = [steps[k] for k in window_indices(n, p.window)]
     if p.rank > len(used):
         raise RelexError(f"parameters.rank: {p.rank} exceeds the {len(used)} checkpoints in the window")
-    if p.fit == "polynomial" and p.degree >= len(used):
-        raise RelexError(
-            f"parameters.degree: a degree-{p.degree} polynomial needs more than {len(used)} checkpoints"
-        )
+    spec = p.spec()
+    if p.mode != "reconstruct":
+        _check_points(spec, len(used))
     targets = p.targets()
     if len(set(targets)) != len(targets):
         raise RelexError("parameters.target_step: a target step is listed twice")
-    if p.mode == "reconstruct":
+    early = [t for t in targets if t <= p.base_step]
+    if early and p.mode == "extrapolate":
+        raise RelexError(
+            f"parameters.target_step: {early[0]} is not after the base model's step (parameters.base_step = {p.base_step})"
+        )
+    if p.mode in ("reconstruct", "fit_reconstruct"):
         targets = targets or [used[-1]]
         unobserved = [t for t in targets if t not in used]
         if unobserved:
             raise RelexError(
-                f"parameters.target_step: reconstruct mode denoises observed checkpoints; step(s) "
+                f"parameters.target_step: {p.mode} mode works on observed checkpoints; step(s) "
                 f"{unobserved} are not in the window {used[0]}..{used[-1]}"
             )
     else:
@@ -101,6 +113,27 @@ def _check_parameters(
                 "this interpolates; use mode: reconstruct to denoise an observed checkpoint"
             )
     return targets, warnings
+
+
+def _check_points(spec, n_used: int) -> None:
+    """Enough checkpoints for the fit (and for each autoregressive re-fit)."""
+    fit = spec.fit
+    if fit.family == "auto":
+        return  # auto scores the families the window can hold; the backtest says if none
+    family = fit.curve_family
+    shape = fit.resolved.shape if fit.resolved is not None else None
+    need = family.min_points(shape)
+    if family.shape is not None and family.shape.key == "degree" and need > n_used:
+        raise RelexError(
+            f"parameters.degree: a degree-{int(shape)} polynomial needs more than {int(shape)} checkpoints"
+        )
+    if need > n_used:
+        raise RelexError(f"parameters.fit: {fit.family} needs at least {need} checkpoints in the window, got {n_used}")
+    if spec.refit_window is not None:
+        if spec.refit_window < need:
+            raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
+        if spec.refit_window > n_used:
+            raise RelexError(f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window")
 
 
 def _open_all(
@@ -168,8 +201,9 @@ def plan_merge(
 ) -> MergePlan:
     """Validate everything (headers only) and return the job; ``require_targets=False`` for
     analyze, where targets only inform the verdict."""
+    discovered = config.trajectory is not None
     config = expand_config(config)
-    steps = _check_steps(config)
+    steps = _check_steps(config, discovered)
     targets, warnings = _check_parameters(config, steps, require_targets)
     _check_paths(config)
     base_config = _check_architectures(config)

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from relex_merge.backtest import TargetVerdict, horizon, window_steps
 from relex_merge.config import RelexConfig
 from relex_merge.engine import TensorReport
 from relex_merge.output import InputRecord
@@ -73,6 +74,9 @@ def _row(label: str, d: Distribution | None) -> str:
     )
 
 
+_TITLES = {"extrapolate": "extrapolation", "reconstruct": "reconstruction", "fit_reconstruct": "fitted reconstruction"}
+
+
 def model_card(
     config: RelexConfig,
     target: int,
@@ -80,12 +84,17 @@ def model_card(
     summary: FitSummary,
     inputs: Sequence[InputRecord],
     warnings: Sequence[str],
+    verdict: TargetVerdict | None = None,
 ) -> str:
+    """The output's README.md. ``config`` is the output's own config (its fit resolved)."""
     p = config.parameters
-    window = steps if p.window is None else steps[-p.window :]
-    span = window[-1] - (window[0] if len(window) > 1 else p.base_step)
-    horizon = (target - window[-1]) / span if span else float("nan")
-    fit = p.fit if p.fit != "polynomial" else f"polynomial (degree {p.degree})"
+    spec = p.spec()
+    window = window_steps(steps, spec)
+    fit = spec.fit.describe() + f": {spec.fit.curve_family.formula}"
+    if verdict is not None and verdict.chosen_by_backtest:
+        fit += " (chosen by the backtest)"
+    if spec.refit_every is not None:
+        fit += f"; re-fitted every {spec.refit_every} predicted checkpoints on the last {spec.refit_window or len(window)}"
     lines: list[str | None] = [
         "---",
         f"base_model: {config.base_path}",
@@ -96,7 +105,7 @@ def model_card(
         "- mergekit",
         "---",
         "",
-        f"# RELEX {'reconstruction' if p.mode == 'reconstruct' else 'extrapolation'} to step {target}",
+        f"# RELEX {_TITLES[p.mode]} to step {target}",
         "",
         "Made with [relex-merge](https://github.com/relex-merge/relex-merge) from a window of RL "
         "checkpoints (RELEX, arXiv 2605.21468): each tensor's displacement from the base was "
@@ -109,11 +118,12 @@ def model_card(
         f"| window steps | {_steps_text(window)} ({len(window)} checkpoints) |",
         f"| mode | {p.mode} |",
         f"| target step | {target} |",
-        f"| horizon past the window | {horizon:.2f} x the window span |" if p.mode == "extrapolate" else None,
+        f"| horizon past the window | {horizon(window, target):.2f} x the window span |" if p.mode == "extrapolate" else None,
         f"| rank | {p.rank} |",
         f"| fit | {fit} |",
         f"| scale | {p.scale} |",
         f"| output dtype | {config.out_dtype or 'as the base model'} |",
+        *_verdict_section(verdict),
         "",
         "## How well the window fits the picture",
         "",
@@ -126,7 +136,7 @@ def model_card(
         _row(f"rank-{p.rank} explained variance", summary.explained_variance_r) if p.rank > 1 else None,
         _row("linear R² of the rank-1 coefficient", summary.linear_r2),
         "",
-        "A straight line inside the window does not guarantee one beyond it: on small GRPO runs "
+        "A good fit inside the window does not guarantee one beyond it: on small GRPO runs "
         "the coefficient decelerates later, and far horizons overshoot. Evaluate before use.",
     ]
     if summary.nonfinite:
@@ -152,6 +162,32 @@ def model_card(
     for record in inputs:
         lines.append(f"| `{record.path}` | {steps_by_path.get(record.path, '')} | {record.bytes} | `{record.fingerprint}` |")
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _verdict_section(verdict: TargetVerdict | None) -> list[str]:
+    if verdict is None:
+        return []
+    stop = "n/a" if verdict.stop_error != verdict.stop_error else f"{verdict.stop_error:.1%}"
+    error = "n/a" if verdict.error != verdict.error else f"{verdict.error:.1%}"
+    supported = "none" if verdict.supported_horizon is None else f"{verdict.supported_horizon:.2f} x"
+    return [
+        "",
+        "## Verdict of the backtest",
+        "",
+        f"**{verdict.line()}**",
+        "",
+        "The backtest fits on the first part of the window and predicts its later checkpoints "
+        "(whole-model relative error of the displacement from the base); a fit holds where that "
+        f"error is at most {verdict.tolerance:.0%} and below that of stopping at the last fitted checkpoint.",
+        "",
+        "| backtest | value |",
+        "|---|---|",
+        f"| target horizon | {verdict.horizon:.2f} x the window span |",
+        f"| supported up to | {supported} |",
+        f"| longest horizon the window can test | {verdict.tested_horizon:.2f} x |",
+        f"| error of this fit near the target's horizon | {error} |",
+        f"| error of stopping (step {verdict.last_step}) there | {stop} |",
+    ]
 
 
 def _steps_text(steps: Sequence[int]) -> str:

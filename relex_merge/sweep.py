@@ -1,5 +1,5 @@
-"""Choose the horizon and shrink by measurement: build every (target, scale) candidate from
-ONE read of the window (each is only another weight vector), score each and the last window
+"""Choose the horizon, shrink and fit by measurement: build every (target, scale, fit) candidate
+from ONE read of the window (each is only another weight vector), score each and the last window
 checkpoint with lm-eval, keep the best."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 from relex_merge.engine import EngineOptions
 from relex_merge.errors import RelexError
 from relex_merge.evaluate import EvalResult, check_tasks, evaluate, task_manager
+from relex_merge.fit import FitSpec
 from relex_merge.io.readers import is_hf_model
 from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
@@ -21,10 +22,12 @@ from relex_merge.plan import MergePlan
 
 @dataclass(frozen=True)
 class Candidate:
-    label: str  # "step-400-scale-0.5" or "baseline (step 20)"
+    label: str  # "step-400-scale-0.5-fit-log" or "last window checkpoint (step 20)"
     target: int | None
     scale: float | None
     result: EvalResult
+    fit: str | None = None  # the fit the candidate used (auto: what the backtest chose)
+    verdict: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ def run_sweep(
     tasks: Sequence[str],
     options: EngineOptions,
     *,
+    fits: Sequence[FitSpec] | None = None,
     include_path: Path | None = None,
     limit: int | None = None,
     keep_all: bool = False,
@@ -56,23 +60,22 @@ def run_sweep(
     manager = task_manager(include_path)
     check_tasks(tasks, manager)  # before any tensor is read
     check_output_path(out, plan.model_paths, overwrite)
-    pairs = [(t, s) for t in targets for s in scales]
-    job = replace(
-        plan.job,
-        targets=[t for t, _ in pairs],
-        scales=[s for _, s in pairs],
-        spec=replace(plan.job.spec, scale=1.0),
-    )
+    fits = list(fits or [plan.job.spec.fit])
+    triples = [(t, s, f) for t in targets for s in scales for f in fits]
+    job = replace(plan.job, targets=[t for t, _, _ in triples], scales=[s for _, s, _ in triples],
+                  fits=[f for _, _, f in triples])
+    names = [f"step-{t}-scale-{s:g}" + (f"-fit-{f.family}" if len(fits) > 1 else "") for t, s, f in triples]
     baseline_path = Path(plan.config.models[-1].model)
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
-        say(f"building {len(pairs)} candidates from one read of the window")
-        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True)
+        say(f"building {len(triples)} candidates from one read of the window")
+        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True, names=names)
         results = []
-        for target, scale, folder in built.outputs:
+        for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
             say(f"scoring {folder.name}")
             result = _score(folder, tasks, manager, include_path, limit)
-            results.append(Candidate(folder.name, target, scale, result))
+            results.append(Candidate(folder.name, target, scale, result, fit.describe(),
+                                     verdict.line() if verdict else None))
         baseline_dir = baseline_path
         if not is_hf_model(baseline_dir):
             from relex_merge.convert import plan_convert, write_converted
@@ -101,8 +104,8 @@ def run_sweep(
             "best": best.label,
             "baseline": {"label": baseline.label, "score": baseline.result.mean, "stderr": baseline.result.mean_stderr},
             "candidates": [
-                {"label": c.label, "target_step": c.target, "scale": c.scale, "score": c.result.mean,
-                 "stderr": c.result.mean_stderr}
+                {"label": c.label, "target_step": c.target, "scale": c.scale, "fit": c.fit, "score": c.result.mean,
+                 "stderr": c.result.mean_stderr, "verdict": c.verdict}
                 for c in results
             ],
         }

@@ -11,10 +11,10 @@ import torch
 import yaml
 
 from relex_merge.analyze import analyze_grams
-from relex_merge.backtest import backtest_tensor, holdouts
-from relex_merge.fit import RelexSpec, relex_weights
+from relex_merge.backtest import Backtest
+from relex_merge.fit import FitSpec, RelexSpec
 from relex_merge.synthetic import make_planted_run
-from tests.helpers import run_cli
+from tests.helpers import dense_relex, run_cli
 from tests.test_cli import load_state, write_config
 
 STEPS = list(range(1, 13))
@@ -32,16 +32,20 @@ def planted_grams(curve, noise=1e-4, seed=0, n_tensors=3, d=3000):
     return grams, deltas_by_tensor
 
 
-def test_backtest_from_gram_equals_backtest_on_the_deltas():
+@pytest.mark.parametrize("fit", ["linear", "polynomial"])
+def test_backtest_from_gram_equals_backtest_on_the_deltas(fit):
+    """The Gram-matrix backtest against an independent one: the dense SVD reference fitted on
+    the first K explicit deltas, compared with the held-out delta."""
     grams, deltas = planted_grams(lambda s: math.sqrt(s), noise=1e-2)
-    spec = RelexSpec(rank=2)
-    points = holdouts(STEPS, spec)
-    sums = backtest_tensor(grams[0], STEPS, spec)
+    spec = RelexSpec(rank=2, fit=FitSpec(fit, 2 if fit == "polynomial" else None))
+    backtest = Backtest(STEPS, spec, [spec.fit])
+    backtest.add(grams[0])
     m = deltas[0]
-    for point, got in zip(points, sums):
+    assert len(backtest.points) > 10
+    for point, got in backtest.curve(spec.fit):
         k = point.fit_count
-        w = relex_weights(m[:k] @ m[:k].T, STEPS[:k], [point.step], RelexSpec(rank=2))[0]
-        pred = w @ m[:k]
+        pred = dense_relex(torch.zeros(m.shape[1], dtype=torch.float64), list(m[:k]), STEPS[:k], point.step,
+                           rank=2, fit=fit)
         true = m[STEPS.index(point.step)]
         assert got.relative_error == pytest.approx(float((pred - true).norm() / true.norm()), rel=1e-6)
         assert got.cosine == pytest.approx(float(pred @ true / (pred.norm() * true.norm())), rel=1e-6)
@@ -54,9 +58,11 @@ def test_exactly_linear_trajectory_is_supported_everywhere():
     assert all(t.explained_variance_1 == pytest.approx(1.0, abs=1e-9) for t in a.tensors)
     assert max(p.relative_error for p in a.backtest) < 1e-6
     assert a.supported_horizon == a.tested_horizon
-    assert "The line held at every horizon the window can test" in a.verdict[0]
-    assert any("Target step 24 " in line and "within the supported range" in line for line in a.verdict)
-    assert any("Target step 400" in line and "beyond anything this window can test" in line for line in a.verdict)
+    assert a.verdict[0].startswith("linear held at every horizon the window can test")
+    assert any(line.startswith("SUPPORTED: step 24 is 1.1x the window span") for line in a.verdict)
+    assert any(line.startswith("NOT SUPPORTED: step 400 is 35.3x") and "beyond the 2.7x the window can test" in line
+               for line in a.verdict)
+    assert "Over every backtest point the best fit is linear (" in " ".join(a.verdict)
 
 
 def test_decelerating_trajectory_is_flagged():
@@ -75,6 +81,7 @@ def test_decelerating_trajectory_is_flagged():
     assert longest_fit > shortest_fit
     text = " ".join(a.verdict)
     assert "error grows with horizon" in text and "overshoots" in text and "decelerates" in text
+    assert "does not follow linear" in text
     assert a.supported_horizon is None or a.supported_horizon < a.tested_horizon
 
 

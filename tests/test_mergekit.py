@@ -34,7 +34,8 @@ def test_register_is_explicit_and_idempotent():
     assert register() is RELEX_METHOD
     assert [m for m in registry.registered_methods() if m.spec.name == "relex"] == [RELEX_METHOD]
     names = [p.name for p in RELEX_METHOD.spec.parameters]
-    assert names == ["step", "target_step", "rank", "fit", "degree", "window", "scale", "base_step"]
+    assert names == ["step", "target_step", "rank", "fit", "degree", "p", "tau", "window", "scale", "mode",
+                     "refit_every", "refit_window", "base_step"]
 
 
 @pytest.mark.parametrize("params", [{}, {"rank": 2, "window": 4}, {"fit": "linear_origin", "scale": 0.7}])

@@ -135,11 +135,11 @@ CASES = {
     ),
     "non-integer step": (
         lambda run, tmp: _set_step(base_config(run), 1, 2.5),
-        "{cfg}: models.1.parameters.step: Input should be a valid integer",
+        "{cfg}: models.1.parameters.step: expected an integer, got 2.5",
     ),
     "negative step": (
         lambda run, tmp: _set_step(base_config(run), 0, -1),
-        "{cfg}: models.0.parameters.step: Input should be greater than or equal to 0",
+        "{cfg}: models.0.parameters.step: expected a value greater than or equal to 0, got -1",
     ),
     "missing base": (
         lambda run, tmp: {**base_config(run), "base_model": str(tmp / "nope")},
@@ -167,7 +167,7 @@ CASES = {
     ),
     "rank zero": (
         lambda run, tmp: base_config(run, rank=0),
-        "{cfg}: parameters.rank: Input should be greater than or equal to 1",
+        "{cfg}: parameters.rank: expected a value greater than or equal to 1, got 0",
     ),
     "rank above window": (
         lambda run, tmp: base_config(run, rank=3, window=2),
@@ -179,11 +179,11 @@ CASES = {
     ),
     "window one": (
         lambda run, tmp: base_config(run, window=1),
-        "{cfg}: parameters.window: Input should be greater than or equal to 2",
+        "{cfg}: parameters.window: expected a value greater than or equal to 2, got 1",
     ),
     "scale zero": (
         lambda run, tmp: base_config(run, scale=0),
-        "{cfg}: parameters.scale: Input should be greater than 0",
+        "{cfg}: parameters.scale: expected a value greater than 0, got 0",
     ),
     "degree too high": (
         lambda run, tmp: base_config(run, fit="polynomial", degree=3),
@@ -191,7 +191,7 @@ CASES = {
     ),
     "unknown fit": (
         lambda run, tmp: base_config(run, fit="cubic"),
-        "{cfg}: parameters.fit: Input should be 'linear', 'linear_origin' or 'polynomial'",
+        "{cfg}: parameters.fit: unknown fit 'cubic'; choose linear_origin, linear, log, polynomial, power, saturating, sine or auto",
     ),
     "no target": (
         lambda run, tmp: base_config(run, target=None),
@@ -199,7 +199,7 @@ CASES = {
     ),
     "reconstruct unobserved": (
         lambda run, tmp: base_config(run, target=7, mode="reconstruct"),
-        "parameters.target_step: reconstruct mode denoises observed checkpoints; step(s) [7] are not in the window 1..3",
+        "parameters.target_step: reconstruct mode works on observed checkpoints; step(s) [7] are not in the window 1..3",
     ),
     "missing tensor": (
         lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _drop("model.norm.weight"))),
@@ -233,9 +233,64 @@ CASES = {
         lambda run, tmp: _trajectory(_mkdir(tmp / "empty")),
         "trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
     ),
+    "target with a unit": (
+        lambda run, tmp: base_config(run, target="10k"),
+        "{cfg}: parameters.target_step: expected an integer or a list of integers, got '10k'",
+    ),
+    "one discovered checkpoint": (
+        lambda run, tmp: _trajectory(run, steps="2-2"),
+        "trajectory: need at least 2 window checkpoints, found 1 (step 2); widen trajectory.steps or save "
+        "checkpoints more often",
+    ),
+    "misspelt fit": (
+        lambda run, tmp: base_config(run, fit="sqrt"),
+        "{cfg}: parameters.fit: unknown fit 'sqrt'; choose linear_origin, linear, log, polynomial, power, saturating, "
+        "sine or auto",
+    ),
+    "shape of another family": (
+        lambda run, tmp: base_config(run, fit="log", p=0.5),
+        "{cfg}: parameters.p: only used by fit: power (fit is log)",
+    ),
+    "shape with auto": (
+        lambda run, tmp: base_config(run, fit="auto", tau=3),
+        "{cfg}: parameters.tau: with fit: auto the backtest chooses every shape; remove tau",
+    ),
+    "power out of range": (
+        lambda run, tmp: base_config(run, fit="power", p=2),
+        "{cfg}: parameters.p: expected a value in (0, 1.5], got 2",
+    ),
+    "negative tau": (
+        lambda run, tmp: base_config(run, fit="saturating", tau=-1),
+        "{cfg}: parameters.tau: expected a value in (0, inf), got -1",
+    ),
+    "sine on three checkpoints": (
+        lambda run, tmp: base_config(run, fit="sine"),
+        "parameters.fit: sine needs at least 4 checkpoints in the window, got 3",
+    ),
+    "refit window alone": (
+        lambda run, tmp: base_config(run, refit_window=3),
+        "{cfg}: parameters.refit_window: only used with refit_every",
+    ),
+    "refit window too long": (
+        lambda run, tmp: base_config(run, refit_every=1, refit_window=5),
+        "parameters.refit_window: 5 is more than the 3 checkpoints in the window",
+    ),
+    "refit in reconstruct mode": (
+        lambda run, tmp: base_config(run, target=2, mode="reconstruct", refit_every=2),
+        "{cfg}: parameters.refit_every: only used in extrapolate mode (mode is reconstruct)",
+    ),
+    "fit_reconstruct unobserved": (
+        lambda run, tmp: base_config(run, target=7, mode="fit_reconstruct"),
+        "parameters.target_step: fit_reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
+        "window 1..3",
+    ),
+    "target before the base": (
+        lambda run, tmp: base_config(run, steps=(4, 5, 6), target=2, base_step=3),
+        "parameters.target_step: 2 is not after the base model's step (parameters.base_step = 3)",
+    ),
     "wrong type": (
         lambda run, tmp: base_config(run, rank="two"),
-        "{cfg}: parameters.rank: Input should be a valid integer",
+        "{cfg}: parameters.rank: expected an integer, got 'two'",
     ),
     "truncated safetensors header": (
         lambda run, tmp: with_model(base_config(run), 1, _damaged_safetensors(run, tmp, "header")),
@@ -329,8 +384,10 @@ def snapshot(folder: Path) -> dict[str, float]:
     return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
 
 
-def test_table_has_every_required_case():
-    assert len(CASES) >= 25
+def test_every_case_expects_its_own_message():
+    """Two cases expecting the same line would test one check twice and another not at all."""
+    messages = [expected for _, expected in CASES.values()]
+    assert len(set(messages)) == len(messages)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -1,0 +1,20 @@
+"""``fit: linear`` -- RELEX itself: the coefficient grows linearly with the step."""
+
+from __future__ import annotations
+
+import torch
+
+from relex_merge.fits.base import BasisFamily
+
+
+class Linear(BasisFamily):
+    name = "linear"
+    formula = "c = a + b·s"
+    complexity = 2
+
+    def basis(self, x, shape, origin, frame):
+        z = (x - frame[0]) / frame[1]
+        return torch.stack([torch.ones_like(z), z], 1)
+
+
+FAMILY = Linear()

@@ -1,0 +1,25 @@
+"""``fit: log`` -- c = a + b·ln(s − s0 + tau): fast early growth that keeps slowing down; small
+tau decelerates sooner, large tau approaches the line. Without ``tau:`` the backtest chooses it
+(a grid of multiples of the window's last step past the base)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from relex_merge.fits.base import BasisFamily, Shape
+
+
+class Log(BasisFamily):
+    name = "log"
+    formula = "c = a + b·ln(s − s0 + tau)"
+    shape = Shape("tau", "offset in steps", low=0.0, high=math.inf,
+                  grid=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4), grid_in_window_spans=True)
+    complexity = 3
+
+    def basis(self, x, shape, origin, frame):
+        return torch.stack([torch.ones_like(x), torch.log(x - origin + shape)], 1)
+
+
+FAMILY = Log()

@@ -1,0 +1,21 @@
+"""``fit: power`` -- c = a + b·(s − s0)^p with 0 < p <= 1.5; p < 1 decelerates (p = 0.5: a
+square root), p = 1 is the line. Without ``p:`` in the config the backtest chooses p."""
+
+from __future__ import annotations
+
+import torch
+
+from relex_merge.fits.base import BasisFamily, Shape
+
+
+class Power(BasisFamily):
+    name = "power"
+    formula = "c = a + b·(s − s0)^p"
+    shape = Shape("p", "exponent", low=0.0, high=1.5, grid=(0.25, 0.5, 0.75, 1.25, 1.5))
+    complexity = 3
+
+    def basis(self, x, shape, origin, frame):
+        return torch.stack([torch.ones_like(x), (x - origin).clamp_min(0.0) ** shape], 1)
+
+
+FAMILY = Power()

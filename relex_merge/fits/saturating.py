@@ -1,0 +1,24 @@
+"""``fit: saturating`` -- c = a + b·(1 − exp(−(s − s0)/tau)): growth that levels off at a
+plateau about tau steps past the base. Without ``tau:`` the backtest chooses it."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from relex_merge.fits.base import BasisFamily, Shape
+
+
+class Saturating(BasisFamily):
+    name = "saturating"
+    formula = "c = a + b·(1 − exp(−(s − s0)/tau))"
+    shape = Shape("tau", "time constant in steps", low=0.0, high=math.inf,
+                  grid=(1 / 4, 1 / 2, 1, 2, 4, 8), grid_in_window_spans=True)
+    complexity = 3
+
+    def basis(self, x, shape, origin, frame):
+        return torch.stack([torch.ones_like(x), -torch.expm1(-(x - origin) / shape)], 1)
+
+
+FAMILY = Saturating()
