@@ -245,20 +245,19 @@ class Backtest:
         return max((p.horizon for p in self.points), default=0.0)
 
     def matched(self, target_horizon: float) -> list[int]:
-        """Indices of the points nearest the target's horizon: per fit count the held-out
-        checkpoint closest to it (in ratio), if it reaches at least half of it; if none does,
-        each fit count's farthest point (the window cannot test further)."""
-        chosen, farthest = [], []
-        for k in sorted({p.fit_count for p in self.points}):
-            ids = [i for i, p in enumerate(self.points) if p.fit_count == k]
-            farthest.append(max(ids, key=lambda i: self.points[i].horizon))
-            if target_horizon <= 0:
-                chosen.append(min(ids, key=lambda i: self.points[i].horizon))
-                continue
-            best = min(ids, key=lambda i: abs(math.log(max(self.points[i].horizon, 1e-9) / target_horizon)))
-            if self.points[best].horizon >= target_horizon / 2:
-                chosen.append(best)
-        return chosen or farthest
+        """Indices of the points near the target's horizon: those within a factor of 2 of it, or
+        of the longest horizon tested when the target lies beyond (the window cannot test
+        further). A target inside the window (horizon <= 0) is matched with each fit count's
+        shortest horizon."""
+        if not self.points:
+            return []
+        if target_horizon <= 0:
+            by_k: dict[int, int] = {}
+            for i in self.order():
+                by_k.setdefault(self.points[i].fit_count, i)
+            return sorted(by_k.values())
+        h = min(target_horizon, self.tested_horizon)
+        return [i for i, p in enumerate(self.points) if h / 2 <= p.horizon <= 2 * h]
 
     def error(self, key, ids: Sequence[int]) -> float:
         """Whole-model relative error pooled over the given points."""

@@ -172,9 +172,9 @@ def _autoregress(steps: torch.Tensor, values: torch.Tensor, targets: torch.Tenso
     gap = float(torch.median(steps[1:] - steps[:-1])) if steps.numel() > 1 else 1.0
     out = torch.empty(targets.numel(), values.shape[1], dtype=torch.float64)
     pending = sorted(range(targets.numel()), key=lambda i: float(targets[i]))
+    keep = keep or steps.numel()  # the reference's default: as many points as the window
     while pending:
-        keep_n = xs.numel() if keep is None else keep
-        curve = family.fit(xs[-keep_n:], vs[-keep_n:], fit.shape, fit.origin_step)
+        curve = family.fit(xs[-keep:], vs[-keep:], fit.shape, fit.origin_step)
         last = float(xs[-1])
         reach = last + every * gap
         while pending and float(targets[pending[0]]) <= reach + 1e-9:

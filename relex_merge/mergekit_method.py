@@ -43,12 +43,6 @@ def relex_group(
     refit_window: Optional[int] = None,
     base_step: int = 0,
 ) -> torch.Tensor:
-    base = group.base.tensor
-    # order by the step value: mergekit's input order is not the training order
-    entries = sorted(group.non_base, key=lambda entry: step[entry.id])
-    steps = [step[entry.id] for entry in entries]
-    if len(set(steps)) != len(steps):
-        raise ValueError(f"relex: duplicate step values {steps}")
     spec = spec_from_parameters(
         rank=rank, fit=fit, degree=degree, p=p, tau=tau, window=window, scale=scale, mode=mode,
         refit_every=refit_every, refit_window=refit_window, base_step=base_step,
@@ -58,6 +52,12 @@ def relex_group(
             f"relex: fit {spec.fit.describe()} needs the whole model's backtest; give the shape (p or tau) or a fixed fit "
             "(relex-merge analyze names the best one)"
         )
+    base = group.base.tensor
+    # order by the step value: mergekit's input order is not the training order
+    entries = sorted(group.non_base, key=lambda entry: step[entry.id])
+    steps = [step[entry.id] for entry in entries]
+    if len(set(steps)) != len(steps):
+        raise ValueError(f"relex: duplicate step values {steps}")
     # the streaming engine's kernels, over the whole tensor as one span
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     inputs = [base.reshape(-1)] + [entry.tensor.reshape(-1) for entry in entries]

@@ -15,7 +15,7 @@ class Log(BasisFamily):
     name = "log"
     formula = "c = a + b·ln(s − s0 + tau)"
     shape = Shape("tau", "offset in steps", low=0.0, high=math.inf,
-                  grid=(1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4), grid_in_window_spans=True)
+                  grid=tuple(2 ** (k / 4) for k in range(-16, 9)), grid_in_window_spans=True)
     complexity = 3
 
     def basis(self, x, shape, origin, frame):
