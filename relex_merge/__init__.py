@@ -1,3 +1,43 @@
-"""relex-merge: predict later RL checkpoints from a short window of earlier ones (RELEX)."""
+"""relex-merge: predict later RL checkpoints from a short window of earlier ones (RELEX).
 
-__version__ = "0.1.0"
+The library API (the command line is a thin layer over it):
+
+    from relex_merge import Options, run_merge, analyze, sweep, evaluate, convert
+
+    result = run_merge("merge_configs/demo.yml", "out/demo", Options(threads=2))
+    for verdict in result.final.merge.assessment.verdicts:
+        print(verdict.line())
+
+Names are imported on first use, so ``import relex_merge`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.2.0"
+
+_EXPORTS = {
+    "Options": "relex_merge.options",
+    "run_merge": "relex_merge.merge",
+    "execute_merge": "relex_merge.merge",
+    "RunResult": "relex_merge.merge",
+    "analyze": "relex_merge.analyze",
+    "sweep": "relex_merge.sweep",
+    "evaluate": "relex_merge.evaluate",
+    "convert": "relex_merge.convert",
+    "plan_merge": "relex_merge.plan",
+    "load_config": "relex_merge.config",
+    "RelexError": "relex_merge.errors",
+    "UnsupportedTarget": "relex_merge.errors",
+    "Progress": "relex_merge.progress",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'relex_merge' has no attribute {name!r}")

@@ -6,31 +6,25 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from relex_merge import fits
-from relex_merge.backtest import (
-    DEFAULT_TOLERANCE,
-    STOP,
-    Backtest,
-    assess,
-    auto_candidates,
-    horizon,
-    window_steps,
-)
+from relex_merge.backtest import DEFAULT_TOLERANCE, STOP, Backtest, assess, horizon, window_steps
 from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_merge
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, diagnostics, top_components, window_indices
 from relex_merge.io.readers import TensorMeta, read_safetensors_header
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.options import Options
 from relex_merge.plan import MergePlan
+from relex_merge.progress import NullProgress, Progress
 
-__all__ = ["CACHE_NAME", "Analysis", "analyze_grams", "run_analysis", "write_fit_cache", "load_fit_cache",
-           "summary_rows"]
+__all__ = ["CACHE_NAME", "Analysis", "AnalyzeResult", "analyze", "analyze_grams", "run_analysis", "write_fit_cache",
+           "load_fit_cache", "summary_rows"]
 
 CACHE_NAME = "fit_cache.safetensors"
 HORIZON_BINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)  # the family x horizon table's columns
@@ -234,6 +228,51 @@ def verdict(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
             f"{bt.error(STOP, everything):.1%})."
         )
     return lines
+
+
+@dataclass
+class AnalyzeResult:
+    analysis: Analysis
+    stats: EngineStats
+    written: list[Path]  # files written into the --out folder (none without one)
+    plots_available: bool
+
+
+def analyze(
+    config: str | Path,
+    options: Options = Options(),
+    out_dir: str | Path | None = None,
+    *,
+    progress: Progress = NullProgress(),
+) -> AnalyzeResult:
+    """Analyse the window of a relex config (targets optional); with ``out_dir``, write
+    analysis.json, the fit cache and (matplotlib installed) the plots there, atomically."""
+    from relex_merge import plots
+    from relex_merge.config import load_config
+    from relex_merge.output import atomic_output_dir, check_output_path
+    from relex_merge.plan import plan_merge
+
+    plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+    engine = options.engine()
+    out = Path(out_dir) if out_dir is not None else None
+    if out is not None:
+        check_output_path(out, plan.model_paths, options.overwrite)
+    from relex_merge.engine import planned_read_bytes
+
+    progress.start("analyze", planned_read_bytes(plan.job.gram_only(), engine), len(plan.job.base.names()))
+    analysis, stats = run_analysis(plan, engine, options.tolerance,
+                                   progress=lambda nbytes, finished: progress.advance(nbytes, int(finished)))
+    progress.finish()
+    written: list[Path] = []
+    if out is not None:
+        with atomic_output_dir(out) as tmp:
+            (tmp / "analysis.json").write_text(analysis.to_json())
+            write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
+            names = ["analysis.json", CACHE_NAME]
+            if plots.available():
+                names += [p.name for p in plots.write_plots(analysis, tmp)]
+        written = [out / name for name in names]
+    return AnalyzeResult(analysis, stats, written, plots.available())
 
 
 def run_analysis(

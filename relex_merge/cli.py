@@ -1,23 +1,24 @@
-"""The ``relex-merge`` command line (click + rich). ``relex-merge CONFIG OUT`` merges."""
+"""The ``relex-merge`` command line: parse arguments, call the library, render the results.
+``relex-merge CONFIG OUT`` merges. Everything else lives in the library (run_merge, analyze,
+sweep, evaluate, convert), which Python callers use directly."""
 
 from __future__ import annotations
 
 import errno
 import functools
-import re
+import logging
 import signal
 import sys
 import traceback
 from pathlib import Path
 
 import click
-import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress,
+    Progress as RichBar,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
@@ -26,47 +27,10 @@ from rich.table import Table
 
 from relex_merge import __version__
 from relex_merge.errors import RelexError
+from relex_merge.options import flags
+from relex_merge.units import human_bytes
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
-
-
-def parse_size(text: str, option: str) -> int:
-    match = _SIZE.match(text)
-    if not match:
-        raise RelexError(f"{option}: cannot read size {text!r} (examples: 8GB, 512MiB, 1000000)")
-    unit = (match.group(2) or "").lower().rstrip("b")
-    return int(float(match.group(1)) * _UNITS[unit])
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000:
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def default_max_memory() -> int:
-    import psutil
-
-    return max(256 * 1024**2, int(psutil.virtual_memory().available * 0.5))
-
-
-def resolve_device(text: str):
-    import torch
-
-    if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        raise RelexError(f"--device: expected auto, cpu, cuda or cuda:N, got {text!r}")
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise RelexError("--device: CUDA is not available on this machine; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise RelexError(f"--device: no GPU {device.index} (found {torch.cuda.device_count()})")
-    return device
+ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle")
 
 
 class Terminated(BaseException):
@@ -87,13 +51,17 @@ _OS_ADVICE = {
 
 
 def user_errors(func):
-    """One clear line for every failure (exit 2 for bad input and environment problems);
-    the full trace only with -v. SIGINT/SIGTERM exit 130/143 after partial output is removed."""
+    """One clear line for every failure (exit 2 for bad input and environment problems, 3 for
+    an unsupported target under --require-supported); the full trace only with -v (which also
+    shows the library's debug log). SIGINT/SIGTERM exit 130/143 after partial output is removed."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         verbose = kwargs.get("verbose", False)
         err = Console(stderr=True, highlight=False, soft_wrap=True)
+        if verbose:
+            logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+            logging.getLogger("relex_merge").setLevel(logging.DEBUG)
 
         def fail(message: str, code: int):
             if verbose:
@@ -124,19 +92,9 @@ def user_errors(func):
     return wrapper
 
 
-def engine_flags(func):
-    """--max-memory, --device, --threads and --allow-unsafe-pickle: every command that reads a window."""
-    for option in reversed([
-        click.option("--max-memory", default=None,
-                     help="Memory budget for tensor data, e.g. 8GB (default: half the free RAM)."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Worker threads (default: one per core, at most 8)."),
-        click.option("--allow-unsafe-pickle", is_flag=True,
-                     help="Load .bin/.pt pickles that need more than weights-only loading (trusted files only)."),
-    ]):
-        func = option(func)
-    return func
+def quiet_and_verbose(func):
+    func = click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors, and the debug log.")(func)
+    return click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(func)
 
 
 class DefaultMergeGroup(click.Group):
@@ -157,17 +115,53 @@ def main() -> None:
     """
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]relex[/]"),
-        BarColumn(),
-        TextColumn("{task.fields[tensors]}"),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,  # the summary replaces it; an error leaves only its own line
-    )
+class RichProgress:
+    """The library's Progress protocol as a transient rich bar; notes are printed above it.
+    ``quiet``: no bar and no notes but warnings."""
+
+    def __init__(self, console: Console, quiet: bool = False):
+        self.console = console
+        self.quiet = quiet
+        self.bar: RichBar | None = None
+        self.task = None
+        self.items = 0
+        self.total_items: int | None = None
+
+    def start(self, label: str, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        self.finish()
+        if self.quiet:
+            return
+        self.items, self.total_items = 0, total_items
+        self.bar = RichBar(
+            TextColumn(f"[bold]{escape(label)}[/]"), BarColumn(), TextColumn("{task.fields[items]}"),
+            DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
+            console=self.console, transient=True,  # the summary replaces it; an error leaves only its own line
+        )
+        self.bar.start()
+        self.task = self.bar.add_task(label, total=total_bytes, items=self._items())
+
+    def _items(self) -> str:
+        return f"{self.items}/{self.total_items} tensors" if self.total_items else ""
+
+    def advance(self, nbytes: int = 0, items: int = 0) -> None:
+        if self.bar is not None:
+            self.items += items
+            self.bar.update(self.task, advance=nbytes, items=self._items())
+
+    def note(self, text: str) -> None:
+        if text.startswith("warning: "):
+            self.console.print(f"[yellow]warning:[/] {escape(text[9:])}")
+        elif not self.quiet:
+            self.console.print(escape(text))
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _progress(quiet: bool) -> RichProgress:
+    return RichProgress(Console(stderr=True, soft_wrap=True), quiet)
 
 
 def _summary_table(plan, result, profile: bool = False) -> Table:
@@ -213,159 +207,38 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
     return outer
 
 
-def _run_relex_stage(
-    config, out, options, *, overwrite, shard_size, quiet, allow_unsafe_pickle, full_hash, profile=False,
-    fit_cache=None, single_target_only=False, require_supported=False, tolerance=0.2,
-):
-    from relex_merge.engine import planned_read_bytes
-    from relex_merge.merge import execute_merge
-    from relex_merge.output import check_output_path
-    from relex_merge.plan import plan_merge
-
-    plan = plan_merge(config, allow_unsafe_pickle)
-    if fit_cache is not None:
-        from dataclasses import replace
-
-        from relex_merge.analyze import load_fit_cache
-
-        plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(fit_cache, plan)))
-    if single_target_only and len(plan.job.targets) != 1:
-        raise RelexError(
-            f"stage '{config.name}': a stage used by later stages needs exactly one target_step"
-        )
-    check_output_path(out, plan.model_paths, overwrite)  # before the progress bar starts
-    console = Console(stderr=True, soft_wrap=True)
-    for warning in plan.warnings:
-        console.print(f"[yellow]warning:[/] {escape(warning)}")
-    run = dict(overwrite=overwrite, shard_size=shard_size, full_hash=full_hash, require_supported=require_supported,
-               tolerance=tolerance)
-    if quiet:
-        execute_merge(plan, out, options, **run)
-        return
-    total_tensors = len(plan.job.base.names())
-    with _progress(console) as progress:
-        total = planned_read_bytes(plan.job, options)
-        task = progress.add_task("merge", total=total, tensors=f"0/{total_tensors} tensors")
-        done = 0
-
-        def on_progress(nbytes: int, finished: bool) -> None:
-            nonlocal done
-            done += finished
-            progress.update(task, advance=nbytes, tensors=f"{done}/{total_tensors} tensors")
-
-        result = execute_merge(plan, out, options, progress=on_progress, **run)
-    Console().print(_summary_table(plan, result, profile))
-    for verdict in result.assessment.verdicts:
-        if verdict is not None:
-            colour = "green" if verdict.supported else "yellow"
-            Console().print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}", soft_wrap=True)
-
-
-def _print_expanded(documents, source) -> None:
-    from relex_merge.config import parse_config
-    from relex_merge.plan import expand_config
-
-    texts = []
-    for number, doc in enumerate(documents, 1):
-        if isinstance(doc, dict) and doc.get("merge_method") == "relex":
-            where = f"{source}: document {number}" if len(documents) > 1 else source
-            texts.append(expand_config(parse_config(doc, where)).to_yaml())
-        else:
-            texts.append(yaml.safe_dump(doc, sort_keys=False))
-    click.echo("---\n".join(texts), nl=False)
-
-
 @main.command("merge")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@engine_flags
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--intermediate-dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).")
-@click.option("--lazy", is_flag=True, help="Reuse stages already finished in --intermediate-dir.")
-@click.option("--allow-nonfinite", is_flag=True, help="Merge although inputs hold NaN/Inf (those tensors are copied from the base).")
-@click.option("--hash", "full_hash", is_flag=True, help="Fingerprint inputs with a full sha256 (default: fast sampled hash).")
-@click.option("--profile", is_flag=True, help="Print the split of time between reading, math and writing.")
-@click.option("--fit-cache", type=click.Path(path_type=Path, dir_okay=False),
-              help="Gram matrices saved by `analyze --out`: skips the Gram pass (single-stage relex configs).")
-@click.option("--require-supported", is_flag=True,
-              help="Refuse (exit 3, nothing written) a target the backtest does not support.")
-@click.option("--tolerance", default=0.2, show_default=True, type=float,
-              help="Backtest relative error under which a fit counts as holding (the verdict).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@quiet_and_verbose
 @user_errors
-def merge_command(
-    config_path, out, print_config, overwrite, max_memory, device, threads, shard_size, intermediate_dir, lazy,
-    allow_unsafe_pickle, allow_nonfinite, full_hash, profile, fit_cache, require_supported, tolerance, quiet, verbose,
-):
+@flags("overwrite", *ENGINE_FLAGS, "shard_size", "intermediate_dir", "lazy", "allow_nonfinite", "full_hash",
+       "profile", "fit_cache", "require_supported", "tolerance")
+def merge_command(config_path, out, print_config, options, quiet, verbose):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
-    import shutil
+    from relex_merge.config import load_documents
+    from relex_merge.merge import run_merge
+    from relex_merge.stages import expanded_yaml
 
-    from relex_merge.config import load_documents, parse_config
-    from relex_merge.mergekit_runner import known_methods, run_mergekit
-    from relex_merge.output import check_output_path
-    from relex_merge.io.readers import is_hf_model
-    from relex_merge.stages import parse_stages, substitute
-
-    documents = load_documents(config_path)
     if print_config:
-        _print_expanded(documents, config_path)
+        click.echo(expanded_yaml(load_documents(config_path), str(config_path)), nl=False)
         return
-    # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
-    only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
-    stages = parse_stages(documents, str(config_path), ["relex"] if only_relex else known_methods())
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
-    options = _engine_options(max_memory, device, threads, allow_nonfinite)
-    if not 0 < tolerance < 10:
-        raise RelexError("--tolerance: expected a relative error such as 0.2")
-    shard_bytes = parse_size(shard_size, "--shard-size")
-    if shard_bytes <= 0:
-        raise RelexError("--shard-size must be positive")
-    if lazy and intermediate_dir is None:
-        raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
-    check_output_path(out, [], overwrite)
-    multi = len(stages) > 1
-    if fit_cache is not None and (multi or stages[0].method != "relex"):
-        raise RelexError("--fit-cache: only for a single-stage relex config")
-    stage_root = intermediate_dir or out.parent / f".{out.name}.relex-stages"
-    console = Console(stderr=True, soft_wrap=True)
-    paths: dict[str, str] = {}
-    try:
-        for stage in stages:
-            target = out if stage.name is None or not multi else stage_root / stage.name
-            where = f"{config_path}: {stage.label}" if multi else str(config_path)
-            if multi and stage.name is not None:
-                paths[stage.name] = str(target)
-                if lazy and is_hf_model(target):  # stage outputs appear only when complete
-                    if not quiet:
-                        console.print(escape(f"stage '{stage.name}': reusing {target}"))
-                    continue
-                stage_root.mkdir(parents=True, exist_ok=True)
-                if not quiet:
-                    console.print(f"[bold]stage {escape(repr(stage.name))}[/] ({stage.method}) -> {escape(str(target))}")
-            document = substitute(stage.document, paths)
-            stage_overwrite = overwrite if target == out else True
-            if stage.method == "relex":
-                _run_relex_stage(
-                    parse_config(document, where), target, options, overwrite=stage_overwrite,
-                    shard_size=shard_bytes, quiet=quiet, allow_unsafe_pickle=allow_unsafe_pickle,
-                    full_hash=full_hash, profile=profile, fit_cache=fit_cache,
-                    single_target_only=target != out, require_supported=require_supported, tolerance=tolerance,
-                )
-            else:
-                run_mergekit(
-                    document, where, target, device=options.device.type, shard_size=shard_bytes,
-                    quiet=quiet, overwrite=stage_overwrite,
-                )
-                if not quiet and target == out:
-                    Console().print(f"{stage.method} merge written to {out}")
-    finally:
-        if multi and intermediate_dir is None and stage_root.exists():
-            shutil.rmtree(stage_root, ignore_errors=True)
+    result = run_merge(config_path, out, options, progress=_progress(quiet))
+    if quiet:
+        return
+    console = Console()
+    for stage in result.stages:
+        if stage.merge is not None:
+            console.print(_summary_table(stage.plan, stage.merge, options.profile))
+            for verdict in stage.merge.assessment.verdicts:
+                if verdict is not None:
+                    colour = "green" if verdict.supported else "yellow"
+                    console.print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}", soft_wrap=True)
+    if result.final.merge is None:
+        console.print(escape(f"{result.final.method} merge written to {result.out}"))
 
 
 @main.command("convert")
@@ -375,95 +248,34 @@ def merge_command(
               show_default=True, help="Dtype of the written float tensors (keep: as stored).")
 @click.option("--config-from", type=click.Path(path_type=Path, file_okay=False),
               help="HF folder with config.json and tokenizer (default: SRC or SRC/huggingface).")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--max-memory", default=None, help="Memory budget for tensor data (default: half the free RAM).")
-@click.option("--allow-unsafe-pickle", is_flag=True, help="Load pickles that need more than weights-only loading.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
-@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@quiet_and_verbose
 @user_errors
-def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_memory, allow_unsafe_pickle, quiet, verbose):
+@flags("overwrite", "shard_size", "max_memory", "allow_unsafe_pickle")
+def convert_command(src, out, dtype, config_from, options, quiet, verbose):
     """Convert a checkpoint (HF, .bin, verl FSDP shards, DCP, ZeRO) to an HF safetensors folder."""
-    from relex_merge.convert import plan_convert, write_converted
+    from relex_merge.convert import convert
 
-    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
-    shard_bytes = parse_size(shard_size, "--shard-size")
-    plan = plan_convert(
-        src, out, dtype=dtype, config_from=config_from, overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle
-    )
-    console = Console(stderr=True, soft_wrap=True)
-    for warning in getattr(plan.reader, "warnings", []):
-        console.print(f"[yellow]warning:[/] {escape(warning)}")
-    if quiet:
-        write_converted(plan, shard_size=shard_bytes, max_memory=budget)
-        return
-    with Progress(TextColumn("[bold]convert[/]"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as progress:
-        task = progress.add_task("convert", total=None)
-
-        def on_progress(nbytes: int, total: int) -> None:
-            progress.update(task, advance=nbytes, total=total)
-
-        result = write_converted(plan, shard_size=shard_bytes, max_memory=budget, progress=on_progress)
-    Console().print(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
-
-
-def _engine_options(max_memory, device, threads=None, allow_nonfinite=False):
-    from relex_merge.engine import EngineOptions
-
-    budget = parse_size(max_memory, "--max-memory") if max_memory else default_max_memory()
-    if budget <= 0:
-        raise RelexError("--max-memory must be positive")
-    return EngineOptions(max_memory=budget, device=resolve_device(device), allow_nonfinite=allow_nonfinite,
-                         threads=threads)
+    result = convert(src, out, options, dtype=dtype, config_from=config_from, progress=_progress(quiet))
+    if not quiet:
+        Console().print(escape(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
+                               f"{result.dtype}"))
 
 
 @main.command("analyze")
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Write analysis.json, the fit cache and PNG plots here.")
-@click.option("--tolerance", default=0.2, show_default=True, type=float,
-              help="Backtest relative error under which the line counts as holding.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty --out folder.")
-@engine_flags
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-@click.option("-v", "--verbose", is_flag=True, help="Every backtest point, and full tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Every backtest point; full tracebacks on errors.")
 @user_errors
-def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, device, threads, allow_unsafe_pickle,
-                    as_json, quiet, verbose):
-    """How well does the window fit a line, and how far ahead does it hold? (backtests)"""
-    from relex_merge.analyze import CACHE_NAME, run_analysis, summary_rows, write_fit_cache
-    from relex_merge.config import load_config
-    from relex_merge.output import atomic_output_dir, check_output_path
-    from relex_merge.plan import plan_merge
-    from relex_merge import plots
+@flags("tolerance", "overwrite", *ENGINE_FLAGS)
+def analyze_command(config_path, out_dir, as_json, options, quiet, verbose):
+    """How well does the window fit each curve family, and how far ahead does it hold? (backtests)"""
+    from relex_merge.analyze import CACHE_NAME, analyze, summary_rows
 
-    if not 0 < tolerance < 10:
-        raise RelexError("--tolerance: expected a relative error such as 0.2")
-    plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
-    options = _engine_options(max_memory, device, threads)
-    if out_dir is not None:
-        check_output_path(out_dir, plan.model_paths, overwrite)
-    console = Console(stderr=True, soft_wrap=True)
-    if quiet:
-        analysis, stats = run_analysis(plan, options, tolerance)
-    else:
-        from relex_merge.engine import planned_read_bytes
-
-        total = planned_read_bytes(plan.job.gram_only(), options)
-        with _progress(console) as progress:
-            task = progress.add_task("analyze", total=total, tensors="reading the window")
-            analysis, stats = run_analysis(
-                plan, options, tolerance, progress=lambda n, done: progress.update(task, advance=n)
-            )
-    written = []
-    if out_dir is not None:
-        with atomic_output_dir(out_dir) as tmp:
-            (tmp / "analysis.json").write_text(analysis.to_json())
-            write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
-            if plots.available():
-                written = [p.name for p in plots.write_plots(analysis, tmp)]
+    result = analyze(config_path, options, out_dir, progress=_progress(quiet))
+    analysis = result.analysis
     if as_json:
         click.echo(analysis.to_json())
         return
@@ -482,8 +294,9 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
         families.add_column("supported up to", justify="right")
         for row in analysis.families:
             cells = ["" if e is None else f"{e:.1%}" for e in row.errors]
-            support = "" if row.family == "stop" else ("none" if row.supported_horizon is None else f"{row.supported_horizon:.2f}x")
-            families.add_row("stopping (last fitted checkpoint)" if row.family == "stop" else row.fit, *cells, support)
+            stop = row.family == "stop"
+            support = "" if stop else ("none" if row.supported_horizon is None else f"{row.supported_horizon:.2f}x")
+            families.add_row("stopping (last fitted checkpoint)" if stop else row.fit, *cells, support)
         out.print(families)
     if verbose:
         backtest = Table(title=f"backtest of {analysis.fit}: fit on the first K checkpoints, predict the later ones")
@@ -497,7 +310,8 @@ def analyze_command(config_path, out_dir, tolerance, overwrite, max_memory, devi
     for line in analysis.verdict:
         out.print(f"- {escape(line)}", soft_wrap=True)
     if out_dir is not None:
-        extra = f", plots: {', '.join(written)}" if written else " (no plots: pip install 'relex-merge[plots]')"
+        plots = [p.name for p in result.written if p.suffix == ".png"]
+        extra = f", plots: {', '.join(plots)}" if plots else " (no plots: pip install 'relex-merge[plots]')"
         out.print(escape(f"wrote {out_dir}/analysis.json and {out_dir}/{CACHE_NAME}{extra}"), soft_wrap=True)
 
 
@@ -506,21 +320,6 @@ def _task_list(text: str) -> list[str]:
     if not tasks:
         raise RelexError("--tasks: give at least one lm-eval task")
     return tasks
-
-
-def _fit_list(text: str, configured):
-    """--fits: family names or auto; the config's own family keeps its shape, others are chosen."""
-    from relex_merge import fits
-    from relex_merge.fit import FitSpec
-
-    out = []
-    for name in (v.strip() for v in text.split(",") if v.strip()):
-        if name != fits.AUTO and name not in fits.names():
-            raise RelexError(f"--fits: unknown fit {name!r}; choose {', '.join(fits.names())} or {fits.AUTO}")
-        out.append(configured if name == configured.family else FitSpec(name, None, configured.origin_step))
-    if not out:
-        raise RelexError("--fits: give at least one fit")
-    return out
 
 
 def _numbers(text: str, option: str, kind):
@@ -570,29 +369,21 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, resu
 @click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
 @click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
 @click.option("--keep-all", is_flag=True, help="Keep every candidate under OUT/candidates/.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT.")
-@engine_flags
 @click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
-@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors, and the debug log.")
 @user_errors
-def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, limit, keep_all, overwrite, max_memory,
-                  device, threads, allow_unsafe_pickle, quiet, verbose):
-    """Build candidates for several targets and scales, score each with lm-eval, keep the best."""
-    from relex_merge.config import load_config
-    from relex_merge.plan import plan_merge
-    from relex_merge.sweep import run_sweep
+@flags("overwrite", *ENGINE_FLAGS)
+def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, limit, keep_all, options, quiet,
+                  verbose):
+    """Build candidates for several targets, scales and fits, score each with lm-eval, keep the best."""
+    from relex_merge.sweep import sweep
 
-    target_list = _numbers(targets, "--targets", int)
-    scale_list = _numbers(scales, "--scales", float)
-    plan = plan_merge(load_config(config_path), allow_unsafe_pickle, require_targets=False)
-    fit_list = _fit_list(fits, plan.job.spec.fit) if fits else None
-    console = Console(stderr=True, soft_wrap=True)
-    result = run_sweep(
-        plan, out, target_list, scale_list, _task_list(tasks), _engine_options(max_memory, device, threads), fits=fit_list,
-        include_path=include_path, limit=limit, keep_all=keep_all, overwrite=overwrite,
-        say=(lambda text: None) if quiet else (lambda text: console.print(escape(text))),
+    task_list = _task_list(tasks)
+    result = sweep(
+        config_path, out, _numbers(targets, "--targets", int), _numbers(scales, "--scales", float), task_list,
+        options, fits=fits, include_path=include_path, limit=limit, keep_all=keep_all, progress=_progress(quiet),
     )
-    table = Table(title=f"relex-merge sweep ({', '.join(_task_list(tasks))}" + (f", limit {limit})" if limit else ")"))
+    table = Table(title=f"relex-merge sweep ({', '.join(task_list)}" + (f", limit {limit})" if limit else ")"))
     table.add_column("candidate", no_wrap=True)
     for column in ("target", "scale", "fit", "score", "stderr", "supported"):
         table.add_column(column, justify="right")

@@ -6,14 +6,18 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from relex_merge.engine import chunk_rows, row_ranges
 from relex_merge.errors import RelexError
 from relex_merge.io.readers import CheckpointReader, TensorMeta, open_checkpoint, read_model_config
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
+from relex_merge.options import Options
 from relex_merge.plan import TORCH_DTYPES
+from relex_merge.progress import NullProgress, Progress
+from relex_merge.units import default_max_memory
+
+__all__ = ["convert", "plan_convert", "write_converted", "ConvertPlan", "ConvertResult"]
 
 _DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
@@ -77,15 +81,34 @@ def plan_convert(
     return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
 
 
+def convert(
+    src: str | Path,
+    out: str | Path,
+    options: Options = Options(),
+    *,
+    dtype: str = "keep",
+    config_from: str | Path | None = None,
+    progress: Progress = NullProgress(),
+) -> ConvertResult:
+    """Write checkpoint ``src`` (any readable format) as a Hugging Face safetensors folder ``out``."""
+    plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
+                        overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
+    for warning in getattr(plan.reader, "warnings", []):
+        progress.note(f"warning: {warning}")
+    return write_converted(plan, shard_size=options.shard_size, max_memory=options.max_memory or default_max_memory(),
+                           progress=progress)
+
+
 def write_converted(
     plan: ConvertPlan,
     *,
-    shard_size: int = 5 * 1024**3,
+    shard_size: int = 5 * 1000**3,
     max_memory: int = 1 << 30,
-    progress: Callable[[int, int], None] = lambda nbytes, total: None,
+    progress: Progress = NullProgress(),
 ) -> ConvertResult:
     reader = plan.reader
     total = sum(reader.meta(t.name).nbytes for t in plan.tensors)
+    progress.start("convert", total, len(plan.tensors))
     with atomic_output_dir(plan.out) as tmp:
         writer = ShardedModelWriter(tmp, plan.tensors, shard_size)
         try:
@@ -94,8 +117,9 @@ def write_converted(
                 rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
                 for span in row_ranges(meta.rows, rows):
                     chunk = reader.read(tensor.name, span if meta.shape else None)
-                    progress(chunk.nbytes, total)
+                    progress.advance(chunk.nbytes)
                     writer.write(tensor.name, chunk.to(tensor.meta.dtype))
+                progress.advance(items=1)
             writer.close()
         except BaseException:
             writer.abort()
@@ -103,4 +127,5 @@ def write_converted(
         write_model_config(plan.config, tmp, plan.config_dtype)
         copy_side_files(plan.config_folder, None, tmp)
         written = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+    progress.finish()
     return ConvertResult(len(plan.tensors), written, plan.config_dtype or "n/a")

@@ -1,15 +1,21 @@
-"""Run a planned merge into an output folder: one HF model per target, written atomically, each
-with the backtest's verdict on its target."""
+"""The merge API: ``run_merge`` runs any config (relex, any mergekit method, several stages);
+``execute_merge`` runs one planned relex merge into an output folder: one HF model per target,
+written atomically, each with the backtest's verdict on its target."""
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Sequence
 
 from relex_merge.backtest import DEFAULT_TOLERANCE, Assessment, assess
-from relex_merge.engine import EngineOptions, EngineStats, ProgressFn, run_merge
-from relex_merge.errors import UnsupportedTarget
+from relex_merge.engine import EngineOptions, EngineStats, planned_read_bytes, run_merge as run_engine
+from relex_merge.errors import RelexError, UnsupportedTarget
+from relex_merge.options import Options
+from relex_merge.progress import NullProgress, Progress
 from relex_merge.io.writer import ShardedModelWriter
 from relex_merge.output import (
     atomic_output_dir,
@@ -17,8 +23,12 @@ from relex_merge.output import (
     copy_side_files,
     write_model_config,
 )
-from relex_merge.plan import MergePlan
+from relex_merge.plan import MergePlan, plan_merge
 from relex_merge.report import FitSummary, model_card, summarize
+
+__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult", "Provenance"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,7 +84,8 @@ def execute_merge(
     require_supported: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     names: list[str] | None = None,
-    progress: ProgressFn = lambda nbytes, done: None,
+    provenance: "Provenance | None" = None,
+    progress: Progress = NullProgress(),
 ) -> MergeResult:
     """Merge ``plan`` into ``out`` (one folder per output when several; with ``names``, one
     folder per output by those names, however many). The reads are the same whether the Gram pass runs first (a fit the backtest
@@ -86,8 +97,10 @@ def execute_merge(
     start = time.perf_counter()
     gram_stats = None
     assessment = None
+    progress.start("merge", planned_read_bytes(job, options), len(job.base.names()))
     if decides_first(plan, require_supported):
-        gram_stats = run_merge(job.gram_only(), [], options, progress)
+        log.debug("Gram pass first: the backtest chooses the fit or gates the outputs")
+        gram_stats = run_engine(job.gram_only(), [], options, _engine_progress(progress, items=False))
         job = replace(job, gram_cache={r.name: r.gram for r in gram_stats.tensors if r.gram is not None})
     if job.gram_cache is not None:
         assessment = assess(job.gram_cache.values(), job.steps, targets, job.output_specs(), tolerance)
@@ -107,7 +120,7 @@ def execute_merge(
             folder.mkdir(exist_ok=True)
             writers.append(ShardedModelWriter(folder, tensors, shard_size))
         try:
-            stats = run_merge(job, writers, options, progress)
+            stats = run_engine(job, writers, options, _engine_progress(progress))
             for writer in writers:
                 writer.close()
         except BaseException:
@@ -127,16 +140,198 @@ def execute_merge(
             write_model_config(plan.base_config, folder, config.out_dtype)
             copy_side_files(Path(config.base_path), tokenizer_source, folder)
             header = "".join(f"# {line}\n" for line in _verdict_comment(verdict))
-            (folder / "relex_config.yml").write_text(header + config.to_yaml())
+            config_text = config.to_yaml()
             card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict)
+            if provenance is not None:
+                header += provenance.config_header
+                config_text = provenance.restore_names(config_text)
+                card += provenance.card_section
+                (folder / provenance.file_name).write_text(provenance.documents_yaml)
+            (folder / "relex_config.yml").write_text(header + config_text)
             (folder / "README.md").write_text(card)
         written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
+    progress.finish()
     scales = [spec.scale for spec in job.output_specs()]
     final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
     return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
+
+
+def _engine_progress(progress: Progress, items: bool = True):
+    """The engine's (bytes, tensor finished) callback onto a Progress."""
+    return lambda nbytes, finished: progress.advance(nbytes, int(finished and items))
 
 
 def _verdict_comment(verdict) -> list[str]:
     if verdict is None:
         return []
     return ["relex-merge verdict (from the backtest inside the window; see README.md):", verdict.line()]
+
+
+# ---- any config: relex, mergekit methods, several stages ---------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the final output of a multi-stage merge records about every stage, so that it still
+    says how it was made after the intermediate folders are gone."""
+
+    source: str  # the config file
+    documents_yaml: str  # the config as given: later stages name earlier ones
+    stage_lines: tuple[str, ...]  # one line per stage that ran before the final one
+    paths: dict[str, str]  # stage name -> the folder it was written to (for restore_names)
+    file_name: str = "relex_stages.yml"
+
+    @property
+    def config_header(self) -> str:
+        return (f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
+                f"stage are that stage's output: see {self.file_name} and README.md\n")
+
+    @property
+    def card_section(self) -> str:
+        lines = ["", "## Stages", "",
+                 f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
+                 f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):", ""]
+        return "\n".join(lines + [f"- {line}" for line in self.stage_lines]) + "\n"
+
+    def restore_names(self, text: str) -> str:
+        """A config text with the stages' folders replaced by the stages' names."""
+        for name, path in sorted(self.paths.items(), key=lambda item: -len(item[1])):
+            text = text.replace(path, name)
+        return text
+
+
+@dataclass
+class StageResult:
+    name: str | None  # None: the final output
+    method: str
+    out: Path
+    reused: bool = False  # --lazy found it finished
+    merge: MergeResult | None = None  # relex stages
+    plan: MergePlan | None = None
+
+
+@dataclass
+class RunResult:
+    out: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def final(self) -> StageResult:
+        return self.stages[-1]
+
+
+def _stage_line(stage, result: StageResult) -> str:
+    label = f"stage '{stage.name}' ({stage.method})"
+    if result.reused:
+        return f"{label}: reused from {result.out} (--lazy)"
+    if result.merge is None or result.plan is None:
+        models = [str(m) for m in _model_names(stage.document)]
+        return f"{label}: {', '.join(models)}"
+    steps = list(result.plan.job.steps)
+    parts = []
+    for (target, scale, _), fit, verdict in zip(result.merge.outputs, result.merge.assessment.fits,
+                                                 result.merge.assessment.verdicts):
+        text = f"target step {target}, scale {scale:g}, fit {fit.describe()}"
+        parts.append(text + (f"; {verdict.line()}" if verdict is not None else ""))
+    return (f"{label}: base {result.plan.config.base_path}, window steps {steps[0]}..{steps[-1]} "
+            f"({len(steps)} checkpoints), mode {result.plan.job.spec.mode}; " + " | ".join(parts))
+
+
+def _model_names(document: dict) -> list[str]:
+    from relex_merge.stages import model_references
+
+    return list(dict.fromkeys(model_references(document)))
+
+
+def run_merge(
+    config: str | Path | Sequence[Any],
+    out: str | Path,
+    options: Options = Options(),
+    *,
+    progress: Progress = NullProgress(),
+    source: str | None = None,
+) -> RunResult:
+    """Run a merge config into ``out``: a relex config (streaming engine), any mergekit method
+    (mergekit's runner, relex registered), or several YAML documents as stages. ``config`` is a
+    file or its parsed documents. Nothing is read before every stage is checked; intermediates
+    go to a hidden folder beside ``out`` (removed afterwards) or ``options.intermediate_dir``."""
+    from relex_merge.config import load_documents, parse_config
+    from relex_merge.io.readers import is_hf_model
+    from relex_merge.mergekit_runner import known_methods, run_mergekit
+    from relex_merge.output import check_output_path
+    from relex_merge.stages import parse_stages, substitute
+
+    out = Path(out)
+    if isinstance(config, (str, Path)):
+        source = source or str(config)
+        documents = load_documents(config)
+    else:
+        documents, source = list(config), source or "<config>"
+    # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
+    only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
+    stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
+    if options.lazy and options.intermediate_dir is None:
+        raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
+    check_output_path(out, [], options.overwrite)
+    multi = len(stages) > 1
+    if options.fit_cache is not None and (multi or stages[0].method != "relex"):
+        raise RelexError("--fit-cache: only for a single-stage relex config")
+    engine = options.engine()
+    stage_root = options.intermediate_dir or out.parent / f".{out.name}.relex-stages"
+    result = RunResult(out)
+    paths: dict[str, str] = {}
+    lines: list[str] = []
+    try:
+        for stage in stages:
+            final = stage.name is None or not multi
+            target = out if final else stage_root / stage.name
+            where = f"{source}: {stage.label}" if multi else source
+            if not final:
+                paths[stage.name] = str(target)
+                if options.lazy and is_hf_model(target):  # stage outputs appear only when complete
+                    progress.note(f"stage '{stage.name}': reusing {target}")
+                    result.stages.append(StageResult(stage.name, stage.method, target, reused=True))
+                    lines.append(_stage_line(stage, result.stages[-1]))
+                    continue
+                stage_root.mkdir(parents=True, exist_ok=True)
+                progress.note(f"stage '{stage.name}' ({stage.method}) -> {target}")
+            provenance = None
+            if final and multi:
+                documents_yaml = "---\n".join(yaml_dump(d) for d in documents)
+                provenance = Provenance(source, documents_yaml, tuple(lines), dict(paths))
+            document = substitute(stage.document, paths)
+            overwrite = options.overwrite if final else True
+            if stage.method == "relex":
+                plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
+                if options.fit_cache is not None:
+                    from relex_merge.analyze import load_fit_cache
+
+                    plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
+                if not final and len(plan.job.targets) != 1:
+                    raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
+                check_output_path(target, plan.model_paths, overwrite)
+                for warning in plan.warnings:
+                    progress.note(f"warning: {warning}")
+                merged = execute_merge(
+                    plan, target, engine, overwrite=overwrite, shard_size=options.shard_size,
+                    full_hash=options.full_hash, require_supported=options.require_supported,
+                    tolerance=options.tolerance, provenance=provenance, progress=progress,
+                )
+                result.stages.append(StageResult(stage.name, "relex", target, merge=merged, plan=plan))
+            else:
+                # mergekit prints its own bars: only where the caller shows progress
+                shown = not isinstance(progress, NullProgress) and not getattr(progress, "quiet", False)
+                run_mergekit(document, where, target, device=engine.device.type, shard_size=options.shard_size,
+                             quiet=not shown, overwrite=overwrite, provenance=provenance)
+                result.stages.append(StageResult(stage.name, stage.method, target))
+            lines.append(_stage_line(stage, result.stages[-1]))
+    finally:
+        if multi and options.intermediate_dir is None and stage_root.exists():
+            shutil.rmtree(stage_root, ignore_errors=True)
+    return result
+
+
+def yaml_dump(document: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(document, sort_keys=False)

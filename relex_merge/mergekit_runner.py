@@ -75,7 +75,10 @@ def run_mergekit(
     shard_size: int,
     quiet: bool,
     overwrite: bool,
+    provenance=None,
 ) -> Path:
+    """Run one mergekit document into ``out`` (atomically, with our own offline model card);
+    ``provenance``: this is the final stage of a multi-stage merge."""
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
@@ -102,6 +105,25 @@ def run_mergekit(
         finally:
             logging.getLogger().setLevel(level)
         base = config.base_model.model.path if config.base_model else None
+        card = _card(config_yaml, base, config.merge_method)
+        if provenance is not None:
+            config_yaml = provenance.config_header + provenance.restore_names(config_yaml)
+            named_base = provenance.restore_names(base) if base else None
+            card = _card(provenance.restore_names(config_yaml), named_base, config.merge_method) + provenance.card_section
+            (tmp / provenance.file_name).write_text(provenance.documents_yaml)
         (tmp / "mergekit_config.yml").write_text(config_yaml)
-        (tmp / "README.md").write_text(_card(config_yaml, base, config.merge_method))
+        (tmp / "README.md").write_text(card)
+        readable(tmp)
     return out
+
+
+def readable(folder: Path) -> None:
+    """Give every file the mode a new file gets here (mergekit writes its shards 0600, which other
+    users of a shared cluster cannot read)."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(0o666 & ~umask)

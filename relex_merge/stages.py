@@ -30,13 +30,14 @@ class Stage:
         return f"document {self.number}" + (f" (stage '{self.name}')" if self.name else "")
 
 
-def _model_refs(value: Any, key: str | None = None) -> Iterable[str]:
+def model_references(value: Any, key: str | None = None) -> Iterable[str]:
+    """Every string a config uses as a model (base_model, model, tokenizer_source values)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            yield from _model_refs(v, k)
+            yield from model_references(v, k)
     elif isinstance(value, list):
         for v in value:
-            yield from _model_refs(v, key)
+            yield from model_references(v, key)
     elif isinstance(value, str) and key in MODEL_KEYS:
         yield value
 
@@ -85,7 +86,7 @@ def parse_stages(documents: list[Any], source: str, known_methods: Iterable[str]
     resolved = []
     for stage in stages:
         deps = []
-        for ref in _model_refs({k: v for k, v in stage.document.items() if k != "name"}):
+        for ref in model_references({k: v for k, v in stage.document.items() if k != "name"}):
             if ref in names:
                 if ref == stage.name:
                     raise RelexError(f"{source}: {stage.label} uses itself as an input")
@@ -119,3 +120,20 @@ def _topological(stages: list[Stage], source: str) -> list[Stage]:
     for stage in stages:
         visit(stage, [])
     return order
+
+
+def expanded_yaml(documents: list[Any], source: str) -> str:
+    """The config with every relex document's checkpoint list resolved (--print-config)."""
+    import yaml
+
+    from relex_merge.config import parse_config
+    from relex_merge.plan import expand_config
+
+    texts = []
+    for number, doc in enumerate(documents, 1):
+        if isinstance(doc, dict) and doc.get("merge_method") == "relex":
+            where = f"{source}: document {number}" if len(documents) > 1 else source
+            texts.append(expand_config(parse_config(doc, where)).to_yaml())
+        else:
+            texts.append(yaml.safe_dump(doc, sort_keys=False))
+    return "---\n".join(texts)

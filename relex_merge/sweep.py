@@ -8,7 +8,7 @@ import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from relex_merge.engine import EngineOptions
 from relex_merge.errors import RelexError
@@ -17,7 +17,53 @@ from relex_merge.fit import FitSpec
 from relex_merge.io.readers import is_hf_model
 from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
-from relex_merge.plan import MergePlan
+from relex_merge.options import Options
+from relex_merge.plan import MergePlan, plan_merge
+from relex_merge.progress import NullProgress, Progress
+
+__all__ = ["sweep", "run_sweep", "parse_fits", "SweepResult", "Candidate"]
+
+
+def parse_fits(text: str, configured: FitSpec) -> list[FitSpec]:
+    """``linear,auto,log``: family names or auto; the config's own family keeps its shape, the
+    others' shapes are chosen by the backtest."""
+    from relex_merge import fits
+
+    out = []
+    for name in (v.strip() for v in text.split(",") if v.strip()):
+        if name != fits.AUTO and name not in fits.names():
+            raise RelexError(f"--fits: unknown fit {name!r}; choose {', '.join(fits.names())} or {fits.AUTO}")
+        out.append(configured if name == configured.family else FitSpec(name, None, configured.origin_step))
+    if not out:
+        raise RelexError("--fits: give at least one fit")
+    return out
+
+
+def sweep(
+    config: str | Path,
+    out: str | Path,
+    targets: Sequence[int],
+    scales: Sequence[float],
+    tasks: Sequence[str],
+    options: Options = Options(),
+    *,
+    fits: str | None = None,
+    include_path: str | Path | None = None,
+    limit: int | None = None,
+    keep_all: bool = False,
+    progress: Progress = NullProgress(),
+) -> SweepResult:
+    """Every (target, scale, fit) candidate of a relex config from one read of the window,
+    scored with lm-eval against the last window checkpoint; the best is kept as OUT/best."""
+    from relex_merge.config import load_config
+
+    plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+    fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
+    return run_sweep(
+        plan, Path(out), targets, scales, tasks, options.engine(), fits=fit_list,
+        include_path=Path(include_path) if include_path else None, limit=limit, keep_all=keep_all,
+        overwrite=options.overwrite, progress=progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -51,8 +97,10 @@ def run_sweep(
     limit: int | None = None,
     keep_all: bool = False,
     overwrite: bool = False,
-    say: Callable[[str], None] = lambda text: None,
+    progress: Progress = NullProgress(),
 ) -> SweepResult:
+    """Build, score and rank the candidates of a planned merge (see ``sweep``)."""
+    say = progress.note
     if not targets or not scales:
         raise RelexError("--targets and --scales: give at least one value each")
     if any(s <= 0 for s in scales):
@@ -69,7 +117,8 @@ def run_sweep(
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
         say(f"building {len(triples)} candidates from one read of the window")
-        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True, names=names)
+        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True, names=names,
+                              progress=progress)
         results = []
         for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
             say(f"scoring {folder.name}")
