@@ -341,7 +341,7 @@ def _numbers(text: str, option: str, kind):
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks and lm-eval's own logging.")
 @user_errors
 def eval_command(model_dir, tasks, include_path, limit, device, batch_size, results_file, verbose):
-    """Score a model folder with lm-eval (offline); results JSON goes into the folder or --output."""
+    """Score a model folder with lm-eval (offline when the task data is local); results JSON goes into the folder or --output."""
     from relex_merge.evaluate import RESULTS_NAME, evaluate
 
     if not model_dir.is_dir():

@@ -1,4 +1,4 @@
-"""A thin, offline-safe wrapper over lm-eval's Python API (hf backend)."""
+"""A thin wrapper over lm-eval's Python API (hf backend); offline when every task's data is local."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 from relex_merge.errors import RelexError
 from relex_merge.io.readers import is_hf_model
+from relex_merge.offline import offline_if_local
 
 RESULTS_NAME = "lm_eval_results.json"
 
@@ -84,10 +84,8 @@ def evaluate(
     quiet: bool = True,
     results_file: Path | None = None,
 ) -> EvalResult:
-    """Score one model folder; the results JSON goes to ``results_file`` (default: into the folder)."""
-    # Local models and local task data only: never wait on the hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """Score one model folder; the results JSON goes to ``results_file`` (default: into the folder).
+    Offline when every task's data is local (relex_merge.offline); the model folder always is."""
     if not is_hf_model(model_dir):
         raise RelexError(f"{model_dir}: not a Hugging Face model folder (config.json + weights); convert it first")
     from lm_eval import simple_evaluate
@@ -98,7 +96,7 @@ def evaluate(
     quiet_ctx = contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()
     level = logging.getLogger().level
     try:
-        with quiet_ctx:
+        with quiet_ctx, offline_if_local(tasks, manager):
             output = simple_evaluate(
                 model="hf",
                 model_args={"pretrained": str(model_dir), "dtype": "float32"},

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helpers import run_cli
 from tests.test_cli import generate
@@ -71,6 +72,40 @@ def test_sweep_keeps_the_best_and_removes_the_rest(tmp_path):
     assert best["label"] == summary["best"]
     assert (out / "best" / "lm_eval_results.json").is_file()
     generate(out / "best")
+    assert not (DEMO / "checkpoint-20" / "lm_eval_results.json").exists()  # inputs untouched
+
+
+@pytest.mark.slow
+def test_sweep_with_one_candidate_keeps_it_as_best(tmp_path):
+    """One candidate (one target, the default scale): it is kept as OUT/best, byte for byte the
+    model a plain merge to that target writes, and nothing else is left in OUT."""
+    out = tmp_path / "sweep"
+    result = run_cli(
+        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "40", *TASK, "--limit", "10", "-q",
+        cwd=REPO,
+    )
+    assert result.exit_code == 0, result.output
+    assert "step-40-scale-1 (best)" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["baseline_lm_eval_results.json", "best", "sweep_results.json"]
+    summary = json.loads((out / "sweep_results.json").read_text())
+    assert [c["label"] for c in summary["candidates"]] == ["step-40-scale-1"]
+    assert summary["best"] == "step-40-scale-1" and summary["candidates"][0]["target_step"] == 40
+
+    config = yaml.safe_load((REPO / "merge_configs" / "demo.yml").read_text())
+    config["parameters"]["target_step"] = 40
+    plain_config = tmp_path / "demo-40.yml"  # relative paths: still resolved against cwd (REPO)
+    plain_config.write_text(yaml.safe_dump(config))
+    plain = tmp_path / "plain"
+    result = run_cli(str(plain_config), str(plain), "-q", cwd=REPO)
+    assert result.exit_code == 0, result.output
+
+    best = out / "best"
+    assert sorted(p.name for p in best.iterdir()) == sorted([p.name for p in plain.iterdir()] + ["lm_eval_results.json"])
+    weights = sorted(p.name for p in plain.glob("*.safetensors"))
+    assert weights and weights == sorted(p.name for p in best.glob("*.safetensors"))
+    for name in weights:
+        assert (best / name).read_bytes() == (plain / name).read_bytes(), name
+    generate(best)  # a loadable HF model
     assert not (DEMO / "checkpoint-20" / "lm_eval_results.json").exists()  # inputs untouched
 
 
