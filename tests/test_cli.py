@@ -130,6 +130,39 @@ def test_small_shard_size_writes_index_and_shards(qwen_run, tmp_path):
     generate(out)
 
 
+# steps, target, parameters (the planted run is linear in the step, from a base at step 0).
+# A second direction here is noise, found from a float32 Gram matrix: rank 2 is looser.
+STEP_CASES = {
+    "uneven": ([2, 3, 5, 8], 20, {}),
+    "late-start": ([10, 11, 12, 13], 30, {}),
+    "late-start-through-the-base": ([10, 11, 12, 13], 30, {"fit": "linear_origin"}),
+    "base-step": ([8, 10, 12, 13], 26, {"fit": "linear_origin", "base_step": 5}),
+    "gaps-window": ([2, 3, 10, 11, 13], 26, {"window": 4}),
+    "gaps-window-rank-2": ([2, 3, 10, 11, 13], 26, {"rank": 2, "window": 4}),
+    "gaps-polynomial": ([2, 5, 8, 12, 13], 20, {"fit": "polynomial", "degree": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_fit_is_against_the_step_not_the_position(case, uneven_run, tmp_path):
+    """Each checkpoint's coefficient is regressed on its step: positions 0..N-1 (or 1..N) would
+    give other outputs here, while on steps 1..N they coincide with the steps."""
+    steps, target, params = STEP_CASES[case]
+    cfg = write_config(tmp_path / "c.yml", uneven_run, steps, target, parameters=params)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "-q")
+    assert result.exit_code == 0, result.output
+    base = load_state(uneven_run / "base")
+    checkpoints = [load_state(uneven_run / f"checkpoint-{s}") for s in steps]
+    expected = relex_expectation(base, checkpoints, steps, target, **params)
+    assert_state_matches(load_state(out), expected, base, rel=2e-3 if params.get("rank") else 1e-5)
+    # the same checkpoints called 1..N (their positions + 1) are another model: the test can fail
+    positions = relex_expectation(base, checkpoints, range(1, len(steps) + 1), target, **params)
+    name = "model.layers.0.mlp.down_proj.weight"
+    moved = (positions[name] - expected[name]).norm() / (expected[name] - base[name].double()).norm()
+    assert moved > 0.05
+
+
 def test_chunked_cli_output_equals_unchunked(qwen_run, tmp_path):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4], [10, 20])
     assert run_cli(str(cfg), str(tmp_path / "a"), "-q").exit_code == 0
