@@ -11,7 +11,7 @@ import yaml
 
 from relex_merge.mergekit_method import RELEX_METHOD, register
 from relex_merge.synthetic import make_finetune
-from tests.helpers import run_cli
+from tests.helpers import assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,25 +38,43 @@ def test_register_is_explicit_and_idempotent():
                      "refit_every", "refit_window", "base_step"]
 
 
-@pytest.mark.parametrize("params", [{}, {"rank": 2, "window": 4}, {"fit": "linear_origin", "scale": 0.7}])
-def test_mergekit_runner_equals_streaming_engine(qwen_run, tmp_path, params):
+MERGEKIT_CASES = {
+    # run, steps, target, parameters. A second direction here is noise, found from a float32
+    # Gram matrix: rank 2 is compared more loosely with the float64 reference.
+    "1-5": ("qwen_run", [1, 2, 3, 4, 5], 15, {}),
+    "1-5-rank-2-window": ("qwen_run", [1, 2, 3, 4, 5], 15, {"rank": 2, "window": 4}),
+    "1-5-origin-scale": ("qwen_run", [1, 2, 3, 4, 5], 15, {"fit": "linear_origin", "scale": 0.7}),
+    "uneven": ("uneven_run", [2, 3, 5, 8], 20, {}),
+    "late-start-origin": ("uneven_run", [10, 11, 12, 13], 30, {"fit": "linear_origin"}),
+    "gaps-window-polynomial": ("uneven_run", [2, 3, 10, 11, 13], 26, {"window": 4, "fit": "polynomial", "degree": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(MERGEKIT_CASES))
+def test_mergekit_method_equals_dense_reference_and_streaming_engine(case, tmp_path, request):
     from mergekit.config import MergeConfiguration
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
     register()
-    steps = [1, 2, 3, 4, 5]
+    fixture, steps, target, params = MERGEKIT_CASES[case]
+    run = request.getfixturevalue(fixture)
     ours = tmp_path / "c.yml"
-    ours.write_text(yaml.safe_dump(relex_doc(qwen_run, steps, 15, **params)))
+    ours.write_text(yaml.safe_dump(relex_doc(run, steps, target, **params)))
     assert run_cli(str(ours), str(tmp_path / "ours"), "-q").exit_code == 0
 
-    shuffled = relex_doc(qwen_run, steps, 15, **params)
+    shuffled = relex_doc(run, steps, target, **params)
     random.Random(0).shuffle(shuffled["models"])  # mergekit must order by step, not position
     assert [m["parameters"]["step"] for m in shuffled["models"]] != steps
     config = MergeConfiguration.model_validate(shuffled)
     run_merge(config, str(tmp_path / "mk"), options=MergeOptions(write_model_card=False, quiet=True))
 
+    # the independent expectation: the dense SVD reference on the saved checkpoints
+    base = load_state(run / "base")
+    expected = relex_expectation(base, [load_state(run / f"checkpoint-{s}") for s in steps], steps, target, **params)
     a, b = load_state(tmp_path / "ours"), load_state(tmp_path / "mk")
+    assert_state_matches(b, expected, base, rel=2e-3 if params.get("rank") else 1e-5)
+    # and the two ways in agree with each other
     assert set(a) == set(b)
     for name in a:
         err = (a[name].double() - b[name].double()).norm() / b[name].double().norm()
