@@ -121,6 +121,19 @@ def two_stage(qwen_run: Path, tmp_path: Path, method: str) -> Path:
     return cfg
 
 
+def second_stage_expectation(method: str, base: dict, stage1: dict, other: dict, weights, density=None,
+                             **params) -> dict:
+    """Stage 2's arithmetic, densely, on stage 1's expected tensors (as stage 1 writes them: float32)."""
+    expected = {}
+    for name, b in base.items():
+        models = [stage1[name].float(), other[name]]
+        if method == "ties":
+            expected[name] = dense_ties(b, models, weights, [density] * 2, **params)
+        else:
+            expected[name] = dense_task_arithmetic(b, models, weights, **params)
+    return expected
+
+
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
 def test_two_stage_merge_end_to_end(qwen_run, tmp_path, method):
     cfg = two_stage(qwen_run, tmp_path, method)
@@ -129,18 +142,17 @@ def test_two_stage_merge_end_to_end(qwen_run, tmp_path, method):
     assert result.exit_code == 0, result.output
     generate(out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # intermediates removed
-    if method == "task_arithmetic":
-        # rl task vector + 0.5 * domain task vector
-        base = load_state(qwen_run / "base")
-        domain = load_state(tmp_path / "domain")
-        single = tmp_path / "rl.yml"
-        single.write_text(yaml.safe_dump(relex_doc(qwen_run, [1, 2, 3, 4], 12)))
-        assert run_cli(str(single), str(tmp_path / "rl-only"), "-q").exit_code == 0
-        rl = load_state(tmp_path / "rl-only")
-        merged = load_state(out)
-        for name in ("model.norm.weight", "model.layers.1.mlp.up_proj.weight"):
-            expected = base[name] + (rl[name] - base[name]) + 0.5 * (domain[name] - base[name])
-            assert torch.allclose(merged[name], expected, atol=1e-5), name
+    # stage 1 by the dense reference, stage 2 by its own arithmetic on that
+    steps = [1, 2, 3, 4]
+    base = load_state(qwen_run / "base")
+    rl = relex_expectation(base, [load_state(qwen_run / f"checkpoint-{s}") for s in steps], steps, 12)
+    domain = load_state(tmp_path / "domain")
+    expected = second_stage_expectation(method, base, rl, domain, [1.0, 0.5], 0.8)
+    assert_state_matches(load_state(out), expected, base)
+    if method == "ties":  # the trim and the sign election did something here
+        name = "model.layers.1.mlp.up_proj.weight"
+        plain = dense_task_arithmetic(base[name], [rl[name], domain[name]], [1.0, 0.5])
+        assert (plain - expected[name]).norm() > 0.1 * (expected[name] - base[name].double()).norm()
 
 
 def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
@@ -163,11 +175,27 @@ def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
 def test_shipped_multistage_configs_run(tmp_path):
     from relex_merge.synthetic import main as make_synthetic
 
-    make_synthetic([str(tmp_path / "runs" / "synthetic")])
-    for name in ("relex-then-ties.yml", "reconstruct-then-task-arithmetic.yml"):
+    run = tmp_path / "runs" / "synthetic"
+    make_synthetic([str(run)])
+    base = load_state(run / "base")
+    checkpoints = [load_state(run / f"checkpoint-{s}") for s in range(1, 9)]
+    domain = load_state(run / "domain-finetune")
+    # what each shipped config says: stage 1 (relex over steps 1-8), then stage 2 with the domain fine-tune
+    expected = {
+        "relex-then-ties.yml": second_stage_expectation(
+            "ties", base, relex_expectation(base, checkpoints, range(1, 9), 16, scale=0.8), domain, [1.0, 0.5], 0.8,
+            normalize=True,
+        ),
+        "reconstruct-then-task-arithmetic.yml": second_stage_expectation(
+            "task_arithmetic", base, relex_expectation(base, checkpoints, range(1, 9), 8, mode="reconstruct"), domain,
+            [1.0, 0.5],
+        ),
+    }
+    for name, want in expected.items():
         out = tmp_path / f"out-{name}"
         result = run_cli(str(REPO / "merge_configs" / name), str(out), "-q", cwd=tmp_path)
         assert result.exit_code == 0, result.output
+        assert_state_matches(load_state(out), want, base)
         generate(out)
 
 
