@@ -148,6 +148,11 @@ def test_convert_dcp_needs_a_config(shards, qwen_run, tmp_path):
     assert not (tmp_path / "o").exists()
     ok = run_cli("convert", str(shards / "dcp-1"), str(tmp_path / "o"), "--config-from", str(qwen_run / "base"), "-q")
     assert ok.exit_code == 0, ok.output
+    # the state dict that was saved (checkpoint-1's), tensor for tensor and bit for bit
+    converted, saved = load_state(tmp_path / "o"), load_state(qwen_run / "checkpoint-1")
+    assert sorted(converted) == sorted(saved)
+    for name, tensor in saved.items():
+        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
     generate(tmp_path / "o")
 
 
