@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from relex_merge.config import load_config
-from tests.helpers import assert_state_matches, dense_relex, relex_expectation, run_cli
+from tests.helpers import assert_relex_output, assert_state_matches, dense_relex, relex_expectation, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,6 +171,7 @@ def test_chunked_cli_output_equals_unchunked(qwen_run, tmp_path):
         a, b = load_state(tmp_path / "a" / f"step-{t}"), load_state(tmp_path / "b" / f"step-{t}")
         for name in a:
             assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+        assert_relex_output(tmp_path / "b" / f"step-{t}", qwen_run, [1, 2, 3, 4], t)
 
 
 def test_thread_count_leaves_the_output_byte_identical(qwen_run, tmp_path):
@@ -182,6 +183,7 @@ def test_thread_count_leaves_the_output_byte_identical(qwen_run, tmp_path):
     for t in (10, 20):
         a = (tmp_path / "one" / f"step-{t}" / "model.safetensors").read_bytes()
         assert a == (tmp_path / "four" / f"step-{t}" / "model.safetensors").read_bytes()
+        assert_relex_output(tmp_path / "one" / f"step-{t}", qwen_run, [1, 2, 3, 4], t)
 
 
 def test_tied_llama_stays_tied(llama_tied_run, tmp_path):
@@ -280,6 +282,7 @@ def test_overwrite_replaces_and_refusal_keeps_existing(qwen_run, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert run_cli(str(cfg), str(out), "-q", "--overwrite").exit_code == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert_relex_output(out, qwen_run, [1, 2, 3], 9)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -288,6 +291,7 @@ def test_missing_output_parents_are_made_and_removed_on_failure(qwen_run, tmp_pa
     nested = tmp_path / "a" / "b" / "out"
     assert run_cli(str(cfg), str(nested), "-q").exit_code == 0
     assert (nested / "model.safetensors").is_file()
+    assert_relex_output(nested, qwen_run, [1, 2, 3], 9)
     # a merge that fails mid-way leaves no folders behind
     config = yaml.safe_load(cfg.read_text())
     broken = tmp_path / "ck2"
@@ -311,6 +315,7 @@ def test_console_script_in_a_subprocess(qwen_run, tmp_path):
     proc = subprocess.run([str(exe), str(cfg), str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert_relex_output(tmp_path / "out", qwen_run, [1, 2, 3], 9)
     bad = subprocess.run([str(exe), str(tmp_path / "missing.yml"), str(tmp_path / "o2")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.yml'}: config file not found"]

@@ -11,7 +11,9 @@ import yaml
 
 from relex_merge.mergekit_method import RELEX_METHOD, register
 from relex_merge.synthetic import make_finetune
-from tests.helpers import assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli
+from tests.helpers import (
+    assert_relex_output, assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli,
+)
 from tests.test_cli import generate, load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,10 +100,11 @@ def test_plain_mergekit_method_through_relex_merge(qwen_run, tmp_path):
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out), "-q")
     assert result.exit_code == 0, result.output
-    merged = load_state(out)["model.norm.weight"]
-    a = load_state(qwen_run / "checkpoint-1")["model.norm.weight"]
-    b = load_state(qwen_run / "checkpoint-3")["model.norm.weight"]
-    assert torch.allclose(merged, (a + b) / 2, atol=1e-6)
+    merged = load_state(out)
+    a, b = load_state(qwen_run / "checkpoint-1"), load_state(qwen_run / "checkpoint-3")
+    assert sorted(merged) == sorted(a)
+    for name in a:  # linear: the weighted mean, normalized by the summed weights
+        assert torch.allclose(merged[name], (a[name] + b[name]) / 2, rtol=1e-6, atol=1e-7), name
     assert (out / "mergekit_config.yml").is_file() and "- mergekit" in (out / "README.md").read_text()
 
 
@@ -166,7 +169,12 @@ def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
     assert second.exit_code == 0, second.output
     assert f"stage 'rl': reusing {inter / 'rl'}" in second.stderr
     assert stage_file.stat().st_mtime_ns == stamp
-    assert torch.equal(load_state(tmp_path / "out1")["model.norm.weight"], load_state(tmp_path / "out2")["model.norm.weight"])
+    out1, out2 = load_state(tmp_path / "out1"), load_state(tmp_path / "out2")
+    assert sorted(out1) == sorted(out2) and all(torch.equal(out1[k], out2[k]) for k in out1)
+    base = load_state(qwen_run / "base")
+    rl = relex_expectation(base, [load_state(qwen_run / f"checkpoint-{s}") for s in (1, 2, 3, 4)], [1, 2, 3, 4], 12)
+    expected = second_stage_expectation("task_arithmetic", base, rl, load_state(tmp_path / "domain"), [1.0, 0.5])
+    assert_state_matches(out2, expected, base)
     # without --lazy the stage is rebuilt
     third = run_cli(str(cfg), str(tmp_path / "out3"), "--intermediate-dir", str(inter), "-q")
     assert third.exit_code == 0 and stage_file.stat().st_mtime_ns != stamp
