@@ -33,6 +33,24 @@ class DictReader:
         return t.clone() if rows is None or t.dim() == 0 else t[rows[0] : rows[1]].clone()
 
 
+def one_thread(function):
+    """Run ``function`` with one torch thread: the reference's small SVDs and solves are 10-30x
+    slower on two threads when the cores are busy (the whole suite calls it thousands of times)."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@one_thread
 def dense_relex(
     base: torch.Tensor,
     checkpoints: list[torch.Tensor],
