@@ -11,9 +11,7 @@ import yaml
 
 from relex_merge.mergekit_method import RELEX_METHOD, register
 from relex_merge.synthetic import make_finetune
-from tests.helpers import (
-    assert_relex_output, assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli,
-)
+from tests.helpers import assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 
 REPO = Path(__file__).resolve().parents[1]
