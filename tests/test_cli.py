@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from relex_merge.config import load_config
-from tests.helpers import dense_relex, run_cli
+from tests.helpers import assert_relex_output, assert_state_matches, dense_relex, relex_expectation, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,11 +62,10 @@ def test_qwen2_merge_loads_generates_and_matches_reference(qwen_run, tmp_path):
     merged = load_state(out)
     base = load_state(qwen_run / "base")
     checkpoints = [load_state(qwen_run / f"checkpoint-{s}") for s in steps]
-    assert set(merged) == set(base)
-    for name in ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.bias", "model.norm.weight"]:
-        expected = dense_relex(base[name], [c[name] for c in checkpoints], steps, 18)
-        err = (merged[name].double() - expected).norm() / expected.norm()
-        assert err < 1e-5
+    assert_state_matches(merged, relex_expectation(base, checkpoints, steps, 18), base)
+    name = "model.embed_tokens.weight"  # and, as the helper measures it, against the whole tensor
+    expected = dense_relex(base[name], [c[name] for c in checkpoints], steps, 18)
+    assert (merged[name].double() - expected).norm() / expected.norm() < 1e-6
 
     card = (out / "README.md").read_text()
     assert card.startswith("---\nbase_model: ")
@@ -95,26 +94,73 @@ def test_several_targets_make_one_model_each(qwen_run, tmp_path):
     base = load_state(qwen_run / "base")["model.norm.weight"]
     # planted linear trajectory: twice the horizon, twice the displacement
     assert torch.allclose(b - base, 2 * (a - base), atol=2e-2, rtol=2e-2)
+    # and each target's every tensor is the reference's, rounded to bfloat16
+    base_state = load_state(qwen_run / "base")
+    checkpoints = [load_state(qwen_run / f"checkpoint-{s}") for s in (2, 4, 6)]
+    for target in (12, 24):
+        expected = relex_expectation(base_state, checkpoints, [2, 4, 6], target)
+        assert_state_matches(load_state(out / f"step-{target}"), expected, base_state, dtype=torch.bfloat16)
 
 
 def test_small_shard_size_writes_index_and_shards(qwen_run, tmp_path):
-    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    steps = [1, 2, 3]
+    cfg = write_config(tmp_path / "c.yml", qwen_run, steps, 9)
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out), "--shard-size", "30KB", "--max-memory", "4KB")
     assert result.exit_code == 0, result.output
     assert "2: Gram, then outputs" in result.stdout
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
-    assert len(shards) > 1
+    assert len(shards) > 2
+    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
     assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    base = load_state(qwen_run / "base")
+    expected = relex_expectation(base, [load_state(qwen_run / f"checkpoint-{s}") for s in steps], steps, 9)
     state = {}
-    for shard in shards:
-        part = load_file(shard)
-        assert all(index["weight_map"][k] == shard.name for k in part)
+    for shard in shards:  # each shard on its own: its header, its offsets, its bytes
+        assert shard.stat().st_size <= 8 + 30_000 + 4096  # header plus at most one 30KB shard of data
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())
+            assert names and all(index["weight_map"][k] == shard.name for k in names)
+            part = {k: f.get_tensor(k) for k in names}
+        assert_state_matches(part, {k: expected[k] for k in names}, base)
         state.update(part)
-    assert set(state) == set(index["weight_map"]) == set(load_state(qwen_run / "base"))
+    assert sorted(state) == sorted(index["weight_map"]) == sorted(base)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in state.values())
     generate(out)
+
+
+# steps, target, parameters (the planted run is linear in the step, from a base at step 0).
+# A second direction here is noise, found from a float32 Gram matrix: rank 2 is looser.
+STEP_CASES = {
+    "uneven": ([2, 3, 5, 8], 20, {}),
+    "late-start": ([10, 11, 12, 13], 30, {}),
+    "late-start-through-the-base": ([10, 11, 12, 13], 30, {"fit": "linear_origin"}),
+    "base-step": ([8, 10, 12, 13], 26, {"fit": "linear_origin", "base_step": 5}),
+    "gaps-window": ([2, 3, 10, 11, 13], 26, {"window": 4}),
+    "gaps-window-rank-2": ([2, 3, 10, 11, 13], 26, {"rank": 2, "window": 4}),
+    "gaps-polynomial": ([2, 5, 8, 12, 13], 20, {"fit": "polynomial", "degree": 2}),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_fit_is_against_the_step_not_the_position(case, uneven_run, tmp_path):
+    """Each checkpoint's coefficient is regressed on its step: positions 0..N-1 (or 1..N) would
+    give other outputs here, while on steps 1..N they coincide with the steps."""
+    steps, target, params = STEP_CASES[case]
+    cfg = write_config(tmp_path / "c.yml", uneven_run, steps, target, parameters=params)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "-q")
+    assert result.exit_code == 0, result.output
+    base = load_state(uneven_run / "base")
+    checkpoints = [load_state(uneven_run / f"checkpoint-{s}") for s in steps]
+    expected = relex_expectation(base, checkpoints, steps, target, **params)
+    assert_state_matches(load_state(out), expected, base, rel=2e-3 if params.get("rank") else 1e-5)
+    # the same checkpoints called 1..N (their positions + 1) are another model: the test can fail
+    positions = relex_expectation(base, checkpoints, range(1, len(steps) + 1), target, **params)
+    name = "model.layers.0.mlp.down_proj.weight"
+    moved = (positions[name] - expected[name]).norm() / (expected[name] - base[name].double()).norm()
+    assert moved > 0.05
 
 
 def test_chunked_cli_output_equals_unchunked(qwen_run, tmp_path):
@@ -125,6 +171,7 @@ def test_chunked_cli_output_equals_unchunked(qwen_run, tmp_path):
         a, b = load_state(tmp_path / "a" / f"step-{t}"), load_state(tmp_path / "b" / f"step-{t}")
         for name in a:
             assert torch.allclose(a[name], b[name], rtol=1e-5, atol=1e-6), name
+        assert_relex_output(tmp_path / "b" / f"step-{t}", qwen_run, [1, 2, 3, 4], t)
 
 
 def test_thread_count_leaves_the_output_byte_identical(qwen_run, tmp_path):
@@ -136,6 +183,7 @@ def test_thread_count_leaves_the_output_byte_identical(qwen_run, tmp_path):
     for t in (10, 20):
         a = (tmp_path / "one" / f"step-{t}" / "model.safetensors").read_bytes()
         assert a == (tmp_path / "four" / f"step-{t}" / "model.safetensors").read_bytes()
+        assert_relex_output(tmp_path / "one" / f"step-{t}", qwen_run, [1, 2, 3, 4], t)
 
 
 def test_tied_llama_stays_tied(llama_tied_run, tmp_path):
@@ -146,23 +194,40 @@ def test_tied_llama_stays_tied(llama_tied_run, tmp_path):
     result = run_cli(str(cfg), str(out))
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-    assert "lm_head.weight" not in load_state(out)
+    merged = load_state(out)
+    assert "lm_head.weight" not in merged
+    base = load_state(llama_tied_run / "base")
+    assert "lm_head.weight" not in base  # stored once in the inputs too
+    checkpoints = [load_state(llama_tied_run / f"checkpoint-{s}") for s in range(1, 6)]
+    expected = relex_expectation(base, checkpoints, range(1, 6), 15)
+    assert_state_matches(merged, expected, base)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight.detach(), merged["model.embed_tokens.weight"])
     generate(out)
 
 
 def test_shipped_configs_run(tmp_path):
     from relex_merge.synthetic import make_planted_run
 
-    make_planted_run(tmp_path / "runs" / "synthetic", steps=range(1, 9))
-    for name in ("synthetic-explicit.yml", "synthetic-trajectory.yml"):
+    run = make_planted_run(tmp_path / "runs" / "synthetic", steps=range(1, 9))
+    base = load_state(run / "base")
+    # what each shipped config says: its window, targets and output dtype
+    shipped = {
+        "synthetic-explicit.yml": ([2, 3, 5, 8], {".": 20}, torch.bfloat16),
+        "synthetic-trajectory.yml": ([1, 2, 3, 4, 5, 6, 7, 8], {"step-16": 16, "step-24": 24}, torch.float32),
+    }
+    for name, (steps, targets, dtype) in shipped.items():
         out = tmp_path / f"out-{name}"
         result = run_cli(str(REPO / "merge_configs" / name), str(out), "-q", cwd=tmp_path)
         assert result.exit_code == 0, result.output
-        folders = [out] if (out / "config.json").exists() else sorted(out.iterdir())
-        for folder in folders:
-            generate(folder)
+        if "." not in targets:
+            assert sorted(p.name for p in out.iterdir()) == sorted(targets)
+        checkpoints = [load_state(run / f"checkpoint-{s}") for s in steps]
+        for folder, target in targets.items():
+            expected = relex_expectation(base, checkpoints, steps, target)
+            assert_state_matches(load_state(out / folder), expected, base, dtype=dtype)
+            generate(out / folder)
 
 
 def test_trajectory_discovery_and_print_config(tmp_path):
@@ -199,6 +264,10 @@ def test_trajectory_discovery_and_print_config(tmp_path):
         assert all(marker in m["model"] for m in expanded["models"])
     out = tmp_path / "verl-out"
     assert run_cli(str(cfg), str(out), "-q").exit_code == 0
+    # global_step_10/20/30 hold checkpoint-1/2/3: fitted at steps 10, 20, 30, not 1, 2, 3
+    base = load_state(run / "base")
+    expected = relex_expectation(base, [load_state(run / f"checkpoint-{s}") for s in (1, 2, 3)], [10, 20, 30], 100)
+    assert_state_matches(load_state(out), expected, base)
     generate(out)
 
 
@@ -213,6 +282,7 @@ def test_overwrite_replaces_and_refusal_keeps_existing(qwen_run, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert run_cli(str(cfg), str(out), "-q", "--overwrite").exit_code == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert_relex_output(out, qwen_run, [1, 2, 3], 9)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
@@ -221,6 +291,7 @@ def test_missing_output_parents_are_made_and_removed_on_failure(qwen_run, tmp_pa
     nested = tmp_path / "a" / "b" / "out"
     assert run_cli(str(cfg), str(nested), "-q").exit_code == 0
     assert (nested / "model.safetensors").is_file()
+    assert_relex_output(nested, qwen_run, [1, 2, 3], 9)
     # a merge that fails mid-way leaves no folders behind
     config = yaml.safe_load(cfg.read_text())
     broken = tmp_path / "ck2"
@@ -244,6 +315,7 @@ def test_console_script_in_a_subprocess(qwen_run, tmp_path):
     proc = subprocess.run([str(exe), str(cfg), str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert_relex_output(tmp_path / "out", qwen_run, [1, 2, 3], 9)
     bad = subprocess.run([str(exe), str(tmp_path / "missing.yml"), str(tmp_path / "o2")], capture_output=True, text=True)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.yml'}: config file not found"]

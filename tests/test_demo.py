@@ -7,9 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from tests.helpers import run_cli
+from tests.helpers import assert_state_matches, load_state, relex_expectation, run_cli
 from tests.test_cli import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,10 +26,20 @@ def test_demo_run_is_shipped_and_small():
     assert (REPO / "demo" / "data" / "addition_test.jsonl").read_text().count("\n") == 300
 
 
+def demo_expectation(target: int, scale: float = 1.0) -> tuple[dict, dict]:
+    """(base, expected): what demo.yml asks for, by the dense reference: the base, steps 1-20,
+    rank 1, a linear fit, float32."""
+    base = load_state(DEMO / "base")
+    checkpoints = [load_state(DEMO / f"checkpoint-{s}") for s in range(1, 21)]
+    return base, relex_expectation(base, checkpoints, range(1, 21), target, scale=scale)
+
+
 def test_demo_config_merges(tmp_path):
     out = tmp_path / "out"
     result = run_cli(str(REPO / "merge_configs" / "demo.yml"), str(out), "-q", cwd=REPO)
     assert result.exit_code == 0, result.output
+    base, expected = demo_expectation(40)
+    assert_state_matches(load_state(out), expected, base, dtype=torch.float32)
     generate(out)
 
 
@@ -71,6 +82,9 @@ def test_sweep_keeps_the_best_and_removes_the_rest(tmp_path):
     best = max(summary["candidates"], key=lambda c: c["score"])
     assert best["label"] == summary["best"]
     assert (out / "best" / "lm_eval_results.json").is_file()
+    target = int(summary["best"].split("-")[1])  # step-T-scale-1
+    base, expected = demo_expectation(target)
+    assert_state_matches(load_state(out / "best"), expected, base)
     generate(out / "best")
     assert not (DEMO / "checkpoint-20" / "lm_eval_results.json").exists()  # inputs untouched
 

@@ -100,6 +100,48 @@ def test_writer_takes_spans_from_threads_in_any_order(tmp_path):
     assert all(torch.equal(loaded[n], t) for n, t in tensors.items())
 
 
+def test_sharded_writer_output_reads_back_shard_by_shard(tmp_path):
+    """Several shards of several tensors, spans written from threads in any order; each shard
+    file opened on its own: its tensors are the planned ones, bit for bit, and the index maps
+    every tensor to its shard."""
+    import json
+    import random
+
+    from safetensors import safe_open
+
+    gen = torch.Generator().manual_seed(1)
+    tensors = {f"t{i}": torch.randn(shape, generator=gen).to(dtype) for i, (shape, dtype) in enumerate(
+        [((16, 8), torch.float32), ((33,), torch.bfloat16), ((50, 4), torch.float32), ((7, 3), torch.float16),
+         ((64,), torch.float32), ((21, 5), torch.bfloat16), ((9,), torch.float32), ((30,), torch.float32)])}
+    layout = [OutputTensor(n, TensorMeta(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
+    # 900 bytes a shard: t0 t1 | t2 t3 | t4 t5 t6 t7, every shard's first tensor followed by another
+    writer = ShardedModelWriter(tmp_path, layout, shard_size=900)
+    spans = [(name, start, t.reshape(-1)[start : start + 11]) for name, t in tensors.items()
+             for start in range(0, t.numel(), 11)]
+    random.Random(0).shuffle(spans)
+    threads = [threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],))
+               for i in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    writer.close()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(tmp_path.glob("*.safetensors"))
+    assert [s.name for s in shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
+    seen = []
+    for shard in shards:
+        with safe_open(str(shard), "pt") as f:
+            names = list(f.keys())
+            for name in names:
+                assert index["weight_map"][name] == shard.name
+                got = f.get_tensor(name)
+                assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), (shard.name, name)
+        seen += names
+    assert sorted(seen) == sorted(tensors)
+
+
 def test_writer_refuses_to_close_with_a_missing_span(tmp_path):
     layout = [OutputTensor("x", TensorMeta((4, 4), torch.float32))]
     writer = ShardedModelWriter(tmp_path, layout, shard_size=1 << 30)

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from relex_merge.io.readers import open_checkpoint
-from tests.helpers import run_cli
+from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,6 +120,8 @@ def test_relex_over_verl_shards_equals_relex_over_hf(shards, qwen_run, tmp_path)
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # rank 2: the second direction is noise, found from a float32 Gram matrix
+    assert_relex_output(tmp_path / "from-verl", qwen_run, STEPS, 12, rank=2, rel=2e-3)
 
 
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
@@ -148,6 +150,11 @@ def test_convert_dcp_needs_a_config(shards, qwen_run, tmp_path):
     assert not (tmp_path / "o").exists()
     ok = run_cli("convert", str(shards / "dcp-1"), str(tmp_path / "o"), "--config-from", str(qwen_run / "base"), "-q")
     assert ok.exit_code == 0, ok.output
+    # the state dict that was saved (checkpoint-1's), tensor for tensor and bit for bit
+    converted, saved = load_state(tmp_path / "o"), load_state(qwen_run / "checkpoint-1")
+    assert sorted(converted) == sorted(saved)
+    for name, tensor in saved.items():
+        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
     generate(tmp_path / "o")
 
 
@@ -205,6 +212,9 @@ def test_unsafe_pickle_is_refused_unless_allowed(qwen_run, tmp_path):
     )
     allowed = run_cli(str(cfg), str(tmp_path / "out"), "--allow-unsafe-pickle", "-q")
     assert allowed.exit_code == 0, allowed.output
+    base = load_state(qwen_run / "base")
+    expected = relex_expectation(base, [load_state(qwen_run / "checkpoint-1"), state], [1, 2], 12, rank=2)
+    assert_state_matches(load_state(tmp_path / "out"), expected, base, rel=2e-3)
 
 
 def test_zero_checkpoint_without_deepspeed_says_how(tmp_path):

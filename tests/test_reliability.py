@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from relex_merge.synthetic import make_planted_run
-from tests.helpers import run_cli
+from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
 from tests.test_cli import load_state, write_config
 from tests.test_validation import snapshot
 
@@ -70,12 +71,15 @@ def test_same_config_twice_is_byte_identical(qwen_run, tmp_path):
     assert files_a == files_b and len(files_a) > 2
     for rel in files_a:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+    for target in (10, 30):  # rank 2: the second direction is noise, from a float32 Gram matrix
+        assert_relex_output(tmp_path / "a" / f"step-{target}", qwen_run, [1, 2, 3, 4, 5], target, rank=2, rel=2e-3)
 
 
 def test_model_card_fingerprints_inputs(qwen_run, tmp_path):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
     assert run_cli(str(cfg), str(tmp_path / "fast"), "-q").exit_code == 0
     assert run_cli(str(cfg), str(tmp_path / "full"), "-q", "--hash").exit_code == 0
+    assert_relex_output(tmp_path / "fast", qwen_run, [1, 2, 3], 9)
     fast = (tmp_path / "fast" / "README.md").read_text()
     full = (tmp_path / "full" / "README.md").read_text()
     size = (qwen_run / "checkpoint-2" / "model.safetensors").stat().st_size
@@ -111,8 +115,13 @@ def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
     result = run_cli(str(cfg), str(tmp_path / "out"), "--allow-nonfinite")
     assert result.exit_code == 0, result.output
     merged = load_state(tmp_path / "out")
-    assert torch.equal(merged["model.norm.weight"], load_state(qwen_run / "base")["model.norm.weight"])
-    assert torch.isfinite(merged["model.layers.0.mlp.up_proj.weight"]).all()
+    base = load_state(qwen_run / "base")
+    assert torch.equal(merged["model.norm.weight"], base["model.norm.weight"])
+    # every other tensor is merged as usual, over the same checkpoints
+    checkpoints = [load_state(qwen_run / "checkpoint-1"), state, load_state(qwen_run / "checkpoint-3")]
+    finite = {name: tensor for name, tensor in base.items() if name != "model.norm.weight"}
+    del merged["model.norm.weight"]
+    assert_state_matches(merged, relex_expectation(finite, checkpoints, [1, 2, 3], 9), base)
     assert "had NaN or Inf values in the window and were copied from the base: model.norm.weight" in (
         tmp_path / "out" / "README.md"
     ).read_text()
@@ -142,13 +151,17 @@ def test_fuzzed_configs_never_trace(docs, raw, tmp_path):
     cfg = tmp_path / "fuzz.yml"
     cfg.write_text(raw if raw is not None else yaml.safe_dump_all(docs))
     out = tmp_path / "fuzz-out"
-    for args in ((str(cfg), str(out), "-q"), (str(cfg), "--print-config")):
-        result = run_cli(*args)
+    merged = run_cli(str(cfg), str(out), "-q")
+    for result in (merged, run_cli(str(cfg), "--print-config")):
         assert result.exit_code in (0, 2), (result.exit_code, result.output)
         assert "Traceback" not in result.output
         if result.exit_code == 2:
             assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert not out.exists() or any(out.iterdir())
+    if merged.exit_code == 2:  # a refused config writes nothing
+        assert not out.exists()
+    else:  # a config that merged wrote a model
+        assert any(out.rglob("*.safetensors")), sorted(out.rglob("*"))
+        shutil.rmtree(out)  # hypothesis reuses tmp_path: the next example starts clean
 
 
 def test_fingerprint_of_identical_files_is_stable(tmp_path):

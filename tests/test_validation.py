@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from relex_merge.mergekit_runner import known_methods
-from tests.helpers import run_cli
+from tests.helpers import assert_relex_output, run_cli
 
 
 def base_config(run: Path, steps=(1, 2, 3), target=9, **params) -> dict:
@@ -449,6 +449,7 @@ def test_target_inside_window_warns_but_merges(qwen_run, tmp_path):
     assert result.exit_code == 0
     assert "warning: target step(s) [2] lie inside the window (last step 3)" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert_relex_output(tmp_path / "out", qwen_run, [1, 2, 3], 2)  # read off the line between steps 1 and 3
 
 
 def test_verbose_shows_the_trace(tmp_path):
