@@ -265,8 +265,10 @@ def run_merge(
     if isinstance(config, (str, Path)):
         source = source or str(config)
         documents = load_documents(config)
+        as_given = Path(config).read_text()  # comments and all, for the provenance of multi-stage outputs
     else:
         documents, source = list(config), source or "<config>"
+        as_given = "---\n".join(yaml_dump(d) for d in documents)
     # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
     only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
     stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
@@ -297,8 +299,7 @@ def run_merge(
                 progress.note(f"stage '{stage.name}' ({stage.method}) -> {target}")
             provenance = None
             if final and multi:
-                documents_yaml = "---\n".join(yaml_dump(d) for d in documents)
-                provenance = Provenance(source, documents_yaml, tuple(lines), dict(paths))
+                provenance = Provenance(source, as_given, tuple(lines), dict(paths))
             document = substitute(stage.document, paths)
             overwrite = options.overwrite if final else True
             if stage.method == "relex":

@@ -249,3 +249,48 @@ def test_multistage_errors(case, expected, qwen_run, tmp_path):
         assert lines[0].endswith(": stages form a cycle: rl -> b -> rl")  # found from the first document
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_multistage_output_keeps_its_provenance(tmp_path):
+    """The final card and config name the stages (not their deleted temporary folders), record
+    the relex stage's window, target, scale, fit and verdict, and every file is readable by others."""
+    import os
+    import stat
+
+    from relex_merge.synthetic import main as make_synthetic
+
+    make_synthetic([str(tmp_path / "runs" / "synthetic")])
+    config = REPO / "merge_configs" / "relex-then-ties.yml"
+    out = tmp_path / "out"
+    result = run_cli(str(config), str(out), "-q", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    assert not list(tmp_path.glob(".out.relex-stages*"))  # the intermediate folder is gone ...
+    card = (out / "README.md").read_text()
+    written = (out / "mergekit_config.yml").read_text()
+    assert ".relex-stages" not in card and ".relex-stages" not in written  # ... and nothing points into it
+    assert "- model: rl-extrapolated" in written
+    assert written.startswith(f"# stage 2 of a multi-stage merge ({config})")
+    assert (out / "relex_stages.yml").read_text() == config.read_text()
+    assert "## Stages" in card
+    line = next(x for x in card.splitlines() if x.startswith("- stage 'rl-extrapolated' (relex)"))
+    assert "window steps 1..8 (8 checkpoints)" in line and "target step 16, scale 0.8, fit linear" in line
+    assert "SUPPORTED" in line  # the verdict of the relex stage
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask, path.name
+
+
+def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypatch):
+    from relex_merge import Options, run_merge
+    from relex_merge.synthetic import main as make_synthetic
+
+    make_synthetic([str(tmp_path / "runs" / "synthetic")])
+    monkeypatch.chdir(tmp_path)
+    result = run_merge(REPO / "merge_configs" / "reconstruct-then-task-arithmetic.yml", tmp_path / "out",
+                       Options(threads=1, intermediate_dir=tmp_path / "stages"))
+    assert [s.name for s in result.stages] == ["rl-denoised", None]
+    assert result.stages[0].merge is not None and result.stages[0].out == tmp_path / "stages" / "rl-denoised"
+    assert result.final.method == "task_arithmetic" and result.final.out == tmp_path / "out"
+    base = load_state(tmp_path / "runs" / "synthetic" / "base")
+    assert set(load_state(tmp_path / "out")) == set(base)
