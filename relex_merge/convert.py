@@ -10,12 +10,10 @@ from typing import Callable
 
 from relex_merge.engine import chunk_rows, row_ranges
 from relex_merge.errors import RelexError
+from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
 from relex_merge.io.readers import CheckpointReader, TensorMeta, open_checkpoint, read_model_config
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
-from relex_merge.plan import TORCH_DTYPES
-
-_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def plan_convert(
     names = reader.names()
     if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
         names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
-    target = None if dtype == "keep" else TORCH_DTYPES[dtype]
+    target = None if dtype == "keep" else CONFIG_DTYPES[dtype]
 
     def out_meta(name: str) -> TensorMeta:
         meta = reader.meta(name)
@@ -73,7 +71,7 @@ def plan_convert(
 
     tensors = [OutputTensor(n, out_meta(n)) for n in names]
     float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
-    config_dtype = _DTYPE_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
+    config_dtype = CONFIG_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
     return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.io.readers import SAFETENSORS_DTYPES, TensorMeta
+from relex_merge.io.dtypes import SAFETENSORS_NAMES
+from relex_merge.io.readers import TensorMeta
 
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
 
 
@@ -50,7 +50,7 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": _DTYPE_NAMES[t.meta.dtype],
+            "dtype": SAFETENSORS_NAMES[t.meta.dtype],
             "shape": list(t.meta.shape),
             "data_offsets": [offset, offset + t.meta.nbytes],
         }
