@@ -307,7 +307,7 @@ def merge_command(
     from relex_merge.config import load_documents, parse_config
     from relex_merge.mergekit_runner import known_methods, run_mergekit
     from relex_merge.output import check_output_path
-    from relex_merge.io.readers import is_hf_model
+    from relex_merge.io.hf import is_hf_model
     from relex_merge.stages import parse_stages, substitute
 
     documents = load_documents(config_path)

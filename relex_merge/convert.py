@@ -11,7 +11,9 @@ from typing import Callable
 from relex_merge.engine import chunk_rows, row_ranges
 from relex_merge.errors import RelexError
 from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
-from relex_merge.io.readers import CheckpointReader, TensorMeta, open_checkpoint, read_model_config
+from relex_merge.io.base import CheckpointReader, TensorMeta
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.registry import open_checkpoint
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
 

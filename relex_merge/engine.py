@@ -26,7 +26,7 @@ import torch
 
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, TensorDiagnostics, diagnostics, relex_weights
-from relex_merge.io.readers import CheckpointReader, TensorMeta, read_span
+from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
 from relex_merge.io.writer import OutputTensor
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 

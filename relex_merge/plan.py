@@ -13,7 +13,9 @@ from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
 from relex_merge.fit import window_indices
 from relex_merge.io.dtypes import CONFIG_DTYPES
-from relex_merge.io.readers import CheckpointReader, open_checkpoint, read_model_config
+from relex_merge.io.base import CheckpointReader
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.registry import open_checkpoint
 from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
 

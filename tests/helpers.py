@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from relex_merge.io.readers import TensorMeta
+from relex_merge.io.base import TensorMeta
 
 
 class DictReader:

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from relex_merge.engine import EngineOptions, MergeJob, run_merge
 from relex_merge.errors import RelexError
 from relex_merge.fit import RelexSpec
-from relex_merge.io.readers import SafetensorsReader, TensorMeta
+from relex_merge.io.base import TensorMeta
+from relex_merge.io.safetensors import SafetensorsReader
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.kernels import Scratch, span_gram, span_outputs
 from tests.helpers import DictReader

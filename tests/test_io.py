@@ -1,14 +1,22 @@
-"""The io package's shared pieces: the dtype table."""
+"""The io package's shared pieces: the dtype table and the format registry."""
 
 from __future__ import annotations
 
+import ast
+import importlib
 import json
+import pkgutil
 import struct
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from relex_merge.errors import RelexError
+from relex_merge.io import registry
+from relex_merge.io.base import CheckpointFormat
 from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 
 
@@ -31,3 +39,93 @@ def test_safetensors_names_match_the_safetensors_library(dtype, tmp_path):
     name = json.loads(raw[8 : 8 + length])["x"]["dtype"]
     assert SAFETENSORS_NAMES[dtype] == name
     assert SAFETENSORS_DTYPES[name] == dtype
+
+
+# --- the format registry ---------------------------------------------------------------------
+
+FAKE_FORMAT = '''
+from pathlib import Path
+
+from relex_merge.io.base import CheckpointFormat, StateDictReader, glob_any
+
+
+def detect(path: Path) -> bool:
+    return glob_any(path, ("*.fake",))
+
+
+def _open(path: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
+    return StateDictReader(path, {}, sorted(path.glob("*.fake")))
+
+
+FORMAT = CheckpointFormat(
+    name="fake", label="fake weights", description="a format that exists only in this test",
+    priority=45, detect=detect, open=_open, weight_patterns=("*.fake",),
+)
+'''
+
+
+def _io_modules() -> dict[str, object]:
+    import relex_merge.io
+
+    return {
+        info.name: importlib.import_module(f"relex_merge.io.{info.name}")
+        for info in pkgutil.iter_modules(relex_merge.io.__path__)
+    }
+
+
+def test_registry_holds_every_module_that_defines_a_format():
+    modules = _io_modules()
+    defined = {name for name, module in modules.items() if isinstance(getattr(module, "FORMAT", None), CheckpointFormat)}
+    assert {fmt.name for fmt in registry.formats()} == defined
+    assert set(modules) - defined == registry._SHARED
+    # today's detection order: safetensors, .bin, verl FSDP, DCP, ZeRO
+    assert [fmt.name for fmt in registry.formats()] == ["safetensors", "torch_bin", "fsdp", "dcp", "zero"]
+
+
+def test_format_modules_import_only_the_shared_modules():
+    """No import cycles: a format imports base (dtypes, hf), never another format or the registry."""
+    for name, module in _io_modules().items():
+        if name == "registry":
+            continue  # imports the formats, by design
+        ours = set()
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "relex_merge.io":
+                ours |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("relex_merge.io."):
+                ours.add(node.module.rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Import):
+                ours |= {a.name.rsplit(".", 1)[-1] for a in node.names if a.name.startswith("relex_merge.io.")}
+        allowed = {"dtypes": set(), "hf": set(), "base": {"dtypes"}}.get(name, {"base", "dtypes", "hf"})
+        assert ours <= allowed, (name, ours - allowed)
+
+
+def test_a_new_format_is_one_file(tmp_path, monkeypatch):
+    import relex_merge.io
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "fake.py").write_text(FAKE_FORMAT)
+    monkeypatch.setattr(relex_merge.io, "__path__", [*relex_merge.io.__path__, str(tmp_path / "pkg")])
+    try:
+        found = registry._discover()
+    finally:
+        sys.modules.pop("relex_merge.io.fake", None)
+    assert [fmt.name for fmt in found] == ["safetensors", "torch_bin", "fsdp", "dcp", "fake", "zero"]
+    monkeypatch.setattr(registry, "_FORMATS", found)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "w.fake").write_bytes(b"")
+    assert registry.open_checkpoint(folder).files() == [folder / "w.fake"]
+    assert "*.fake" in registry.weight_patterns()
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}: no model weights found (safetensors, pytorch_model*.bin, verl FSDP shards, "
+        "torch.distributed.checkpoint, fake weights or DeepSpeed ZeRO)"
+    )
+
+
+def test_unknown_weight_file_type(tmp_path):
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tmp_path / "w.npz")
+    assert str(err.value) == f"{tmp_path / 'w.npz'}: unknown weight file type (expected .safetensors, .bin or .pt)"

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import TensorMeta
+from relex_merge.io.base import CheckpointFormat, TensorMeta
+
+__all__ = ["FORMAT", "DcpReader"]
 
 
-def is_dcp_checkpoint(folder: Path) -> bool:
+def detect(folder: Path) -> bool:
+    """A folder with ``.metadata`` and ``*.distcp`` files."""
     return (folder / ".metadata").is_file() and any(folder.glob("*.distcp"))
 
 
@@ -69,3 +72,18 @@ class DcpReader:
         if rows is None or tensor.dim() == 0:
             return tensor
         return tensor[rows[0] : rows[1]].clone()
+
+
+def _open(path: Path, allow_unsafe_pickle: bool = False) -> DcpReader:
+    return DcpReader(path)  # DCP's own loader; no pickles of ours
+
+
+FORMAT = CheckpointFormat(
+    name="dcp",
+    label="torch.distributed.checkpoint",
+    description="torch.distributed.checkpoint folders: .metadata plus *.distcp files",
+    priority=40,
+    detect=detect,
+    open=_open,
+    weight_patterns=("*.distcp",),
+)

@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import TensorMeta, load_torch_file
+from relex_merge.io.base import CheckpointFormat, TensorMeta, load_torch_file
+
+__all__ = ["FORMAT", "FsdpShardReader"]
 
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 
 
-def is_fsdp_checkpoint(folder: Path) -> bool:
+def detect(folder: Path) -> bool:
+    """A folder with ``model_world_size_W_rank_R.pt`` files."""
     return folder.is_dir() and any(_RANK_FILE.match(p.name) for p in folder.iterdir())
 
 
@@ -174,3 +177,14 @@ class FsdpShardReader:
         if not pieces:
             return torch.empty((0,) + self._meta[name].shape[1:], dtype=self._meta[name].dtype)
         return torch.cat(pieces, dim=0)
+
+
+FORMAT = CheckpointFormat(
+    name="fsdp",
+    label="verl FSDP shards",
+    description="verl FSDP actor shards: model_world_size_W_rank_R.pt, one state dict per rank",
+    priority=30,
+    detect=detect,
+    open=FsdpShardReader,
+    weight_patterns=("model_world_size_*_rank_*.pt",),
+)

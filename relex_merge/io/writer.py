@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
+from relex_merge.io.base import TensorMeta
 from relex_merge.io.dtypes import SAFETENSORS_NAMES
-from relex_merge.io.readers import TensorMeta
-
-INDEX_NAME = "model.safetensors.index.json"
+from relex_merge.io.hf import SAFETENSORS_INDEX
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ class ShardedModelWriter:
             }
             total = sum(t.meta.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
         self._close_files()

@@ -9,16 +9,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import StateDictReader
+from relex_merge.io.base import CheckpointFormat, StateDictReader, glob_any
+
+__all__ = ["FORMAT", "zero_reader"]
 
 _PATTERNS = ("*zero_pp_rank_*_optim_states.pt", "*/*zero_pp_rank_*_optim_states.pt")
 
 
-def is_zero_checkpoint(folder: Path) -> bool:
-    return any(any(folder.glob(p)) for p in _PATTERNS)
+def detect(folder: Path) -> bool:
+    """A ZeRO tag folder (``*zero_pp_rank_*_optim_states.pt``) or the folder above its tags."""
+    return glob_any(folder, _PATTERNS)
 
 
-def zero_reader(folder: Path) -> StateDictReader:
+def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
+    """The model's fp32 weights, consolidated by DeepSpeed (which loads its own pickles)."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
@@ -37,3 +41,14 @@ def zero_reader(folder: Path) -> StateDictReader:
         raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
     files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
     return StateDictReader(folder, dict(state), files)
+
+
+FORMAT = CheckpointFormat(
+    name="zero",
+    label="DeepSpeed ZeRO",
+    description="DeepSpeed ZeRO optimizer partitions (*zero_pp_rank_*_optim_states.pt), via DeepSpeed",
+    priority=50,
+    detect=detect,
+    open=zero_reader,
+    weight_patterns=_PATTERNS,
+)
