@@ -129,3 +129,20 @@ def test_unknown_weight_file_type(tmp_path):
     with pytest.raises(RelexError) as err:
         registry.open_checkpoint(tmp_path / "w.npz")
     assert str(err.value) == f"{tmp_path / 'w.npz'}: unknown weight file type (expected .safetensors, .bin or .pt)"
+
+
+def test_trajectory_finds_zero_shards_before_an_hf_export(tmp_path):
+    """trajectory: asks the registry for weight patterns, so a ZeRO actor/ is found like verl shards."""
+    from relex_merge.trajectory import _weights_dir
+
+    actor = tmp_path / "global_step_10" / "actor"
+    (actor / "huggingface").mkdir(parents=True)
+    (actor / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (actor / "huggingface" / "model.safetensors").write_bytes(b"")
+    assert _weights_dir(tmp_path / "global_step_10") == actor
+    # HF Trainer + DeepSpeed: checkpoint-N holds `latest` and the tag folder; N is read as a whole
+    step = tmp_path / "checkpoint-10"
+    (step / "global_step10").mkdir(parents=True)
+    (step / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (step / "latest").write_text("global_step10")
+    assert _weights_dir(step) == step

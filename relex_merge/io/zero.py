@@ -50,5 +50,7 @@ FORMAT = CheckpointFormat(
     priority=50,
     detect=detect,
     open=zero_reader,
-    weight_patterns=_PATTERNS,
+    # a tag folder; not the folder above its tags: with that, a step folder whose actor/ holds the
+    # shards would itself look like a ZeRO checkpoint (HF Trainer's checkpoint-N is the step folder)
+    weight_patterns=_PATTERNS[:1],
 )
