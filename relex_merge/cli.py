@@ -392,7 +392,7 @@ def convert_command(src, out, dtype, config_from, overwrite, shard_size, max_mem
         src, out, dtype=dtype, config_from=config_from, overwrite=overwrite, allow_unsafe_pickle=allow_unsafe_pickle
     )
     console = Console(stderr=True, soft_wrap=True)
-    for warning in getattr(plan.reader, "warnings", []):
+    for warning in plan.reader.warnings:
         console.print(f"[yellow]warning:[/] {escape(warning)}")
     if quiet:
         write_converted(plan, shard_size=shard_bytes, max_memory=budget)

@@ -206,7 +206,7 @@ def plan_merge(
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
     for reader in [base, *checkpoints]:
-        warnings.extend(getattr(reader, "warnings", []))
+        warnings.extend(reader.warnings)
     out_dtype = CONFIG_DTYPES[config.out_dtype] if config.out_dtype else None
     compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
     job = MergeJob(

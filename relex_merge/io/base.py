@@ -9,9 +9,10 @@ Nothing here imports a format module: formats import this, the registry imports 
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 
@@ -54,24 +55,52 @@ class TensorMeta:
         return self.shape[0] if self.shape else 1
 
 
-class CheckpointReader(Protocol):
-    """One checkpoint's tensors: names, metadata, and reads of whole tensors or row ranges."""
+class CheckpointReader(ABC):
+    """One checkpoint's tensors: names, metadata, and reads of whole tensors or row ranges.
+
+    Every reader implements ``names``, ``meta``, ``read`` and ``files``. The optional
+    capabilities are declared, not guessed: a reader that can map spans sets
+    ``supports_views`` and implements ``view``; one whose reads may run on several threads at
+    once sets ``thread_safe_reads`` (the engine serialises the reads of the others); one with
+    something to tell the user sets ``warnings``; one holding open files implements ``close``.
+    """
 
     path: Path
 
-    def names(self) -> list[str]: ...
+    supports_views: ClassVar[bool] = False
+    """``view`` returns a span without copying it (a mapping of the file)."""
+    thread_safe_reads: ClassVar[bool] = False
+    """``read`` and ``view`` may be called from several threads at once."""
+    warnings: Sequence[str] = ()
+    """Notes for the user about this checkpoint (printed, and listed in the model card)."""
 
-    def meta(self, name: str) -> TensorMeta: ...
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor's name, in the checkpoint's order."""
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor: ...
+    @abstractmethod
+    def meta(self, name: str) -> TensorMeta:
+        """A tensor's shape and dtype (no data is read)."""
 
-    def files(self) -> list[Path]: ...
+    @abstractmethod
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor, or its rows ``[rows[0], rows[1])`` along dim 0, as a tensor the caller owns."""
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """The files the tensors come from (fingerprinted in the model card)."""
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Like ``read``, for reading only and without a copy; only where ``supports_views``."""
+        raise NotImplementedError(f"{type(self).__name__} has no views (supports_views is False)")
+
+    def close(self) -> None:
+        """Release open files; the reader is not used afterwards."""
 
 
 def read_span(reader: CheckpointReader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-    """A span of rows for reading only: a mapped view where the reader has one, else a read."""
-    view = getattr(reader, "view", None)
-    return view(name, rows) if view is not None else reader.read(name, rows)
+    """A span of rows for reading only: a mapped view where the reader supports views, else a read."""
+    return reader.view(name, rows) if reader.supports_views else reader.read(name, rows)
 
 
 @dataclass(frozen=True)
@@ -138,7 +167,7 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-class StateDictReader:
+class StateDictReader(CheckpointReader):
     """Tensors already in (memory-mapped) memory, e.g. a loaded pickle."""
 
     def __init__(self, path: Path, tensors: dict[str, torch.Tensor], files: list[Path]):

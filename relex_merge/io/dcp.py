@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.base import CheckpointFormat, TensorMeta
+from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta
 
 __all__ = ["FORMAT", "DcpReader"]
 
@@ -23,7 +23,7 @@ def detect(folder: Path) -> bool:
     return (folder / ".metadata").is_file() and any(folder.glob("*.distcp"))
 
 
-class DcpReader:
+class DcpReader(CheckpointReader):
     def __init__(self, path: Path):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata

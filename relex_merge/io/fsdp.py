@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.base import CheckpointFormat, TensorMeta, load_torch_file
+from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta, load_torch_file
 
 __all__ = ["FORMAT", "FsdpShardReader"]
 
@@ -36,7 +36,7 @@ class _Layout:
     local_rows: tuple[int, ...]  # size along shard_dim of each rank's piece
 
 
-class FsdpShardReader:
+class FsdpShardReader(CheckpointReader):
     def __init__(self, path: Path, allow_unsafe_pickle: bool = False):
         import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights-only loads)
 

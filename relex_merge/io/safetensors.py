@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.base import CheckpointFormat, TensorMeta, indexed_files
+from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta, indexed_files
 from relex_merge.io.dtypes import SAFETENSORS_DTYPES
 from relex_merge.io.hf import SAFETENSORS_INDEX
 
@@ -63,13 +63,16 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, tuple[TensorMeta
     return start, tensors
 
 
-class SafetensorsReader:
+class SafetensorsReader(CheckpointReader):
     """A single .safetensors file, a sharded model (index json) or a folder of shards.
 
     ``read`` copies a span into a fresh tensor (positioned reads); ``view`` maps it instead,
     so the engine's math reads the page cache directly. A mapping lives as long as the view,
-    which keeps resident memory to the spans being worked on.
+    which keeps resident memory to the spans being worked on. Both are thread-safe.
     """
+
+    supports_views = True
+    thread_safe_reads = True
 
     def __init__(self, path: Path):
         self.path = path
