@@ -146,3 +146,106 @@ def test_trajectory_finds_zero_shards_before_an_hf_export(tmp_path):
     (step / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     (step / "latest").write_text("global_step10")
     assert _weights_dir(step) == step
+
+
+# --- damaged files: one-line errors; anything else propagates -----------------------------------
+
+
+def test_torch_file_errors_that_mean_a_bad_file_are_one_line(tmp_path, monkeypatch):
+    from relex_merge.io import base
+
+    file = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(3)}, file)
+    file.write_bytes(file.read_bytes()[:100])  # truncated
+    with pytest.raises(RelexError, match="cannot read: truncated or not a torch checkpoint"):
+        base.load_torch_file(file)
+
+    def missing_module(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'omegaconf'")
+
+    monkeypatch.setattr(torch, "load", missing_module)  # an unsafe pickle naming an absent class
+    with pytest.raises(RelexError, match=r"not a torch checkpoint \(No module named 'omegaconf'\)"):
+        base.load_torch_file(file, allow_unsafe_pickle=True)
+
+    def bug(*args, **kwargs):
+        raise TypeError("load() got an unexpected keyword argument 'mmap'")
+
+    monkeypatch.setattr(torch, "load", bug)
+    with pytest.raises(TypeError):  # not the user's file: not a RelexError
+        base.load_torch_file(file)
+
+
+@pytest.fixture
+def dcp_folder(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(12.0).reshape(4, 3)}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+    return folder
+
+
+def test_damaged_dcp_data_is_one_line(dcp_folder):
+    reader = registry.open_checkpoint(dcp_folder)
+    assert torch.equal(reader.read("w", (1, 3)), torch.arange(3.0, 9.0).reshape(2, 3))
+    for data in dcp_folder.glob("*.distcp"):
+        data.write_bytes(b"")
+    # DCP raises CheckpointException, a BaseException that `except Exception` never caught
+    with pytest.raises(RelexError) as err:
+        reader.read("w")
+    assert str(err.value) == f"{dcp_folder}: cannot read tensor w (EOFError)"
+
+
+def test_damaged_dcp_metadata_is_one_line(dcp_folder):
+    (dcp_folder / ".metadata").write_bytes(b"")
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(dcp_folder)
+    assert str(err.value) == f"{dcp_folder}/.metadata: cannot read DCP metadata (Ran out of input)"
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """A stand-in for deepspeed.utils.zero_to_fp32 (DeepSpeed is not installed here)."""
+    import types
+
+    module = types.ModuleType("deepspeed.utils.zero_to_fp32")
+    for name in ("deepspeed", "deepspeed.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", module)
+    return module
+
+
+def test_zero_through_deepspeed(fake_deepspeed, tmp_path):
+    tag = tmp_path / "global_step10"
+    tag.mkdir()
+    (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    calls = []
+
+    def consolidate(root, tag=None):
+        calls.append((root, tag))
+        return {"w": torch.ones(2, 2)}
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = consolidate
+    reader = registry.open_checkpoint(tag)
+    assert calls == [(str(tmp_path), "global_step10")]
+    assert reader.names() == ["w"] and reader.files() == [tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+    def broken(root, tag=None):
+        raise ValueError("Expected 2 of '*_optim_states.pt' but found 1 files")
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = broken
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tag)
+    assert str(err.value) == (
+        f"{tag}: cannot consolidate the ZeRO checkpoint (Expected 2 of '*_optim_states.pt' but found 1 files)"
+    )
+
+    def bug(root, tag=None):
+        raise TypeError("unexpected keyword argument 'tag'")
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = bug
+    with pytest.raises(TypeError):
+        registry.open_checkpoint(tag)

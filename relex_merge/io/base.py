@@ -9,6 +9,7 @@ Nothing here imports a format module: formats import this, the registry imports 
 from __future__ import annotations
 
 import json
+import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,8 @@ __all__ = [
     "read_span",
     "indexed_files",
     "load_torch_file",
+    "UNREADABLE_PICKLE",
+    "UNREADABLE_TORCH_FILE",
     "first_line",
     "glob_any",
 ]
@@ -144,10 +147,21 @@ def indexed_files(index: Path) -> list[Path]:
     return files
 
 
-def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
-    """torch.load with mmap, weights-only unless the user trusts the file; one-line errors."""
-    import pickle
+UNREADABLE_PICKLE = (pickle.UnpicklingError, EOFError, OSError, ValueError, LookupError, ImportError)
+"""What unpickling a damaged or foreign file raises: a truncated or garbled stream (EOFError,
+UnpicklingError, ValueError incl. UnicodeDecodeError, a bad memo or stack index as
+LookupError), an unreadable file (OSError), a class from a module not installed here
+(ImportError, unsafe loads only). Anything else (TypeError, AttributeError, ...) is left to
+propagate: it is as likely a bug as a bad file."""
 
+UNREADABLE_TORCH_FILE = (RuntimeError, *UNREADABLE_PICKLE)
+"""``UNREADABLE_PICKLE`` plus the RuntimeError of torch's zip and mmap readers (a truncated
+archive, a file not saved in the zip format)."""
+
+
+def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
+    """torch.load with mmap, weights-only unless the user trusts the file; one-line errors for
+    files that are not readable torch checkpoints (other exceptions propagate)."""
     try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as exc:
@@ -157,7 +171,7 @@ def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
                 "pass --allow-unsafe-pickle only if you trust where it came from"
             ) from None
         raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
-    except Exception as exc:
+    except UNREADABLE_TORCH_FILE as exc:
         raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None
 
 

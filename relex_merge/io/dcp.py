@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta
+from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointReader, TensorMeta, first_line
 
 __all__ = ["FORMAT", "DcpReader"]
 
@@ -30,8 +30,8 @@ class DcpReader(CheckpointReader):
 
         self.path = path
         try:
-            metadata = FileSystemReader(str(path)).read_metadata()
-        except Exception as exc:
+            metadata = FileSystemReader(str(path)).read_metadata()  # a pickle
+        except UNREADABLE_PICKLE as exc:
             raise RelexError(f"{path}/.metadata: cannot read DCP metadata ({exc})") from None
         stored = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
@@ -60,6 +60,7 @@ class DcpReader(CheckpointReader):
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self._meta[name]
         tensor = torch.empty(meta.shape, dtype=meta.dtype)
@@ -67,11 +68,21 @@ class DcpReader(CheckpointReader):
             with warnings.catch_warnings():  # "assuming single process": that is the intent
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load({self._stored[name]: tensor}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
-        except Exception as exc:
-            raise RelexError(f"{self.path}: cannot read tensor {name} ({str(exc).strip().splitlines()[0]})") from None
+        except (CheckpointException, OSError) as exc:  # CheckpointException: a BaseException, DCP's read errors
+            raise RelexError(f"{self.path}: cannot read tensor {name} ({first_line(_cause(exc))})") from None
         if rows is None or tensor.dim() == 0:
             return tensor
         return tensor[rows[0] : rows[1]].clone()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """An OSError itself; for a CheckpointException, the first rank's own error (each is
+    stored as (error, stack))."""
+    if isinstance(exc, OSError):
+        return exc
+    for failure in exc.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return exc
 
 
 def _open(path: Path, allow_unsafe_pickle: bool = False) -> DcpReader:

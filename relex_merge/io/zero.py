@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from relex_merge.errors import RelexError
-from relex_merge.io.base import CheckpointFormat, StateDictReader, glob_any
+from relex_merge.io.base import UNREADABLE_TORCH_FILE, CheckpointFormat, StateDictReader, glob_any
 
 __all__ = ["FORMAT", "zero_reader"]
 
@@ -37,7 +37,7 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
         root, tag = folder.parent, folder.name
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except Exception as exc:
+    except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError
         raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
     files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
     return StateDictReader(folder, dict(state), files)
