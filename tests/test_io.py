@@ -249,3 +249,15 @@ def test_zero_through_deepspeed(fake_deepspeed, tmp_path):
     fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = bug
     with pytest.raises(TypeError):
         registry.open_checkpoint(tag)
+
+
+def test_a_safetensors_reader_that_fails_to_open_cleans_up_quietly(tmp_path, monkeypatch):
+    import gc
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(RelexError, match="lists gone.safetensors, which does not exist"):
+        registry.open_checkpoint(tmp_path)
+    gc.collect()
+    assert unraisable == []  # was: "Exception ignored in SafetensorsReader.__del__" (AttributeError)

@@ -76,11 +76,11 @@ class SafetensorsReader(CheckpointReader):
 
     def __init__(self, path: Path):
         self.path = path
+        self._fds: dict[Path, int] = {}  # first: __del__ closes them even when opening fails
+        self._lock = threading.Lock()
         self._files = self._shard_files(path)
         self._where: dict[str, tuple[Path, int]] = {}
         self._meta: dict[str, TensorMeta] = {}
-        self._fds: dict[Path, int] = {}
-        self._lock = threading.Lock()
         for file in self._files:
             _, tensors = read_safetensors_header(file)
             for name, (meta, offset) in tensors.items():
