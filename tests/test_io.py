@@ -261,3 +261,9 @@ def test_a_safetensors_reader_that_fails_to_open_cleans_up_quietly(tmp_path, mon
         registry.open_checkpoint(tmp_path)
     gc.collect()
     assert unraisable == []  # was: "Exception ignored in SafetensorsReader.__del__" (AttributeError)
+
+
+def test_the_detected_format_is_logged_at_debug(dcp_folder, caplog):
+    with caplog.at_level("DEBUG", logger="relex_merge.io.registry"):
+        registry.open_checkpoint(dcp_folder)
+    assert f"{dcp_folder}: dcp checkpoint" in caplog.messages

@@ -43,6 +43,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
+        """Number of elements."""
         n = 1
         for dim in self.shape:
             n *= dim
@@ -50,6 +51,7 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
+        """Size of the data in bytes."""
         return self.numel * self.dtype.itemsize
 
     @property

@@ -7,6 +7,7 @@ in that case only the model's tensors are exposed, without the prefix.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointR
 
 __all__ = ["FORMAT", "DcpReader"]
 
+logger = logging.getLogger(__name__)
+
 
 def detect(folder: Path) -> bool:
     """A folder with ``.metadata`` and ``*.distcp`` files."""
@@ -24,6 +27,9 @@ def detect(folder: Path) -> bool:
 
 
 class DcpReader(CheckpointReader):
+    """A DCP folder; each read loads one whole tensor through DCP (no process group). Reads are
+    not thread-safe."""
+
     def __init__(self, path: Path):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -39,6 +45,8 @@ class DcpReader(CheckpointReader):
         nested = any(not k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in stored)
         top = {k.split(".", 1)[0] for k in stored}
         self._prefix = "model." if nested and top - {"model"} <= {"optim", "optimizer", "extra", "lr_scheduler"} else ""
+        if self._prefix:
+            logger.debug("%s: a nested save; exposing the %r tensors without the prefix", path, self._prefix)
         self._stored: dict[str, str] = {}
         self._meta: dict[str, TensorMeta] = {}
         for key, info in stored.items():

@@ -22,6 +22,8 @@ from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta, 
 
 __all__ = ["FORMAT", "FsdpShardReader"]
 
+logger = logging.getLogger(__name__)
+
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 
 
@@ -37,6 +39,9 @@ class _Layout:
 
 
 class FsdpShardReader(CheckpointReader):
+    """A verl actor folder of rank files, read as one unsharded model. Rank files load lazily
+    (rank 0 at once, for the layout); reads are not thread-safe."""
+
     def __init__(self, path: Path, allow_unsafe_pickle: bool = False):
         import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights-only loads)
 
@@ -48,6 +53,7 @@ class FsdpShardReader(CheckpointReader):
         self._states: dict[int, dict] = {}
         first = self._state(0)
         self._ranks = self._data_ranks(first, world)
+        logger.debug("%s: world size %d, reading ranks %s", path, world, self._ranks)
         self._meta: dict[str, TensorMeta] = {}
         self._layout: dict[str, _Layout] = {}
         for name, value in first.items():
@@ -86,13 +92,13 @@ class FsdpShardReader(CheckpointReader):
         if rank not in self._states:
             file = self._files[rank]
             # DeviceMesh warns about unpickling before process groups exist; we never use them
-            logger = logging.getLogger("torch.distributed.device_mesh")
-            level = logger.level
-            logger.setLevel(logging.ERROR)
+            mesh_logger = logging.getLogger("torch.distributed.device_mesh")
+            level = mesh_logger.level
+            mesh_logger.setLevel(logging.ERROR)
             try:
                 state = load_torch_file(file, self._allow_unsafe)
             finally:
-                logger.setLevel(level)
+                mesh_logger.setLevel(level)
             if not isinstance(state, dict):
                 raise RelexError(f"{file}: expected a state dict, found {type(state).__name__}")
             self._states[rank] = state

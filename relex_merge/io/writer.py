@@ -18,9 +18,13 @@ from relex_merge.io.base import TensorMeta
 from relex_merge.io.dtypes import SAFETENSORS_NAMES
 from relex_merge.io.hf import SAFETENSORS_INDEX
 
+__all__ = ["OutputTensor", "ShardedModelWriter", "plan_shards", "shard_file_names"]
+
 
 @dataclass(frozen=True)
 class OutputTensor:
+    """A tensor the writer will receive: its name and its output shape and dtype."""
+
     name: str
     meta: TensorMeta
 
@@ -39,6 +43,7 @@ def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[Outpu
 
 
 def shard_file_names(n_shards: int) -> list[str]:
+    """HF's shard names: ``model.safetensors``, or ``model-00001-of-0000N.safetensors``..."""
     if n_shards == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
@@ -146,4 +151,5 @@ class ShardedModelWriter:
             (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        """Close the shard files without the checks (the caller removes the partial output)."""
         self._close_files()

@@ -6,12 +6,15 @@ ZeRO scatters flat fp32 partitions of the optimizer state across rank files; Dee
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from relex_merge.errors import RelexError
 from relex_merge.io.base import UNREADABLE_TORCH_FILE, CheckpointFormat, StateDictReader, glob_any
 
 __all__ = ["FORMAT", "zero_reader"]
+
+logger = logging.getLogger(__name__)
 
 _PATTERNS = ("*zero_pp_rank_*_optim_states.pt", "*/*zero_pp_rank_*_optim_states.pt")
 
@@ -35,6 +38,7 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
         root, tag = folder, None
     else:
         root, tag = folder.parent, folder.name
+    logger.debug("%s: consolidating with DeepSpeed (checkpoint dir %s, tag %s)", folder, root, tag or "from latest")
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError
