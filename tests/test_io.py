@@ -267,3 +267,14 @@ def test_the_detected_format_is_logged_at_debug(dcp_folder, caplog):
     with caplog.at_level("DEBUG", logger="relex_merge.io.registry"):
         registry.open_checkpoint(dcp_folder)
     assert f"{dcp_folder}: dcp checkpoint" in caplog.messages
+
+
+def test_convert_help_lists_the_registered_formats():
+    from tests.helpers import run_cli
+
+    result = run_cli("convert", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "Checkpoint formats (tried in this order):" in text
+    for fmt in registry.formats():
+        assert f"{fmt.name} {fmt.description}" in text

@@ -188,7 +188,7 @@ class FsdpShardReader(CheckpointReader):
 FORMAT = CheckpointFormat(
     name="fsdp",
     label="verl FSDP shards",
-    description="verl FSDP actor shards: model_world_size_W_rank_R.pt, one state dict per rank",
+    description="verl FSDP actor shards: model_world_size_W_rank_R.pt",
     priority=30,
     detect=detect,
     open=FsdpShardReader,

@@ -86,7 +86,8 @@ def _or_list(items: list[str]) -> str:
 
 
 def describe() -> str:
-    """The formats as error messages list them (safetensors, ..., or DeepSpeed ZeRO)."""
+    """The formats as error messages list them: "safetensors, ..., torch.distributed.checkpoint
+    or DeepSpeed ZeRO"."""
     return _or_list([fmt.label for fmt in _FORMATS])
 
 

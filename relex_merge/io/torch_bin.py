@@ -49,7 +49,7 @@ def detect(path: Path) -> bool:
 FORMAT = CheckpointFormat(
     name="torch_bin",
     label="pytorch_model*.bin",
-    description="PyTorch state dicts: pytorch_model*.bin (with or without index), or one .bin/.pt file",
+    description="PyTorch state dicts: pytorch_model*.bin (+ index), .bin/.pt",
     priority=20,
     detect=detect,
     open=torch_bin_reader,
