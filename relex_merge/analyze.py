@@ -17,7 +17,8 @@ from relex_merge.backtest import DEFAULT_TOLERANCE, STOP, Backtest, assess, hori
 from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_merge
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, diagnostics, top_components, window_indices
-from relex_merge.io.readers import TensorMeta, read_safetensors_header
+from relex_merge.io.base import TensorMeta
+from relex_merge.io.safetensors import read_safetensors_header
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.options import Options
 from relex_merge.plan import MergePlan

@@ -241,7 +241,19 @@ def merge_command(config_path, out, print_config, options, quiet, verbose):
         console.print(escape(f"{result.final.method} merge written to {result.out}"))
 
 
-@main.command("convert")
+class _ConvertCommand(click.Command):
+    """``convert --help`` ends with the formats it reads, from the format registry (imported only
+    when that help is shown: it loads torch)."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from relex_merge.io.registry import formats
+
+        with formatter.section("Checkpoint formats (tried in this order)"):
+            formatter.write_dl([(fmt.name, fmt.description) for fmt in formats()])
+        super().format_epilog(ctx, formatter)
+
+
+@main.command("convert", cls=_ConvertCommand)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",

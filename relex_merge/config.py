@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from relex_merge import fits
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, spec_from_parameters
+from relex_merge.io.dtypes import CONFIG_DTYPES
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = tuple(CONFIG_DTYPES)  # ("float32", "float16", "bfloat16", "float64")
 
 
 class _Strict(BaseModel):

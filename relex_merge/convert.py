@@ -9,17 +9,18 @@ from pathlib import Path
 
 from relex_merge.engine import chunk_rows, row_ranges
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import CheckpointReader, TensorMeta, open_checkpoint, read_model_config
+from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
+from relex_merge.io.base import CheckpointReader, TensorMeta
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.registry import open_checkpoint
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
 from relex_merge.options import Options
-from relex_merge.plan import TORCH_DTYPES
 from relex_merge.progress import NullProgress, Progress
 from relex_merge.units import default_max_memory
 
 __all__ = ["convert", "plan_convert", "write_converted", "ConvertPlan", "ConvertResult"]
 
-_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def plan_convert(
     names = reader.names()
     if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
         names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
-    target = None if dtype == "keep" else TORCH_DTYPES[dtype]
+    target = None if dtype == "keep" else CONFIG_DTYPES[dtype]
 
     def out_meta(name: str) -> TensorMeta:
         meta = reader.meta(name)
@@ -77,7 +78,7 @@ def plan_convert(
 
     tensors = [OutputTensor(n, out_meta(n)) for n in names]
     float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
-    config_dtype = _DTYPE_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
+    config_dtype = CONFIG_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
     return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
 
 
@@ -93,7 +94,7 @@ def convert(
     """Write checkpoint ``src`` (any readable format) as a Hugging Face safetensors folder ``out``."""
     plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
                         overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
-    for warning in getattr(plan.reader, "warnings", []):
+    for warning in plan.reader.warnings:
         progress.note(f"warning: {warning}")
     return write_converted(plan, shard_size=options.shard_size, max_memory=options.max_memory or default_max_memory(),
                            progress=progress)

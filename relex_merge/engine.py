@@ -26,7 +26,7 @@ import torch
 
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, TensorDiagnostics, diagnostics, relex_weights
-from relex_merge.io.readers import CheckpointReader, TensorMeta, read_span
+from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
 from relex_merge.io.writer import OutputTensor
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
@@ -206,8 +206,9 @@ class _Worker:
         self.columns = block_columns(len(job.checkpoints), job.compute_dtype, self.device)
         self._local = threading.local()
         self.weights: dict[str, torch.Tensor] = {}  # set by the main thread before a tensor's outputs
-        # mapped views are thread-safe; other readers (lazily loaded shards, DCP) read one at a time
-        self._read_locks = {id(r): threading.Lock() for r in job.readers if not hasattr(r, "view")}
+        # readers that declare thread-safe reads (safetensors) share the workers; others
+        # (lazily loaded shards, DCP) read one span at a time
+        self._read_locks = {id(r): threading.Lock() for r in job.readers if not r.thread_safe_reads}
 
     def _read(self, reader: CheckpointReader, span: _Span) -> torch.Tensor:
         with self._read_locks.get(id(reader), _NO_LOCK):

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Sequence
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import is_hf_model
+from relex_merge.io.hf import is_hf_model
 from relex_merge.offline import offline_if_local
 
 RESULTS_NAME = "lm_eval_results.json"

@@ -256,7 +256,7 @@ def run_merge(
     file or its parsed documents. Nothing is read before every stage is checked; intermediates
     go to a hidden folder beside ``out`` (removed afterwards) or ``options.intermediate_dir``."""
     from relex_merge.config import load_documents, parse_config
-    from relex_merge.io.readers import is_hf_model
+    from relex_merge.io.hf import is_hf_model
     from relex_merge.mergekit_runner import known_methods, run_mergekit
     from relex_merge.output import check_output_path
     from relex_merge.stages import parse_stages, substitute

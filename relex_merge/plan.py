@@ -12,16 +12,12 @@ from relex_merge.config import RelexConfig
 from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
 from relex_merge.fit import window_indices
-from relex_merge.io.readers import CheckpointReader, open_checkpoint, read_model_config
+from relex_merge.io.dtypes import CONFIG_DTYPES
+from relex_merge.io.base import CheckpointReader
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.registry import open_checkpoint
 from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
-
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
 
 
 @dataclass(frozen=True)
@@ -210,8 +206,8 @@ def plan_merge(
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
     for reader in [base, *checkpoints]:
-        warnings.extend(getattr(reader, "warnings", []))
-    out_dtype = TORCH_DTYPES[config.out_dtype] if config.out_dtype else None
+        warnings.extend(reader.warnings)
+    out_dtype = CONFIG_DTYPES[config.out_dtype] if config.out_dtype else None
     compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
     job = MergeJob(
         base=base,

@@ -14,7 +14,7 @@ from relex_merge.engine import EngineOptions
 from relex_merge.errors import RelexError
 from relex_merge.evaluate import EvalResult, check_tasks, evaluate, task_manager
 from relex_merge.fit import FitSpec
-from relex_merge.io.readers import is_hf_model
+from relex_merge.io.hf import is_hf_model
 from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
 from relex_merge.options import Options

@@ -9,19 +9,9 @@ from pathlib import Path
 
 from relex_merge.config import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.errors import RelexError
+from relex_merge.io.registry import has_weights
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
-WEIGHT_PATTERNS = (
-    "*.safetensors",
-    "pytorch_model*.bin",
-    "model*.bin",
-    "model_world_size_*_rank_*.pt",  # verl FSDP shards
-    "*.distcp",  # torch.distributed.checkpoint
-)
-
-
-def has_weights(path: Path) -> bool:
-    return path.is_dir() and any(any(path.glob(p)) for p in WEIGHT_PATTERNS)
 
 
 def _weights_dir(step_dir: Path) -> Path:

@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 from click.testing import CliRunner
 
-from relex_merge.io.readers import TensorMeta
+from relex_merge.io.base import CheckpointReader, TensorMeta
 
 
-class DictReader:
+class DictReader(CheckpointReader):
     """A CheckpointReader over an in-memory state dict."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], path: str = "<memory>"):

@@ -4,6 +4,7 @@ that do not depend on the number of worker threads."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from safetensors.torch import load_file, save_file
 from relex_merge.engine import EngineOptions, MergeJob, run_merge
 from relex_merge.errors import RelexError
 from relex_merge.fit import RelexSpec
-from relex_merge.io.readers import SafetensorsReader, TensorMeta
+from relex_merge.io.base import TensorMeta
+from relex_merge.io.safetensors import SafetensorsReader
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
 from relex_merge.kernels import Scratch, span_gram, span_outputs
 from tests.helpers import DictReader
@@ -177,3 +179,42 @@ def test_a_worker_error_stops_the_merge_and_names_the_file(tmp_path):
     job = MergeJob(readers[0], readers[1:], [1, 2, 3], [9], RelexSpec())
     with pytest.raises(RelexError, match="2.safetensors: ended early"):
         run_merge(job, [CollectSink()], EngineOptions(max_memory=50_000, threads=3))
+
+
+class _CountingReader(DictReader):
+    """Records how many reads (or views) of it run at once."""
+
+    def __init__(self, tensors, thread_safe: bool, views: bool):
+        super().__init__(tensors)
+        self.thread_safe_reads = thread_safe
+        self.supports_views = views
+        self.running = self.most = self.views = 0
+        self._lock = threading.Lock()
+
+    def _track(self, fn, *args):
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.002)
+            return fn(*args)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def read(self, name, rows=None):
+        return self._track(super().read, name, rows)
+
+    def view(self, name, rows=None):
+        self.views += 1
+        return self._track(super().read, name, rows)
+
+
+@pytest.mark.parametrize("thread_safe", [False, True])
+def test_engine_uses_the_declared_reader_capabilities(thread_safe):
+    base, checkpoints = random_window(n_ckpt=3, shapes={"w": (400, 30)}, seed=2)
+    readers = [_CountingReader(state, thread_safe, views=thread_safe) for state in [base, *checkpoints]]
+    job = MergeJob(readers[0], readers[1:], [1, 2, 3], [9], RelexSpec())
+    run_merge(job, [CollectSink()], EngineOptions(max_memory=4 * 20_000, threads=4))
+    assert all((r.most > 1) == thread_safe for r in readers)  # undeclared: one read at a time
+    assert all((r.views > 0) == thread_safe for r in readers)  # views only where declared

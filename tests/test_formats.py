@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from relex_merge.io.readers import open_checkpoint
+from relex_merge.io.registry import open_checkpoint
 from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 

@@ -7,28 +7,37 @@ in that case only the model's tensors are exposed, without the prefix.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import TensorMeta
+from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointReader, TensorMeta, first_line
+
+__all__ = ["FORMAT", "DcpReader"]
+
+logger = logging.getLogger(__name__)
 
 
-def is_dcp_checkpoint(folder: Path) -> bool:
+def detect(folder: Path) -> bool:
+    """A folder with ``.metadata`` and ``*.distcp`` files."""
     return (folder / ".metadata").is_file() and any(folder.glob("*.distcp"))
 
 
-class DcpReader:
+class DcpReader(CheckpointReader):
+    """A DCP folder; each read loads one whole tensor through DCP (no process group). Reads are
+    not thread-safe."""
+
     def __init__(self, path: Path):
         from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = path
         try:
-            metadata = FileSystemReader(str(path)).read_metadata()
-        except Exception as exc:
+            metadata = FileSystemReader(str(path)).read_metadata()  # a pickle
+        except UNREADABLE_PICKLE as exc:
             raise RelexError(f"{path}/.metadata: cannot read DCP metadata ({exc})") from None
         stored = {
             k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
@@ -36,6 +45,8 @@ class DcpReader:
         nested = any(not k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in stored)
         top = {k.split(".", 1)[0] for k in stored}
         self._prefix = "model." if nested and top - {"model"} <= {"optim", "optimizer", "extra", "lr_scheduler"} else ""
+        if self._prefix:
+            logger.debug("%s: a nested save; exposing the %r tensors without the prefix", path, self._prefix)
         self._stored: dict[str, str] = {}
         self._meta: dict[str, TensorMeta] = {}
         for key, info in stored.items():
@@ -57,6 +68,7 @@ class DcpReader:
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self._meta[name]
         tensor = torch.empty(meta.shape, dtype=meta.dtype)
@@ -64,8 +76,33 @@ class DcpReader:
             with warnings.catch_warnings():  # "assuming single process": that is the intent
                 warnings.simplefilter("ignore", UserWarning)
                 dcp.load({self._stored[name]: tensor}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
-        except Exception as exc:
-            raise RelexError(f"{self.path}: cannot read tensor {name} ({str(exc).strip().splitlines()[0]})") from None
+        except (CheckpointException, OSError) as exc:  # CheckpointException: a BaseException, DCP's read errors
+            raise RelexError(f"{self.path}: cannot read tensor {name} ({first_line(_cause(exc))})") from None
         if rows is None or tensor.dim() == 0:
             return tensor
         return tensor[rows[0] : rows[1]].clone()
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """An OSError itself; for a CheckpointException, the first rank's own error (each is
+    stored as (error, stack))."""
+    if isinstance(exc, OSError):
+        return exc
+    for failure in exc.failures.values():
+        return failure[0] if isinstance(failure, tuple) else failure
+    return exc
+
+
+def _open(path: Path, allow_unsafe_pickle: bool = False) -> DcpReader:
+    return DcpReader(path)  # DCP's own loader; no pickles of ours
+
+
+FORMAT = CheckpointFormat(
+    name="dcp",
+    label="torch.distributed.checkpoint",
+    description="torch.distributed.checkpoint: .metadata and *.distcp files",
+    priority=40,
+    detect=detect,
+    open=_open,
+    weight_patterns=("*.distcp",),
+)

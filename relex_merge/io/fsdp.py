@@ -18,12 +18,17 @@ from pathlib import Path
 import torch
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import TensorMeta, load_torch_file
+from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta, load_torch_file
+
+__all__ = ["FORMAT", "FsdpShardReader"]
+
+logger = logging.getLogger(__name__)
 
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 
 
-def is_fsdp_checkpoint(folder: Path) -> bool:
+def detect(folder: Path) -> bool:
+    """A folder with ``model_world_size_W_rank_R.pt`` files."""
     return folder.is_dir() and any(_RANK_FILE.match(p.name) for p in folder.iterdir())
 
 
@@ -33,7 +38,10 @@ class _Layout:
     local_rows: tuple[int, ...]  # size along shard_dim of each rank's piece
 
 
-class FsdpShardReader:
+class FsdpShardReader(CheckpointReader):
+    """A verl actor folder of rank files, read as one unsharded model. Rank files load lazily
+    (rank 0 at once, for the layout); reads are not thread-safe."""
+
     def __init__(self, path: Path, allow_unsafe_pickle: bool = False):
         import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights-only loads)
 
@@ -45,6 +53,7 @@ class FsdpShardReader:
         self._states: dict[int, dict] = {}
         first = self._state(0)
         self._ranks = self._data_ranks(first, world)
+        logger.debug("%s: world size %d, reading ranks %s", path, world, self._ranks)
         self._meta: dict[str, TensorMeta] = {}
         self._layout: dict[str, _Layout] = {}
         for name, value in first.items():
@@ -83,13 +92,13 @@ class FsdpShardReader:
         if rank not in self._states:
             file = self._files[rank]
             # DeviceMesh warns about unpickling before process groups exist; we never use them
-            logger = logging.getLogger("torch.distributed.device_mesh")
-            level = logger.level
-            logger.setLevel(logging.ERROR)
+            mesh_logger = logging.getLogger("torch.distributed.device_mesh")
+            level = mesh_logger.level
+            mesh_logger.setLevel(logging.ERROR)
             try:
                 state = load_torch_file(file, self._allow_unsafe)
             finally:
-                logger.setLevel(level)
+                mesh_logger.setLevel(level)
             if not isinstance(state, dict):
                 raise RelexError(f"{file}: expected a state dict, found {type(state).__name__}")
             self._states[rank] = state
@@ -174,3 +183,14 @@ class FsdpShardReader:
         if not pieces:
             return torch.empty((0,) + self._meta[name].shape[1:], dtype=self._meta[name].dtype)
         return torch.cat(pieces, dim=0)
+
+
+FORMAT = CheckpointFormat(
+    name="fsdp",
+    label="verl FSDP shards",
+    description="verl FSDP actor shards: model_world_size_W_rank_R.pt",
+    priority=30,
+    detect=detect,
+    open=FsdpShardReader,
+    weight_patterns=("model_world_size_*_rank_*.pt",),
+)

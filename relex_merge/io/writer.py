@@ -14,14 +14,17 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.io.readers import SAFETENSORS_DTYPES, TensorMeta
+from relex_merge.io.base import TensorMeta
+from relex_merge.io.dtypes import SAFETENSORS_NAMES
+from relex_merge.io.hf import SAFETENSORS_INDEX
 
-_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = ["OutputTensor", "ShardedModelWriter", "plan_shards", "shard_file_names"]
 
 
 @dataclass(frozen=True)
 class OutputTensor:
+    """A tensor the writer will receive: its name and its output shape and dtype."""
+
     name: str
     meta: TensorMeta
 
@@ -40,6 +43,7 @@ def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[Outpu
 
 
 def shard_file_names(n_shards: int) -> list[str]:
+    """HF's shard names: ``model.safetensors``, or ``model-00001-of-0000N.safetensors``..."""
     if n_shards == 1:
         return ["model.safetensors"]
     return [f"model-{i:05d}-of-{n_shards:05d}.safetensors" for i in range(1, n_shards + 1)]
@@ -50,7 +54,7 @@ def _header(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
     offset = 0
     for t in tensors:
         header[t.name] = {
-            "dtype": _DTYPE_NAMES[t.meta.dtype],
+            "dtype": SAFETENSORS_NAMES[t.meta.dtype],
             "shape": list(t.meta.shape),
             "data_offsets": [offset, offset + t.meta.nbytes],
         }
@@ -144,7 +148,8 @@ class ShardedModelWriter:
             }
             total = sum(t.meta.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+            (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
+        """Close the shard files without the checks (the caller removes the partial output)."""
         self._close_files()

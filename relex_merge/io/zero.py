@@ -6,19 +6,26 @@ ZeRO scatters flat fp32 partitions of the optimizer state across rank files; Dee
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from relex_merge.errors import RelexError
-from relex_merge.io.readers import StateDictReader
+from relex_merge.io.base import UNREADABLE_TORCH_FILE, CheckpointFormat, StateDictReader, glob_any
+
+__all__ = ["FORMAT", "zero_reader"]
+
+logger = logging.getLogger(__name__)
 
 _PATTERNS = ("*zero_pp_rank_*_optim_states.pt", "*/*zero_pp_rank_*_optim_states.pt")
 
 
-def is_zero_checkpoint(folder: Path) -> bool:
-    return any(any(folder.glob(p)) for p in _PATTERNS)
+def detect(folder: Path) -> bool:
+    """A ZeRO tag folder (``*zero_pp_rank_*_optim_states.pt``) or the folder above its tags."""
+    return glob_any(folder, _PATTERNS)
 
 
-def zero_reader(folder: Path) -> StateDictReader:
+def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
+    """The model's fp32 weights, consolidated by DeepSpeed (which loads its own pickles)."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
@@ -31,9 +38,23 @@ def zero_reader(folder: Path) -> StateDictReader:
         root, tag = folder, None
     else:
         root, tag = folder.parent, folder.name
+    logger.debug("%s: consolidating with DeepSpeed (checkpoint dir %s, tag %s)", folder, root, tag or "from latest")
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except Exception as exc:
+    except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError
         raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
     files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
     return StateDictReader(folder, dict(state), files)
+
+
+FORMAT = CheckpointFormat(
+    name="zero",
+    label="DeepSpeed ZeRO",
+    description="DeepSpeed ZeRO: *zero_pp_rank_*_optim_states.pt, via DeepSpeed",
+    priority=50,
+    detect=detect,
+    open=zero_reader,
+    # a tag folder; not the folder above its tags: with that, a step folder whose actor/ holds the
+    # shards would itself look like a ZeRO checkpoint (HF Trainer's checkpoint-N is the step folder)
+    weight_patterns=_PATTERNS[:1],
+)

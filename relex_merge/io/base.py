@@ -1,0 +1,208 @@
+"""What every checkpoint format shares: the reader interface (tensor names, shape/dtype, and
+reads of a whole tensor or a range of its rows, dim 0), the format description the registry
+collects, and helpers more than one format uses. Readers open files lazily (mmap) and never
+materialise a whole model.
+
+Nothing here imports a format module: formats import this, the registry imports the formats.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import torch
+
+from relex_merge.errors import RelexError
+
+__all__ = [
+    "TensorMeta",
+    "CheckpointReader",
+    "CheckpointFormat",
+    "StateDictReader",
+    "read_span",
+    "indexed_files",
+    "load_torch_file",
+    "UNREADABLE_PICKLE",
+    "UNREADABLE_TORCH_FILE",
+    "first_line",
+    "glob_any",
+]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """A tensor's shape and dtype, known from a header before any data is read."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        """Number of elements."""
+        n = 1
+        for dim in self.shape:
+            n *= dim
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the data in bytes."""
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def rows(self) -> int:
+        """Length of the axis reads are chunked along (1 for a scalar)."""
+        return self.shape[0] if self.shape else 1
+
+
+class CheckpointReader(ABC):
+    """One checkpoint's tensors: names, metadata, and reads of whole tensors or row ranges.
+
+    Every reader implements ``names``, ``meta``, ``read`` and ``files``. The optional
+    capabilities are declared, not guessed: a reader that can map spans sets
+    ``supports_views`` and implements ``view``; one whose reads may run on several threads at
+    once sets ``thread_safe_reads`` (the engine serialises the reads of the others); one with
+    something to tell the user sets ``warnings``; one holding open files implements ``close``.
+    """
+
+    path: Path
+
+    supports_views: ClassVar[bool] = False
+    """``view`` returns a span without copying it (a mapping of the file)."""
+    thread_safe_reads: ClassVar[bool] = False
+    """``read`` and ``view`` may be called from several threads at once."""
+    warnings: Sequence[str] = ()
+    """Notes for the user about this checkpoint (printed, and listed in the model card)."""
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Every tensor's name, in the checkpoint's order."""
+
+    @abstractmethod
+    def meta(self, name: str) -> TensorMeta:
+        """A tensor's shape and dtype (no data is read)."""
+
+    @abstractmethod
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A tensor, or its rows ``[rows[0], rows[1])`` along dim 0, as a tensor the caller owns."""
+
+    @abstractmethod
+    def files(self) -> list[Path]:
+        """The files the tensors come from (fingerprinted in the model card)."""
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Like ``read``, for reading only and without a copy; only where ``supports_views``."""
+        raise NotImplementedError(f"{type(self).__name__} has no views (supports_views is False)")
+
+    def close(self) -> None:
+        """Release open files; the reader is not used afterwards."""
+
+
+def read_span(reader: CheckpointReader, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """A span of rows for reading only: a mapped view where the reader supports views, else a read."""
+    return reader.view(name, rows) if reader.supports_views else reader.read(name, rows)
+
+
+@dataclass(frozen=True)
+class CheckpointFormat:
+    """A checkpoint format as the registry (``relex_merge.io.registry``) sees it. Each format
+    module defines one as ``FORMAT``."""
+
+    name: str
+    """Short identifier ("safetensors", "fsdp")."""
+    label: str
+    """How the "no model weights found (...)" error lists the format."""
+    description: str
+    """One line for help and error texts."""
+    priority: int
+    """Detection order: formats are tried from the lowest priority up; the first that detects wins."""
+    detect: Callable[[Path], bool]
+    """Whether a path (a weight file or a folder) holds this format."""
+    open: Callable[[Path, bool], CheckpointReader]
+    """The reader for a detected path: ``open(path, allow_unsafe_pickle)``."""
+    weight_patterns: tuple[str, ...] = ()
+    """Globs that mark a folder as holding this format's weights (``trajectory:`` discovery)."""
+    file_types: tuple[str, ...] = ()
+    """Single weight files it opens, as the "unknown weight file type" error names them."""
+
+
+def glob_any(folder: Path, patterns: Iterable[str]) -> bool:
+    """Whether ``folder`` is a folder and any of the globs matches something in it."""
+    return folder.is_dir() and any(any(folder.glob(p)) for p in patterns)
+
+
+def indexed_files(index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` (HF sharded checkpoint) points to, all present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RelexError(f"{index}: not a valid index ({exc})") from None
+    files = sorted({index.parent / f for f in weight_map.values()})
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise RelexError(f"{index}: lists {missing[0].name}, which does not exist")
+    return files
+
+
+UNREADABLE_PICKLE = (pickle.UnpicklingError, EOFError, OSError, ValueError, LookupError, ImportError)
+"""What unpickling a damaged or foreign file raises: a truncated or garbled stream (EOFError,
+UnpicklingError, ValueError incl. UnicodeDecodeError, a bad memo or stack index as
+LookupError), an unreadable file (OSError), a class from a module not installed here
+(ImportError, unsafe loads only). Anything else (TypeError, AttributeError, ...) is left to
+propagate: it is as likely a bug as a bad file."""
+
+UNREADABLE_TORCH_FILE = (RuntimeError, *UNREADABLE_PICKLE)
+"""``UNREADABLE_PICKLE`` plus the RuntimeError of torch's zip and mmap readers (a truncated
+archive, a file not saved in the zip format)."""
+
+
+def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
+    """torch.load with mmap, weights-only unless the user trusts the file; one-line errors for
+    files that are not readable torch checkpoints (other exceptions propagate)."""
+    try:
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=not allow_unsafe_pickle)
+    except pickle.UnpicklingError as exc:
+        if "Weights only load failed" in str(exc):
+            raise RelexError(
+                f"{file}: this pickle holds more than tensors and could run code when loaded; "
+                "pass --allow-unsafe-pickle only if you trust where it came from"
+            ) from None
+        raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
+    except UNREADABLE_TORCH_FILE as exc:
+        raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class StateDictReader(CheckpointReader):
+    """Tensors already in (memory-mapped) memory, e.g. a loaded pickle."""
+
+    def __init__(self, path: Path, tensors: dict[str, torch.Tensor], files: list[Path]):
+        self.path = path
+        self._tensors = tensors
+        self._files = files
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, name: str) -> TensorMeta:
+        t = self._tensors[name]
+        return TensorMeta(tuple(t.shape), t.dtype)
+
+    def files(self) -> list[Path]:
+        return list(self._files)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        t = self._tensors[name]
+        if rows is None or t.dim() == 0:
+            return t.clone()
+        return t[rows[0] : rows[1]].clone()

@@ -1,0 +1,280 @@
+"""The io package's shared pieces: the dtype table and the format registry."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import pkgutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from relex_merge.errors import RelexError
+from relex_merge.io import registry
+from relex_merge.io.base import CheckpointFormat
+from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES
+
+
+def test_config_dtype_names_come_from_the_table():
+    from relex_merge.cli import main
+    from relex_merge.config import DTYPES
+
+    assert DTYPES == ("float32", "float16", "bfloat16", "float64") == tuple(CONFIG_DTYPES)
+    convert = main.commands["convert"]
+    choices = next(p for p in convert.params if p.name == "dtype").type.choices
+    assert set(choices) - {"keep"} <= set(CONFIG_DTYPES)
+    assert all(CONFIG_DTYPES[CONFIG_NAMES[dtype]] == dtype for dtype in CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("dtype", list(SAFETENSORS_NAMES), ids=str)
+def test_safetensors_names_match_the_safetensors_library(dtype, tmp_path):
+    save_file({"x": torch.zeros(2, dtype=dtype)}, tmp_path / "x.safetensors")
+    raw = (tmp_path / "x.safetensors").read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    name = json.loads(raw[8 : 8 + length])["x"]["dtype"]
+    assert SAFETENSORS_NAMES[dtype] == name
+    assert SAFETENSORS_DTYPES[name] == dtype
+
+
+# --- the format registry ---------------------------------------------------------------------
+
+FAKE_FORMAT = '''
+from pathlib import Path
+
+from relex_merge.io.base import CheckpointFormat, StateDictReader, glob_any
+
+
+def detect(path: Path) -> bool:
+    return glob_any(path, ("*.fake",))
+
+
+def _open(path: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
+    return StateDictReader(path, {}, sorted(path.glob("*.fake")))
+
+
+FORMAT = CheckpointFormat(
+    name="fake", label="fake weights", description="a format that exists only in this test",
+    priority=45, detect=detect, open=_open, weight_patterns=("*.fake",),
+)
+'''
+
+
+def _io_modules() -> dict[str, object]:
+    import relex_merge.io
+
+    return {
+        info.name: importlib.import_module(f"relex_merge.io.{info.name}")
+        for info in pkgutil.iter_modules(relex_merge.io.__path__)
+    }
+
+
+def test_registry_holds_every_module_that_defines_a_format():
+    modules = _io_modules()
+    defined = {name for name, module in modules.items() if isinstance(getattr(module, "FORMAT", None), CheckpointFormat)}
+    assert {fmt.name for fmt in registry.formats()} == defined
+    assert set(modules) - defined == registry._SHARED
+    # today's detection order: safetensors, .bin, verl FSDP, DCP, ZeRO
+    assert [fmt.name for fmt in registry.formats()] == ["safetensors", "torch_bin", "fsdp", "dcp", "zero"]
+
+
+def test_format_modules_import_only_the_shared_modules():
+    """No import cycles: a format imports base (dtypes, hf), never another format or the registry."""
+    for name, module in _io_modules().items():
+        if name == "registry":
+            continue  # imports the formats, by design
+        ours = set()
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "relex_merge.io":
+                ours |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("relex_merge.io."):
+                ours.add(node.module.rsplit(".", 1)[-1])
+            elif isinstance(node, ast.Import):
+                ours |= {a.name.rsplit(".", 1)[-1] for a in node.names if a.name.startswith("relex_merge.io.")}
+        allowed = {"dtypes": set(), "hf": set(), "base": {"dtypes"}}.get(name, {"base", "dtypes", "hf"})
+        assert ours <= allowed, (name, ours - allowed)
+
+
+def test_a_new_format_is_one_file(tmp_path, monkeypatch):
+    import relex_merge.io
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "fake.py").write_text(FAKE_FORMAT)
+    monkeypatch.setattr(relex_merge.io, "__path__", [*relex_merge.io.__path__, str(tmp_path / "pkg")])
+    try:
+        found = registry._discover()
+    finally:
+        sys.modules.pop("relex_merge.io.fake", None)
+    assert [fmt.name for fmt in found] == ["safetensors", "torch_bin", "fsdp", "dcp", "fake", "zero"]
+    monkeypatch.setattr(registry, "_FORMATS", found)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "w.fake").write_bytes(b"")
+    assert registry.open_checkpoint(folder).files() == [folder / "w.fake"]
+    assert "*.fake" in registry.weight_patterns()
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tmp_path)
+    assert str(err.value) == (
+        f"{tmp_path}: no model weights found (safetensors, pytorch_model*.bin, verl FSDP shards, "
+        "torch.distributed.checkpoint, fake weights or DeepSpeed ZeRO)"
+    )
+
+
+def test_unknown_weight_file_type(tmp_path):
+    (tmp_path / "w.npz").write_bytes(b"")
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tmp_path / "w.npz")
+    assert str(err.value) == f"{tmp_path / 'w.npz'}: unknown weight file type (expected .safetensors, .bin or .pt)"
+
+
+def test_trajectory_finds_zero_shards_before_an_hf_export(tmp_path):
+    """trajectory: asks the registry for weight patterns, so a ZeRO actor/ is found like verl shards."""
+    from relex_merge.trajectory import _weights_dir
+
+    actor = tmp_path / "global_step_10" / "actor"
+    (actor / "huggingface").mkdir(parents=True)
+    (actor / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (actor / "huggingface" / "model.safetensors").write_bytes(b"")
+    assert _weights_dir(tmp_path / "global_step_10") == actor
+    # HF Trainer + DeepSpeed: checkpoint-N holds `latest` and the tag folder; N is read as a whole
+    step = tmp_path / "checkpoint-10"
+    (step / "global_step10").mkdir(parents=True)
+    (step / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    (step / "latest").write_text("global_step10")
+    assert _weights_dir(step) == step
+
+
+# --- damaged files: one-line errors; anything else propagates -----------------------------------
+
+
+def test_torch_file_errors_that_mean_a_bad_file_are_one_line(tmp_path, monkeypatch):
+    from relex_merge.io import base
+
+    file = tmp_path / "pytorch_model.bin"
+    torch.save({"w": torch.zeros(3)}, file)
+    file.write_bytes(file.read_bytes()[:100])  # truncated
+    with pytest.raises(RelexError, match="cannot read: truncated or not a torch checkpoint"):
+        base.load_torch_file(file)
+
+    def missing_module(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'omegaconf'")
+
+    monkeypatch.setattr(torch, "load", missing_module)  # an unsafe pickle naming an absent class
+    with pytest.raises(RelexError, match=r"not a torch checkpoint \(No module named 'omegaconf'\)"):
+        base.load_torch_file(file, allow_unsafe_pickle=True)
+
+    def bug(*args, **kwargs):
+        raise TypeError("load() got an unexpected keyword argument 'mmap'")
+
+    monkeypatch.setattr(torch, "load", bug)
+    with pytest.raises(TypeError):  # not the user's file: not a RelexError
+        base.load_torch_file(file)
+
+
+@pytest.fixture
+def dcp_folder(tmp_path):
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "dcp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"w": torch.arange(12.0).reshape(4, 3)}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+    return folder
+
+
+def test_damaged_dcp_data_is_one_line(dcp_folder):
+    reader = registry.open_checkpoint(dcp_folder)
+    assert torch.equal(reader.read("w", (1, 3)), torch.arange(3.0, 9.0).reshape(2, 3))
+    for data in dcp_folder.glob("*.distcp"):
+        data.write_bytes(b"")
+    # DCP raises CheckpointException, a BaseException that `except Exception` never caught
+    with pytest.raises(RelexError) as err:
+        reader.read("w")
+    assert str(err.value) == f"{dcp_folder}: cannot read tensor w (EOFError)"
+
+
+def test_damaged_dcp_metadata_is_one_line(dcp_folder):
+    (dcp_folder / ".metadata").write_bytes(b"")
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(dcp_folder)
+    assert str(err.value) == f"{dcp_folder}/.metadata: cannot read DCP metadata (Ran out of input)"
+
+
+@pytest.fixture
+def fake_deepspeed(monkeypatch):
+    """A stand-in for deepspeed.utils.zero_to_fp32 (DeepSpeed is not installed here)."""
+    import types
+
+    module = types.ModuleType("deepspeed.utils.zero_to_fp32")
+    for name in ("deepspeed", "deepspeed.utils"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "deepspeed.utils.zero_to_fp32", module)
+    return module
+
+
+def test_zero_through_deepspeed(fake_deepspeed, tmp_path):
+    tag = tmp_path / "global_step10"
+    tag.mkdir()
+    (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+    calls = []
+
+    def consolidate(root, tag=None):
+        calls.append((root, tag))
+        return {"w": torch.ones(2, 2)}
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = consolidate
+    reader = registry.open_checkpoint(tag)
+    assert calls == [(str(tmp_path), "global_step10")]
+    assert reader.names() == ["w"] and reader.files() == [tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]
+
+    def broken(root, tag=None):
+        raise ValueError("Expected 2 of '*_optim_states.pt' but found 1 files")
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = broken
+    with pytest.raises(RelexError) as err:
+        registry.open_checkpoint(tag)
+    assert str(err.value) == (
+        f"{tag}: cannot consolidate the ZeRO checkpoint (Expected 2 of '*_optim_states.pt' but found 1 files)"
+    )
+
+    def bug(root, tag=None):
+        raise TypeError("unexpected keyword argument 'tag'")
+
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = bug
+    with pytest.raises(TypeError):
+        registry.open_checkpoint(tag)
+
+
+def test_a_safetensors_reader_that_fails_to_open_cleans_up_quietly(tmp_path, monkeypatch):
+    import gc
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": "gone.safetensors"}}))
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    with pytest.raises(RelexError, match="lists gone.safetensors, which does not exist"):
+        registry.open_checkpoint(tmp_path)
+    gc.collect()
+    assert unraisable == []  # was: "Exception ignored in SafetensorsReader.__del__" (AttributeError)
+
+
+def test_the_detected_format_is_logged_at_debug(dcp_folder, caplog):
+    with caplog.at_level("DEBUG", logger="relex_merge.io.registry"):
+        registry.open_checkpoint(dcp_folder)
+    assert f"{dcp_folder}: dcp checkpoint" in caplog.messages
+
+
+def test_convert_help_lists_the_registered_formats():
+    from tests.helpers import run_cli
+
+    result = run_cli("convert", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.stdout.split())
+    assert "Checkpoint formats (tried in this order):" in text
+    for fmt in registry.formats():
+        assert f"{fmt.name} {fmt.description}" in text
