@@ -171,9 +171,11 @@ class SafetensorsReader(CheckpointReader):
         shape = meta.shape if rows is None or not meta.shape else (rows[1] - rows[0],) + meta.shape[1:]
         return file, offset, skip, length, shape
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:
+        # os.close bound at definition: a reader collected at interpreter exit, after the os
+        # module's globals are gone, must still close its files quietly
         for fd in self._fds.values():
-            os.close(fd)
+            _close(fd)
         self._fds.clear()
 
     def __del__(self):
