@@ -12,9 +12,9 @@ from typing import Sequence
 
 import torch
 
-from relex_merge import fits
+from relex_merge import distributed, fits
 from relex_merge.backtest import DEFAULT_TOLERANCE, STOP, Backtest, assess, horizon, window_steps
-from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_merge
+from relex_merge.engine import EngineOptions, EngineStats, TensorReport, run_job
 from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, diagnostics, top_components, window_indices
 from relex_merge.io.base import TensorMeta
@@ -253,26 +253,32 @@ def analyze(
     from relex_merge.output import atomic_output_dir, check_output_path
     from relex_merge.plan import plan_merge
 
+    group = distributed.current()
     plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
     engine = options.engine()
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None:
-        check_output_path(out, plan.model_paths, options.overwrite)
+    with group.step("checking the output folder"):
+        if out is not None:
+            check_output_path(out, plan.model_paths, options.overwrite)
     from relex_merge.engine import planned_read_bytes
+    from relex_merge.merge import share_of
 
-    progress.start("analyze", planned_read_bytes(plan.job.gram_only(), engine), len(plan.job.base.names()))
+    progress.start("analyze", planned_read_bytes(plan.job.gram_only().share(share_of(plan.job)), engine),
+                   len(share_of(plan.job)))
+    # every rank reads its share; the Gram matrices of all are exchanged; rank 0 writes
     analysis, stats = run_analysis(plan, engine, options.tolerance,
                                    progress=lambda nbytes, finished: progress.advance(nbytes, int(finished)))
     progress.finish()
     written: list[Path] = []
-    if out is not None:
-        with atomic_output_dir(out) as tmp:
-            (tmp / "analysis.json").write_text(analysis.to_json())
-            write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
-            names = ["analysis.json", CACHE_NAME]
-            if plots.available():
-                names += [p.name for p in plots.write_plots(analysis, tmp)]
-        written = [out / name for name in names]
+    with group.step("writing the analysis"):
+        if out is not None and group.main:
+            with atomic_output_dir(out) as tmp:
+                (tmp / "analysis.json").write_text(analysis.to_json())
+                write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
+                names = ["analysis.json", CACHE_NAME]
+                if plots.available():
+                    names += [p.name for p in plots.write_plots(analysis, tmp)]
+            written = [out / name for name in names]
     return AnalyzeResult(analysis, stats, written, plots.available())
 
 
@@ -280,7 +286,7 @@ def run_analysis(
     plan: MergePlan, options: EngineOptions, tolerance: float = DEFAULT_TOLERANCE, progress=lambda n, d: None
 ) -> tuple[Analysis, EngineStats]:
     """Read the window once (Gram matrices only) and analyse."""
-    stats = run_merge(plan.job.gram_only(), [], options, progress)
+    stats = run_job(plan.job.gram_only(), [], options, progress)
     reports = [r for r in stats.tensors if r.gram is not None]
     analysis = analyze_grams(
         [r.name for r in reports], [r.numel for r in reports], [r.gram for r in reports],
@@ -347,6 +353,7 @@ def write_fit_cache(path: Path, plan: MergePlan, reports: Sequence[TensorReport]
     n = len(plan.job.steps)
     layout = [OutputTensor(t.name, TensorMeta((n, n), torch.float64)) for t in tensors]
     writer = ShardedModelWriter(path.parent, layout, shard_size=1 << 62, metadata=metadata, file_name=path.name)
+    writer.prepare()
     for t in tensors:
         writer.write(t.name, t.gram.to(torch.float64).contiguous())
     writer.close()

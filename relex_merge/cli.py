@@ -30,7 +30,7 @@ from relex_merge.errors import RelexError
 from relex_merge.options import flags
 from relex_merge.units import human_bytes
 
-ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle")
+ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "timeout")
 
 
 class Terminated(BaseException):
@@ -53,43 +53,63 @@ _OS_ADVICE = {
 def user_errors(func):
     """One clear line for every failure (exit 2 for bad input and environment problems, 3 for
     an unsupported target under --require-supported); the full trace only with -v (which also
-    shows the library's debug log). SIGINT/SIGTERM exit 130/143 after partial output is removed."""
+    shows the library's debug log). SIGINT/SIGTERM exit 130/143 after partial output is removed.
+
+    Under torchrun or srun every command first joins the process group; a failure on any rank
+    stops every rank, and only rank 0 prints, naming the rank that failed."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        from relex_merge import distributed
+
         verbose = kwargs.get("verbose", False)
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         if verbose:
             logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
             logging.getLogger("relex_merge").setLevel(logging.DEBUG)
 
-        def fail(message: str, code: int):
+        def fail(exc: BaseException, code: int):
+            group = distributed.current()
+            if group.distributed and not group.main:
+                sys.exit(code)  # rank 0 reports for every rank
             if verbose:
                 traceback.print_exc()
+            if isinstance(exc, (KeyboardInterrupt, Terminated)) and not group.distributed:
+                what = "interrupted" if code == 130 else "terminated"
+                err.print(f"{what}; partial output removed, inputs untouched")
+                sys.exit(code)
+            message = group.describe_failure(exc) if group.distributed else _one_line(exc)
             err.print(f"[bold red]error:[/] {escape(message)}")
             sys.exit(code)
 
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
+            distributed.join(float(kwargs.get("timeout") or distributed.DEFAULT_TIMEOUT))
             return func(*args, **kwargs)
         except RelexError as exc:
-            fail(str(exc), exc.exit_code)
-        except KeyboardInterrupt:
-            err.print("interrupted; partial output removed, inputs untouched")
-            sys.exit(130)
-        except Terminated:
-            err.print("terminated; partial output removed, inputs untouched")
-            sys.exit(143)
+            fail(exc, exc.exit_code)
+        except KeyboardInterrupt as exc:
+            fail(exc, 130)
+        except Terminated as exc:
+            fail(exc, 143)
         except OSError as exc:
-            where = exc.filename or "i/o"
-            advice = _OS_ADVICE.get(exc.errno, exc.strerror or str(exc))
-            fail(f"{where}: {advice}", 2)
+            fail(exc, 2)
         except Exception as exc:  # a bug: say so, briefly
-            fail(f"{type(exc).__name__}: {exc} (rerun with -v for the full trace)", 1)
+            fail(exc, 1)
         finally:
             signal.signal(signal.SIGTERM, previous)
+            distributed.leave()
 
     return wrapper
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, RelexError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        where = exc.filename or "i/o"
+        return f"{where}: {_OS_ADVICE.get(exc.errno, exc.strerror or str(exc))}"
+    return f"{type(exc).__name__}: {exc} (rerun with -v for the full trace)"
 
 
 def quiet_and_verbose(func):
@@ -164,6 +184,13 @@ def _progress(quiet: bool) -> RichProgress:
     return RichProgress(Console(stderr=True, soft_wrap=True), quiet)
 
 
+def _rank0() -> bool:
+    """Only rank 0 of a torchrun/srun run talks to the user (a single process is rank 0)."""
+    from relex_merge import distributed
+
+    return distributed.current().main
+
+
 def _summary_table(plan, result, profile: bool = False) -> Table:
     summary = result.summary
     table = Table(title="relex-merge", show_header=True)
@@ -226,6 +253,7 @@ def merge_command(config_path, out, print_config, options, quiet, verbose):
         return
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
+    quiet = quiet or not _rank0()
     result = run_merge(config_path, out, options, progress=_progress(quiet))
     if quiet:
         return
@@ -262,11 +290,12 @@ class _ConvertCommand(click.Command):
               help="HF folder with config.json and tokenizer (default: SRC or SRC/huggingface).")
 @quiet_and_verbose
 @user_errors
-@flags("overwrite", "shard_size", "max_memory", "allow_unsafe_pickle")
+@flags("overwrite", "shard_size", "max_memory", "allow_unsafe_pickle", "timeout")
 def convert_command(src, out, dtype, config_from, options, quiet, verbose):
     """Convert a checkpoint (HF, .bin, verl FSDP shards, DCP, ZeRO) to an HF safetensors folder."""
     from relex_merge.convert import convert
 
+    quiet = quiet or not _rank0()
     result = convert(src, out, options, dtype=dtype, config_from=config_from, progress=_progress(quiet))
     if not quiet:
         Console().print(escape(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
@@ -286,8 +315,10 @@ def analyze_command(config_path, out_dir, as_json, options, quiet, verbose):
     """How well does the window fit each curve family, and how far ahead does it hold? (backtests)"""
     from relex_merge.analyze import CACHE_NAME, analyze, summary_rows
 
-    result = analyze(config_path, options, out_dir, progress=_progress(quiet))
+    result = analyze(config_path, options, out_dir, progress=_progress(quiet or not _rank0()))
     analysis = result.analysis
+    if not _rank0():
+        return
     if as_json:
         click.echo(analysis.to_json())
         return
@@ -393,8 +424,11 @@ def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, 
     task_list = _task_list(tasks)
     result = sweep(
         config_path, out, _numbers(targets, "--targets", int), _numbers(scales, "--scales", float), task_list,
-        options, fits=fits, include_path=include_path, limit=limit, keep_all=keep_all, progress=_progress(quiet),
+        options, fits=fits, include_path=include_path, limit=limit, keep_all=keep_all,
+        progress=_progress(quiet or not _rank0()),
     )
+    if result is None:  # not rank 0: the build step is done, rank 0 scores
+        return
     table = Table(title=f"relex-merge sweep ({', '.join(task_list)}" + (f", limit {limit})" if limit else ")"))
     table.add_column("candidate", no_wrap=True)
     for column in ("target", "scale", "fit", "score", "stderr", "supported"):

@@ -14,7 +14,8 @@ from relex_merge.io.base import CheckpointReader, TensorMeta
 from relex_merge.io.hf import read_model_config
 from relex_merge.io.registry import open_checkpoint
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
-from relex_merge.output import atomic_output_dir, check_output_path, copy_side_files, write_model_config
+from relex_merge import distributed
+from relex_merge.output import check_output_path, copy_side_files, shared_output_dir, write_model_config
 from relex_merge.options import Options
 from relex_merge.progress import NullProgress, Progress
 from relex_merge.units import default_max_memory
@@ -92,8 +93,9 @@ def convert(
     progress: Progress = NullProgress(),
 ) -> ConvertResult:
     """Write checkpoint ``src`` (any readable format) as a Hugging Face safetensors folder ``out``."""
-    plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
-                        overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
+    with distributed.current().step("checking the input and the output folder"):
+        plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
+                            overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
     for warning in plan.reader.warnings:
         progress.note(f"warning: {warning}")
     return write_converted(plan, shard_size=options.shard_size, max_memory=options.max_memory or default_max_memory(),
@@ -108,25 +110,38 @@ def write_converted(
     progress: Progress = NullProgress(),
 ) -> ConvertResult:
     reader = plan.reader
-    total = sum(reader.meta(t.name).nbytes for t in plan.tensors)
-    progress.start("convert", total, len(plan.tensors))
-    with atomic_output_dir(plan.out) as tmp:
+    group = distributed.current()
+    names = [t.name for t in plan.tensors]
+    mine = distributed.assign(names, [reader.meta(n).nbytes for n in names], group.world_size)[group.rank]
+    targets = {t.name: t for t in plan.tensors}
+    progress.start("convert", sum(reader.meta(n).nbytes for n in mine), len(mine))
+    with shared_output_dir(plan.out, group) as tmp:
         writer = ShardedModelWriter(tmp, plan.tensors, shard_size)
         try:
-            for tensor in plan.tensors:
-                meta = reader.meta(tensor.name)
-                rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
-                for span in row_ranges(meta.rows, rows):
-                    chunk = reader.read(tensor.name, span if meta.shape else None)
-                    progress.advance(chunk.nbytes)
-                    writer.write(tensor.name, chunk.to(tensor.meta.dtype))
-                progress.advance(items=1)
-            writer.close()
+            with group.step("creating the output files"):
+                if group.main:
+                    writer.prepare()
+            if not group.main:
+                writer.attach()
+            with group.step("converting the tensors"):
+                for name in mine:
+                    meta = reader.meta(name)
+                    rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
+                    for span in row_ranges(meta.rows, rows):
+                        chunk = reader.read(name, span if meta.shape else None)
+                        progress.advance(chunk.nbytes)
+                        writer.write(name, chunk.to(targets[name].meta.dtype))
+                    progress.advance(items=1)
+                share = writer.close_share(mine)
+            shares = group.all_gather(share)
+            with group.step("finishing the output files"):
+                if group.main:
+                    writer.finalize(shares)
+                    write_model_config(plan.config, tmp, plan.config_dtype)
+                    copy_side_files(plan.config_folder, None, tmp)
         except BaseException:
             writer.abort()
             raise
-        write_model_config(plan.config, tmp, plan.config_dtype)
-        copy_side_files(plan.config_folder, None, tmp)
-        written = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
+        written = sum(f.stat().st_size for f in tmp.glob("*.safetensors")) if group.main else 0
     progress.finish()
     return ConvertResult(len(plan.tensors), written, plan.config_dtype or "n/a")

@@ -11,18 +11,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
+from relex_merge import distributed
 from relex_merge.backtest import DEFAULT_TOLERANCE, Assessment, assess
-from relex_merge.engine import EngineOptions, EngineStats, planned_read_bytes, run_merge as run_engine
+from relex_merge.engine import EngineOptions, EngineStats, MergeJob, planned_read_bytes, run_job
 from relex_merge.errors import RelexError, UnsupportedTarget
 from relex_merge.options import Options
 from relex_merge.progress import NullProgress, Progress
 from relex_merge.io.writer import ShardedModelWriter
-from relex_merge.output import (
-    atomic_output_dir,
-    check_output_path,
-    copy_side_files,
-    write_model_config,
-)
+from relex_merge.output import check_output_path, copy_side_files, shared_output_dir, write_model_config
 from relex_merge.plan import MergePlan, plan_merge
 from relex_merge.report import FitSummary, model_card, summarize
 
@@ -79,7 +75,7 @@ def execute_merge(
     options: EngineOptions,
     *,
     overwrite: bool = False,
-    shard_size: int = 5 * 1024**3,
+    shard_size: int = 5 * 1000**3,
     full_hash: bool = False,
     require_supported: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
@@ -88,21 +84,29 @@ def execute_merge(
     progress: Progress = NullProgress(),
 ) -> MergeResult:
     """Merge ``plan`` into ``out`` (one folder per output when several; with ``names``, one
-    folder per output by those names, however many). The reads are the same whether the Gram pass runs first (a fit the backtest
-    chooses, --require-supported) or interleaved with the outputs: every input twice, or once
-    with a fit cache."""
-    check_output_path(out, plan.model_paths, overwrite)
+    folder per output by those names, however many). The reads are the same whether the Gram
+    pass runs first (a fit the backtest chooses, --require-supported) or interleaved with the
+    outputs: every input twice, or once with a fit cache.
+
+    Under torchrun/srun every rank calls this with the same plan: each runs its share of the
+    tensors and writes it into the shared output files, rank 0 writes the rest (index, configs,
+    cards) and renames the output into place; every rank returns the same result."""
+    group = distributed.current()
+    with group.step("checking the output folder"):
+        check_output_path(out, plan.model_paths, overwrite)
     job = plan.job
     targets = list(job.targets)
     start = time.perf_counter()
     gram_stats = None
     assessment = None
-    progress.start("merge", planned_read_bytes(job, options), len(job.base.names()))
+    mine = share_of(job)
+    progress.start("merge", planned_read_bytes(job.share(mine), options), len(mine))
     if decides_first(plan, require_supported):
         log.debug("Gram pass first: the backtest chooses the fit or gates the outputs")
-        gram_stats = run_engine(job.gram_only(), [], options, _engine_progress(progress, items=False))
+        gram_stats = run_job(job.gram_only(), [], options, _engine_progress(progress, items=False))
         job = replace(job, gram_cache={r.name: r.gram for r in gram_stats.tensors if r.gram is not None})
     if job.gram_cache is not None:
+        # every rank has every Gram matrix, and the same arithmetic gives every rank the same answer
         assessment = assess(job.gram_cache.values(), job.steps, targets, job.output_specs(), tolerance)
         if require_supported and assessment.unsupported:
             first = assessment.unsupported[0]
@@ -112,17 +116,27 @@ def execute_merge(
                 + " Nothing was written."
             )
         job = replace(job, fits=assessment.fits)
-    with atomic_output_dir(out) as tmp:
+    with shared_output_dir(out, group) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
         tensors = job.output_tensors()
-        writers = []
-        for folder in folders:
-            folder.mkdir(exist_ok=True)
-            writers.append(ShardedModelWriter(folder, tensors, shard_size))
+        writers = [ShardedModelWriter(folder, tensors, shard_size) for folder in folders]
         try:
-            stats = run_engine(job, writers, options, _engine_progress(progress))
+            with group.step("creating the output files"):
+                if group.main:
+                    for folder, writer in zip(folders, writers):
+                        folder.mkdir(exist_ok=True)
+                        writer.prepare()
             for writer in writers:
-                writer.close()
+                if not group.main:
+                    writer.attach()
+            stats = run_job(job, writers, options, _engine_progress(progress))
+            with group.step("checking every byte arrived"):
+                shares = [writer.close_share(mine) for writer in writers]
+            everyone = group.all_gather(shares)
+            with group.step("finishing the output files"):
+                if group.main:
+                    for j, writer in enumerate(writers):
+                        writer.finalize([rank_shares[j] for rank_shares in everyone])
         except BaseException:
             for writer in writers:
                 writer.abort()
@@ -133,27 +147,43 @@ def execute_merge(
             grams = [r.gram for r in stats.tensors if r.gram is not None]
             assessment = assess(grams, job.steps, targets, job.output_specs(), tolerance)
         summary = summarize(stats.tensors)
-        inputs = plan.fingerprints(full_hash)
-        tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
-        for spec, target, verdict, folder in zip(job.output_specs(), targets, assessment.verdicts, folders):
-            config = plan.config.for_output(target, spec.scale, spec.fit)
-            write_model_config(plan.base_config, folder, config.out_dtype)
-            copy_side_files(Path(config.base_path), tokenizer_source, folder)
-            header = "".join(f"# {line}\n" for line in _verdict_comment(verdict))
-            config_text = config.to_yaml()
-            card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict)
-            if provenance is not None:
-                header += provenance.config_header
-                config_text = provenance.restore_names(config_text)
-                card += provenance.card_section
-                (folder / provenance.file_name).write_text(provenance.documents_yaml)
-            (folder / "relex_config.yml").write_text(header + config_text)
-            (folder / "README.md").write_text(card)
-        written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors"))
+        with group.step("writing the model cards"):
+            if group.main:
+                _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance)
+        written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) if group.main else 0
     progress.finish()
     scales = [spec.scale for spec in job.output_specs()]
     final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
     return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
+
+
+def share_of(job: MergeJob) -> list[str]:
+    """The tensors this process runs: all of them, or its rank's share."""
+    from relex_merge.engine.executors.distributed import share
+
+    group = distributed.current()
+    return share(job, group) if group.distributed else job.names()
+
+
+def _write_side_files(plan: MergePlan, job: MergeJob, assessment: Assessment, summary: FitSummary,
+                      folders: list[Path], full_hash: bool, provenance: "Provenance | None") -> None:
+    """Each output's config.json, tokenizer, relex_config.yml and model card."""
+    inputs = plan.fingerprints(full_hash)
+    tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
+    for spec, target, verdict, folder in zip(job.output_specs(), job.targets, assessment.verdicts, folders):
+        config = plan.config.for_output(target, spec.scale, spec.fit)
+        write_model_config(plan.base_config, folder, config.out_dtype)
+        copy_side_files(Path(config.base_path), tokenizer_source, folder)
+        header = "".join(f"# {line}\n" for line in _verdict_comment(verdict))
+        config_text = config.to_yaml()
+        card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict)
+        if provenance is not None:
+            header += provenance.config_header
+            config_text = provenance.restore_names(config_text)
+            card += provenance.card_section
+            (folder / provenance.file_name).write_text(provenance.documents_yaml)
+        (folder / "relex_config.yml").write_text(header + config_text)
+        (folder / "README.md").write_text(card)
 
 
 def _engine_progress(progress: Progress, items: bool = True):
@@ -262,23 +292,25 @@ def run_merge(
     from relex_merge.stages import parse_stages, substitute
 
     out = Path(out)
-    if isinstance(config, (str, Path)):
-        source = source or str(config)
-        documents = load_documents(config)
-        as_given = Path(config).read_text()  # comments and all, for the provenance of multi-stage outputs
-    else:
-        documents, source = list(config), source or "<config>"
-        as_given = "---\n".join(yaml_dump(d) for d in documents)
-    # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
-    only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
-    stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
-    if options.lazy and options.intermediate_dir is None:
-        raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
-    check_output_path(out, [], options.overwrite)
-    multi = len(stages) > 1
-    if options.fit_cache is not None and (multi or stages[0].method != "relex"):
-        raise RelexError("--fit-cache: only for a single-stage relex config")
-    engine = options.engine()
+    group = distributed.current()
+    with group.step("checking the config"):  # every rank checks; a failure on one stops all
+        if isinstance(config, (str, Path)):
+            source = source or str(config)
+            documents = load_documents(config)
+            as_given = Path(config).read_text()  # comments and all, for the provenance of multi-stage outputs
+        else:
+            documents, source = list(config), source or "<config>"
+            as_given = "---\n".join(yaml_dump(d) for d in documents)
+        # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
+        only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
+        stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
+        if options.lazy and options.intermediate_dir is None:
+            raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
+        check_output_path(out, [], options.overwrite)
+        multi = len(stages) > 1
+        if options.fit_cache is not None and (multi or stages[0].method != "relex"):
+            raise RelexError("--fit-cache: only for a single-stage relex config")
+        engine = options.engine()
     stage_root = options.intermediate_dir or out.parent / f".{out.name}.relex-stages"
     result = RunResult(out)
     paths: dict[str, str] = {}
@@ -295,7 +327,9 @@ def run_merge(
                     result.stages.append(StageResult(stage.name, stage.method, target, reused=True))
                     lines.append(_stage_line(stage, result.stages[-1]))
                     continue
-                stage_root.mkdir(parents=True, exist_ok=True)
+                with group.step("creating the stage folder"):
+                    if group.main:
+                        stage_root.mkdir(parents=True, exist_ok=True)
                 progress.note(f"stage '{stage.name}' ({stage.method}) -> {target}")
             provenance = None
             if final and multi:
@@ -303,14 +337,15 @@ def run_merge(
             document = substitute(stage.document, paths)
             overwrite = options.overwrite if final else True
             if stage.method == "relex":
-                plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
-                if options.fit_cache is not None:
-                    from relex_merge.analyze import load_fit_cache
+                with group.step("planning the stage"):
+                    plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
+                    if options.fit_cache is not None:
+                        from relex_merge.analyze import load_fit_cache
 
-                    plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
-                if not final and len(plan.job.targets) != 1:
-                    raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
-                check_output_path(target, plan.model_paths, overwrite)
+                        plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
+                    if not final and len(plan.job.targets) != 1:
+                        raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
+                    check_output_path(target, plan.model_paths, overwrite)
                 for warning in plan.warnings:
                     progress.note(f"warning: {warning}")
                 merged = execute_merge(
@@ -320,14 +355,16 @@ def run_merge(
                 )
                 result.stages.append(StageResult(stage.name, "relex", target, merge=merged, plan=plan))
             else:
-                # mergekit prints its own bars: only where the caller shows progress
+                # mergekit's runner is one process: rank 0 runs the stage, the others wait
                 shown = not isinstance(progress, NullProgress) and not getattr(progress, "quiet", False)
-                run_mergekit(document, where, target, device=engine.device.type, shard_size=options.shard_size,
-                             quiet=not shown, overwrite=overwrite, provenance=provenance)
+                with group.step(f"running the {stage.method} stage"):
+                    if group.main:
+                        run_mergekit(document, where, target, device=engine.device.type, shard_size=options.shard_size,
+                                     quiet=not shown, overwrite=overwrite, provenance=provenance)
                 result.stages.append(StageResult(stage.name, stage.method, target))
             lines.append(_stage_line(stage, result.stages[-1]))
     finally:
-        if multi and options.intermediate_dir is None and stage_root.exists():
+        if multi and options.intermediate_dir is None and stage_root.exists() and group.main:
             shutil.rmtree(stage_root, ignore_errors=True)
     return result
 

@@ -64,6 +64,9 @@ class Options(BaseModel):
                              json_schema_extra={"shown_default": "0.2"})
     profile: bool = Field(False, description="Print the split of time between reading, math and writing.",
                           json_schema_extra={})
+    # several processes (torchrun, srun)
+    timeout: float = Field(1800.0, description="Seconds a rank waits for the others (torchrun/srun runs).",
+                           json_schema_extra={"shown_default": "1800"})
 
     @field_validator(*_SIZES, mode="before")
     @classmethod
@@ -89,6 +92,13 @@ class Options(BaseModel):
             raise RelexError("--tolerance: expected a relative error such as 0.2")
         return value
 
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise RelexError("--timeout: expected seconds > 0")
+        return value
+
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
@@ -111,6 +121,10 @@ class Options(BaseModel):
         """What the engine runs with: the memory budget and the device resolved."""
         from relex_merge.engine import EngineOptions
 
+        if local_rank is None:
+            from relex_merge import distributed
+
+            local_rank = distributed.current().local_rank
         return EngineOptions(
             max_memory=self.max_memory or default_max_memory(),
             device=resolve_device(self.device, local_rank),

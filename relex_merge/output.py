@@ -97,6 +97,47 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+TOKEN_NAME = ".relex-rank0-token"
+
+
+@contextlib.contextmanager
+def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
+    """``atomic_output_dir`` for every rank of a group: rank 0 creates the temporary folder, writes
+    a token file into it, and every rank must see that token (the same file system) before any
+    tensor is read; at the end every rank finishes before rank 0 renames the folder into place.
+    A failure on any rank removes the partial output on rank 0."""
+    import secrets
+
+    from relex_merge import distributed
+
+    group = group or distributed.current()
+    if not group.distributed:
+        with atomic_output_dir(out) as tmp:
+            yield tmp
+        return
+    with contextlib.ExitStack() as stack:
+        shared = None
+        with group.step("creating the output folder"):
+            if group.main:
+                tmp = stack.enter_context(atomic_output_dir(out))
+                token = secrets.token_hex(16)
+                (tmp / TOKEN_NAME).write_text(token)
+                shared = (tmp.name, token)
+        name, token = group.broadcast(shared)
+        tmp = out.parent / name
+        with group.step("checking that every rank sees the output folder"):
+            seen = (tmp / TOKEN_NAME).read_text() if (tmp / TOKEN_NAME).is_file() else None
+            if seen != token:
+                raise RelexError(
+                    f"{out.parent}: this node does not see the output folder rank 0 created ({name}); every node "
+                    "must write to one shared file system (give OUT on it, as an absolute path)"
+                )
+        yield tmp
+        with group.step("finishing the output"):
+            if group.main:
+                (tmp / TOKEN_NAME).unlink()
+
+
 def _remove(tmp: Path, made_parents: list[Path]) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     for parent in reversed(made_parents):

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
+from relex_merge import distributed
 from relex_merge.engine import EngineOptions
 from relex_merge.errors import RelexError
 from relex_merge.evaluate import EvalResult, check_tasks, evaluate, task_manager
@@ -98,9 +99,12 @@ def run_sweep(
     keep_all: bool = False,
     overwrite: bool = False,
     progress: Progress = NullProgress(),
-) -> SweepResult:
-    """Build, score and rank the candidates of a planned merge (see ``sweep``)."""
+) -> SweepResult | None:
+    """Build, score and rank the candidates of a planned merge (see ``sweep``). Under torchrun
+    every rank builds its share of the candidates' tensors, then rank 0 alone scores them (the
+    others return None)."""
     say = progress.note
+    group = distributed.current()
     if not targets or not scales:
         raise RelexError("--targets and --scales: give at least one value each")
     if any(s <= 0 for s in scales):
@@ -113,12 +117,25 @@ def run_sweep(
     job = replace(plan.job, targets=[t for t, _, _ in triples], scales=[s for _, s, _ in triples],
                   fits=[f for _, _, f in triples])
     names = [f"step-{t}-scale-{s:g}" + (f"-fit-{f.family}" if len(fits) > 1 else "") for t, s, f in triples]
+    # the build is the only distributed part: into a hidden sibling, moved into the output after
+    staging = out.parent / f".{out.name}.relex-candidates"
+    say(f"building {len(triples)} candidates from one read of the window")
+    built = execute_merge(replace(plan, job=job), staging, options, overwrite=True, names=names, progress=progress)
+    if not group.main:
+        return None
+    try:
+        return _score_candidates(built, plan, staging, out, tasks, manager, include_path, limit, keep_all, say)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _score_candidates(built, plan, staging, out, tasks, manager, include_path, limit, keep_all, say) -> SweepResult:
     baseline_path = Path(plan.config.models[-1].model)
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
-        say(f"building {len(triples)} candidates from one read of the window")
-        built = execute_merge(replace(plan, job=job), tmp / "candidates", options, overwrite=True, names=names,
-                              progress=progress)
+        staging.rename(tmp / "candidates")
+        built = replace(built, outputs=[(t, s, tmp / "candidates" / f.name) for t, s, f in built.outputs])
         results = []
         for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
             say(f"scoring {folder.name}")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from relex_merge.engine import EngineOptions, MergeJob, run_merge
+from relex_merge.engine import EngineOptions, MergeJob, run_job
 from relex_merge.errors import RelexError
 from relex_merge.fit import RelexSpec
 from relex_merge.io.base import TensorMeta
@@ -89,6 +89,7 @@ def test_writer_takes_spans_from_threads_in_any_order(tmp_path):
                "z": torch.arange(12)}
     layout = [OutputTensor(n, TensorMeta(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
     writer = ShardedModelWriter(tmp_path, layout, shard_size=1 << 30)
+    writer.prepare()
     spans = [(name, start, t.reshape(-1)[start : start + 5]) for name, t in tensors.items()
              for start in range(0, t.numel(), 5)]
     threads = [threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],))
@@ -118,6 +119,7 @@ def test_sharded_writer_output_reads_back_shard_by_shard(tmp_path):
     layout = [OutputTensor(n, TensorMeta(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
     # 900 bytes a shard: t0 t1 | t2 t3 | t4 t5 t6 t7, every shard's first tensor followed by another
     writer = ShardedModelWriter(tmp_path, layout, shard_size=900)
+    writer.prepare()
     spans = [(name, start, t.reshape(-1)[start : start + 11]) for name, t in tensors.items()
              for start in range(0, t.numel(), 11)]
     random.Random(0).shuffle(spans)
@@ -147,6 +149,9 @@ def test_sharded_writer_output_reads_back_shard_by_shard(tmp_path):
 def test_writer_refuses_to_close_with_a_missing_span(tmp_path):
     layout = [OutputTensor("x", TensorMeta((4, 4), torch.float32))]
     writer = ShardedModelWriter(tmp_path, layout, shard_size=1 << 30)
+    with pytest.raises(RuntimeError, match="call prepare"):  # the files come from an explicit step
+        writer.write_at("x", 8, torch.zeros(8))
+    writer.prepare()
     writer.write_at("x", 8, torch.zeros(8))
     with pytest.raises(RuntimeError, match="before tensor x was complete"):
         writer.close()
@@ -161,7 +166,7 @@ def test_output_bits_do_not_depend_on_the_number_of_threads():
                        RelexSpec(rank=2))
         sinks = [CollectSink(), CollectSink()]
         # the same budget per worker, so the same spans: only the order they finish in changes
-        stats = run_merge(job, sinks, EngineOptions(max_memory=threads * 20_000, threads=threads))
+        stats = run_job(job, sinks, EngineOptions(max_memory=threads * 20_000, threads=threads))
         assert len(sinks[0].chunks["big"]) > 10
         results.append(([s.tensor(n) for s in sinks for n in base], [r.gram for r in stats.tensors]))
     for outputs, grams in results[1:]:
@@ -178,7 +183,7 @@ def test_a_worker_error_stops_the_merge_and_names_the_file(tmp_path):
         f.truncate(30_000)
     job = MergeJob(readers[0], readers[1:], [1, 2, 3], [9], RelexSpec())
     with pytest.raises(RelexError, match="2.safetensors: ended early"):
-        run_merge(job, [CollectSink()], EngineOptions(max_memory=50_000, threads=3))
+        run_job(job, [CollectSink()], EngineOptions(max_memory=50_000, threads=3))
 
 
 class _CountingReader(DictReader):
@@ -215,6 +220,6 @@ def test_engine_uses_the_declared_reader_capabilities(thread_safe):
     base, checkpoints = random_window(n_ckpt=3, shapes={"w": (400, 30)}, seed=2)
     readers = [_CountingReader(state, thread_safe, views=thread_safe) for state in [base, *checkpoints]]
     job = MergeJob(readers[0], readers[1:], [1, 2, 3], [9], RelexSpec())
-    run_merge(job, [CollectSink()], EngineOptions(max_memory=4 * 20_000, threads=4))
+    run_job(job, [CollectSink()], EngineOptions(max_memory=4 * 20_000, threads=4))
     assert all((r.most > 1) == thread_safe for r in readers)  # undeclared: one read at a time
     assert all((r.views > 0) == thread_safe for r in readers)  # views only where declared

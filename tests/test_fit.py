@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from relex_merge.engine import EngineOptions, MergeJob, run_merge
+from relex_merge.engine import EngineOptions, MergeJob, run_job
 from relex_merge.fit import FitSpec, RelexSpec, predict_coefficients, top_components
 from relex_merge.kernels import Scratch, span_gram
 from tests.helpers import DictReader, dense_relex
@@ -40,7 +40,7 @@ def engine_outputs(base, checkpoints, steps, targets, spec, max_memory=1 << 30, 
         spec=spec,
     )
     sinks = [CollectSink() for _ in targets]
-    stats = run_merge(job, sinks, EngineOptions(max_memory=max_memory, threads=threads))
+    stats = run_job(job, sinks, EngineOptions(max_memory=max_memory, threads=threads))
     return sinks, stats
 
 
@@ -224,7 +224,7 @@ def test_mixed_input_dtypes_with_odd_sizes(tmp_path):
         checkpoints.append(SafetensorsReader(tmp_path / f"c{k}.safetensors"))
     job = MergeJob(SafetensorsReader(tmp_path / "base.safetensors"), checkpoints, [1, 2, 3], [6], RelexSpec())
     sinks = [CollectSink()]
-    run_merge(job, sinks, EngineOptions(max_memory=1 << 20))
+    run_job(job, sinks, EngineOptions(max_memory=1 << 20))
     for name, t in base.items():
         expected = dense_relex(t.float(), [c.read(name) for c in checkpoints], [1, 2, 3], 6)
         assert_close(sinks[0].tensor(name).float(), expected.reshape(-1), rel=1e-2)  # output in base's bf16

@@ -72,7 +72,12 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
 
 class ShardedModelWriter:
     """Receives tensor data as spans (``write_at``, thread-safe, any order) or front to back
-    (``write``, one tensor after the other); ``close`` checks that every byte arrived."""
+    (``write``, one tensor after the other); ``close`` checks that every byte arrived.
+
+    The layout is fixed at construction (no file is touched); ``prepare`` creates the shard
+    files and writes their headers. In a distributed merge rank 0 prepares, every rank
+    ``attach``es the same files after a barrier and writes its share of the tensors; each rank
+    checks its share with ``close_share`` and rank 0 checks the whole with ``finalize``."""
 
     def __init__(
         self,
@@ -100,6 +105,28 @@ class ShardedModelWriter:
         self._written = dict.fromkeys(self._place, 0)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._ready = False  # prepared or attached: the files exist with their headers
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.out_dir / name for name in self.file_names]
+
+    def prepare(self) -> None:
+        """Create every shard file with its header (a shard of empty tensors too)."""
+        for path, header in zip(self.paths, self._headers):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                _pwrite_all(fd, memoryview(header), 0)
+            finally:
+                os.close(fd)
+        self._ready = True
+
+    def attach(self) -> None:
+        """Write into shard files another process prepared."""
+        missing = [p for p in self.paths if not p.is_file()]
+        if missing:
+            raise RuntimeError(f"writer: {missing[0]} was not prepared")
+        self._ready = True
 
     def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None:
         """Write ``chunk`` (any shape, the tensor's dtype) from element ``start`` of ``name``."""
@@ -123,9 +150,9 @@ class ShardedModelWriter:
         with self._lock:
             fd = self._fds.get(shard)
             if fd is None:
-                path = self.out_dir / self.file_names[shard]
-                fd = self._fds[shard] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                _pwrite_all(fd, memoryview(self._headers[shard]), 0)
+                if not self._ready:
+                    raise RuntimeError("writer: call prepare() (or attach()) before writing")
+                fd = self._fds[shard] = os.open(self.out_dir / self.file_names[shard], os.O_WRONLY)
             return fd
 
     def _close_files(self) -> None:
@@ -136,12 +163,30 @@ class ShardedModelWriter:
 
     def close(self) -> None:
         """Check every tensor is complete, finish the shards and write the index (when sharded)."""
-        for name, written in self._written.items():
-            if written != self._place[name][2].nbytes:
+        self.finalize([self.close_share(self._place)])
+
+    def close_share(self, names) -> dict[str, int]:
+        """Check that these tensors (this process's share) are complete and close the files;
+        returns the bytes written per tensor, for ``finalize``."""
+        names = list(names)
+        for name in names:
+            if self._written[name] != self._place[name][2].nbytes:
                 raise RuntimeError(f"writer closed before tensor {name} was complete")
-        for shard in range(len(self.shards)):
-            self._fd(shard)  # a shard of empty tensors still gets its header
         self._close_files()
+        return {name: self._written[name] for name in names}
+
+    def finalize(self, shares: list[dict[str, int]]) -> None:
+        """Check that the shares of every process together complete every tensor, and write the
+        index (when sharded)."""
+        if not self._ready:
+            raise RuntimeError("writer: nothing was prepared")
+        done: dict[str, int] = {}
+        for share in shares:
+            for name, written in share.items():
+                done[name] = done.get(name, 0) + written
+        for name, (_, _, meta) in self._place.items():
+            if done.get(name, 0) != meta.nbytes:
+                raise RuntimeError(f"writer: tensor {name} is incomplete ({done.get(name, 0)} of {meta.nbytes} bytes)")
         if len(self.shards) > 1:
             weight_map = {
                 t.name: self.file_names[s] for s, shard in enumerate(self.shards) for t in shard

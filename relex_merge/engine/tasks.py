@@ -1,9 +1,11 @@
-"""Streaming executor: every tensor of the base model, in spans of rows, from every input.
+"""The engine's span tasks, apart from who runs them: every tensor of the job in spans of rows,
+from every input; per tensor a Gram pass over its spans (deltas and their T x T Gram matrix,
+summed in float64 in span order), the fit (weights for every output), then an output pass over
+the same spans that forms base + W @ deltas and writes each span to its place in the outputs.
 
-Per tensor, a Gram pass over its spans (deltas and their T x T Gram matrix, summed in float64)
-gives the fit and the weights; an output pass over the same spans forms base + W @ deltas for
-every target and writes each span straight to its place in the output shards. Spans run on a
-pool of worker threads; the main thread hands out spans, fits, and reports progress.
+``TensorTasks`` hands out spans and takes their results (the scheduling state of every tensor);
+``SpanRunner`` runs one span (read, math, write; it is thread-safe). An executor
+(relex_merge.engine.executors) decides where spans run: a pool of threads, several processes.
 
 Inputs are read through memory maps where the format allows (safetensors): a span's bytes go
 from the page cache into the math without a copy, and the second pass finds them still cached.
@@ -14,117 +16,22 @@ nor any other T x n intermediate is ever materialised.
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
+from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport
 from relex_merge.errors import RelexError
-from relex_merge.fit import FitSpec, RelexSpec, TensorDiagnostics, diagnostics, relex_weights
+from relex_merge.fit import RelexSpec, diagnostics, relex_weights
 from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
-from relex_merge.io.writer import OutputTensor
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
-
-class ChunkSink(Protocol):
-    """Where one output's tensor data goes (ShardedModelWriter implements it). Spans arrive
-    from several threads, in any order; ``start`` is the span's first element."""
-
-    def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None: ...
-
-
-@dataclass(frozen=True)
-class MergeJob:
-    base: CheckpointReader
-    checkpoints: Sequence[CheckpointReader]
-    steps: Sequence[int]
-    targets: Sequence[int]
-    spec: RelexSpec
-    compute_dtype: torch.dtype = torch.float32
-    out_dtype: torch.dtype | None = None  # None: keep each tensor's base dtype
-    gram_cache: Mapping[str, torch.Tensor] | None = None  # from a fit cache: skips the Gram pass
-    scales: Sequence[float] | None = None  # per-output scale (sweep); else spec.scale for all
-    fits: Sequence[FitSpec] | None = None  # per-output fit (auto, sweep); else spec.fit for all
-
-    def output_specs(self) -> list[RelexSpec]:
-        """Each output's spec: its own scale and fit, the rest shared."""
-        n = len(self.targets)
-        scales = list(self.scales) if self.scales is not None else [self.spec.scale] * n
-        fits = list(self.fits) if self.fits is not None else [self.spec.fit] * n
-        return [replace(self.spec, scale=scale, fit=fit) for scale, fit in zip(scales, fits)]
-
-    def output_tensors(self) -> list[OutputTensor]:
-        return [OutputTensor(name, self.output_meta(name)) for name in self.base.names()]
-
-    def output_meta(self, name: str) -> TensorMeta:
-        meta = self.base.meta(name)
-        if self.out_dtype is not None and meta.dtype.is_floating_point:
-            return TensorMeta(meta.shape, self.out_dtype)
-        return meta
-
-    @property
-    def readers(self) -> list[CheckpointReader]:
-        return [self.base, *self.checkpoints]
-
-    @property
-    def input_bytes(self) -> int:
-        """Bytes of the base's tensors in every input (each read once)."""
-        return sum(reader.meta(name).nbytes for name in self.base.names() for reader in self.readers)
-
-    def gram_only(self) -> MergeJob:
-        """The same window without targets: Gram matrices and diagnostics only (analyze)."""
-        return replace(self, targets=[], scales=None, fits=None)
-
-
-def default_threads() -> int:
-    """Worker threads: one per available core, at most 8 (the work is memory-bound beyond)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores))
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    max_memory: int
-    device: torch.device = torch.device("cpu")
-    allow_nonfinite: bool = False  # else NaN/Inf in an input stops the merge
-    threads: int | None = None  # worker threads; None: default_threads()
-
-    @property
-    def workers(self) -> int:
-        return self.threads or default_threads()
-
-
-@dataclass
-class TensorReport:
-    name: str
-    numel: int
-    diagnostics: TensorDiagnostics | None  # None: not extrapolated (non-float tensor)
-    passes: int  # times the tensor's inputs were read: 2 (Gram, outputs), 1 (fit cache, copy)
-    zero_delta: bool = False
-    nonfinite: bool = False  # NaN/Inf in the window (--allow-nonfinite): copied from the base
-    gram: torch.Tensor | None = None  # T x T float64 on the CPU (what a fit cache stores)
-
-
-@dataclass
-class EngineStats:
-    bytes_read: int = 0  # every pass counted
-    tensors: list[TensorReport] = field(default_factory=list)
-    workers: int = 0
-    read_seconds: float = 0.0  # worker-seconds getting spans (mapping, or reading for other formats)
-    math_seconds: float = 0.0  # worker-seconds in deltas, Gram products, weighted sums (incl. page faults)
-    write_seconds: float = 0.0  # worker-seconds writing output spans
-    fit_seconds: float = 0.0  # main thread: eigendecompositions, fits, diagnostics
-
-
-ProgressFn = Callable[[int, bool], None]  # (bytes just read, tensor finished)
+__all__ = ["Span", "SpanResult", "SpanRunner", "TensorTasks", "plan_spans", "planned_read_bytes", "row_ranges",
+           "chunk_rows", "SPAN_BYTES"]
 
 
 def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -143,7 +50,7 @@ SPAN_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
-class _Span:
+class Span:
     name: str
     phase: str  # "gram", "emit" (outputs) or "copy" (non-float tensors)
     index: int  # position among the tensor's spans
@@ -152,7 +59,7 @@ class _Span:
     numel: int
 
 
-def _spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple[int, int] | None, int, int]]:
+def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple[int, int] | None, int, int]]:
     """(rows, first element, elements) of each span of a tensor, within the memory budget."""
     meta = job.base.meta(name)
     input_bytes = sum(max(reader.meta(name).dtype.itemsize, 1) for reader in job.readers)
@@ -173,7 +80,7 @@ def _spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple
 def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
     """Bytes the merge will read, every pass counted: the progress bar's total."""
     total = 0
-    for name in job.base.names():
+    for name in job.names():
         meta = job.base.meta(name)
         if not meta.dtype.is_floating_point:
             total += meta.nbytes if job.targets else 0
@@ -185,8 +92,8 @@ def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
 
 
 @dataclass
-class _SpanResult:
-    span: _Span
+class SpanResult:
+    span: Span
     bytes_read: int
     gram: torch.Tensor | None = None
     read_seconds: float = 0.0
@@ -197,7 +104,7 @@ class _SpanResult:
 _NO_LOCK = contextlib.nullcontext()
 
 
-class _Worker:
+class SpanRunner:
     """Runs spans on the pool's threads; each thread keeps its own scratch buffers."""
 
     def __init__(self, job: MergeJob, options: EngineOptions, sinks: Sequence[ChunkSink]):
@@ -210,7 +117,7 @@ class _Worker:
         # (lazily loaded shards, DCP) read one span at a time
         self._read_locks = {id(r): threading.Lock() for r in job.readers if not r.thread_safe_reads}
 
-    def _read(self, reader: CheckpointReader, span: _Span) -> torch.Tensor:
+    def _read(self, reader: CheckpointReader, span: Span) -> torch.Tensor:
         with self._read_locks.get(id(reader), _NO_LOCK):
             return read_span(reader, span.name, span.rows).reshape(-1)
 
@@ -231,12 +138,12 @@ class _Worker:
             buffer = self._local.out = torch.empty(needed, dtype=dtype, device=self.device)
         return buffer[:needed].view(len(self.sinks), numel)
 
-    def run(self, span: _Span) -> _SpanResult:
+    def run(self, span: Span) -> SpanResult:
         job = self.job
         start = time.perf_counter()
         readers = [job.base] if span.phase == "copy" else job.readers
         inputs = [self._read(reader, span) for reader in readers]
-        result = _SpanResult(span, sum(x.nbytes for x in inputs))
+        result = SpanResult(span, sum(x.nbytes for x in inputs))
         if self.device.type != "cpu":
             inputs = [x.to(self.device) for x in inputs]
         result.read_seconds = time.perf_counter() - start
@@ -266,7 +173,7 @@ def _check_finite(job: MergeJob, options: EngineOptions, name: str, gram: torch.
     if bool(torch.isfinite(gram).all()):
         return
     for reader in job.readers:
-        for rows, _, _ in _spans(job, options, name):
+        for rows, _, _ in plan_spans(job, options, name):
             chunk = reader.read(name, rows)
             if chunk.is_floating_point() and not bool(torch.isfinite(chunk).all()):
                 raise RelexError(
@@ -303,7 +210,7 @@ def _report(name: str, job: MergeJob, gram: torch.Tensor, passes: int) -> Tensor
 
 @dataclass
 class _TensorState:
-    spans: list[_Span]
+    spans: list[Span]
     remaining: int
     gram: torch.Tensor
     passes: int
@@ -317,26 +224,29 @@ class _TensorState:
         self.partial_grams.clear()
 
 
-class _Scheduler:
-    """The main thread's side: spans in the base's order, a tensor's outputs as soon as its
-    Gram matrix is complete (ahead of further Gram spans, so its inputs are still cached)."""
+class TensorTasks:
+    """The scheduling side, on one thread: spans in the job's tensor order, a tensor's outputs as
+    soon as its Gram matrix is complete (ahead of further Gram spans, so its inputs are still
+    cached), the fit between the two, the reports at the end. Executors call ``next_span``, run
+    the span with ``runner.run`` anywhere, and hand the result to ``finished``."""
 
-    def __init__(self, job: MergeJob, options: EngineOptions, worker: _Worker, stats: EngineStats,
+    def __init__(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions, stats: EngineStats,
                  progress: ProgressFn):
-        self.job, self.options, self.worker, self.stats, self.progress = job, options, worker, stats, progress
+        self.job, self.options, self.stats, self.progress = job, options, stats, progress
+        self.runner = SpanRunner(job, options, sinks)
         self.states: dict[str, _TensorState] = {}
-        self.ready: deque[_Span] = deque()  # output spans: handed out first
+        self.ready: deque[Span] = deque()  # output spans: handed out first
         self.done: dict[str, tuple[torch.Tensor, int] | None] = {}  # finished: (Gram, passes); None: copied
         self._gram_spans = self._first_pass()
 
-    def _first_pass(self) -> Iterator[_Span]:
+    def _first_pass(self) -> Iterator[Span]:
         job = self.job
         n = len(job.checkpoints)
-        for name in job.base.names():
+        for name in job.names():
             meta = job.base.meta(name)
             if not meta.dtype.is_floating_point and not job.targets:
                 continue  # analyze: nothing to fit
-            spans = _spans(job, self.options, name)
+            spans = plan_spans(job, self.options, name)
             cached = job.gram_cache.get(name) if job.gram_cache else None
             if not meta.dtype.is_floating_point:
                 phase = "copy"
@@ -344,7 +254,7 @@ class _Scheduler:
                 phase = "emit"
             else:
                 phase = "gram"
-            pieces = [_Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
+            pieces = [Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
             gram = torch.zeros(n, n, dtype=torch.float64) if cached is None else cached.to("cpu", torch.float64)
             passes = (1 if phase == "gram" else 0) + (1 if job.targets else 0)
             self.states[name] = _TensorState(pieces, len(pieces), gram, passes)
@@ -353,7 +263,7 @@ class _Scheduler:
             else:
                 yield from pieces
 
-    def next_span(self) -> _Span | None:
+    def next_span(self) -> Span | None:
         if not self.ready:
             span = next(self._gram_spans, None)  # may queue output spans (fit cache) on the way
             if span is not None:
@@ -363,12 +273,12 @@ class _Scheduler:
     def _start_outputs(self, name: str) -> None:
         state = self.states[name]
         start = time.perf_counter()
-        self.worker.weights[name] = _weights(state.gram, self.job)
+        self.runner.weights[name] = _weights(state.gram, self.job)
         self.stats.fit_seconds += time.perf_counter() - start
         state.remaining = len(state.spans)
         self.ready.extend(replace(s, phase="emit") for s in state.spans)
 
-    def finished(self, result: _SpanResult) -> None:
+    def finished(self, result: SpanResult) -> None:
         span, stats = result.span, self.stats
         stats.bytes_read += result.bytes_read
         stats.read_seconds += result.read_seconds
@@ -390,9 +300,9 @@ class _Scheduler:
                 return
         self._tensor_done(span)
 
-    def _tensor_done(self, span: _Span) -> None:
+    def _tensor_done(self, span: Span) -> None:
         state = self.states.pop(span.name)
-        self.worker.weights.pop(span.name, None)
+        self.runner.weights.pop(span.name, None)
         self.done[span.name] = None if span.phase == "copy" else (state.gram, state.passes)
         self.progress(0, True)
 
@@ -401,7 +311,7 @@ class _Scheduler:
         workers are done: on the main thread during the merge they only competed with them."""
         start = time.perf_counter()
         reports = []
-        for name in self.job.base.names():
+        for name in self.job.names():
             if name not in self.done:
                 continue
             fitted = self.done[name]
@@ -411,39 +321,3 @@ class _Scheduler:
                 reports.append(_report(name, self.job, *fitted))
         self.stats.fit_seconds += time.perf_counter() - start
         return reports
-
-
-def run_merge(
-    job: MergeJob,
-    sinks_per_target: Sequence[ChunkSink],
-    options: EngineOptions,
-    progress: ProgressFn = lambda nbytes, done: None,
-) -> EngineStats:
-    """Merge every tensor of the base model into one sink per output (none: Gram matrices and
-    diagnostics only)."""
-    workers = options.workers
-    stats = EngineStats(workers=workers)
-    worker = _Worker(job, options, sinks_per_target)
-    scheduler = _Scheduler(job, options, worker, stats, progress)
-    # The workers are the parallelism: torch's intra-op threads would only contend with them.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(workers, thread_name_prefix="relex-worker")
-    in_flight: set[Future] = set()
-    try:
-        while True:
-            # two spans per worker: one running, one queued, so no worker waits on the main thread
-            while len(in_flight) < 2 * workers and (span := scheduler.next_span()) is not None:
-                in_flight.add(pool.submit(worker.run, span))
-            if not in_flight:
-                break
-            done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in done:
-                scheduler.finished(future.result())
-    finally:
-        for future in in_flight:
-            future.cancel()
-        pool.shutdown(wait=True)  # running spans are short; their errors no longer matter
-        torch.set_num_threads(threads)
-    stats.tensors = scheduler.reports()
-    return stats

@@ -1,0 +1,47 @@
+"""The streaming engine: every tensor of the base model, in spans of rows, from every input.
+
+    job.py        what to do (MergeJob), with what (EngineOptions), what comes back (EngineStats)
+    tasks.py      the span tasks: per tensor a Gram pass over its spans, the fit, an output pass
+    executors/    who runs them: threads in this process (threads.py), the ranks of a
+                  torch.distributed group (distributed.py); a new executor is one new file
+
+``run_job`` runs a job with the executor that fits the process: ``distributed`` under torchrun
+or srun with several ranks, ``threads`` otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from relex_merge.engine.executors import Executor, default_executor, executor
+from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport, default_threads
+from relex_merge.engine.tasks import chunk_rows, planned_read_bytes, row_ranges
+
+__all__ = [
+    "MergeJob",
+    "EngineOptions",
+    "EngineStats",
+    "TensorReport",
+    "ChunkSink",
+    "ProgressFn",
+    "Executor",
+    "run_job",
+    "executor",
+    "default_executor",
+    "planned_read_bytes",
+    "chunk_rows",
+    "row_ranges",
+    "default_threads",
+]
+
+
+def run_job(
+    job: MergeJob,
+    sinks: Sequence[ChunkSink],
+    options: EngineOptions,
+    progress: ProgressFn = lambda nbytes, done: None,
+    executor: Executor | None = None,
+) -> EngineStats:
+    """Merge every tensor of the job into one sink per output (none: Gram matrices and
+    diagnostics only). Every rank of a distributed run gets the whole job's reports."""
+    return (executor or default_executor()).run(job, sinks, options, progress)

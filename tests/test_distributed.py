@@ -1,0 +1,191 @@
+"""One merge across processes: real gloo process groups started by torchrun (2 and 3 ranks) must
+write the bytes a single process writes, and any rank's failure must stop every rank with one
+line from rank 0 and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from relex_merge import distributed
+from tests.helpers import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)  # this checkout's relex_merge in every rank
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    threads = [] if args[0] == "convert" else ["--threads", "1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "relex_merge", *args, *threads]
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def write_config(path: Path, run: Path, steps, targets, **params) -> Path:
+    path.write_text(yaml.safe_dump({
+        "merge_method": "relex",
+        "base_model": str(run / "base"),
+        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
+        "parameters": {"target_step": targets, **params},
+    }))
+    return path
+
+
+def files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_assignment_is_balanced_by_bytes_and_deterministic():
+    names = [f"t{i}" for i in range(7)]
+    sizes = [50, 10, 40, 10, 30, 5, 5]
+    shares = distributed.assign(names, sizes, 3)
+    # largest first, each to the least-loaded rank (ties: the lower rank); shares in the model's order
+    assert shares == [["t0"], ["t2", "t3"], ["t1", "t4", "t5", "t6"]]
+    assert [sum(sizes[names.index(n)] for n in s) for s in shares] == [50, 50, 50]
+    assert distributed.assign(names, sizes, 1) == [names]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_writes_the_single_process_bytes(qwen_run, tmp_path, nproc):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [12, 20])
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    assert run_cli(str(cfg), str(single), "-q", "--threads", "1", "--shard-size", "40KB").exit_code == 0
+    result = torchrun(nproc, str(cfg), str(multi), "--shard-size", "40KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got, want = files(multi), files(single)
+    assert len([n for n in want if n.endswith(".safetensors")]) > 2  # several shards, each written by several ranks
+    assert got.keys() == want.keys()
+    assert got == want
+    assert not list(tmp_path.glob(".multi*"))
+
+
+def test_torchrun_auto_fit_and_analyze_match_a_single_process(qwen_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5, 6], 10, fit="auto")
+    assert run_cli(str(cfg), str(tmp_path / "single"), "-q", "--threads", "1").exit_code == 0
+    result = torchrun(2, str(cfg), str(tmp_path / "multi"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(tmp_path / "multi") == files(tmp_path / "single")
+    # --require-supported refuses the same target the same way, with nothing written
+    alone = run_cli(str(cfg), str(tmp_path / "refused1"), "--threads", "1", "--require-supported")
+    result = torchrun(2, str(cfg), str(tmp_path / "refused2"), "--require-supported")
+    assert alone.exit_code == 3 and result.returncode != 0
+    assert error_lines(result) == [alone.stderr.strip().replace("error: ", "error: rank 0 of 2 (" + socket.gethostname()
+                                                                + "): ", 1)]
+    assert not (tmp_path / "refused1").exists() and not (tmp_path / "refused2").exists()
+    assert run_cli("analyze", str(cfg), "--out", str(tmp_path / "a1"), "-q", "--threads", "1").exit_code == 0
+    result = torchrun(2, "analyze", str(cfg), "--out", str(tmp_path / "a2"), "-q")
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = files(tmp_path / "a1"), files(tmp_path / "a2")
+    assert one["fit_cache.safetensors"] == two["fit_cache.safetensors"]
+    assert json.loads(one["analysis.json"]) == json.loads(two["analysis.json"])
+
+
+def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
+    assert run_cli("convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c1"), "-q",
+                   "--shard-size", "40KB").exit_code == 0
+    result = torchrun(2, "convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c2"), "-q", "--shard-size", "40KB")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(tmp_path / "c1") == files(tmp_path / "c2")
+
+
+def _copy_run(src: Path, dst: Path, steps) -> Path:
+    import shutil
+
+    shutil.copytree(src / "base", dst / "base")
+    for s in steps:
+        shutil.copytree(src / f"checkpoint-{s}", dst / f"checkpoint-{s}")
+    return dst
+
+
+def test_a_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
+    """NaN in a tensor that rank 1 reads: rank 1 fails in the middle of the merge; every rank
+    exits non-zero, rank 0 prints one line naming rank 1, and no output is left."""
+    from relex_merge.engine.executors.distributed import share
+    from relex_merge.plan import plan_merge
+    from relex_merge.config import load_config
+
+    run = _copy_run(qwen_run, tmp_path / "run", [1, 2, 3])
+    cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3], 9)
+    job = plan_merge(load_config(cfg)).job
+    victim = next(n for n in share(job, _Rank(1, 2)) if job.base.meta(n).dtype.is_floating_point)
+    state = load_file(run / "checkpoint-2" / "model.safetensors")
+    state[victim] = state[victim].clone()
+    state[victim].view(-1)[0] = float("nan")
+    save_file(state, run / "checkpoint-2" / "model.safetensors")
+    out = tmp_path / "out"
+    result = torchrun(2, str(cfg), str(out), timeout=180)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: rank 1 of 2 (")
+    assert f"checkpoint-2: tensor {victim} has NaN or Inf values" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_truncated_checkpoint_stops_every_rank(qwen_run, tmp_path):
+    run = _copy_run(qwen_run, tmp_path / "run", [1, 2, 3])
+    weights = run / "checkpoint-3" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3], 9)
+    out = tmp_path / "out"
+    result = torchrun(2, str(cfg), str(out), timeout=180)
+    assert result.returncode != 0
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("error: rank 0 of 2 (") and "the file is truncated" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+class _Rank:
+    def __init__(self, rank, world):
+        self.rank, self.world_size = rank, world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_output_folder_that_not_every_rank_sees_is_refused(qwen_run, tmp_path):
+    """Two 'nodes' that resolve the output path differently (a relative OUT from different
+    working directories) do not share it: refused, naming the rank, before any tensor is read."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        cwd = tmp_path / f"node{rank}"
+        cwd.mkdir()
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "relex_merge", str(cfg), "out/model", "--threads", "1"],
+                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    rank0 = [line for line in results[0][1].splitlines() if line.startswith("error:")]
+    assert results[1][1].strip() == ""  # only rank 0 talks
+    assert len(rank0) == 1 and rank0[0].startswith("error: rank 1 of 2 (")
+    assert "this node does not see the output folder rank 0 created" in rank0[0]
+    for rank in (0, 1):
+        assert not (tmp_path / f"node{rank}" / "out" / "model").exists()
+        assert not [p for p in (tmp_path / f"node{rank}").rglob("*") if p.is_file()]
