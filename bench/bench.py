@@ -17,6 +17,12 @@ along one direction linearly in the step, plus noise), then measures, interleave
   write floor           write one output's bytes once
   start-up              python -c 'import torch': the part of every torch-based run above that
                         is interpreter and library loading, not merging
+  relex (1 thread)      --threads 1: one process, one worker (the base of the scaling rows)
+  relex (torchrun xN)   torchrun --nproc-per-node N -m relex_merge ... --threads 1 (--processes N)
+
+With --cold (root only: `sync; echo 3 > /proc/sys/vm/drop_caches` before each command; the
+table says so when the machine refuses), the page cache is emptied before every command of the
+cold rows, so the disk, not memory, is the floor: cold read floor, cold relex-merge.
 
 Each command runs in its own process, writing to a fresh path after os.sync(); wall time and
 peak RSS come from that process (resource.getrusage of the child), start-up (Python, `import
@@ -138,6 +144,16 @@ def _fresh_start(outs: Path) -> None:
     os.sync()
 
 
+def _drop_page_cache() -> bool:
+    """Empty the page cache (root only); False when the machine does not allow it."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def input_files(run: Path, window: int) -> list[Path]:
     return [run / "base" / "model.safetensors"] + [
         run / f"checkpoint-{k}" / "model.safetensors" for k in range(1, window + 1)
@@ -155,6 +171,8 @@ def main(argv=None) -> None:
     parser.add_argument("--small-budget", default="256MB")
     parser.add_argument("--skip", default="", help="comma-separated candidates to leave out")
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
+    parser.add_argument("--processes", type=int, default=2, help="ranks of the torchrun row (0: no such row)")
+    parser.add_argument("--cold", action="store_true", help="also cold-page-cache rows (drops the page cache: root)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -189,7 +207,18 @@ def main(argv=None) -> None:
         "read floor": [sys.executable, str(HERE / "io_floor.py"), "read", *map(str, files)],
         "write floor": [sys.executable, str(HERE / "io_floor.py"), "write", str(out_bytes), str(outs / "floor.bin")],
         "start-up (python -c 'import torch')": [sys.executable, "-c", "import torch"],
+        "relex-merge (1 process, --threads 1)": [relex, str(configs["relex"]), str(outs / "relex-1"), "--overwrite",
+                                                 "-q", "--max-memory", args.max_memory, "--threads", "1"],
     }
+    if args.processes > 1:
+        candidates[f"relex-merge (torchrun, {args.processes} processes x 1 thread)"] = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
+            "-m", "relex_merge", str(configs["relex"]), str(outs / "relex-ranks"), "--overwrite", "-q",
+            "--max-memory", args.max_memory, "--threads", "1"]
+    cold = {}
+    if args.cold:
+        cold = {f"cold cache: {name}": candidates[name] for name in ("read floor", "relex-merge (1 target)")}
+        candidates.update(cold)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     candidates = {k: v for k, v in candidates.items() if not any(s in k for s in skip)}
     outs.mkdir(exist_ok=True)
@@ -198,15 +227,21 @@ def main(argv=None) -> None:
         subprocess.run([relex, "analyze", str(configs["relex"]), "--out", str(fit_cache.parent), "--overwrite", "-q"],
                        check=True, stdout=subprocess.DEVNULL)
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
+    cold_note = ""
     for rep in range(args.reps):
         for name, cmd in candidates.items():
             _fresh_start(outs)
+            if name in cold and not _drop_page_cache():
+                cold_note = " The machine refused to drop the page cache: the cold rows ran warm."
             results[name].append(measure(cmd))
+            if name in cold:  # leave the next warm row a warm cache
+                subprocess.run(candidates["read floor"], check=True)
             print(f"rep {rep + 1}/{args.reps} {name}: {results[name][-1][0]:.2f} s", file=sys.stderr)
 
     median = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
     peak = {k: max(r for _, r in v) for k, v in results.items()}
     floor = median.get("read floor", 0) + median.get("write floor", 0)
+    cold_floor = median.get("cold cache: read floor", 0) + median.get("write floor", 0)
     mk = median.get("mergekit task_arithmetic")
     rows = [
         "| run | median wall (s) | peak RSS (GB) | input read (GB) | throughput (GB/s) | vs mergekit | vs I/O floor |",
@@ -215,7 +250,8 @@ def main(argv=None) -> None:
     for name in candidates:
         reads = 0 if name == "write floor" or name.startswith("start-up") else input_bytes
         vs_mergekit = f"{median[name] / mk:.2f}x" if mk else "n/a"
-        vs_floor = f"{median[name] / floor:.2f}x" if floor else "n/a"
+        base = cold_floor if name.startswith("cold cache") else floor
+        vs_floor = f"{median[name] / base:.2f}x" if base else "n/a"
         rows.append(
             f"| {name} | {median[name]:.2f} | {peak[name] / 1e9:.2f} | {reads / 1e9:.2f} | "
             f"{reads / 1e9 / median[name]:.2f} | {vs_mergekit} | {vs_floor} |"
@@ -230,10 +266,13 @@ def main(argv=None) -> None:
     )
     header = (
         f"Qwen2-shaped {args.size} ({params / 1e6:.0f}M parameters), {args.dtype}, window T={args.window}, "
-        f"{args.reps} interleaved repetitions, page cache warm; {machine}. "
-        f"I/O floor = read floor + write floor = {floor:.2f} s.\n\n"
+        f"{args.reps} interleaved repetitions, page cache warm (cold rows: emptied before each command); {machine}. "
+        f"I/O floor = read floor + write floor = {floor:.2f} s"
+        + (f"; cold rows against the cold read floor + write floor = {cold_floor:.2f} s" if cold_floor else "")
+        + f".{cold_note}\n\n"
         f"Command: `python bench/bench.py --size {args.size} --dtype {args.dtype} --window {args.window} "
-        f"--reps {args.reps}" + (f" --skip {args.skip}" if args.skip else "") + "`\n"
+        f"--reps {args.reps}" + (f" --skip {args.skip}" if args.skip else "") + (" --cold" if args.cold else "")
+        + (f" --processes {args.processes}" if args.processes != 2 else "") + "`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)

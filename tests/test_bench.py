@@ -22,6 +22,6 @@ def test_bench_script_runs_and_prints_the_table(tmp_path):
     header = "| run | median wall (s) | peak RSS (GB) | input read (GB) | throughput (GB/s) | vs mergekit | vs I/O floor |"
     assert header in text
     for row in ("relex-merge (1 target)", "relex-merge (3 targets)", "mergekit task_arithmetic", "read floor",
-                "write floor"):
+                "write floor", "relex-merge (1 process, --threads 1)", "relex-merge (torchrun, 2 processes x 1 thread)"):
         assert f"| {row} |" in text
     assert "Command: `python bench/bench.py --size tiny --dtype bfloat16 --window 3 --reps 1 --skip dense`" in text

@@ -48,6 +48,11 @@ def chunk_rows(meta: TensorMeta, bytes_per_element: int, budget: int) -> int:
 # to keep what a worker holds (its mapped inputs and output buffer) small.
 SPAN_BYTES = 32 << 20
 
+# Spans announced to the OS (readers' prefetch) before a worker takes them: with a cold page
+# cache the disk then reads ahead while the workers compute, instead of each worker faulting its
+# span in on its own. 4 spans of at most SPAN_BYTES: ~128 MB of readahead.
+PREFETCH_SPANS = 4
+
 
 @dataclass(frozen=True)
 class Span:
@@ -116,6 +121,11 @@ class SpanRunner:
         # readers that declare thread-safe reads (safetensors) share the workers; others
         # (lazily loaded shards, DCP) read one span at a time
         self._read_locks = {id(r): threading.Lock() for r in job.readers if not r.thread_safe_reads}
+
+    def prefetch(self, span: Span) -> None:
+        """Announce the span's inputs to the readers (the OS starts reading them)."""
+        for reader in ([self.job.base] if span.phase == "copy" else self.job.readers):
+            reader.prefetch(span.name, span.rows)
 
     def _read(self, reader: CheckpointReader, span: Span) -> torch.Tensor:
         with self._read_locks.get(id(reader), _NO_LOCK):
@@ -238,6 +248,7 @@ class TensorTasks:
         self.ready: deque[Span] = deque()  # output spans: handed out first
         self.done: dict[str, tuple[torch.Tensor, int] | None] = {}  # finished: (Gram, passes); None: copied
         self._gram_spans = self._first_pass()
+        self._ahead: deque[Span] = deque()  # first-pass spans pulled (and prefetched) ahead of the workers
 
     def _first_pass(self) -> Iterator[Span]:
         job = self.job
@@ -265,10 +276,23 @@ class TensorTasks:
 
     def next_span(self) -> Span | None:
         if not self.ready:
-            span = next(self._gram_spans, None)  # may queue output spans (fit cache) on the way
+            span = self._next_first_pass()  # may queue output spans (fit cache) on the way
             if span is not None:
                 return span
-        return self.ready.popleft() if self.ready else None
+        if not self.ready:
+            return None
+        if len(self.ready) > PREFETCH_SPANS:
+            self.runner.prefetch(self.ready[PREFETCH_SPANS])
+        return self.ready.popleft()
+
+    def _next_first_pass(self) -> Span | None:
+        while len(self._ahead) < PREFETCH_SPANS:
+            span = next(self._gram_spans, None)
+            if span is None:
+                break
+            self.runner.prefetch(span)
+            self._ahead.append(span)
+        return self._ahead.popleft() if self._ahead else None
 
     def _start_outputs(self, name: str) -> None:
         state = self.states[name]
@@ -276,6 +300,8 @@ class TensorTasks:
         self.runner.weights[name] = _weights(state.gram, self.job)
         self.stats.fit_seconds += time.perf_counter() - start
         state.remaining = len(state.spans)
+        for span in state.spans[:PREFETCH_SPANS]:
+            self.runner.prefetch(span)
         self.ready.extend(replace(s, phase="emit") for s in state.spans)
 
     def finished(self, result: SpanResult) -> None:

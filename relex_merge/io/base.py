@@ -79,6 +79,10 @@ class CheckpointReader(ABC):
     warnings: Sequence[str] = ()
     """Notes for the user about this checkpoint (printed, and listed in the model card)."""
 
+    def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Hint that a span will be read soon, so the OS can start reading it from disk while
+        the engine works on earlier spans. A hint only: the default does nothing."""
+
     @abstractmethod
     def names(self) -> list[str]:
         """Every tensor's name, in the checkpoint's order."""

@@ -139,6 +139,14 @@ class SafetensorsReader(CheckpointReader):
             done += n
         return target.view(self._meta[name].dtype).reshape(shape)
 
+    def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
+        """Start the kernel's readahead of the span (posix_fadvise WILLNEED; asynchronous)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        file, offset, skip, length, _ = self._locate(name, rows)
+        if length:
+            os.posix_fadvise(self._fd(file), offset + skip, length, os.POSIX_FADV_WILLNEED)
+
     def view(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The span as a tensor over a private mapping of the file (no copy; nothing writes to it)."""
         file, offset, skip, length, shape = self._locate(name, rows)
