@@ -33,23 +33,28 @@ HORIZON_BINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)  # the family x ho
 
 @dataclass(frozen=True)
 class TensorAnalysis:
+    """One tensor's row of analysis.json: how rank-1 and how linear its window is, and how its
+    own backtest of the analysed fit ends."""
+
     name: str
     numel: int
-    explained_variance_1: float
-    explained_variance_r: float
-    linear_r2: float
+    explained_variance_1: float  # lambda_1 / sum(lambda) of the window's Gram matrix
+    explained_variance_r: float  # the top-r share (r = parameters.rank)
+    linear_r2: float  # R^2 of the rank-1 coefficient against the step
     singular_values: list[float]  # normalised by the largest
     worst_backtest_error: float  # of the analysed fit, at the longest horizon tested
 
 
 @dataclass(frozen=True)
 class HorizonPoint:
-    fit_count: int
-    step: int
-    horizon: float
-    relative_error: float
+    """One backtest point of the analysed fit, pooled over every tensor (the whole model)."""
+
+    fit_count: int  # K: the fit used the first K checkpoints of the window
+    step: int  # the held-back checkpoint it predicted
+    horizon: float  # (step - s_K) / (s_K - s_1)
+    relative_error: float  # ||pred - true|| / ||true|| of the displacement from the base
     cosine: float
-    norm_ratio: float
+    norm_ratio: float  # ||pred|| / ||true||: > 1 overshoots
 
 
 @dataclass(frozen=True)
@@ -58,30 +63,35 @@ class FamilyRow:
 
     fit: str  # e.g. "log (tau=5)"
     family: str
-    shape: float | None
+    shape: float | None  # the best on the family's grid; None for families without a shape
     errors: list[float | None]  # per bin of Analysis.horizon_bins; None: no point there
-    supported_horizon: float | None
+    supported_horizon: float | None  # see Backtest.supported_horizon
 
 
 @dataclass
 class Analysis:
+    """What ``relex-merge analyze`` reports (and writes as analysis.json): the window's fit
+    quality per tensor, the backtest of the analysed fit, every family's pooled errors by
+    horizon, and plain-language verdicts. Built by ``analyze_grams`` from Gram matrices alone."""
+
     steps: list[int]  # the window the fit uses
     targets: list[int]
-    spec: dict
+    spec: dict  # the RelexSpec as plain data (JSON)
     fit: str  # the fit whose backtest is `backtest` (the configured one, or the one chosen for the farthest target)
     tensors: list[TensorAnalysis]
     backtest: list[HorizonPoint]
     supported_horizon: float | None  # longest horizon with error <= tolerance (and below stopping's) throughout
-    tested_horizon: float
-    target_horizons: dict[int, float]
-    horizon_bins: list[tuple[float, float]]
+    tested_horizon: float  # longest horizon the window can backtest
+    target_horizons: dict[int, float]  # target step -> its horizon in window spans
+    horizon_bins: list[tuple[float, float]]  # [lo, hi) columns of the family table that hold points
     families: list[FamilyRow]  # every family, then stopping
-    target_verdicts: list[dict]
-    verdict: list[str]
+    target_verdicts: list[dict]  # TargetVerdict.as_dict() per target
+    verdict: list[str]  # the lines the CLI prints under "verdict"
     tolerance: float
     coefficients: dict[str, dict] = field(default_factory=dict)  # for plots
 
     def to_json(self) -> str:
+        """The analysis as indented JSON (NaN allowed), as written to analysis.json."""
         return json.dumps(asdict(self), indent=2, allow_nan=True)
 
 
@@ -233,10 +243,12 @@ def verdict(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
 
 @dataclass
 class AnalyzeResult:
+    """What ``analyze`` returns: the analysis, the engine's statistics and the files written."""
+
     analysis: Analysis
     stats: EngineStats
     written: list[Path]  # files written into the --out folder (none without one)
-    plots_available: bool
+    plots_available: bool  # matplotlib importable (plots written, or writable with --out)
 
 
 def analyze(
@@ -379,6 +391,7 @@ def load_fit_cache(path: Path, plan: MergePlan) -> dict[str, torch.Tensor]:
 
 
 def summary_rows(a: Analysis) -> list[tuple[str, str]]:
+    """(label, value) rows of the summary table the CLI prints first for ``analyze``."""
     def stat(values: list[float]) -> str:
         finite = sorted(v for v in values if not math.isnan(v))
         if not finite:

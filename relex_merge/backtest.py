@@ -62,6 +62,8 @@ def horizon(used_steps: Sequence[int], target: float) -> float:
 
 @dataclass(frozen=True)
 class Holdout:
+    """One backtest point: fit on the first ``fit_count`` checkpoints, predict one held back."""
+
     fit_count: int  # K: checkpoints the fit used (the first K of the window)
     step: int  # step of the held-back checkpoint
     horizon: float  # (step - s_K) / (s_K - s_1)
@@ -71,12 +73,13 @@ class Holdout:
 class HoldoutSums:
     """Inner products summed over tensors (or for one tensor)."""
 
-    err2: float = 0.0
-    true2: float = 0.0
-    pred2: float = 0.0
-    dot: float = 0.0
+    err2: float = 0.0  # ||pred - true||^2
+    true2: float = 0.0  # ||true||^2 (the held-back delta)
+    pred2: float = 0.0  # ||pred||^2
+    dot: float = 0.0  # <pred, true>
 
     def add(self, other: "HoldoutSums") -> None:
+        """Accumulate another tensor's (or group's) sums into these."""
         self.err2 += other.err2
         self.true2 += other.true2
         self.pred2 += other.pred2
@@ -84,15 +87,18 @@ class HoldoutSums:
 
     @property
     def relative_error(self) -> float:
+        """||pred - true|| / ||true|| (NaN when nothing moved)."""
         return math.sqrt(self.err2 / self.true2) if self.true2 > 0 else math.nan
 
     @property
     def cosine(self) -> float:
+        """Cosine between the predicted and the true displacement (NaN when either is zero)."""
         denom = math.sqrt(self.pred2 * self.true2)
         return self.dot / denom if denom > 0 else math.nan
 
     @property
     def norm_ratio(self) -> float:
+        """||pred|| / ||true||: above 1 the prediction overshoots."""
         return math.sqrt(self.pred2 / self.true2) if self.true2 > 0 else math.nan
 
 
@@ -104,6 +110,8 @@ def fit_counts(n_checkpoints: int, min_points: int) -> list[int]:
 
 
 def holdouts(steps: Sequence[int], min_points: int) -> list[Holdout]:
+    """Every backtest point of a window: for each fit count K (``fit_counts``), each later
+    checkpoint held back, with its horizon in multiples of the first K's span."""
     out = []
     for k in fit_counts(len(steps), min_points):
         span = steps[k - 1] - steps[0]
@@ -147,8 +155,8 @@ class Backtest:
 
     steps: list[int]  # the window the fit uses
     spec: RelexSpec
-    candidates: list[FitSpec]
-    points: list[Holdout] = field(init=False)
+    candidates: list[FitSpec]  # the fits scored (stopping is always scored too)
+    points: list[Holdout] = field(init=False)  # every (fit count, held-back checkpoint) pair
     _totals: dict[FitSpec | str, torch.Tensor] = field(init=False, repr=False)  # per point: err2, true2, pred2, dot
     _cache: dict = field(init=False, repr=False)
 
@@ -242,6 +250,7 @@ class Backtest:
 
     @property
     def tested_horizon(self) -> float:
+        """The longest horizon among the points (0 when the window is too short to backtest)."""
         return max((p.horizon for p in self.points), default=0.0)
 
     def matched(self, target_horizon: float) -> list[int]:
@@ -325,14 +334,14 @@ class Backtest:
 class TargetVerdict:
     """The verdict printed for one output and written into its card and relex_config.yml."""
 
-    target: int
+    target: int  # the target step
     horizon: float  # of the target, in window spans
-    fit: FitSpec
-    chosen_by_backtest: bool
+    fit: FitSpec  # resolved: the shape is known
+    chosen_by_backtest: bool  # auto, or a shape the config left open
     error: float  # backtest error of the fit near the target's horizon
     stop_error: float  # ... of stopping at the last fitted checkpoint
     at_horizon: float  # mean horizon of the points those errors pool
-    supported_horizon: float | None
+    supported_horizon: float | None  # see Backtest.supported_horizon
     tested_horizon: float
     tolerance: float
     last_step: int  # the window's last step (what "stopping" means for the user)
@@ -340,13 +349,17 @@ class TargetVerdict:
 
     @property
     def supported(self) -> bool:
+        """The target's horizon is within the fit's supported horizon."""
         return self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
 
     @property
     def beyond_tested(self) -> bool:
+        """The target lies farther out than any horizon the window can test."""
         return self.horizon > self.tested_horizon + 1e-9
 
     def line(self) -> str:
+        """The one-line verdict (``SUPPORTED: ...`` or ``NOT SUPPORTED: ...``) the CLI prints and
+        the card and relex_config.yml record."""
         if math.isnan(self.error):
             return (f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
                     "checkpoints than the fit uses); evaluate the prediction before use.")
@@ -377,6 +390,7 @@ class TargetVerdict:
         return line
 
     def as_dict(self) -> dict:
+        """The verdict as JSON-ready data (analysis.json's ``target_verdicts``), rounded."""
         return {
             "target_step": self.target,
             "horizon": round(self.horizon, 4),
@@ -410,11 +424,12 @@ class Assessment:
     missing shapes chosen here) and its verdict (None outside extrapolate mode)."""
 
     backtest: Backtest
-    fits: list[FitSpec]
+    fits: list[FitSpec]  # per output, in the order of the targets
     verdicts: list[TargetVerdict | None]
 
     @property
     def unsupported(self) -> list[TargetVerdict]:
+        """The verdicts of the outputs the backtest does not support (--require-supported)."""
         return [v for v in self.verdicts if v is not None and not v.supported]
 
 

@@ -30,6 +30,7 @@ from relex_merge.errors import RelexError
 from relex_merge.options import flags
 from relex_merge.units import human_bytes
 
+# Options fields of every command that runs the engine (merge, analyze, sweep)
 ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "timeout")
 
 
@@ -113,6 +114,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def quiet_and_verbose(func):
+    """Add the shared -q/--quiet and -v/--verbose flags to a command (``user_errors`` reads
+    ``verbose``)."""
     func = click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors, and the debug log.")(func)
     return click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")(func)
 
@@ -121,6 +124,7 @@ class DefaultMergeGroup(click.Group):
     """``relex-merge CONFIG OUT`` is short for ``relex-merge merge CONFIG OUT``."""
 
     def parse_args(self, ctx, args):
+        """Prepend ``merge`` when the first argument is not a subcommand (or help/version)."""
         if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
             args = ["merge", *args]
         return super().parse_args(ctx, args)
@@ -148,6 +152,7 @@ class RichProgress:
         self.total_items: int | None = None
 
     def start(self, label: str, total_bytes: int | None = None, total_items: int | None = None) -> None:
+        """Replace any running bar with a new one for this task (no bar when quiet)."""
         self.finish()
         if self.quiet:
             return
@@ -164,17 +169,20 @@ class RichProgress:
         return f"{self.items}/{self.total_items} tensors" if self.total_items else ""
 
     def advance(self, nbytes: int = 0, items: int = 0) -> None:
+        """Move the bar by ``nbytes`` and the tensor count by ``items``."""
         if self.bar is not None:
             self.items += items
             self.bar.update(self.task, advance=nbytes, items=self._items())
 
     def note(self, text: str) -> None:
+        """Print a line above the bar; ``warning: ...`` lines in yellow, and even when quiet."""
         if text.startswith("warning: "):
             self.console.print(f"[yellow]warning:[/] {escape(text[9:])}")
         elif not self.quiet:
             self.console.print(escape(text))
 
     def finish(self) -> None:
+        """Stop and remove the bar (it is transient: the summary takes its place)."""
         if self.bar is not None:
             self.bar.stop()
             self.bar = None

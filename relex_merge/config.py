@@ -24,15 +24,21 @@ class _Strict(BaseModel):
 
 
 class ModelParameters(_Strict):
+    """``parameters:`` of one window checkpoint under ``models:``."""
+
     step: StrictInt = Field(ge=0, description="optimizer step at which the checkpoint was saved")
 
 
 class ModelEntry(_Strict):
+    """One window checkpoint: its path (any readable format) and its step."""
+
     model: str
     parameters: ModelParameters
 
 
 class BaseModelEntry(_Strict):
+    """``base_model:`` in mergekit's mapping form (``{model: PATH}``) instead of a plain path."""
+
     model: str
 
 
@@ -47,14 +53,17 @@ class TrajectorySpec(_Strict):
 
 
 class RelexParameters(_Strict):
+    """The ``parameters:`` block: targets and everything about the fit. Validators reject shape
+    keys the chosen fit does not use and options that only apply to another mode."""
+
     target_step: Union[StrictInt, list[StrictInt], None] = None
-    rank: StrictInt = Field(default=1, ge=1)
+    rank: StrictInt = Field(default=1, ge=1)  # directions fitted per tensor
     fit: str = Field(default="linear", description="a fit family (relex_merge.fits) or auto")
     degree: StrictInt | None = Field(default=None, description="polynomial degree (default 2)")
     p: float | None = Field(default=None, description="power: exponent; default: chosen by the backtest")
     tau: float | None = Field(default=None, description="log, saturating: steps; default: chosen by the backtest")
-    window: StrictInt | None = Field(default=None, ge=2)
-    scale: float = Field(default=1.0, gt=0)
+    window: StrictInt | None = Field(default=None, ge=2)  # fit on the last `window` checkpoints only
+    scale: float = Field(default=1.0, gt=0)  # multiplies the predicted displacement
     mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate"
     refit_every: StrictInt | None = Field(default=None, ge=1, description="autoregressive re-fitting")
     refit_window: StrictInt | None = Field(default=None, ge=2, description="points each re-fit uses")
@@ -101,30 +110,37 @@ class RelexParameters(_Strict):
         return value
 
     def targets(self) -> list[int]:
+        """``target_step`` as a list (empty when absent: reconstruct modes and analyze)."""
         if self.target_step is None:
             return []
         return list(self.target_step) if isinstance(self.target_step, list) else [self.target_step]
 
     def spec(self) -> RelexSpec:
+        """These parameters as the RelexSpec the math takes (targets excluded)."""
         return spec_from_parameters(**self.model_dump(exclude={"target_step"}))
 
 
 class RelexConfig(_Strict):
+    """One ``merge_method: relex`` document, validated (frozen; unknown keys are errors).
+    ``models`` and ``trajectory`` are alternatives: planning expands a trajectory into models."""
+
     merge_method: Literal["relex"]
     base_model: Union[str, BaseModelEntry]
     models: list[ModelEntry] | None = None
     trajectory: TrajectorySpec | None = None
     parameters: RelexParameters = RelexParameters()
-    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]
-    out_dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]
-    tokenizer_source: str | None = None
-    name: str | None = None
+    dtype: Literal[DTYPES] = "float32"  # type: ignore[valid-type]  # compute dtype (math is at least float32)
+    out_dtype: Literal[DTYPES] | None = None  # type: ignore[valid-type]  # None: each tensor's base dtype
+    tokenizer_source: str | None = None  # folder to copy the tokenizer from (default: the base)
+    name: str | None = None  # stage name in a multi-document config
 
     @property
     def base_path(self) -> str:
+        """The base model's path, whichever form ``base_model`` was given in."""
         return self.base_model if isinstance(self.base_model, str) else self.base_model.model
 
     def to_yaml(self) -> str:
+        """The config as YAML, unset keys left out (--print-config, relex_config.yml)."""
         data = self.model_dump(mode="json", exclude_none=True)
         return yaml.safe_dump(data, sort_keys=False)
 
@@ -249,6 +265,8 @@ def _first_error_line(source: str, err: ValidationError) -> str:
 
 
 def parse_config(data: Any, source: str) -> RelexConfig:
+    """Validate one parsed YAML document as a relex config; ``source`` (a file name, or
+    ``FILE: document N``) starts the one-line RelexError naming the first problem."""
     if not isinstance(data, dict):
         raise RelexError(f"{source}: expected a YAML mapping at the top level")
     method = data.get("merge_method")

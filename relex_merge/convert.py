@@ -26,9 +26,11 @@ __all__ = ["convert", "plan_convert", "write_converted", "ConvertPlan", "Convert
 
 @dataclass(frozen=True)
 class ConvertResult:
+    """What ``convert`` wrote."""
+
     tensors: int
-    bytes_written: int
-    dtype: str
+    bytes_written: int  # the safetensors shards' sizes (0 on ranks other than 0)
+    dtype: str  # the dtype written to config.json ("n/a" when there are no float tensors)
 
 
 def _config_folder(src: Path, config_from: Path | None) -> Path:
@@ -46,12 +48,15 @@ def _config_folder(src: Path, config_from: Path | None) -> Path:
 
 @dataclass(frozen=True)
 class ConvertPlan:
+    """A checked conversion (``plan_convert``): the open input, the output layout and the HF
+    config to write; nothing is written yet."""
+
     reader: CheckpointReader
     out: Path
-    tensors: list[OutputTensor]
-    config: dict
-    config_folder: Path
-    config_dtype: str | None
+    tensors: list[OutputTensor]  # output names, shapes and dtypes (tied lm_head dropped)
+    config: dict  # config.json to write
+    config_folder: Path  # where config.json and the tokenizer are copied from
+    config_dtype: str | None  # the most common float dtype, for config.json
 
 
 def plan_convert(
@@ -109,6 +114,8 @@ def write_converted(
     max_memory: int = 1 << 30,
     progress: Progress = NullProgress(),
 ) -> ConvertResult:
+    """Stream the planned tensors into an atomic output folder in row chunks of at most
+    ``max_memory`` bytes; under torchrun each rank converts its share and rank 0 finishes."""
     reader = plan.reader
     group = distributed.current()
     names = [t.name for t in plan.tensors]

@@ -59,6 +59,7 @@ class Group:
 
     @property
     def distributed(self) -> bool:
+        """Several ranks (torchrun/srun); False for the single-process group."""
         return self.world_size > 1
 
     @property
@@ -70,6 +71,7 @@ class Group:
         pass
 
     def all_gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         return [obj]
 
     def broadcast(self, obj: Any) -> Any:
@@ -146,6 +148,7 @@ class TorchGroup(Group):
         dist.barrier()
 
     def all_gather(self, obj: Any) -> list[Any]:
+        """``Group.all_gather`` through torch.distributed (pickled objects)."""
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
@@ -153,6 +156,7 @@ class TorchGroup(Group):
         return out
 
     def broadcast(self, obj: Any) -> Any:
+        """``Group.broadcast`` through torch.distributed (a pickled object from rank 0)."""
         import torch.distributed as dist
 
         box = [obj if self.main else None]

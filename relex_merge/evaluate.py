@@ -15,19 +15,23 @@ from relex_merge.errors import RelexError
 from relex_merge.io.hf import is_hf_model
 from relex_merge.offline import offline_if_local
 
-RESULTS_NAME = "lm_eval_results.json"
+RESULTS_NAME = "lm_eval_results.json"  # written into the model folder unless told otherwise
 
 
 @dataclass(frozen=True)
 class TaskScore:
+    """One task's primary metric (the first lm-eval reports for it)."""
+
     task: str
-    metric: str
+    metric: str  # lm-eval's key, e.g. "exact_match,none"
     value: float
-    stderr: float
+    stderr: float  # NaN when lm-eval gives none
 
 
 @dataclass(frozen=True)
 class EvalResult:
+    """One model folder's scores (``evaluate``)."""
+
     model: str
     scores: list[TaskScore]
 
@@ -38,6 +42,7 @@ class EvalResult:
 
     @property
     def mean_stderr(self) -> float:
+        """Standard error of ``mean``, the tasks taken as independent (NaN stderrs skipped)."""
         if not self.scores:
             return float("nan")
         return math.sqrt(sum(s.stderr**2 for s in self.scores if not math.isnan(s.stderr))) / len(self.scores)
@@ -56,6 +61,7 @@ def _primary(task: str, metrics: dict) -> TaskScore | None:
 
 
 def task_manager(include_path: Path | None):
+    """lm-eval's TaskManager, with the task YAMLs of ``include_path`` when given (checked)."""
     from lm_eval.tasks import TaskManager
 
     if include_path is not None and not include_path.is_dir():
@@ -64,6 +70,7 @@ def task_manager(include_path: Path | None):
 
 
 def check_tasks(tasks: Sequence[str], manager) -> None:
+    """RelexError naming the first task the manager does not know (before any work is done)."""
     known = set(manager.all_tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:

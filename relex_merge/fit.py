@@ -48,7 +48,7 @@ class FitSpec:
     """How coefficients are regressed on the step value: a registered family (or ``auto``,
     resolved for the whole model by the backtest) and its shape parameter."""
 
-    family: str = "linear"
+    family: str = "linear"  # a registered family's name, or "auto"
     shape: float | None = None  # degree, p or tau; None: the family's default, or chosen by the backtest
     origin_step: float = 0.0  # s0: the base model's step
 
@@ -58,6 +58,7 @@ class FitSpec:
 
     @property
     def curve_family(self) -> fits.FitFamily:
+        """The registered family (KeyError for ``auto``, which is not one)."""
         return fits.family(self.family)
 
     @property
@@ -75,12 +76,14 @@ class FitSpec:
 
     @property
     def min_points(self) -> int:
+        """Checkpoints the fit needs at least (for ``auto``: what every family in it needs)."""
         if self.family == fits.AUTO:
             return max(f.min_points(f.shape.default if f.shape else None) for f in fits.families() if f.in_auto)
         shape = self.shape if self.shape is not None else (self.curve_family.shape.default if self.curve_family.shape else None)
         return self.curve_family.min_points(shape)
 
     def describe(self) -> str:
+        """The fit as messages, the verdict and the card name it: ``log (tau=12)``, ``auto``."""
         if self.family == fits.AUTO:
             return fits.AUTO
         return self.curve_family.describe(self.shape)
@@ -90,10 +93,10 @@ class FitSpec:
 class RelexSpec:
     """Everything that turns a Gram matrix into output weights."""
 
-    rank: int = 1
+    rank: int = 1  # directions (top singular vectors) fitted per tensor
     fit: FitSpec = FitSpec()
     window: int | None = None  # use only the last `window` checkpoints
-    scale: float = 1.0
+    scale: float = 1.0  # multiplies the predicted displacement from the base
     mode: Mode = "extrapolate"
     refit_every: int | None = None  # autoregressive: re-fit after every F predicted checkpoints
     refit_window: int | None = None  # ... on the last W (observed or predicted); None: all of the window
@@ -106,7 +109,7 @@ class TensorDiagnostics:
     explained_variance_1: float  # lambda_1 / sum(lambda), uncentred
     explained_variance_r: float  # top-r share
     linear_r2: float  # R^2 of the rank-1 coefficient against the step (linear fit)
-    singular_values: tuple[float, ...]
+    singular_values: tuple[float, ...]  # of the window's deltas, largest first (noise dropped)
 
 
 def spec_from_parameters(
@@ -158,6 +161,7 @@ def top_components(gram: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.T
 
 
 def window_indices(n_checkpoints: int, window: int | None) -> range:
+    """Positions of the checkpoints the fit uses: the last ``window`` of them (all for None)."""
     w = n_checkpoints if window is None else window
     return range(n_checkpoints - w, n_checkpoints)
 

@@ -40,6 +40,7 @@ class Scratch:
 
     @classmethod
     def allocate(cls, n_checkpoints: int, n_outputs: int, columns: int, dtype: torch.dtype, device: torch.device):
+        """Uninitialised buffers for blocks of ``columns`` elements (at least one output row)."""
         return cls(
             torch.empty(columns, dtype=dtype, device=device),
             torch.empty(n_checkpoints, columns, dtype=dtype, device=device),

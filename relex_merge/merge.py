@@ -29,12 +29,14 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class MergeResult:
+    """What ``execute_merge`` wrote and what the run learned (every rank gets it)."""
+
     outputs: list[tuple[int, float, Path]]  # (target step, scale, model folder)
     stats: EngineStats
     summary: FitSummary
-    seconds: float
-    bytes_written: int
-    assessment: Assessment
+    seconds: float  # wall time of the merge
+    bytes_written: int  # safetensors bytes (0 on ranks other than 0)
+    assessment: Assessment  # each output's fit and the backtest's verdict on it
 
 
 def output_names(targets: list[int]) -> list[str]:
@@ -43,6 +45,7 @@ def output_names(targets: list[int]) -> list[str]:
 
 
 def target_folders(root: Path, names: list[str]) -> list[Path]:
+    """Where the outputs go: ``root`` itself for a single output, else one subfolder each."""
     return [root] if len(names) == 1 else [root / name for name in names]
 
 
@@ -209,15 +212,17 @@ class Provenance:
     documents_yaml: str  # the config as given: later stages name earlier ones
     stage_lines: tuple[str, ...]  # one line per stage that ran before the final one
     paths: dict[str, str]  # stage name -> the folder it was written to (for restore_names)
-    file_name: str = "relex_stages.yml"
+    file_name: str = "relex_stages.yml"  # the copy of the whole config beside the final output
 
     @property
     def config_header(self) -> str:
+        """Comment lines that head the final output's config, pointing to the stages."""
         return (f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
                 f"stage are that stage's output: see {self.file_name} and README.md\n")
 
     @property
     def card_section(self) -> str:
+        """The model card's "Stages" section: one line per earlier stage."""
         lines = ["", "## Stages", "",
                  f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
                  f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):", ""]
@@ -232,21 +237,26 @@ class Provenance:
 
 @dataclass
 class StageResult:
+    """One stage of ``run_merge`` (a single-document config is one stage)."""
+
     name: str | None  # None: the final output
-    method: str
+    method: str  # "relex" or a mergekit method
     out: Path
     reused: bool = False  # --lazy found it finished
     merge: MergeResult | None = None  # relex stages
-    plan: MergePlan | None = None
+    plan: MergePlan | None = None  # relex stages that ran
 
 
 @dataclass
 class RunResult:
+    """What ``run_merge`` returns: every stage, in the order they ran (the final one last)."""
+
     out: Path
     stages: list[StageResult] = field(default_factory=list)
 
     @property
     def final(self) -> StageResult:
+        """The stage that wrote ``out``."""
         return self.stages[-1]
 
 
@@ -370,6 +380,8 @@ def run_merge(
 
 
 def yaml_dump(document: Any) -> str:
+    """One parsed document back as YAML, keys in their order (the provenance of configs given
+    as Python objects)."""
     import yaml
 
     return yaml.safe_dump(document, sort_keys=False)

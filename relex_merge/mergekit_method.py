@@ -24,7 +24,7 @@ from mergekit.merge_methods.easy_define import merge_method
 from relex_merge.fit import spec_from_parameters, relex_weights
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
-METHOD_NAME = "relex"
+METHOD_NAME = "relex"  # merge_method: relex in mergekit configs
 
 
 def relex_group(
@@ -43,6 +43,9 @@ def relex_group(
     refit_window: Optional[int] = None,
     base_step: int = 0,
 ) -> torch.Tensor:
+    """The RELEX prediction of one tensor at ``target_step`` from its base and window copies
+    (mergekit's per-tensor call; the parameters are the config's). ValueError for a fit the
+    backtest would have to choose, or duplicate steps."""
     spec = spec_from_parameters(
         rank=rank, fit=fit, degree=degree, p=p, tau=tau, window=window, scale=scale, mode=mode,
         refit_every=refit_every, refit_window=refit_window, base_step=base_step,

@@ -16,6 +16,7 @@ from relex_merge.output import atomic_output_dir, check_output_path
 
 
 def known_methods() -> list[str]:
+    """Every merge method mergekit knows, relex included (registers it; imports mergekit: slow)."""
     from mergekit.merge_methods import registry
 
     from relex_merge.mergekit_method import register
@@ -25,6 +26,8 @@ def known_methods() -> list[str]:
 
 
 def parse_mergekit_config(document: dict, where: str):
+    """A mergekit document (our ``name:`` key dropped) as mergekit's MergeConfiguration; its
+    validation errors as one-line RelexErrors that start with ``where``."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 

@@ -97,7 +97,7 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-TOKEN_NAME = ".relex-rank0-token"
+TOKEN_NAME = ".relex-rank0-token"  # proves every rank sees the folder rank 0 created
 
 
 @contextlib.contextmanager
@@ -146,6 +146,8 @@ def _remove(tmp: Path, made_parents: list[Path]) -> None:
 
 
 def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | None) -> None:
+    """Write the base's config.json into ``dst``, its dtype set to ``out_dtype`` when given;
+    nothing when the base has no config."""
     if base_config is None:
         return
     config = dict(base_config)
@@ -186,8 +188,10 @@ _SAMPLE = 1 << 20
 
 @dataclass(frozen=True)
 class InputRecord:
-    path: str
-    bytes: int
+    """One input as the model card lists it (and the fit cache checks it)."""
+
+    path: str  # as the config gives it
+    bytes: int  # of its weight files
     fingerprint: str  # "fast:<sha256 of sizes and samples>" or "sha256:<of every byte>"
 
 
@@ -207,6 +211,7 @@ def _file_digest(file: Path, full: bool) -> bytes:
 
 
 def input_record(path: str, files: Sequence[Path], full_hash: bool) -> InputRecord:
+    """Size and fingerprint of one input's weight files: sampled (fast) unless ``full_hash``."""
     digest = hashlib.sha256()
     for file in sorted(files):
         digest.update(_file_digest(file, full_hash))

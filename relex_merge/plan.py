@@ -22,13 +22,16 @@ from relex_merge.trajectory import expand_trajectory
 
 @dataclass(frozen=True)
 class MergePlan:
+    """A relex config checked against its checkpoints (headers only), ready for the engine."""
+
     config: RelexConfig  # expanded: models listed explicitly
     job: MergeJob
-    base_config: dict | None
+    base_config: dict | None  # the base's config.json (None when it has none)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def model_paths(self) -> list[Path]:
+        """The base and every window checkpoint (outputs must not overlap them)."""
         return [Path(self.config.base_path)] + [Path(m.model) for m in self.config.models or []]
 
     def fingerprints(self, full_hash: bool = False) -> list[InputRecord]:

@@ -11,6 +11,7 @@ __all__ = ["available", "write_plots"]
 
 
 def available() -> bool:
+    """Whether matplotlib is installed (the ``plots`` extra)."""
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -19,6 +20,8 @@ def available() -> bool:
 
 
 def write_plots(analysis: Analysis, out: Path) -> list[Path]:
+    """Write coefficients.png, explained_variance.png and backtest.png (each when there is
+    something to draw) into ``out``; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")

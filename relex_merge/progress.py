@@ -25,7 +25,7 @@ class Progress(Protocol):
 
 
 class NullProgress:
-    """Reports nothing."""
+    """Reports nothing: every Progress method does nothing (the library's default)."""
 
     def start(self, label: str, total_bytes: int | None = None, total_items: int | None = None) -> None:
         pass

@@ -14,20 +14,24 @@ from relex_merge.output import InputRecord
 
 @dataclass(frozen=True)
 class Distribution:
+    """A per-tensor statistic over the fitted tensors (a row of the card's table)."""
+
     weighted_mean: float  # weighted by tensor size: what most of the parameters see
     median: float
-    p05: float
+    p05: float  # 5th percentile
     minimum: float
-    worst_tensor: str
+    worst_tensor: str  # the tensor with the minimum
 
 
 @dataclass(frozen=True)
 class FitSummary:
-    extrapolated: int
-    zero_delta: int
+    """How well the window fits the picture, over all tensors: the CLI's summary and the card."""
+
+    extrapolated: int  # tensors fitted (float, moved in the window)
+    zero_delta: int  # float tensors unchanged in the window
     copied: int  # non-float tensors taken from the base
     nonfinite: tuple[str, ...]  # NaN/Inf in the window (--allow-nonfinite): taken from the base
-    explained_variance_1: Distribution | None
+    explained_variance_1: Distribution | None  # None: no tensor was fitted
     explained_variance_r: Distribution | None
     linear_r2: Distribution | None
 
@@ -49,6 +53,7 @@ def _distribution(pairs: list[tuple[str, int, float]]) -> Distribution | None:
 
 
 def summarize(reports: Sequence[TensorReport]) -> FitSummary:
+    """Count the tensors by kind and summarise the diagnostics of the fitted ones."""
     fitted = [r for r in reports if r.diagnostics is not None and not r.zero_delta]
     return FitSummary(
         extrapolated=len(fitted),

@@ -16,17 +16,21 @@ MODEL_KEYS = ("base_model", "model", "tokenizer_source")
 
 @dataclass(frozen=True)
 class Stage:
+    """One document of a (multi-document) config, with the stages it uses as inputs."""
+
     name: str | None  # None: the final output
     number: int  # 1-based position in the file, for messages
-    document: dict
-    depends_on: tuple[str, ...]
+    document: dict  # as parsed; stage names not yet replaced by paths
+    depends_on: tuple[str, ...]  # names of the stages it uses as models
 
     @property
     def method(self) -> str:
+        """The document's ``merge_method`` (relex or a mergekit method)."""
         return self.document["merge_method"]
 
     @property
     def label(self) -> str:
+        """How messages name the stage: ``document 2 (stage 'a')``."""
         return f"document {self.number}" + (f" (stage '{self.name}')" if self.name else "")
 
 

@@ -69,19 +69,23 @@ def sweep(
 
 @dataclass(frozen=True)
 class Candidate:
+    """One scored model of a sweep (a built candidate, or the last window checkpoint)."""
+
     label: str  # "step-400-scale-0.5-fit-log" or "last window checkpoint (step 20)"
     target: int | None
-    scale: float | None
+    scale: float | None  # None: the baseline
     result: EvalResult
     fit: str | None = None  # the fit the candidate used (auto: what the backtest chose)
-    verdict: str | None = None
+    verdict: str | None = None  # the backtest's line; None for the baseline and reconstruct modes
 
 
 @dataclass(frozen=True)
 class SweepResult:
-    candidates: list[Candidate]
-    baseline: Candidate
-    best: Candidate
+    """What ``sweep`` returns: every candidate's score, the baseline's, and the one kept."""
+
+    candidates: list[Candidate]  # in build order
+    baseline: Candidate  # the last window checkpoint
+    best: Candidate  # the highest-scoring candidate
     kept: Path  # OUT/best
 
 

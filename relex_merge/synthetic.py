@@ -41,6 +41,7 @@ def char_tokenizer():
 
 
 def tiny_config(arch: str = "qwen2", tied: bool = False, hidden: int = 32, layers: int = 2):
+    """A transformers config for a tiny Qwen2 or Llama over the character vocabulary."""
     from transformers import LlamaConfig, Qwen2Config
 
     vocab = len(SPECIAL_TOKENS) + len(CHARS)
@@ -146,6 +147,7 @@ def make_finetune(base_dir: Path, folder: Path, magnitude: float = 2e-3, seed: i
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m relex_merge.synthetic RUN_DIR``: write a planted run and a fine-tune."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--steps", type=int, default=8, help="checkpoints 1..N (default 8)")

@@ -42,6 +42,8 @@ def _check_trainer_state(step_dir: Path, step: int) -> None:
 
 
 def discover_steps(run_dir: Path) -> dict[int, Path]:
+    """Step -> folder for every ``checkpoint-N``, ``global_step_N`` or ``step_N`` folder in
+    ``run_dir``; RelexError when a step appears twice."""
     if not run_dir.is_dir():
         raise RelexError(f"trajectory.run_dir: {run_dir} is not a directory")
     found: dict[int, Path] = {}

@@ -20,17 +20,21 @@ class ChunkSink(Protocol):
     """Where one output's tensor data goes (ShardedModelWriter implements it). Spans arrive
     from several threads, in any order; ``start`` is the span's first element."""
 
-    def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None: ...
+    def write_at(self, name: str, start: int, chunk: torch.Tensor) -> None:
+        """Write ``chunk`` (the output dtype; written flat) from element ``start`` of tensor ``name``."""
 
 
 @dataclass(frozen=True)
 class MergeJob:
+    """Everything the engine needs to merge: the open inputs, their steps, the targets and the
+    fit. Built by ``plan.plan_merge``; narrowed with ``gram_only`` and ``share``."""
+
     base: CheckpointReader
-    checkpoints: Sequence[CheckpointReader]
-    steps: Sequence[int]
-    targets: Sequence[int]
+    checkpoints: Sequence[CheckpointReader]  # the window, in step order
+    steps: Sequence[int]  # one per checkpoint
+    targets: Sequence[int]  # one output each (empty: Gram matrices and diagnostics only)
     spec: RelexSpec
-    compute_dtype: torch.dtype = torch.float32
+    compute_dtype: torch.dtype = torch.float32  # of the per-span math (Gram sums are float64 regardless)
     out_dtype: torch.dtype | None = None  # None: keep each tensor's base dtype
     gram_cache: Mapping[str, torch.Tensor] | None = None  # from a fit cache: skips the Gram pass
     scales: Sequence[float] | None = None  # per-output scale (sweep); else spec.scale for all
@@ -53,9 +57,11 @@ class MergeJob:
         return [replace(self.spec, scale=scale, fit=fit) for scale, fit in zip(scales, fits)]
 
     def output_tensors(self) -> list[OutputTensor]:
+        """Every output tensor (all of the base's, whatever this job's share), for the writers."""
         return [OutputTensor(name, self.output_meta(name)) for name in self.base.names()]
 
     def output_meta(self, name: str) -> TensorMeta:
+        """A tensor's output shape and dtype: ``out_dtype`` for float tensors, else the base's."""
         meta = self.base.meta(name)
         if self.out_dtype is not None and meta.dtype.is_floating_point:
             return TensorMeta(meta.shape, self.out_dtype)
@@ -63,6 +69,7 @@ class MergeJob:
 
     @property
     def readers(self) -> list[CheckpointReader]:
+        """The base, then the window's checkpoints: the order of a span's inputs."""
         return [self.base, *self.checkpoints]
 
     @property
@@ -90,32 +97,40 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class EngineOptions:
-    max_memory: int
-    device: torch.device = torch.device("cpu")
+    """How the engine runs (``Options.engine()`` builds it from the user's options)."""
+
+    max_memory: int  # bytes of tensor data all workers may hold at once
+    device: torch.device = torch.device("cpu")  # where the per-span math runs
     allow_nonfinite: bool = False  # else NaN/Inf in an input stops the merge
     threads: int | None = None  # worker threads; None: default_threads()
 
     @property
     def workers(self) -> int:
+        """Worker threads: ``threads`` or the default."""
         return self.threads or default_threads()
 
 
 @dataclass
 class TensorReport:
+    """What the engine learned about one tensor (diagnostics, Gram matrix), for the summary,
+    the card, the backtest and the fit cache."""
+
     name: str
     numel: int
     diagnostics: TensorDiagnostics | None  # None: not extrapolated (non-float tensor)
     passes: int  # times the tensor's inputs were read: 2 (Gram, outputs), 1 (fit cache, copy)
-    zero_delta: bool = False
+    zero_delta: bool = False  # unchanged in the window: the outputs are the base tensor
     nonfinite: bool = False  # NaN/Inf in the window (--allow-nonfinite): copied from the base
     gram: torch.Tensor | None = None  # T x T float64 on the CPU (what a fit cache stores)
 
 
 @dataclass
 class EngineStats:
+    """What a run of the engine did: bytes read, every tensor's report, and where time went."""
+
     bytes_read: int = 0  # every pass counted
     tensors: list[TensorReport] = field(default_factory=list)
-    workers: int = 0
+    workers: int = 0  # worker threads (summed over ranks in a distributed run)
     read_seconds: float = 0.0  # worker-seconds getting spans (mapping, or reading for other formats)
     math_seconds: float = 0.0  # worker-seconds in deltas, Gram products, weighted sums (incl. page faults)
     write_seconds: float = 0.0  # worker-seconds writing output spans

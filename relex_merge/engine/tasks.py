@@ -35,10 +35,13 @@ __all__ = ["Span", "SpanResult", "SpanRunner", "TensorTasks", "plan_spans", "pla
 
 
 def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``chunk_rows`` rows covering ``rows`` (one range for a
+    scalar or an empty tensor)."""
     return [(start, min(rows, start + chunk_rows)) for start in range(0, max(rows, 1), chunk_rows)]
 
 
 def chunk_rows(meta: TensorMeta, bytes_per_element: int, budget: int) -> int:
+    """Rows of a tensor that fit in ``budget`` bytes at ``bytes_per_element`` (at least one)."""
     row_bytes = max(1, meta.numel // max(meta.rows, 1)) * bytes_per_element
     return max(1, min(meta.rows, budget // row_bytes))
 
@@ -56,12 +59,14 @@ PREFETCH_SPANS = 4
 
 @dataclass(frozen=True)
 class Span:
+    """One unit of work handed to a worker: some rows of one tensor, in one phase."""
+
     name: str
     phase: str  # "gram", "emit" (outputs) or "copy" (non-float tensors)
     index: int  # position among the tensor's spans
     rows: tuple[int, int] | None  # None: the whole tensor
     start: int  # first element
-    numel: int
+    numel: int  # elements in the span
 
 
 def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple[int, int] | None, int, int]]:
@@ -98,9 +103,11 @@ def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
 
 @dataclass
 class SpanResult:
+    """What running a span gives back to the scheduler (and its timings, in seconds)."""
+
     span: Span
     bytes_read: int
-    gram: torch.Tensor | None = None
+    gram: torch.Tensor | None = None  # the span's T x T float64 Gram matrix (gram phase only)
     read_seconds: float = 0.0
     math_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -149,6 +156,8 @@ class SpanRunner:
         return buffer[:needed].view(len(self.sinks), numel)
 
     def run(self, span: Span) -> SpanResult:
+        """Read the span from every input; in the gram phase return its Gram matrix, otherwise
+        form the outputs (or copy the base) and write them to the sinks. Thread-safe."""
         job = self.job
         start = time.perf_counter()
         readers = [job.base] if span.phase == "copy" else job.readers
@@ -275,6 +284,8 @@ class TensorTasks:
                 yield from pieces
 
     def next_span(self) -> Span | None:
+        """The next span to run (output spans first), or None when none is ready now. None with
+        spans still in flight means: wait for one to finish, then ask again."""
         if not self.ready:
             span = self._next_first_pass()  # may queue output spans (fit cache) on the way
             if span is not None:
@@ -305,6 +316,9 @@ class TensorTasks:
         self.ready.extend(replace(s, phase="emit") for s in state.spans)
 
     def finished(self, result: SpanResult) -> None:
+        """Take a span's result: count it, and when a tensor's Gram pass is complete, check it and
+        fit (queuing its output spans); when a tensor is done, keep its Gram matrix for the report.
+        Call it on the scheduling thread only."""
         span, stats = result.span, self.stats
         stats.bytes_read += result.bytes_read
         stats.read_seconds += result.read_seconds

@@ -42,10 +42,12 @@ def families() -> list[FitFamily]:
 
 
 def names() -> list[str]:
+    """Every registered family's name, simplest first (``auto`` is not among them)."""
     return list(_FAMILIES)
 
 
 def family(name: str) -> FitFamily:
+    """The family registered as ``name``; KeyError naming the known ones otherwise."""
     try:
         return _FAMILIES[name]
     except KeyError:

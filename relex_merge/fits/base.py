@@ -30,11 +30,11 @@ class Shape:
 
     key: str  # "p", "tau", "degree"
     meaning: str  # for messages and the card
-    low: float
+    low: float  # allowed values: between low and high (config validation)
     high: float = math.inf
     low_inclusive: bool = False
     high_inclusive: bool = True
-    integer: bool = False
+    integer: bool = False  # only whole numbers (degree)
     default: float | None = None  # None: chosen for the whole model by the backtest
     grid: tuple[float, ...] = ()  # candidates tried by the backtest
     grid_in_window_spans: bool = False  # grid values are multiples of the window's reach (s_T - s0)
@@ -73,6 +73,7 @@ class Curve:
 
 
 def r_squared(values: torch.Tensor, fitted: torch.Tensor) -> torch.Tensor:
+    """Each column's coefficient of determination (1 for a constant column)."""
     residual = ((values - fitted) ** 2).sum(0)
     total = ((values - values.mean(0)) ** 2).sum(0)
     return torch.where(total > 0, 1.0 - residual / total.clamp_min(1e-300), torch.ones_like(total))
@@ -92,6 +93,7 @@ class FitFamily(ABC):
         return 2
 
     def min_points(self, shape: float | None) -> int:
+        """Checkpoints a fit needs at least (plan checks the window; backtests fit on no fewer)."""
         return self.coefficients(shape)
 
     def describe(self, shape: float | None) -> str:
@@ -123,6 +125,8 @@ class BasisFamily(FitFamily):
         spread) of the fitted steps, for families that condition their basis with it."""
 
     def predictor(self, steps, targets, shape, origin):
+        """The least-squares map from the values at ``steps`` to the curve at ``targets``, on
+        the basis centred and scaled column by column (the same fit, better conditioned)."""
         centre = float(steps.mean())
         frame = (centre, float((steps - centre).abs().max()) or 1.0)
         fit_design = self.basis(steps, shape, origin, frame)
@@ -136,6 +140,7 @@ class BasisFamily(FitFamily):
         return (target_design / scale) @ torch.linalg.pinv(fit_design / scale)
 
     def fit(self, steps, values, shape, origin):
+        """The least-squares curve through ``values``, evaluated through ``predictor``."""
         hat = self.predictor(steps, steps, shape, origin)
         r2 = r_squared(values, hat @ values)
         return Curve(lambda x: self.predictor(steps, x, shape, origin) @ values, r2)

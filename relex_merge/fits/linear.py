@@ -8,11 +8,14 @@ from relex_merge.fits.base import BasisFamily
 
 
 class Linear(BasisFamily):
+    """The straight line: RELEX as published, and the default fit."""
+
     name = "linear"
     formula = "c = a + b·s"
     complexity = 2
 
     def basis(self, x, shape, origin, frame):
+        """[1, z] with z the step centred and scaled by the frame (the same line, better conditioned)."""
         z = (x - frame[0]) / frame[1]
         return torch.stack([torch.ones_like(z), z], 1)
 

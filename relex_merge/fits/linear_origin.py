@@ -6,6 +6,8 @@ from relex_merge.fits.base import BasisFamily
 
 
 class LinearOrigin(BasisFamily):
+    """A line through zero at the base step: one coefficient, so the simplest family in ``auto``."""
+
     name = "linear_origin"
     formula = "c = b·(s − s0)"
     complexity = 1
@@ -15,6 +17,7 @@ class LinearOrigin(BasisFamily):
         return 1
 
     def basis(self, x, shape, origin, frame):
+        """The single column s - s0 (no intercept)."""
         return (x - origin).unsqueeze(1)
 
 

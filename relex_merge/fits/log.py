@@ -12,6 +12,8 @@ from relex_merge.fits.base import BasisFamily, Shape
 
 
 class Log(BasisFamily):
+    """Logarithmic growth past the base; the shape ``tau`` (steps) sets how soon it slows."""
+
     name = "log"
     formula = "c = a + b·ln(s − s0 + tau)"
     shape = Shape("tau", "offset in steps", low=0.0, high=math.inf,
@@ -19,6 +21,7 @@ class Log(BasisFamily):
     complexity = 3
 
     def basis(self, x, shape, origin, frame):
+        """[1, ln(s - s0 + tau)]."""
         return torch.stack([torch.ones_like(x), torch.log(x - origin + shape)], 1)
 
 

@@ -10,6 +10,8 @@ from relex_merge.fits.base import BasisFamily, Shape
 
 
 class Polynomial(BasisFamily):
+    """A polynomial in the step of degree ``degree`` (default 2; the only degree ``auto`` tries)."""
+
     name = "polynomial"
     formula = "c = a0 + a1·s + … + ad·s^d"
     shape = Shape("degree", "polynomial degree", low=1, high=math.inf, low_inclusive=True, integer=True,
@@ -20,6 +22,7 @@ class Polynomial(BasisFamily):
         return int(shape if shape is not None else 2) + 1
 
     def basis(self, x, shape, origin, frame):
+        """[1, z, ..., z^degree] with z the step centred and scaled by the frame."""
         z = (x - frame[0]) / frame[1]  # an affine change of x: the same curves, better conditioned
         return torch.stack([z**k for k in range(int(shape) + 1)], 1)
 

@@ -9,6 +9,8 @@ from relex_merge.fits.base import BasisFamily, Shape
 
 
 class Power(BasisFamily):
+    """A power of the steps past the base; ``p`` (0 < p <= 1.5) below 1 decelerates."""
+
     name = "power"
     formula = "c = a + b·(s − s0)^p"
     shape = Shape("p", "exponent", low=0.0, high=1.5,
@@ -16,6 +18,7 @@ class Power(BasisFamily):
     complexity = 3
 
     def basis(self, x, shape, origin, frame):
+        """[1, (s - s0)^p], steps before the base clamped to s0."""
         return torch.stack([torch.ones_like(x), (x - origin).clamp_min(0.0) ** shape], 1)
 
 

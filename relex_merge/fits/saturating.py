@@ -11,6 +11,8 @@ from relex_merge.fits.base import BasisFamily, Shape
 
 
 class Saturating(BasisFamily):
+    """Exponential approach to a plateau; ``tau`` is the time constant in steps."""
+
     name = "saturating"
     formula = "c = a + b·(1 − exp(−(s − s0)/tau))"
     shape = Shape("tau", "time constant in steps", low=0.0, high=math.inf,
@@ -18,6 +20,7 @@ class Saturating(BasisFamily):
     complexity = 3
 
     def basis(self, x, shape, origin, frame):
+        """[1, 1 - exp(-(s - s0)/tau)]."""
         return torch.stack([torch.ones_like(x), -torch.expm1(-(x - origin) / shape)], 1)
 
 

@@ -63,6 +63,10 @@ def fit_frequency(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 class Sine(FitFamily):
+    """A sinusoid per direction, for parity with the reference scripts. Not linear in the
+    observed coefficients (no ``predictor``), so backtests and ``fit: auto`` fit it tensor by
+    tensor."""
+
     name = "sine"
     formula = "c = A·sin(2π·f·s + phi) + C"
     complexity = 4
@@ -71,6 +75,8 @@ class Sine(FitFamily):
         return 4  # A, f, phi, C
 
     def fit(self, steps, values, shape, origin):
+        """Per column: the frequency (``fit_frequency``), then amplitude, phase and offset by least
+        squares. No shape; ``origin`` is not used (the phase absorbs it)."""
         x = steps.to(torch.float64)
         columns = []
         for y in values.to(torch.float64).T:

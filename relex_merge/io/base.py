@@ -70,7 +70,7 @@ class CheckpointReader(ABC):
     something to tell the user sets ``warnings``; one holding open files implements ``close``.
     """
 
-    path: Path
+    path: Path  # the folder or file the user named; error messages start with it
 
     supports_views: ClassVar[bool] = False
     """``view`` returns a span without copying it (a mapping of the file)."""

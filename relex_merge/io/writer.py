@@ -109,6 +109,7 @@ class ShardedModelWriter:
 
     @property
     def paths(self) -> list[Path]:
+        """The shard files, in order (they exist once ``prepare`` has run)."""
         return [self.out_dir / name for name in self.file_names]
 
     def prepare(self) -> None:

@@ -14,7 +14,9 @@ __all__ = ["Executor", "executor", "executors", "default_executor"]
 
 
 class Executor(Protocol):
-    name: str
+    """What an executor module's ``EXECUTOR`` provides (see the module docstring)."""
+
+    name: str  # the registry key ("threads", "distributed")
 
     def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
             progress: ProgressFn) -> EngineStats:
@@ -33,10 +35,13 @@ _EXECUTORS = _discover()
 
 
 def executors() -> list[str]:
+    """The names of every registered executor, sorted."""
     return sorted(_EXECUTORS)
 
 
 def executor(name: str) -> Executor:
+    """The registered executor called ``name`` (for ``run_job(..., executor=...)``); KeyError
+    naming the known ones otherwise."""
     try:
         return _EXECUTORS[name]
     except KeyError:

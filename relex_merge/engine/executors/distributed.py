@@ -14,17 +14,21 @@ from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJ
 
 
 def share(job: MergeJob, group: distributed.Group) -> list[str]:
-    """This rank's tensors."""
+    """This rank's tensors: ``distributed.assign`` by the bytes every input holds of each."""
     names = job.names()
     sizes = [sum(reader.meta(name).nbytes for reader in job.readers) for name in names]
     return distributed.assign(names, sizes, group.world_size)[group.rank]
 
 
 class DistributedExecutor:
+    """The executor under torchrun/srun with several ranks (chosen by ``default_executor``)."""
+
     name = "distributed"
 
     def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
             progress: ProgressFn) -> EngineStats:
+        """Run this rank's share on its own threads, then gather every rank's reports; any rank's
+        failure fails every rank. Every rank returns the same whole-job statistics."""
         group = distributed.current()
         mine = share(job, group)
         with group.step("running the tensors"):

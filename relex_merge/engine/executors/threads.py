@@ -18,6 +18,9 @@ class ThreadExecutor:
 
     def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
             progress: ProgressFn) -> EngineStats:
+        """Run every span of the job; torch runs on one intra-op thread meanwhile (restored
+        after). An error (a span's, or a check's in ``finished``) propagates once the pool has
+        shut down."""
         workers = options.workers
         stats = EngineStats(workers=workers)
         tasks = TensorTasks(job, sinks, options, stats, progress)
