@@ -24,8 +24,8 @@ from relex_merge.options import Options
 from relex_merge.plan import MergePlan
 from relex_merge.progress import NullProgress, Progress
 
-__all__ = ["CACHE_NAME", "Analysis", "AnalyzeResult", "analyze", "analyze_grams", "run_analysis", "write_fit_cache",
-           "load_fit_cache", "summary_rows"]
+__all__ = ["CACHE_NAME", "Analysis", "TensorAnalysis", "HorizonPoint", "FamilyRow", "AnalyzeResult", "analyze",
+           "analyze_grams", "run_analysis", "write_fit_cache", "load_fit_cache", "summary_rows"]
 
 CACHE_NAME = "fit_cache.safetensors"
 HORIZON_BINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)  # the family x horizon table's columns

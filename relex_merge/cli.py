@@ -30,6 +30,16 @@ from relex_merge.errors import RelexError
 from relex_merge.options import flags
 from relex_merge.units import human_bytes
 
+__all__ = [
+    "main",
+    "user_errors",
+    "Terminated",
+    "RichProgress",
+    "DefaultMergeGroup",
+    "quiet_and_verbose",
+    "ENGINE_FLAGS",
+]
+
 # Options fields of every command that runs the engine (merge, analyze, sweep)
 ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "timeout")
 

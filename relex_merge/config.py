@@ -16,6 +16,19 @@ from relex_merge.errors import RelexError
 from relex_merge.fit import FitSpec, RelexSpec, spec_from_parameters
 from relex_merge.io.dtypes import CONFIG_DTYPES
 
+__all__ = [
+    "DTYPES",
+    "ModelParameters",
+    "ModelEntry",
+    "BaseModelEntry",
+    "TrajectorySpec",
+    "RelexParameters",
+    "RelexConfig",
+    "parse_config",
+    "load_documents",
+    "load_config",
+]
+
 DTYPES = tuple(CONFIG_DTYPES)  # ("float32", "float16", "bfloat16", "float64")
 
 

@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from relex_merge.errors import RelexError
 
-__all__ = ["Group", "RankFailure", "current", "join", "leave", "assign"]
+__all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave", "assign"]
 
 log = logging.getLogger(__name__)
 

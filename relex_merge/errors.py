@@ -1,5 +1,7 @@
 """Errors the user can fix. The CLI prints their message as one line and exits with their code."""
 
+__all__ = ["RelexError", "UnsupportedTarget"]
+
 
 class RelexError(Exception):
     """A problem with the user's input: config, paths or checkpoints (exit code 2)."""

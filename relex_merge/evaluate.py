@@ -15,6 +15,8 @@ from relex_merge.errors import RelexError
 from relex_merge.io.hf import is_hf_model
 from relex_merge.offline import offline_if_local
 
+__all__ = ["RESULTS_NAME", "TaskScore", "EvalResult", "evaluate", "task_manager", "check_tasks"]
+
 RESULTS_NAME = "lm_eval_results.json"  # written into the model folder unless told otherwise
 
 

@@ -14,6 +14,8 @@ from typing import Sequence
 
 import torch
 
+__all__ = ["BLOCK_BYTES", "Scratch", "block_columns", "block_deltas", "span_gram", "span_outputs"]
+
 # A block's deltas (T x block in the compute dtype) should stay in cache. One worker alone is
 # fastest with blocks in L2 (1 MB on the 2-core bench machine), but the workers share the GIL
 # for the few Python steps per block: with two workers 4-16 MB blocks (in L3) measured 30-40%

@@ -22,7 +22,7 @@ from relex_merge.output import check_output_path, copy_side_files, shared_output
 from relex_merge.plan import MergePlan, plan_merge
 from relex_merge.report import FitSummary, model_card, summarize
 
-__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult", "Provenance"]
+__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult", "Provenance", "share_of"]
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,8 @@ from mergekit.merge_methods.easy_define import merge_method
 from relex_merge.fit import spec_from_parameters, relex_weights
 from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
+__all__ = ["METHOD_NAME", "RELEX_METHOD", "register", "relex_group"]
+
 METHOD_NAME = "relex"  # merge_method: relex in mergekit configs
 
 

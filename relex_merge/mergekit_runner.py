@@ -14,6 +14,8 @@ import yaml
 from relex_merge.errors import RelexError
 from relex_merge.output import atomic_output_dir, check_output_path
 
+__all__ = ["known_methods", "parse_mergekit_config", "run_mergekit", "readable"]
+
 
 def known_methods() -> list[str]:
     """Every merge method mergekit knows, relex included (registers it; imports mergekit: slow)."""

@@ -22,6 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+__all__ = ["LOCAL_BUILDERS", "offline_if_local", "tasks_are_local", "dataset_is_local"]
+
 # datasets' packaged builders that read nothing but the files they are given
 LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
 

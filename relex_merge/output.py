@@ -14,6 +14,18 @@ from typing import Iterator, Sequence
 
 from relex_merge.errors import RelexError
 
+__all__ = [
+    "TOKENIZER_FILES",
+    "TOKEN_NAME",
+    "check_output_path",
+    "atomic_output_dir",
+    "shared_output_dir",
+    "write_model_config",
+    "copy_side_files",
+    "InputRecord",
+    "input_record",
+]
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",

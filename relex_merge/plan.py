@@ -19,6 +19,8 @@ from relex_merge.io.registry import open_checkpoint
 from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
 
+__all__ = ["MergePlan", "plan_merge", "expand_config"]
+
 
 @dataclass(frozen=True)
 class MergePlan:

@@ -11,6 +11,8 @@ from relex_merge.config import RelexConfig
 from relex_merge.engine import TensorReport
 from relex_merge.output import InputRecord
 
+__all__ = ["Distribution", "FitSummary", "summarize", "model_card"]
+
 
 @dataclass(frozen=True)
 class Distribution:

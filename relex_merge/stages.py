@@ -10,6 +10,8 @@ from typing import Any, Iterable
 
 from relex_merge.errors import RelexError
 
+__all__ = ["MODEL_KEYS", "Stage", "parse_stages", "model_references", "substitute", "expanded_yaml"]
+
 # Keys whose string values name a model in relex and mergekit configs.
 MODEL_KEYS = ("base_model", "model", "tokenizer_source")
 

@@ -18,6 +18,18 @@ from typing import Sequence
 
 import torch
 
+__all__ = [
+    "CHARS",
+    "SPECIAL_TOKENS",
+    "char_tokenizer",
+    "tiny_config",
+    "make_tiny_model",
+    "planted_state",
+    "make_planted_run",
+    "make_finetune",
+    "main",
+]
+
 CHARS = string.digits + string.ascii_letters + " +-=*/.,:;?!()'\"\n"
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 

@@ -11,6 +11,8 @@ from relex_merge.config import ModelEntry, ModelParameters, RelexConfig, Traject
 from relex_merge.errors import RelexError
 from relex_merge.io.registry import has_weights
 
+__all__ = ["discover_steps", "expand_trajectory"]
+
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
 
 

@@ -12,7 +12,7 @@ import pkgutil
 
 from relex_merge.fits.base import BasisFamily, Curve, FitFamily, Shape
 
-__all__ = ["AUTO", "FitFamily", "BasisFamily", "Curve", "Shape", "family", "names", "families"]
+__all__ = ["AUTO", "FitFamily", "BasisFamily", "Curve", "Shape", "family", "names", "families", "shape_keys"]
 
 AUTO = "auto"  # not a family: the backtest picks one per target
 

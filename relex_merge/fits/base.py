@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["Shape", "Curve", "FitFamily", "BasisFamily"]
+__all__ = ["Shape", "Curve", "FitFamily", "BasisFamily", "r_squared"]
 
 
 @dataclass(frozen=True)

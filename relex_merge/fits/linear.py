@@ -6,6 +6,8 @@ import torch
 
 from relex_merge.fits.base import BasisFamily
 
+__all__ = ["FAMILY", "Linear"]
+
 
 class Linear(BasisFamily):
     """The straight line: RELEX as published, and the default fit."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from relex_merge.fits.base import BasisFamily
 
+__all__ = ["FAMILY", "LinearOrigin"]
+
 
 class LinearOrigin(BasisFamily):
     """A line through zero at the base step: one coefficient, so the simplest family in ``auto``."""

@@ -10,6 +10,8 @@ import torch
 
 from relex_merge.fits.base import BasisFamily, Shape
 
+__all__ = ["FAMILY", "Log"]
+
 
 class Log(BasisFamily):
     """Logarithmic growth past the base; the shape ``tau`` (steps) sets how soon it slows."""

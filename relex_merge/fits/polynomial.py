@@ -8,6 +8,8 @@ import torch
 
 from relex_merge.fits.base import BasisFamily, Shape
 
+__all__ = ["FAMILY", "Polynomial"]
+
 
 class Polynomial(BasisFamily):
     """A polynomial in the step of degree ``degree`` (default 2; the only degree ``auto`` tries)."""

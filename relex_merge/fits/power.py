@@ -7,6 +7,8 @@ import torch
 
 from relex_merge.fits.base import BasisFamily, Shape
 
+__all__ = ["FAMILY", "Power"]
+
 
 class Power(BasisFamily):
     """A power of the steps past the base; ``p`` (0 < p <= 1.5) below 1 decelerates."""

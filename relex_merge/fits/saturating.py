@@ -9,6 +9,8 @@ import torch
 
 from relex_merge.fits.base import BasisFamily, Shape
 
+__all__ = ["FAMILY", "Saturating"]
+
 
 class Saturating(BasisFamily):
     """Exponential approach to a plateau; ``tau`` is the time constant in steps."""

@@ -13,6 +13,8 @@ import torch
 
 from relex_merge.fits.base import Curve, FitFamily, r_squared
 
+__all__ = ["FAMILY", "Sine"]
+
 _GRID = 48  # frequencies per refinement stage
 _STAGES = 10  # each narrows the search ~24x: well below float64's resolution of the phase
 

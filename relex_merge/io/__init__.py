@@ -9,3 +9,5 @@ formats share, ``dtypes`` the one dtype table, ``hf`` Hugging Face folder helper
 This package imports nothing itself, so ``relex_merge.io.dtypes`` or ``writer`` load without
 every format.
 """
+
+__all__: list[str] = []  # every name lives in a submodule; import it from there

@@ -12,6 +12,8 @@ from relex_merge import distributed
 from relex_merge.engine.executors.threads import ThreadExecutor
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
 
+__all__ = ["EXECUTOR", "DistributedExecutor", "share"]
+
 
 def share(job: MergeJob, group: distributed.Group) -> list[str]:
     """This rank's tensors: ``distributed.assign`` by the bytes every input holds of each."""

@@ -10,6 +10,8 @@ import torch
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
 from relex_merge.engine.tasks import TensorTasks
 
+__all__ = ["EXECUTOR", "ThreadExecutor"]
+
 
 class ThreadExecutor:
     """Spans on ``options.workers`` threads; the calling thread hands them out and fits."""
