@@ -15,6 +15,7 @@ is worse than not extrapolating at all.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Sequence
@@ -41,6 +42,8 @@ __all__ = [
     "fit_counts",
     "holdouts",
 ]
+
+log = logging.getLogger(__name__)
 
 STOP = "stop"  # the candidate that predicts the last fitted checkpoint
 DEFAULT_TOLERANCE = 0.2  # whole-model relative error under which a fit counts as holding
@@ -450,13 +453,22 @@ def assess(
     for gram in grams:
         backtest.add(gram)
     last = window_steps(steps, spec)[-1]
+    log.debug("backtest: %d candidate fit(s) and stopping scored at %d point(s) (fit counts %s, horizons up to %.2fx)",
+              len(backtest.candidates), len(backtest.points), sorted({p.fit_count for p in backtest.points}),
+              backtest.tested_horizon)
     chosen, verdicts = [], []
     for target, output in zip(targets, specs):
         fit = output.fit.resolved
         by_backtest = fit is None
         if fit is None:
             h = horizon(backtest.steps, target)
-            fit = backtest.best(h, _shape_candidates(output.fit, steps, spec))
+            candidates = _shape_candidates(output.fit, steps, spec)
+            fit = backtest.best(h, candidates)
+            if log.isEnabledFor(logging.DEBUG):
+                near = backtest.matched(h)
+                log.debug("step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
+                          "near there (stopping: %s)", target, h, fit.describe(), len(candidates),
+                          _pct(backtest.error(fit, near)), _pct(backtest.error(STOP, near)))
         chosen.append(fit)
         extrapolating = output.mode == "extrapolate"
         verdicts.append(backtest.verdict(target, fit, by_backtest, last, tolerance) if extrapolating else None)

@@ -97,6 +97,10 @@ class Group:
         status = _Status(self.rank, socket.gethostname(), None if error is None else _message(error),
                          _exit_code(error))
         failed = [s for s in self.all_gather(status) if s.message is not None]
+        if failed:
+            log.debug("%s: failed on rank(s) %s", what, ", ".join(str(s.rank) for s in failed))
+        else:
+            log.debug("%s: done on every rank", what)
         if not failed or error is not None:
             return
         first = failed[0]

@@ -149,6 +149,10 @@ def execute_merge(
         if assessment is None:  # the fits were fixed: the verdict needs only this pass's Gram matrices
             grams = [r.gram for r in stats.tensors if r.gram is not None]
             assessment = assess(grams, job.steps, targets, job.output_specs(), tolerance)
+        for target, spec, fit, verdict in zip(targets, plan.job.output_specs(), assessment.fits, assessment.verdicts):
+            how = "as configured" if spec.fit.resolved is not None else "chosen by the backtest"
+            said = "" if verdict is None else "; SUPPORTED" if verdict.supported else "; NOT SUPPORTED"
+            log.debug("step %d: fit %s (%s)%s", target, fit.describe(), how, said)
         summary = summarize(stats.tensors)
         with group.step("writing the model cards"):
             if group.main:

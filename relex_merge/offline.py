@@ -18,11 +18,14 @@ is left alone with its constant.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 __all__ = ["LOCAL_BUILDERS", "offline_if_local", "tasks_are_local", "dataset_is_local"]
+
+log = logging.getLogger(__name__)
 
 # datasets' packaged builders that read nothing but the files they are given
 LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow"})
@@ -164,9 +167,15 @@ def offline_if_local(tasks: Sequence[str], manager) -> Iterator[bool]:
     user has not set the variable; on the way out everything is as it was. Yields whether
     anything was switched."""
     unset = [name for name in _SWITCHES if name not in os.environ]
-    if not unset or not tasks_are_local(tasks, manager):
+    if not unset:
+        log.debug("offline: %s set by the user; left as they are", " and ".join(_SWITCHES))
         yield False
         return
+    if not tasks_are_local(tasks, manager):
+        log.debug("offline: not switched: the data of %s is not known to be local", ", ".join(tasks))
+        yield False
+        return
+    log.debug("offline: every task's data is local; %s set while scoring", " and ".join(unset))
     saved_env = {name: os.environ.get(name) for name in _SWITCHES}
     for name in unset:
         os.environ[name] = "1"

@@ -3,6 +3,7 @@ small JSON files: no tensor data is read before the whole input has been checked
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
 
 __all__ = ["MergePlan", "plan_merge", "expand_config"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -223,4 +226,8 @@ def plan_merge(
         compute_dtype=compute,
         out_dtype=out_dtype,
     )
+    used = [steps[k] for k in window_indices(len(steps), job.spec.window)]
+    log.debug("window: %d checkpoints, steps %d..%d; the fit uses %d (steps %d..%d); targets %s; fit %s, rank %d, "
+              "mode %s", len(steps), steps[0], steps[-1], len(used), used[0], used[-1], targets,
+              job.spec.fit.describe(), job.spec.rank, job.spec.mode)
     return MergePlan(config=config, job=job, base_config=base_config, warnings=warnings)

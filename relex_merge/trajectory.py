@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from relex_merge.errors import RelexError
 from relex_merge.io.registry import has_weights
 
 __all__ = ["discover_steps", "expand_trajectory"]
+
+log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
 
@@ -59,6 +62,7 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
                 f"trajectory.run_dir: step {step} appears twice ({found[step].name}, {child.name})"
             )
         found[step] = child
+    log.debug("%s: %d step folders%s", run_dir, len(found), f", steps {min(found)}..{max(found)}" if found else "")
     return found
 
 
@@ -104,10 +108,13 @@ def expand_trajectory(config: RelexConfig) -> RelexConfig:
             f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}"
         )
     steps = _select_steps(spec, sorted(found))
+    log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:
         _check_trainer_state(found[step], step)
     models = [
         ModelEntry(model=str(_weights_dir(found[s])), parameters=ModelParameters(step=s))
         for s in steps
     ]
+    for model in models:
+        log.debug("step %d: weights in %s", model.parameters.step, model.model)
     return config.model_copy(update={"models": models, "trajectory": None})

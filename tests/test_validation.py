@@ -456,3 +456,31 @@ def test_verbose_shows_the_trace(tmp_path):
     result = run_cli(str(tmp_path / "missing.yml"), str(tmp_path / "o"), "-v")
     assert result.exit_code == 2
     assert "Traceback" in result.stderr and "config file not found" in result.stderr
+
+
+def test_verbose_shows_the_library_debug_log(qwen_run, tmp_path, caplog):
+    """-v turns on the library's debug log (here the plan's window and the fit per output);
+    without it the library emits nothing below WARNING."""
+    import logging
+
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(base_config(qwen_run)))
+    package = logging.getLogger("relex_merge")
+    level = package.level
+    package.setLevel(logging.NOTSET)  # an earlier -v in this process leaves it at DEBUG
+    try:
+        quiet = run_cli(str(cfg), str(tmp_path / "quiet"), "-q")
+        assert quiet.exit_code == 0, quiet.stderr
+        assert not [r for r in caplog.records if r.name.startswith("relex_merge")]
+        loud = run_cli(str(cfg), str(tmp_path / "loud"), "-q", "-v")
+        assert loud.exit_code == 0, loud.stderr
+    finally:
+        package.setLevel(level)
+    debug = {r.name: [] for r in caplog.records}
+    for record in caplog.records:
+        assert record.levelno == logging.DEBUG, record.getMessage()
+        debug[record.name].append(record.getMessage())
+    assert debug["relex_merge.plan"] == [
+        "window: 3 checkpoints, steps 1..3; the fit uses 3 (steps 1..3); targets [9]; fit linear, rank 1, mode extrapolate"
+    ]
+    assert debug["relex_merge.merge"] == ["step 9: fit linear (as configured); NOT SUPPORTED"]  # 3 points: no backtest

@@ -11,6 +11,7 @@ or srun with several ranks, ``threads`` otherwise.
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from relex_merge.engine.executors import Executor, default_executor, executor
@@ -34,6 +35,8 @@ __all__ = [
     "default_threads",
 ]
 
+log = logging.getLogger(__name__)
+
 
 def run_job(
     job: MergeJob,
@@ -44,4 +47,7 @@ def run_job(
 ) -> EngineStats:
     """Merge every tensor of the job into one sink per output (none: Gram matrices and
     diagnostics only). Every rank of a distributed run gets the whole job's reports."""
-    return (executor or default_executor()).run(job, sinks, options, progress)
+    chosen = executor or default_executor()
+    log.debug("executor %s: %d tensors, %d output(s), %d worker thread(s)%s", chosen.name, len(job.names()),
+              len(sinks), options.workers, " per rank" if chosen.name == "distributed" else "")
+    return chosen.run(job, sinks, options, progress)

@@ -16,6 +16,7 @@ nor any other T x n intermediate is ever materialised.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 from collections import deque
@@ -32,6 +33,11 @@ from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
 
 __all__ = ["Span", "SpanResult", "SpanRunner", "TensorTasks", "plan_spans", "planned_read_bytes", "row_ranges",
            "chunk_rows", "SPAN_BYTES"]
+
+log = logging.getLogger(__name__)
+
+_FIRST_PASS = {"gram": "Gram matrix", "emit": "outputs (Gram matrix already known)",
+               "copy": "copy of the base (not a float tensor)"}  # what a tensor's spans do first, for the log
 
 
 def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -275,6 +281,7 @@ class TensorTasks:
             else:
                 phase = "gram"
             pieces = [Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
+            log.debug("%s: %d span(s); first pass: %s", name, len(pieces), _FIRST_PASS[phase])
             gram = torch.zeros(n, n, dtype=torch.float64) if cached is None else cached.to("cpu", torch.float64)
             passes = (1 if phase == "gram" else 0) + (1 if job.targets else 0)
             self.states[name] = _TensorState(pieces, len(pieces), gram, passes)

@@ -18,7 +18,7 @@ from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointR
 
 __all__ = ["FORMAT", "DcpReader"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def detect(folder: Path) -> bool:
@@ -46,7 +46,7 @@ class DcpReader(CheckpointReader):
         top = {k.split(".", 1)[0] for k in stored}
         self._prefix = "model." if nested and top - {"model"} <= {"optim", "optimizer", "extra", "lr_scheduler"} else ""
         if self._prefix:
-            logger.debug("%s: a nested save; exposing the %r tensors without the prefix", path, self._prefix)
+            log.debug("%s: a nested save; exposing the %r tensors without the prefix", path, self._prefix)
         self._stored: dict[str, str] = {}
         self._meta: dict[str, TensorMeta] = {}
         for key, info in stored.items():

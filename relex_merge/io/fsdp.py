@@ -22,7 +22,7 @@ from relex_merge.io.base import CheckpointFormat, CheckpointReader, TensorMeta, 
 
 __all__ = ["FORMAT", "FsdpShardReader"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
 
@@ -53,7 +53,7 @@ class FsdpShardReader(CheckpointReader):
         self._states: dict[int, dict] = {}
         first = self._state(0)
         self._ranks = self._data_ranks(first, world)
-        logger.debug("%s: world size %d, reading ranks %s", path, world, self._ranks)
+        log.debug("%s: world size %d, reading ranks %s", path, world, self._ranks)
         self._meta: dict[str, TensorMeta] = {}
         self._layout: dict[str, _Layout] = {}
         for name, value in first.items():

@@ -38,7 +38,7 @@ from relex_merge.io.base import CheckpointFormat, CheckpointReader, glob_any
 
 __all__ = ["formats", "weight_patterns", "has_weights", "detect", "open_checkpoint", "describe"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _SHARED = frozenset({"base", "dtypes", "hf", "registry", "writer"})  # io modules that are not formats
 
@@ -95,7 +95,7 @@ def detect(path: Path) -> CheckpointFormat:
     """The format of an existing weight file or checkpoint folder; one-line errors otherwise."""
     for fmt in _FORMATS:
         if fmt.detect(path):
-            logger.debug("%s: %s checkpoint", path, fmt.name)
+            log.debug("%s: %s checkpoint", path, fmt.name)
             return fmt
     if path.is_file():
         types = [t for fmt in _FORMATS for t in fmt.file_types]

@@ -14,7 +14,7 @@ from relex_merge.io.base import UNREADABLE_TORCH_FILE, CheckpointFormat, StateDi
 
 __all__ = ["FORMAT", "zero_reader"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _PATTERNS = ("*zero_pp_rank_*_optim_states.pt", "*/*zero_pp_rank_*_optim_states.pt")
 
@@ -38,7 +38,7 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
         root, tag = folder, None
     else:
         root, tag = folder.parent, folder.name
-    logger.debug("%s: consolidating with DeepSpeed (checkpoint dir %s, tag %s)", folder, root, tag or "from latest")
+    log.debug("%s: consolidating with DeepSpeed (checkpoint dir %s, tag %s)", folder, root, tag or "from latest")
     try:
         state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError

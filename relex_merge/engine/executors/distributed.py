@@ -6,13 +6,17 @@ output is byte for byte the single-process one."""
 
 from __future__ import annotations
 
+import logging
 from typing import Sequence
 
 from relex_merge import distributed
 from relex_merge.engine.executors.threads import ThreadExecutor
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
+from relex_merge.units import human_bytes
 
 __all__ = ["EXECUTOR", "DistributedExecutor", "share"]
+
+log = logging.getLogger(__name__)
 
 
 def share(job: MergeJob, group: distributed.Group) -> list[str]:
@@ -33,6 +37,10 @@ class DistributedExecutor:
         failure fails every rank. Every rank returns the same whole-job statistics."""
         group = distributed.current()
         mine = share(job, group)
+        if log.isEnabledFor(logging.DEBUG):
+            nbytes = sum(reader.meta(name).nbytes for name in mine for reader in job.readers)
+            log.debug("rank %d of %d: %d of %d tensors, %s of input", group.rank, group.world_size, len(mine),
+                      len(job.names()), human_bytes(nbytes))
         with group.step("running the tensors"):
             stats = ThreadExecutor().run(job.share(mine), sinks, options, progress)
         everyone: list[EngineStats] = group.all_gather(stats)
