@@ -275,8 +275,8 @@ def analyze(
     from relex_merge.engine import planned_read_bytes
     from relex_merge.merge import share_of
 
-    progress.start("analyze", planned_read_bytes(plan.job.gram_only().share(share_of(plan.job)), engine),
-                   len(share_of(plan.job)))
+    mine = share_of(plan.job)
+    progress.start("analyze", planned_read_bytes(plan.job.gram_only().share(mine)), len(mine))
     # every rank reads its share; the Gram matrices of all are exchanged; rank 0 writes
     analysis, stats = run_analysis(plan, engine, options.tolerance,
                                    progress=lambda nbytes, finished: progress.advance(nbytes, int(finished)))

@@ -180,10 +180,6 @@ class Backtest:
             candidates += [c for c in _shape_candidates(fit, steps, spec) if c not in candidates]
         return cls(window_steps(steps, spec), spec, candidates)
 
-    @property
-    def sums(self) -> dict[FitSpec | str, list[HoldoutSums]]:
-        return {key: [HoldoutSums(*map(float, row)) for row in totals] for key, totals in self._totals.items()}
-
     def add(self, gram: torch.Tensor) -> None:
         """One tensor's Gram matrix (over all the checkpoints; the window is taken here)."""
         if not bool(torch.isfinite(gram).all()):

@@ -67,9 +67,6 @@ class Group:
         """Rank 0: it creates and finalises the output, and talks to the user."""
         return self.rank == 0
 
-    def barrier(self) -> None:
-        pass
-
     def all_gather(self, obj: Any) -> list[Any]:
         """Every rank's ``obj`` (picklable), in rank order, on every rank."""
         return [obj]
@@ -145,11 +142,6 @@ class TorchGroup(Group):
 
     def __init__(self, rank: int, world_size: int, local_rank: int):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
 
     def all_gather(self, obj: Any) -> list[Any]:
         """``Group.all_gather`` through torch.distributed (pickled objects)."""

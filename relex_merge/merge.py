@@ -103,7 +103,7 @@ def execute_merge(
     gram_stats = None
     assessment = None
     mine = share_of(job)
-    progress.start("merge", planned_read_bytes(job.share(mine), options), len(mine))
+    progress.start("merge", planned_read_bytes(job.share(mine)), len(mine))
     if decides_first(plan, require_supported):
         log.debug("Gram pass first: the backtest chooses the fit or gates the outputs")
         gram_stats = run_job(job.gram_only(), [], options, _engine_progress(progress, items=False))

@@ -93,7 +93,7 @@ def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[t
     return [((lo, hi), lo * row_elements, (hi - lo) * row_elements) for lo, hi in ranges]
 
 
-def planned_read_bytes(job: MergeJob, options: EngineOptions) -> int:
+def planned_read_bytes(job: MergeJob) -> int:
     """Bytes the merge will read, every pass counted: the progress bar's total."""
     total = 0
     for name in job.names():
