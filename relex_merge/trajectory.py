@@ -62,7 +62,7 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
                 f"trajectory.run_dir: step {step} appears twice ({found[step].name}, {child.name})"
             )
         found[step] = child
-    log.debug("%s: %d step folders%s", run_dir, len(found), f", steps {min(found)}..{max(found)}" if found else "")
+    log.debug("%s: %d step folders, steps %s", run_dir, len(found), sorted(found))
     return found
 
 
