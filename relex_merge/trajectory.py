@@ -36,10 +36,13 @@ def _check_trainer_state(step_dir: Path, step: int) -> None:
     if not state_file.is_file():
         return
     try:
-        global_step = json.loads(state_file.read_text()).get("global_step")
+        state = json.loads(state_file.read_text())
     except (OSError, ValueError) as exc:
         raise RelexError(f"{state_file}: unreadable trainer state ({exc})") from None
-    if global_step is not None and int(global_step) != step:
+    global_step = state.get("global_step") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(global_step, (int, type(None))):
+        raise RelexError(f"{state_file}: not a trainer state (expected a JSON object with an integer global_step)")
+    if global_step is not None and global_step != step:
         raise RelexError(
             f"{state_file}: global_step is {global_step} but the folder name says {step}; "
             "rename the folder or list the checkpoint explicitly under models:"

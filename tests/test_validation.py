@@ -484,3 +484,38 @@ def test_verbose_shows_the_library_debug_log(qwen_run, tmp_path, caplog):
         "window: 3 checkpoints, steps 1..3; the fit uses 3 (steps 1..3); targets [9]; fit linear, rank 1, mode extrapolate"
     ]
     assert debug["relex_merge.merge"] == ["step 9: fit linear (as configured); NOT SUPPORTED"]  # 3 points: no backtest
+
+
+@pytest.mark.parametrize("state", [[7], {"global_step": "seven"}])
+def test_a_trainer_state_that_is_not_one_is_one_line(qwen_run, tmp_path, state):
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2, 3):
+        shutil.copytree(qwen_run / f"checkpoint-{step}", run / f"checkpoint-{step}")
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps(state))
+    config = _trajectory(run)
+    config["base_model"] = str(qwen_run / "base")
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    result = run_cli(str(cfg), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {run}/checkpoint-2/trainer_state.json: not a trainer state (expected a JSON object with an "
+        "integer global_step)"
+    )
+
+
+def test_an_index_whose_weight_map_is_not_a_mapping_is_one_line(qwen_run, tmp_path):
+    model = tmp_path / "sharded"
+    shutil.copytree(qwen_run / "checkpoint-1", model)
+    (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    config = base_config(qwen_run)
+    config["models"][0]["model"] = str(model)
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(config))
+    result = run_cli(str(cfg), str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"error: {model}/model.safetensors.index.json: not a valid index (weight_map must map tensor names to "
+        "file names)"
+    )

@@ -146,6 +146,8 @@ def indexed_files(index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (ValueError, KeyError, TypeError) as exc:
         raise RelexError(f"{index}: not a valid index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise RelexError(f"{index}: not a valid index (weight_map must map tensor names to file names)")
     files = sorted({index.parent / f for f in weight_map.values()})
     missing = [f for f in files if not f.is_file()]
     if missing:
