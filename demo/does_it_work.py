@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TASK = "relex_demo_addition"
 RUNS = [  # (title, config, run folder)
     ("demo run (lr 1e-4, window 1-20)", "merge_configs/demo.yml", "demo/run"),
-    ("second run (lr 2e-5, batch 2048, window 1-30)", "merge_configs/demo-slow.yml", "demo/run-slow"),
+    ("second run (lr 3e-6, window: every 2nd step of 2-30)", "merge_configs/demo-lowlr.yml", "demo/run-lowlr"),
 ]
 FITS = ["linear", "auto"]
 

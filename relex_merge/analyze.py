@@ -80,7 +80,7 @@ class Analysis:
     fit: str  # the fit whose backtest is `backtest` (the configured one, or the one chosen for the farthest target)
     tensors: list[TensorAnalysis]
     backtest: list[HorizonPoint]
-    supported_horizon: float | None  # longest horizon with error <= tolerance (and below stopping's) throughout
+    supported_horizon: float | None  # longest horizon with error <= tolerance throughout
     tested_horizon: float  # longest horizon the window can backtest
     target_horizons: dict[int, float]  # target step -> its horizon in window spans
     horizon_bins: list[tuple[float, float]]  # [lo, hi) columns of the family table that hold points
@@ -193,15 +193,11 @@ def verdict(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
     tol = f"{a.tolerance:.0%}"
     name = main.describe()
     near, far = a.backtest[0], a.backtest[-1]
-    stop = {(p.fit_count, p.step): p for p in _points(bt, STOP)}
     if a.supported_horizon is None:
-        stopped = stop[(near.fit_count, near.step)].relative_error
-        why = f"error {near.relative_error:.0%}"
-        if near.relative_error <= a.tolerance and stopped <= near.relative_error:
-            why += f", no better than stopping's {stopped:.0%}"
         lines.append(
             f"{name} does not hold even at the shortest horizon tested ({near.horizon:.2f}x the fit span: "
-            f"{why}; tolerance {tol}). Extrapolation with it from this window is not supported."
+            f"error {near.relative_error:.0%}; tolerance {tol}). Extrapolation with it from this window is not "
+            "supported."
         )
     elif a.supported_horizon >= a.tested_horizon:
         lines.append(
@@ -210,8 +206,8 @@ def verdict(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
         )
     else:
         lines.append(
-            f"{name} holds up to {a.supported_horizon:.1f}x the fit span (backtest error <= {tol} and below "
-            f"stopping's); beyond that the error grows, to {far.relative_error:.0%} at {far.horizon:.1f}x."
+            f"{name} holds up to {a.supported_horizon:.1f}x the fit span (backtest error <= {tol}); beyond that "
+            f"the error grows, to {far.relative_error:.0%} at {far.horizon:.1f}x."
         )
     if far.relative_error > 2 * max(near.relative_error, 1e-3) and far.relative_error > a.tolerance / 2:
         lines.append(

@@ -193,30 +193,26 @@ class Backtest:
             true2 = torch.diagonal(g)[k:]
             sigma, u = top_components(fitted, min(self.spec.rank, k))
             keys, maps, others = self._maps(k)
-            weights = [maps @ (u @ u.T)] if keys else []  # linear families: W = P U U^T, all at once
+            stop = torch.zeros(1, held, k, dtype=torch.float64)
+            stop[0, :, k - 1] = 1.0  # the last fitted checkpoint itself, not its rank-r projection
+            weights = [stop, maps @ (u @ u.T)]  # linear families: W = P U U^T, all at once
             weights += [self._weights(key, k, sigma, u).unsqueeze(0) for key in others]
             w = torch.cat(weights)  # candidates x held x k
             pred2 = ((w @ fitted) * w).sum(2)
             dot = (w * ahead).sum(2)
             err2 = (pred2 - 2 * dot + true2).clamp_min(0.0)
             rows = torch.stack([err2, true2.expand_as(err2), pred2, dot], 2)
-            for key, row in zip([*keys, *others], rows):
+            for key, row in zip([STOP, *keys, *others], rows):
                 self._totals[key][offset : offset + held] += row
             offset += held
 
     def _maps(self, k: int) -> tuple[list, torch.Tensor, list]:
-        """For fit count k: the candidates whose prediction is a fixed linear map of the
-        coefficients, their maps stacked (stopping is one: e_k), and the others."""
+        """For fit count k: the candidate fits whose prediction is a fixed linear map of the
+        coefficients, their maps stacked, and the other fits (stopping is not among either)."""
         if k not in self._cache:
             keys, maps, others = [], [], []
             held = len(self.steps) - k
-            for key in self._totals:
-                if key == STOP:
-                    m = torch.zeros(held, k, dtype=torch.float64)
-                    m[:, k - 1] = 1.0
-                    keys.append(key)
-                    maps.append(m)
-                    continue
+            for key in self.candidates:
                 spec = replace(self.spec, fit=key, window=None, scale=1.0, mode="extrapolate")
                 m = linear_map(self.steps[:k], self.steps[k:], spec)
                 if m is None:
@@ -275,12 +271,12 @@ class Backtest:
         return math.sqrt(err2 / true2) if true2 > 0 else math.nan
 
     def supported_horizon(self, key, tolerance: float = DEFAULT_TOLERANCE) -> float | None:
-        """The longest horizon up to which every point held: error <= tolerance and below
-        stopping's. None when even the shortest failed."""
+        """The longest horizon up to which every point held (error <= tolerance). None when
+        even the shortest failed. (Whether the fit beats stopping is judged at each target's
+        own horizon, where it matters: one step ahead, stopping is nearly always closer.)"""
         supported = None
         for i in self.order():
-            e = self.error(key, [i])
-            if not (e <= tolerance and e < self.error(STOP, [i])):
+            if not self.error(key, [i]) <= tolerance:
                 break
             supported = self.points[i].horizon
         return supported
@@ -348,8 +344,10 @@ class TargetVerdict:
 
     @property
     def supported(self) -> bool:
-        """The target's horizon is within the fit's supported horizon."""
-        return self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
+        """The target's horizon is within the fit's supported horizon, and near it the fit
+        beats stopping at the last fitted checkpoint."""
+        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
+        return within and self.error < self.stop_error
 
     @property
     def beyond_tested(self) -> bool:
@@ -368,6 +366,10 @@ class TargetVerdict:
                   f"for stopping")
         if self.supported:
             return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
+        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
+        if within:  # it holds there, yet stopping is at least as close
+            return (f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
+                    f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window.")
         held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
         if held_everywhere:
             return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "

@@ -184,8 +184,10 @@ def _verdict_section(verdict: TargetVerdict | None) -> list[str]:
         f"**{verdict.line()}**",
         "",
         "The backtest fits on the first part of the window and predicts its later checkpoints "
-        "(whole-model relative error of the displacement from the base); a fit holds where that "
-        f"error is at most {verdict.tolerance:.0%} and below that of stopping at the last fitted checkpoint.",
+        "(whole-model relative error of the displacement from the base); a fit holds up to the "
+        f"horizon where that error stays at most {verdict.tolerance:.0%}, and a target is supported "
+        "when it lies within that horizon and, near the target's horizon, the fit's error is below that "
+        "of stopping at the last fitted checkpoint.",
         "",
         "| backtest | value |",
         "|---|---|",
