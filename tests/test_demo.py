@@ -26,6 +26,34 @@ def test_demo_run_is_shipped_and_small():
     assert (REPO / "demo" / "data" / "addition_test.jsonl").read_text().count("\n") == 300
 
 
+def test_second_demo_run_is_shipped_and_small():
+    run = REPO / "demo" / "run-lowlr"
+    steps = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+    assert steps == list(range(2, 31, 2)) + [60, 100, 200, 400, 600]
+    assert sum(p.stat().st_size for p in run.rglob("*") if p.is_file()) <= 10 * 1024 * 1024
+
+
+def test_second_demo_config_merges_with_the_fit_the_backtest_chose(tmp_path):
+    """demo-lowlr.yml uses fit: auto; the output's relex_config.yml names the family and shape the
+    backtest chose, and the tensors are that fit's dense reference."""
+    from tests.test_fits import dense_family
+
+    out = tmp_path / "out"
+    result = run_cli(str(REPO / "merge_configs" / "demo-lowlr.yml"), str(out), "-q", cwd=REPO)
+    assert result.exit_code == 0, result.output
+    params = yaml.safe_load((out / "relex_config.yml").read_text())["parameters"]
+    assert params["fit"] != "auto" and params["target_step"] == 400
+    shape = params.get({"power": "p", "log": "tau", "saturating": "tau", "polynomial": "degree"}.get(params["fit"], ""))
+    run = REPO / "demo" / "run-lowlr"
+    steps = list(range(2, 31, 2))
+    base = load_state(run / "base")
+    inputs = [load_state(run / f"checkpoint-{s}") for s in steps]
+    names = [n for n in base if base[n].is_floating_point() and (inputs[-1][n] != base[n]).any()]
+    expected = {n: dense_family(base[n], [c[n] for c in inputs], steps, [400], params["fit"], shape)[0] for n in names}
+    merged = load_state(out)
+    assert_state_matches({n: merged[n] for n in names}, expected, base, dtype=torch.float32)
+
+
 def demo_expectation(target: int, scale: float = 1.0) -> tuple[dict, dict]:
     """(base, expected): what demo.yml asks for, by the dense reference: the base, steps 1-20,
     rank 1, a linear fit, float32."""
