@@ -90,7 +90,7 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
                 label = f"RELEX step {target}, fit: {requested.family}" + (f" → {fit.describe()}" if requested.family == "auto" else "")
                 backtest = f"{verdict.error:.0%} vs {verdict.stop_error:.0%}"
                 said = "supported" if verdict.supported else (
-                    "stop" if verdict.error >= verdict.stop_error else "not supported")
+                    "stop" if verdict.error >= verdict.stop_error else "uncertain")
                 rows.append((label, f"{h:.1f}x", score(folder, tmp / f"{folder.name}.json"),
                              weight_error(folder, true_dir, run / "base"), backtest, said))
 
@@ -103,7 +103,8 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
         f"in units of the window span ({steps[-1] - steps[0]} steps). Weight error = ||model - true checkpoint|| / "
         "||true checkpoint - base||. Backtest = the whole-model error of the fit near the target's horizon "
         "inside the window, against that of stopping at the last fitted checkpoint; the verdict is what the "
-        "merge printed before any evaluation (supported; not supported; stop: stopping is closer).",
+        "merge printed before any evaluation: supported; uncertain (NOT SUPPORTED, but closer than stopping); "
+        "stop (NOT SUPPORTED: stopping is closer, do not extrapolate).",
         "",
         "| model | horizon | exact match (± stderr) | weight error vs truth | backtest: fit vs stopping | verdict |",
         "|---|---|---|---|---|---|",

@@ -379,10 +379,11 @@ class TargetVerdict:
             held = f"{fit} held at no horizon the window can test"
         else:
             held = f"{fit} holds only up to {self.supported_horizon:.1f}x"
-        advice = (f"expect it to be worse than the last window checkpoint (step {self.last_step}): evaluate it "
-                  "or use that checkpoint")
         if self.error >= self.stop_error:
             advice = f"stopping at step {self.last_step} is closer: do not extrapolate from this window"
+        else:
+            advice = (f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
+                      f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use")
         line = f"NOT SUPPORTED: {where}; {held} ({errors}); {advice}."
         if self.beyond_tested:
             line += f" The window can test horizons up to {self.tested_horizon:.1f}x only."
