@@ -12,12 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 from safetensors.torch import load_file, save_file
 
 from relex_merge import distributed
 from tests.helpers import run_cli
+from tests.test_cli import write_config
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -35,16 +34,6 @@ def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.Complet
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "relex_merge", *args, *threads]
     return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def write_config(path: Path, run: Path, steps, targets, **params) -> Path:
-    path.write_text(yaml.safe_dump({
-        "merge_method": "relex",
-        "base_model": str(run / "base"),
-        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
-        "parameters": {"target_step": targets, **params},
-    }))
-    return path
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -80,7 +69,7 @@ def test_torchrun_writes_the_single_process_bytes(qwen_run, tmp_path, nproc):
 
 
 def test_torchrun_auto_fit_and_analyze_match_a_single_process(qwen_run, tmp_path):
-    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5, 6], 10, fit="auto")
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5, 6], 10, parameters={"fit": "auto"})
     assert run_cli(str(cfg), str(tmp_path / "single"), "-q", "--threads", "1").exit_code == 0
     result = torchrun(2, str(cfg), str(tmp_path / "multi"))
     assert result.returncode == 0, result.stderr[-3000:]

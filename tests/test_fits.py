@@ -17,7 +17,7 @@ from relex_merge.backtest import assess
 from relex_merge.fit import FitSpec, RelexSpec, relex_weights
 from relex_merge.synthetic import make_planted_run
 from tests.helpers import run_cli
-from tests.test_cli import load_state
+from tests.test_cli import load_state, write_config
 from tests.test_fit import assert_close, engine_outputs, random_window
 
 # ---- the dense reference -----------------------------------------------------------------
@@ -320,19 +320,9 @@ def sqrt_run(tmp_path_factory):
                             noise=1e-6, curve=math.sqrt)
 
 
-def write(path, run, steps, target, **params):
-    path.write_text(yaml.safe_dump({
-        "merge_method": "relex",
-        "base_model": str(run / "base"),
-        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
-        "parameters": {"target_step": target, **params},
-    }))
-    return path
-
-
 def test_auto_end_to_end_writes_the_chosen_fit_and_its_verdict(sqrt_run, tmp_path):
     steps = list(range(1, 13))
-    cfg = write(tmp_path / "c.yml", sqrt_run, steps, 24, fit="auto")
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, steps, 24, parameters={"fit": "auto"})
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out))
     assert result.exit_code == 0, result.output
@@ -358,7 +348,7 @@ def test_auto_end_to_end_writes_the_chosen_fit_and_its_verdict(sqrt_run, tmp_pat
 
 
 def test_require_supported_refuses_with_exit_3_and_writes_nothing(sqrt_run, tmp_path):
-    cfg = write(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), 40)  # linear on a square root
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), 40)  # linear on a square root
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out), "--require-supported")
     assert result.exit_code == 3
@@ -366,13 +356,13 @@ def test_require_supported_refuses_with_exit_3_and_writes_nothing(sqrt_run, tmp_
     assert len(lines) == 1 and lines[0].startswith("error: --require-supported: NOT SUPPORTED: step 40 is 2.5x")
     assert lines[0].endswith("Nothing was written.")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
-    supported = write(tmp_path / "s.yml", sqrt_run, list(range(1, 13)), 20, fit="power", p=0.5)
+    supported = write_config(tmp_path / "s.yml", sqrt_run, list(range(1, 13)), 20, parameters=dict(fit="power", p=0.5))
     assert run_cli(str(supported), str(out), "--require-supported", "-q").exit_code == 0
 
 
 def test_plain_merge_prints_and_writes_the_verdict(sqrt_run, tmp_path):
     """Linear on a square root: it holds a little past the window (0.7x), not at 2.5x."""
-    cfg = write(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), [20, 40])
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), [20, 40])
     result = run_cli(str(cfg), str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
     terminal = " ".join(result.stdout.split())
