@@ -12,7 +12,9 @@ for each mutant, only those tests of the selection that call the mutated functio
 the end gives killed / survived / timeout / total per module; survivors listed in
 tests/mutation_equivalents.md (one line each on why the mutant cannot change any output) are
 counted apart, and every other survivor is printed with its diff. ``--strict`` exits 1 when any
-survivor is not listed there.
+survivor is not listed there. Columns: "other" is mutants no selected test reaches (mutmut's "no
+tests") or that crashed mutmut's runner; "% killed" is killed / total; "score %" is the usual
+mutation score, (killed + timeout) / (total - equivalent).
 
 mutmut mutates function bodies only: module constants, class attributes and decorated functions
 (properties, ``functools.lru_cache``) are never mutated.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -68,8 +71,9 @@ class Score:
     def total(self) -> int:
         return self.killed + self.survived + self.equivalent + self.timeout + self.other
 
-    def percent(self, n: int) -> str:
-        return f"{100 * n / self.total:.1f}" if self.total else "-"
+    @staticmethod
+    def percent(n: int, of: int) -> str:
+        return f"{100 * n / of:.1f}" if of else "-"
 
 
 def slug(module: str) -> str:
@@ -108,6 +112,26 @@ def mutmut(workdir: Path, *args: str, capture: bool = False) -> subprocess.Compl
                *args]
     return subprocess.run(command, cwd=workdir, env=env, text=True, check=False,
                           stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
+_SHOW = """
+import sys
+from mutmut.mutation.diff_apply import find_mutant, get_diff_for_mutant
+for name in sys.stdin.read().split():
+    print(name)
+    print(get_diff_for_mutant(name, path=find_mutant(name).path))
+    print("\\0")
+"""
+
+
+def diffs(workdir: Path, names: list[str]) -> list[str]:
+    """``mutmut show`` of each mutant, in one process."""
+    if not names:
+        return []
+    done = subprocess.run([sys.executable, "-c", _SHOW], cwd=workdir, input="\n".join(names), text=True,
+                          capture_output=True, check=False)
+    shown = [block.strip() for block in done.stdout.split("\0")][: len(names)]
+    return shown + [f"{name} (no diff: {done.stderr.strip()[-200:]})" for name in names[len(shown):]]
 
 
 def prepare(workdir: Path, module: str, tests: list[str], resume: bool) -> None:
@@ -151,10 +175,14 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, args,
     if previous:  # only what was not killed last time
         patterns = [n for n, s in previous.items() if s not in ("killed",) and selected(n, functions)]
     start = time.monotonic()
-    print(f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
-          flush=True)
-    done = mutmut(workdir, "run", "--max-children", str(args.jobs), *patterns, capture=True)
-    (workdir / "mutmut-run.log").write_text(done.stdout)
+    if previous and not patterns:
+        print(f"== {module}: every mutant was killed last time; nothing to re-test", flush=True)
+        done = subprocess.CompletedProcess([], 0, "")
+    else:
+        print(f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
+              flush=True)
+        done = mutmut(workdir, "run", "--max-children", str(args.jobs), *patterns, capture=True)
+        (workdir / "mutmut-run.log").write_text(done.stdout)
     score = Score(module, seconds=time.monotonic() - start)
     statuses = results(workdir)
     if done.returncode != 0 or not statuses:
@@ -176,10 +204,7 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, args,
         else:
             score.other += 1
             survivors.append(name)
-    report = []
-    for name in survivors:
-        shown = mutmut(workdir, "show", name, capture=True).stdout.strip()
-        report.append(f"{statuses[name]}: {name}\n{shown}\n")
+    report = [f"{statuses[name]}: {diff}\n" for name, diff in zip(survivors, diffs(workdir, survivors))]
     (workdir / "survivors.txt").write_text("\n".join(report))
     if report and not args.quiet:
         print("\n".join(report))
@@ -189,11 +214,11 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, args,
 
 
 def table(scores: list[Score]) -> str:
-    head = ("module", "killed", "survived", "equivalent", "timeout", "other", "total", "% killed",
-            "% killed+equiv", "time")
+    head = ("module", "killed", "survived", "equivalent", "timeout", "other", "total", "% killed", "score %", "time")
     rows = [head] + [(s.module, str(s.killed), str(s.survived), str(s.equivalent), str(s.timeout), str(s.other),
-                      str(s.total), s.percent(s.killed), s.percent(s.killed + s.equivalent + s.timeout),
-                      f"{s.seconds / 60:.1f} min") for s in scores]
+                      str(s.total), s.percent(s.killed, s.total),
+                      s.percent(s.killed + s.timeout, s.total - s.equivalent), f"{s.seconds / 60:.1f} min")
+                     for s in scores]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -239,7 +264,10 @@ def main() -> int:
         scores.append(run_module(module, tests, functions, args, known))
         if functions is not None:
             scores[-1].module += " (" + ", ".join(f.replace("ǁ", ".").strip(".") for f in functions) + ")"
-    print()
+    from importlib.metadata import version
+
+    print(f"\nmutmut {version('mutmut')}, {time.strftime('%Y-%m-%d')}, {platform.machine()} with "
+          f"{os.cpu_count()} CPUs, {args.jobs} at once")
     print(table(scores))
     unexplained = sum(s.survived + s.other for s in scores)
     if unexplained:
