@@ -141,7 +141,7 @@ def prepare(workdir: Path, module: str, tests: list[str], resume: bool) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for folder in ("relex_merge", "tests"):
         target = workdir / folder
-        if folder == "tests" or not resume:  # on resume the sources must stay as mutated
+        if folder == "tests" or not resume or not target.exists():  # on resume the sources stay as mutated
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(ROOT / folder, target, ignore=ignore)
     (workdir / "pyproject.toml").write_text(pyproject(module, tests))
@@ -204,6 +204,10 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, args,
         else:
             score.other += 1
             survivors.append(name)
+    stale = [n for n, status in statuses.items() if n in known and status != "survived" and selected(n, functions)]
+    if stale:
+        print(f"   listed as equivalent in {EQUIVALENTS.name} but {', '.join(sorted(set(statuses[n] for n in stale)))}: "
+              f"{', '.join(sorted(stale))}")
     report = [f"{statuses[name]}: {diff}\n" for name, diff in zip(survivors, diffs(workdir, survivors))]
     (workdir / "survivors.txt").write_text("\n".join(report))
     if report and not args.quiet:

@@ -7,6 +7,8 @@ the re-fit window), and config parameters becoming a spec. Found by mutation tes
 from __future__ import annotations
 
 import math
+import re
+import sys
 
 import pytest
 import torch
@@ -22,7 +24,7 @@ from relex_merge.fit import (
     spec_from_parameters,
     top_components,
 )
-from tests.test_fits import dense_family, dense_refit, design
+from tests.test_fits import dense_family, dense_refit, design, fit_curve
 
 F64 = torch.float64
 
@@ -277,6 +279,10 @@ def test_families_recover_an_exact_curve_at_large_steps(family, shape):
     got = predict_coefficients(steps, values, targets, RelexSpec(fit=FitSpec(family, shape, s0)))[:, 0]
     expected = truth(targets)
     assert float((got - expected).abs().max()) < 1e-7 * float(expected.abs().max())
+    # the curve itself, read at a list of steps (not float32 numbers: s0 + 31 is odd and above 2^24)
+    curve = fits.family(family).fit(torch.tensor(steps, dtype=F64), values, shape, s0)
+    odd = [s0 + 31.0, s0 + 61.0]
+    assert torch.allclose(curve(odd)[:, 0], truth(odd), rtol=1e-9)
 
 
 def test_r2_is_each_columns_coefficient_of_determination():
@@ -335,12 +341,17 @@ def test_shape_problem_with_an_exclusive_upper_bound():
     assert shape.problem(2.0) == "expected a value in [0, 2), got 2"
 
 
+FRACTIONAL = [0.0, 1.3, 2.1, 3.7, 4.4, 6.0, 7.2, 8.9, 9.5, 11.1, 12.6, 13.3, 15.0, 16.2]
 SINES = {
     "even": ([float(s) for s in range(3, 17)], 0.05),
     "fast": ([float(s) for s in range(3, 17)], 0.37),
     "gap 3": ([float(s) for s in range(100, 142, 3)], 0.07),
     "uneven": ([1.0, 2.0, 4.0, 5.0, 7.0, 8.0, 10.0, 12.0, 13.0, 15.0, 16.0, 18.0], 0.11),
     "uneven fast": ([1.0, 2.0, 4.0, 5.0, 7.0, 8.0, 10.0, 12.0, 13.0, 15.0, 16.0, 18.0, 19.0, 21.0], 0.3),
+    # steps that are not whole numbers: no alias at f + 1 fits them too
+    "fractional slow": (FRACTIONAL, 0.06),
+    "fractional": (FRACTIONAL, 0.21),
+    "fractional late": ([100.0 + s for s in FRACTIONAL], 0.13),
 }
 
 
@@ -356,6 +367,8 @@ def test_sine_recovers_an_exact_sinusoid(case):
     values = torch.tensor([[truth(s), 2 * truth(s) - 1.0] for s in steps], dtype=F64)
     targets = [steps[-1] + 3.0, steps[-1] + 7.5]
     got = predict_coefficients(steps, values, targets, RelexSpec(fit=FitSpec("sine")))
+    curve = fits.family("sine").fit(torch.tensor(steps, dtype=F64), values, None, 0.0)
+    assert torch.equal(curve(targets), curve(torch.tensor(targets, dtype=F64)))  # a list of steps, or a tensor
     assert got[:, 0].tolist() == pytest.approx([truth(t) for t in targets], abs=1e-6)
     assert got[:, 1].tolist() == pytest.approx([2 * truth(t) - 1.0 for t in targets], abs=1e-6)
     assert fits.family("sine").fit(torch.tensor(steps, dtype=F64), values, None, 0.0).r2.tolist() == pytest.approx(
@@ -365,3 +378,66 @@ def test_sine_recovers_an_exact_sinusoid(case):
 def test_sine_of_no_direction_is_empty():
     curve = fits.family("sine").fit(torch.arange(1.0, 6.0, dtype=F64), torch.zeros(5, 0, dtype=F64), None, 0.0)
     assert curve([7.0, 8.0]).shape == (2, 0)
+
+
+SINE_TRENDS = {
+    "trend": ([float(s) for s in range(1, 21)], lambda s: 0.05 * s + 0.2 * math.sin(2 * math.pi * 0.23 * s + 1)),
+    "two tones": ([float(s) for s in range(1, 21)],
+                  lambda s: math.sin(2 * math.pi * 0.11 * s) + 0.5 * math.sin(2 * math.pi * 0.31 * s + 0.5)),
+    "gap 5": ([float(s) for s in range(10, 110, 5)], lambda s: 0.02 * s + 0.3 * math.sin(2 * math.pi * 0.043 * s)),
+}
+
+
+@pytest.mark.parametrize("case", list(SINE_TRENDS))
+def test_sine_on_curves_that_are_not_sinusoids_matches_the_reference_scripts(case):
+    """Where several frequencies fit about as well, the answer is the least-squares fit nearest
+    the FFT guess: what the reference scripts' curve_fit from that guess converges to."""
+    pytest.importorskip("scipy")
+    steps, curve = SINE_TRENDS[case]
+    gen = torch.Generator().manual_seed(0)
+    values = torch.tensor([[curve(s) + 0.01 * float(torch.randn(1, generator=gen))] for s in steps], dtype=F64)
+    targets = [steps[-1] + 2.0, steps[-1] + 5.0]
+    got = predict_coefficients(steps, values, targets, RelexSpec(fit=FitSpec("sine")))
+    expected = fit_curve("sine", steps, values, None, 0.0)(targets)
+    assert torch.allclose(got, expected, rtol=1e-3)
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+def test_the_registry_orders_families_simplest_first_then_by_name():
+    found = fits._discover()  # the scan the package runs at import, run again
+    assert list(found) == ["linear_origin", "linear", "log", "polynomial", "power", "saturating", "sine"]
+    assert all(found[name] is fits.family(name) for name in found)
+    assert fits.shape_keys() == ["tau", "degree", "p"]
+    with pytest.raises(KeyError, match=r"unknown fit family 'cubic' \(known: linear_origin, linear, log, polynomial, "
+                                       r"power, saturating, sine, or auto\)"):
+        fits.family("cubic")
+
+
+@pytest.fixture
+def extra_family_module(tmp_path, monkeypatch):
+    """Writes relex_merge/fits/zz_extra.py (on an extra package path) for _discover to find."""
+    monkeypatch.setattr(fits, "__path__", [*fits.__path__, str(tmp_path)])
+    yield lambda source: (tmp_path / "zz_extra.py").write_text(source)
+    sys.modules.pop("relex_merge.fits.zz_extra", None)
+
+
+@pytest.mark.parametrize("source,problem", [
+    ("X = 1\n", "relex_merge.fits.zz_extra defines no FAMILY"),
+    ("from relex_merge.fits.linear import Linear\nclass Twin(Linear):\n    pass\nFAMILY = Twin()\n",
+     "fit family name 'linear' is taken"),
+    ("from relex_merge.fits.linear import Linear\nclass Auto(Linear):\n    name = 'auto'\nFAMILY = Auto()\n",
+     "fit family name 'auto' is taken"),
+])
+def test_a_family_module_must_define_one_new_family(source, problem, extra_family_module):
+    extra_family_module(source)
+    with pytest.raises(TypeError, match=re.escape(problem)):
+        fits._discover()
+
+
+def test_a_new_family_module_is_found(extra_family_module):
+    extra_family_module("from relex_merge.fits.linear import Linear\nclass Cubic(Linear):\n    name = 'aaa_cubic'\n"
+                        "    complexity = 3\nFAMILY = Cubic()\n")
+    assert list(fits._discover()) == ["linear_origin", "linear", "aaa_cubic", "log", "polynomial", "power",
+                                      "saturating", "sine"]
