@@ -25,7 +25,7 @@ from relex_merge.backtest import (
     window_steps,
 )
 from relex_merge.fit import FitSpec, RelexSpec
-from tests.test_fits import fit_curve
+from tests.test_fits import dense_refit, fit_curve
 
 F64 = torch.float64
 
@@ -120,6 +120,12 @@ def test_backtest_sums_equal_a_dense_backtest_on_the_deltas():
     for m in tensors:
         backtest.add(m @ m.T)
     backtest.add(torch.full((11, 11), math.nan, dtype=F64))  # a non-finite tensor is left out
+    as32, as64 = Backtest.for_fits(all_steps, spec, candidates), Backtest.for_fits(all_steps, spec, candidates)
+    for m in tensors:  # float32 Gram matrices are promoted before any arithmetic
+        as32.add((m @ m.T).float())
+        as64.add((m @ m.T).float().double())
+    for key in candidates:
+        assert [s.err2 for _, s in as32.curve(key)] == [s.err2 for _, s in as64.curve(key)]
     steps = all_steps[2:]
     assert backtest.steps == steps
     points = [(p.fit_count, steps.index(p.step)) for p in backtest.points]
@@ -189,8 +195,9 @@ def test_matched_points_are_within_a_factor_of_two_of_the_horizon():
         bt.add(g)
     hs = [p.horizon for p in bt.points]
     assert bt.tested_horizon == max(hs)
-    for h in (0.25, 0.5, 1.0):
+    for h in (0.25, 0.5, 1.0, 2 * min(hs), max(hs) / 2):  # the last two: points exactly on the bounds
         assert bt.matched(h) == [i for i, x in enumerate(hs) if h / 2 <= x <= 2 * h]
+    assert bt.matched(0.0) == bt.matched(-0.3)  # a target at the window's last step is inside it
     assert bt.matched(100.0) == bt.matched(bt.tested_horizon)  # beyond: the longest tested
     inside = bt.matched(-0.3)  # a target inside the window: each fit count's shortest horizon
     assert sorted({bt.points[i].fit_count for i in inside}) == sorted({p.fit_count for p in bt.points})
@@ -202,6 +209,13 @@ def test_matched_points_are_within_a_factor_of_two_of_the_horizon():
     true2 = sum(float(bt._totals[FitSpec("linear")][i, 1]) for i in ids)
     assert bt.error(FitSpec("linear"), ids) == pytest.approx(math.sqrt(err2 / true2))
     assert math.isnan(bt.error(FitSpec("linear"), []))
+    tiny = Backtest(steps, RelexSpec(), [FitSpec("linear")])  # deltas a thousand times smaller
+    for g in grams:
+        tiny.add(g * 1e-6)
+    assert tiny.error(FitSpec("linear"), ids) == pytest.approx(bt.error(FitSpec("linear"), ids), rel=1e-6)
+    frozen = Backtest(steps, RelexSpec(), [FitSpec("linear")])  # no tensor moved: nothing to compare with
+    frozen.add(torch.zeros(12, 12, dtype=F64))
+    assert math.isnan(frozen.error(FitSpec("linear"), ids))
     empty = Backtest([1, 2, 3], RelexSpec(), [FitSpec("linear")])
     assert empty.points == [] and empty.matched(1.0) == [] and empty.tested_horizon == 0.0
 
@@ -263,8 +277,12 @@ def verdict_for(curve, target, fit=FitSpec("linear"), tolerance=0.2, noise=1e-4)
 
 
 def test_verdict_line_of_a_supported_target():
-    v = verdict_for(lambda s: 0.3 * s + 0.1, 18)
+    steps, grams = line_backtest(curve=lambda s: 0.3 * s + 0.1, noise=1e-4)
+    a = assess(grams, steps, [18], [RelexSpec()])
+    v = a.verdicts[0]
     assert v.supported and not v.beyond_tested and v.better_fit is None and v.fit == FitSpec("linear")
+    ids = a.backtest.matched(6 / 11)
+    assert v.at_horizon == pytest.approx(sum(a.backtest.points[i].horizon for i in ids) / len(ids))
     assert v.line() == (f"SUPPORTED: step 18 is 0.5x the window span past its end; linear holds up to "
                         f"{v.supported_horizon:.1f}x (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
                         f"{v.stop_error:.0%} for stopping).")
@@ -336,9 +354,98 @@ def test_assess_resolves_each_output_and_judges_only_extrapolation():
     assert [v is None for v in a.verdicts] == [False, False, False, True]
     assert a.verdicts[0].chosen_by_backtest and a.verdicts[1].chosen_by_backtest
     assert not a.verdicts[2].chosen_by_backtest
+    assert a.verdicts[1].better_fit is None  # its shape was the backtest's choice already
     assert a.unsupported == [v for v in a.verdicts[:3] if not v.supported]
     # the log shape chosen is the best of its grid near the target's horizon
     bt = a.backtest
     grid = [c for c in bt.candidates if c.family == "log"]
     errors = {c: bt.error(c, bt.matched(horizon(steps, 24))) for c in grid}
     assert errors[a.fits[1]] <= min(errors.values()) * 1.01 + 1e-4
+
+
+def test_verdict_line_of_support_short_of_the_tested_horizon():
+    """Supported to 2.0x of the 2.7x tested: not 'held at every horizon tested'."""
+    v = verdict_for(lambda s: math.sqrt(s + 3), 40, tolerance=0.1)
+    assert v.supported_horizon == 2.0 and v.tested_horizon == pytest.approx(8 / 3) and not v.supported
+    assert v.line().startswith("NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up "
+                               "to 2.0x (backtest error")
+
+
+def test_assess_names_the_fit_the_backtest_chose():
+    steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=1e-4)
+    a = assess(grams, steps, [20], [RelexSpec(fit=FitSpec("auto"))])
+    assert f"; {a.fits[0].describe()} (chosen by the backtest) holds up to" in a.verdicts[0].line()
+    fixed = assess(grams, steps, [20], [RelexSpec(fit=a.fits[0])])
+    assert f"; {a.fits[0].describe()} holds up to" in fixed.verdicts[0].line()
+
+
+def backtest_with_errors(errors: dict, stop: float, steps=tuple(range(1, 13))):
+    """A backtest whose every point has the given relative error per candidate (err2 = e^2,
+    true2 = 1), so the verdict's rules can be checked against numbers chosen by hand."""
+    keys = list(errors)
+    bt = Backtest(list(steps), RelexSpec(), keys)
+    for key, e in [*errors.items(), (STOP, stop)]:
+        bt._totals[key][:, 0] = e * e
+        bt._totals[key][:, 1] = 1.0
+    return bt
+
+
+@pytest.mark.parametrize("linear,power,tolerance,better", [
+    (0.05, 0.3, 0.2, True),  # clearly better, and it holds
+    (0.1005, 0.1, 0.2, False),  # the simpler family is within 1%: no hint
+    (0.096, 0.1, 0.2, True),  # 4% better
+    (0.0992, 0.1, 0.2, False),  # less than 1% better: not named
+    (0.1, 0.3, 0.08, False),  # better, but does not hold under the tolerance
+])
+def test_verdict_names_a_better_fit_only_when_it_is_clearly_better_and_holds(linear, power, tolerance, better):
+    linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
+    bt = backtest_with_errors({linear_fit: linear, power_fit: power}, stop=0.5)
+    for target in (18, 60):  # inside the tested horizon, and beyond it
+        v = bt.verdict(target, power_fit, chosen_by_backtest=False, last_step=12, tolerance=tolerance)
+        assert v.better_fit == (linear_fit if better else None), target
+        assert v.supported_horizon == (bt.tested_horizon if power <= tolerance else None)
+
+
+def test_a_fit_chosen_by_the_backtest_gets_no_alternative():
+    linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
+    bt = backtest_with_errors({linear_fit: 0.05, power_fit: 0.1}, stop=0.5)
+    assert bt.verdict(18, power_fit, chosen_by_backtest=True, last_step=12).better_fit is None
+
+
+def test_backtest_of_a_refit_equals_the_reference_loop():
+    """Autoregressive re-fitting is backtested as it extrapolates: each point's prediction runs
+    the reference loop (fit on the last 3, predict 2 ahead, append, re-fit) from its fit count."""
+    steps = list(range(1, 12))
+    spec = RelexSpec(rank=2, fit=FitSpec("power", 0.5), refit_every=2, refit_window=3)
+    tensors = [planted(steps, seed=s) for s in (0, 1)]
+    bt = Backtest(steps, spec, [spec.fit])
+    for m in tensors:
+        bt.add(m @ m.T)
+    for point, got in bt.curve(spec.fit):
+        k, j = point.fit_count, steps.index(point.step)
+        expected = [0.0, 0.0, 0.0, 0.0]
+        for m in tensors:
+            u, sigma, vh = torch.linalg.svd(m[:k], full_matrices=False)
+            coefficients = (u * sigma)[:, :2]
+            pred = dense_refit(steps[:k], coefficients, steps[j], "power", 0.5, 2, 3) @ vh[:2]
+            true = m[j]
+            for n, x in enumerate([(pred - true) @ (pred - true), true @ true, pred @ pred, pred @ true]):
+                expected[n] += float(x)
+        assert [got.err2, got.true2, got.pred2, got.dot] == pytest.approx(expected, rel=1e-8), (k, j)
+
+
+def test_backtest_of_a_sine_refit_uses_only_the_refit_window():
+    """The first two checkpoints are off the sinusoid; re-fitting on the last 10 never sees them,
+    so every point fitted on 12 or more checkpoints is predicted exactly."""
+    steps = list(range(1, 25))
+    v = torch.randn(200, generator=torch.Generator().manual_seed(4), dtype=F64)
+    c = torch.tensor([0.8 * math.sin(2 * math.pi * 0.13 * s + 0.4) + 1.2 + (1.5 if s <= 2 else 0.0) for s in steps],
+                     dtype=F64)
+    m = c.unsqueeze(1) * v
+    spec = RelexSpec(fit=FitSpec("sine"), refit_every=1, refit_window=10)
+    bt = Backtest(steps, spec, [spec.fit])
+    bt.add(m @ m.T)
+    late = [(p, s) for p, s in bt.curve(spec.fit) if p.fit_count >= 12]
+    assert len(late) > 10
+    for point, sums in late:
+        assert sums.err2 < 1e-10 * sums.true2, point
