@@ -5,6 +5,7 @@
     python scripts/mutation.py                          # every module in MODULES below
     python scripts/mutation.py relex_merge/fit.py       # one module (any path in MODULES)
     python scripts/mutation.py --resume relex_merge/fit.py   # re-test only its last survivors
+    python scripts/mutation.py relex_merge/plan.py --tests 'tests/test_validation.py'   # any other module
 
 Each module is mutated on its own copy of the package (``mutants/<module>/``, git-ignored; the
 working tree is never touched) and tested against a scoped selection of fast tests: mutmut runs,
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -166,31 +168,11 @@ def selected(name: str, functions: list[str] | None) -> bool:
     return any(function in (f"x_{f}", f"x{f}") for f in functions)
 
 
-def run_module(module: str, tests: list[str], functions: list[str] | None, args, known: dict[str, str]) -> Score:
-    workdir = WORK / slug(module)
-    previous = results(workdir) if args.resume and (workdir / "mutants").exists() else {}
-    prepare(workdir, module, tests, args.resume)
-    patterns = [] if functions is None else [f"relex_merge.*.x{'' if f.startswith('ǁ') else '_'}{f}__mutmut_*"
-                                             for f in functions]
-    if previous:  # only what was not killed last time
-        patterns = [n for n, s in previous.items() if s not in ("killed",) and selected(n, functions)]
-    start = time.monotonic()
-    if previous and not patterns:
-        print(f"== {module}: every mutant was killed last time; nothing to re-test", flush=True)
-        done = subprocess.CompletedProcess([], 0, "")
-    else:
-        print(f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
-              flush=True)
-        done = mutmut(workdir, "run", "--max-children", str(args.jobs), *patterns, capture=True)
-        (workdir / "mutmut-run.log").write_text(done.stdout)
-    score = Score(module, seconds=time.monotonic() - start)
-    statuses = results(workdir)
-    if done.returncode != 0 or not statuses:
-        print(done.stdout[-3000:])
-        raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); see {workdir}/mutmut-run.log")
-    survivors = []
+def tally(label: str, statuses: dict[str, str], keep, known: dict[str, str], seconds: float) -> tuple[Score, list[str]]:
+    """The score of the mutants ``keep`` accepts, and the names of those not explained."""
+    score, unexplained = Score(label, seconds=seconds), []
     for name, status in sorted(statuses.items()):
-        if not selected(name, functions):
+        if not keep(name):
             continue
         if status == "killed":
             score.killed += 1
@@ -200,21 +182,54 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, args,
             score.equivalent += 1
         elif status == "survived":
             score.survived += 1
-            survivors.append(name)
+            unexplained.append(name)
         else:
             score.other += 1
-            survivors.append(name)
+            unexplained.append(name)
+    return score, unexplained
+
+
+def run_module(module: str, tests: list[str], functions: list[str] | None, focus: list[str] | None, args,
+               known: dict[str, str]) -> list[Score]:
+    """Mutate ``functions`` (None: every function) of ``module``; score them, and ``focus`` apart."""
+    workdir = WORK / slug(module)
+    previous = results(workdir) if args.resume and (workdir / "mutants").exists() else {}
+    prepare(workdir, module, tests, args.resume)
+    patterns = [] if functions is None else [f"relex_merge.*.x{'' if f.startswith('ǁ') else '_'}{f}__mutmut_*"
+                                             for f in functions]
+    if previous:  # only what was not killed last time
+        patterns = [n for n, s in previous.items() if s != "killed" and selected(n, functions)]
+    start = time.monotonic()
+    if previous and not patterns:
+        print(f"== {module}: every mutant was killed last time; nothing to re-test", flush=True)
+        done = subprocess.CompletedProcess([], 0, "")
+    else:
+        print(f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
+              flush=True)
+        done = mutmut(workdir, "run", "--max-children", str(args.jobs), *patterns, capture=True)
+        (workdir / "mutmut-run.log").write_text(done.stdout)
+    seconds = time.monotonic() - start
+    statuses = results(workdir)
+    if done.returncode != 0 or not statuses:
+        print(done.stdout[-3000:])
+        raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); see {workdir}/mutmut-run.log")
+    label = module if functions is None else f"{module} ({', '.join(f.replace('ǁ', '.').strip('.') for f in functions)})"
+    score, unexplained = tally(label, statuses, lambda n: selected(n, functions), known, seconds)
+    scores = [score]
+    if focus is not None and functions is None:  # the whole module, and the functions MODULES names
+        names = ", ".join(f.replace("ǁ", ".").strip(".") for f in focus)
+        scores.append(tally(f"{module} ({names})", statuses, lambda n: selected(n, focus), known, seconds)[0])
     stale = [n for n, status in statuses.items() if n in known and status != "survived" and selected(n, functions)]
     if stale:
         print(f"   listed as equivalent in {EQUIVALENTS.name} but {', '.join(sorted(set(statuses[n] for n in stale)))}: "
               f"{', '.join(sorted(stale))}")
-    report = [f"{statuses[name]}: {diff}\n" for name, diff in zip(survivors, diffs(workdir, survivors))]
+    report = [f"{statuses[name]}: {diff}\n" for name, diff in zip(unexplained, diffs(workdir, unexplained))]
     (workdir / "survivors.txt").write_text("\n".join(report))
     if report and not args.quiet:
         print("\n".join(report))
     print(f"   {score.killed} killed, {score.survived} survived, {score.equivalent} equivalent, {score.timeout} timeout, "
-          f"{score.other} other, in {score.seconds:.0f} s", flush=True)
-    return score
+          f"{score.other} other, in {seconds:.0f} s", flush=True)
+    return scores
 
 
 def table(scores: list[Score]) -> str:
@@ -233,7 +248,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("modules", nargs="*", help=f"module paths from MODULES (default: all of {list(MODULES)})")
-    parser.add_argument("--tests", nargs="+", help="pytest arguments selecting the tests, for a module not in MODULES")
+    parser.add_argument("--tests", type=shlex.split, metavar="'PYTEST ARGS'",
+                        help="pytest arguments selecting the tests, one quoted string (for a module not in MODULES, "
+                             "or to override its selection), e.g. --tests 'tests/test_x.py -k \"not slow\"'")
     parser.add_argument("--all-functions", action="store_true",
                         help="mutate every function of a module that MODULES restricts to a few")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants tested at once")
@@ -260,14 +277,10 @@ def main() -> int:
             parser.error(f"{module} is not in MODULES (scripts/mutation.py): give its tests with --tests")
         if args.tests:
             tests = args.tests
-        if args.all_functions:
-            functions = None
         if not list(ROOT.glob(module)):
             print(f"== {module}: no such file here, skipped (update MODULES in scripts/mutation.py)")
             continue
-        scores.append(run_module(module, tests, functions, args, known))
-        if functions is not None:
-            scores[-1].module += " (" + ", ".join(f.replace("ǁ", ".").strip(".") for f in functions) + ")"
+        scores += run_module(module, tests, None if args.all_functions else functions, functions, args, known)
     from importlib.metadata import version
 
     print(f"\nmutmut {version('mutmut')}, {time.strftime('%Y-%m-%d')}, {platform.machine()} with "
