@@ -40,9 +40,11 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants"
 EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.md"
 
-# module -> (pytest arguments selecting its tests, function globs to mutate or None for all).
-# The selection is what the tests collect for the stats run; slow end-to-end tests (CLI runs,
-# mergekit) are left out: each kills nothing the unit tests do not, at 10-100x the time.
+# module (a path or glob; edit here when a module moves) -> (pytest arguments selecting the tests
+# that exercise it, the functions to mutate or None for all; a method is written ǁClassǁmethod, as
+# mutmut names it). For each mutant mutmut runs only the selected tests that call the mutated
+# function. Slow end-to-end tests (CLI runs, mergekit) are left out: they kill nothing the unit
+# tests do not, at 10-100x the time.
 _E2E = "not end_to_end and not mergekit and not require_supported and not plain_merge"
 _MATH_TESTS = ["tests/test_fit.py", "tests/test_fits.py", "tests/test_fit_math.py", "-k", _E2E]
 _BACKTEST_TESTS = ["tests/test_backtest.py", "tests/test_fits.py", "tests/test_analyze.py",
@@ -161,6 +163,10 @@ def results(workdir: Path) -> dict[str, str]:
     return statuses
 
 
+def readable(functions: list[str]) -> str:
+    return ", ".join(f.replace("ǁ", ".").strip(".") for f in functions)
+
+
 def selected(name: str, functions: list[str] | None) -> bool:
     if functions is None:
         return True
@@ -213,22 +219,21 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, focus
     if done.returncode != 0 or not statuses:
         print(done.stdout[-3000:])
         raise SystemExit(f"mutmut failed on {module} (exit {done.returncode}); see {workdir}/mutmut-run.log")
-    label = module if functions is None else f"{module} ({', '.join(f.replace('ǁ', '.').strip('.') for f in functions)})"
+    label = module if functions is None else f"{module} ({readable(functions)})"
     score, unexplained = tally(label, statuses, lambda n: selected(n, functions), known, seconds)
     scores = [score]
     if focus is not None and functions is None:  # the whole module, and the functions MODULES names
-        names = ", ".join(f.replace("ǁ", ".").strip(".") for f in focus)
-        scores.append(tally(f"{module} ({names})", statuses, lambda n: selected(n, focus), known, seconds)[0])
+        scores.append(tally(f"{module} ({readable(focus)})", statuses, lambda n: selected(n, focus), known, seconds)[0])
     stale = [n for n, status in statuses.items() if n in known and status != "survived" and selected(n, functions)]
     if stale:
-        print(f"   listed as equivalent in {EQUIVALENTS.name} but {', '.join(sorted(set(statuses[n] for n in stale)))}: "
-              f"{', '.join(sorted(stale))}")
+        now = ", ".join(sorted({statuses[n] for n in stale}))
+        print(f"   listed as equivalent in {EQUIVALENTS.name} but {now}: {', '.join(sorted(stale))}")
     report = [f"{statuses[name]}: {diff}\n" for name, diff in zip(unexplained, diffs(workdir, unexplained))]
     (workdir / "survivors.txt").write_text("\n".join(report))
     if report and not args.quiet:
         print("\n".join(report))
-    print(f"   {score.killed} killed, {score.survived} survived, {score.equivalent} equivalent, {score.timeout} timeout, "
-          f"{score.other} other, in {seconds:.0f} s", flush=True)
+    print(f"   {score.killed} killed, {score.survived} survived, {score.equivalent} equivalent, "
+          f"{score.timeout} timeout, {score.other} other, in {seconds:.0f} s", flush=True)
     return scores
 
 

@@ -177,7 +177,7 @@ def test_backtest_of_sine_on_an_exact_sinusoid_has_no_error_once_the_fit_sees_a_
 # ---- reading the sums: matched points, errors, support, the best fit, verdicts --------------
 
 
-def line_backtest(curve=lambda s: 0.3 * s + 0.1, noise=1e-3, steps=tuple(range(1, 13)), candidates=None):
+def line_backtest(curve=lambda s: 0.3 * s + 0.1, noise=1e-3, steps=tuple(range(1, 13))):
     steps = list(steps)
     gen = torch.Generator().manual_seed(0)
     grams = []

@@ -69,7 +69,8 @@ def test_single_file_header_and_data_written_front_to_back(tmp_path):
     names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}
     for name, t in tensors.items():  # in the given order, back to back
         nbytes = t.numel() * t.element_size()
-        assert header[name] == {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        assert header[name] == {"dtype": names[t.dtype], "shape": list(t.shape),
+                                "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     assert path.stat().st_size == data_start + offset
     with safe_open(str(path), "pt") as f:
@@ -94,7 +95,8 @@ def test_default_metadata_and_a_custom_file_name(tmp_path):
 
 def test_sharded_output_has_an_index_with_the_total_size(tmp_path):
     tensors = sample(2)
-    w = ShardedModelWriter(tmp_path, layout(tensors), shard_size=40)  # a (60 B) | b (14 B) | c (48 B) | d (8 B): four shards
+    # a (60 B) | b (14 B) | c (48 B) | d (8 B): four shards
+    w = ShardedModelWriter(tmp_path, layout(tensors), shard_size=40)
     for name, t in tensors.items():
         w.write_at(name, 0, t)
     w.close()
