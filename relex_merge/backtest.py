@@ -220,7 +220,7 @@ class Backtest:
                 else:
                     keys.append(key)
                     maps.append(m)
-            self._cache[k] = (keys, torch.stack(maps) if maps else torch.zeros(0, held, k), others)
+            self._cache[k] = (keys, torch.stack(maps) if maps else torch.zeros(0, held, k, dtype=torch.float64), others)
         keys, maps, others = self._cache[k]
         return keys, maps, others
 

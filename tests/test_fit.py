@@ -143,7 +143,7 @@ def test_reconstruct_with_full_rank_returns_the_observed_checkpoint():
     assert_close(sinks[0].tensor("w"), checkpoints[2]["w"].reshape(-1))
 
 
-@pytest.mark.parametrize("rank,spec_kw", itertools.product([1, 3], [{}, {"window": 3}]))
+@pytest.mark.parametrize("rank,spec_kw", list(itertools.product([1, 3], [{}, {"window": 3}])))
 def test_chunked_equals_unchunked(rank, spec_kw):
     base, checkpoints = random_window(n_ckpt=5, shapes={"big": (64, 32), "vec": (300,)}, seed=7)
     spec = RelexSpec(rank=rank, **spec_kw)

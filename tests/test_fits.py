@@ -85,14 +85,19 @@ def dense_autoregressive(base, checkpoints, steps, target, family, shape, every,
     last `keep` points, predict the next `every` checkpoints (one window gap apart), append
     them, re-fit. With every=1 this is the reference's loop exactly."""
     coefficients, directions = dense_svd(base, checkpoints, rank)
+    predicted = dense_refit(steps, coefficients, target, family, shape, every, keep)
+    return (base.double().reshape(-1) + predicted @ directions).reshape(base.shape)
+
+
+def dense_refit(steps, coefficients, target, family, shape, every, keep, s0=0.0):
+    """The loop itself on coefficients (T x r): the predicted coefficients at ``target``."""
     gap = steps[1] - steps[0]
     xs, buf = deque(steps, maxlen=keep), deque(list(coefficients), maxlen=keep)
     s = steps[-1]
     while True:
-        curve = fit_curve(family, list(xs), torch.stack(list(buf)), shape, 0.0)
+        curve = fit_curve(family, list(xs), torch.stack(list(buf)), shape, s0)
         if target <= s + every * gap:
-            predicted = curve([target])[0]
-            return (base.double().reshape(-1) + predicted @ directions).reshape(base.shape)
+            return curve([target])[0]
         for k in range(1, every + 1):
             xs.append(s + k * gap)
             buf.append(curve([s + k * gap])[0])
