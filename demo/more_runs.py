@@ -134,10 +134,12 @@ def main(argv=None) -> None:
             train(run, folder)
         print(f"evaluating {run.name}", file=sys.stderr)
         lines += evaluate(run, folder)
-    text = ("Exact match (greedy) on the demo's 300 held-out problems; window = GRPO steps 1..W, every step; horizon in "
-            "window spans past its end. Verdict: supported; uncertain (not supported, closer than stopping); stop "
-            "(stopping is closer).\n\n" + "\n".join(lines) + "\n\nRerun: `python demo/more_runs.py`\n")
-    args.out.write_text(text)
+        # Written after every run so that an interrupted sweep keeps what it measured.
+        text = ("Exact match (greedy) on the demo's 300 held-out problems; window = GRPO steps 1..W, every step; "
+                "horizon in window spans past its end. Verdict: supported; uncertain (not supported, closer than "
+                "stopping); stop (stopping is closer).\n\n" + "\n".join(lines)
+                + "\n\nRerun: `python demo/more_runs.py`\n")
+        args.out.write_text(text)
     print(text)
 
 
