@@ -260,36 +260,43 @@ class Backtest:
             for i in self.order():
                 by_k.setdefault(self.points[i].fit_count, i)
             return sorted(by_k.values())
-        h = min(target_horizon, self.tested_horizon)
+        # clamped into the tested range: a target nearer than the shortest horizon tested is
+        # judged there, one farther than the longest at the longest
+        shortest = min(p.horizon for p in self.points)
+        h = min(max(target_horizon, shortest), self.tested_horizon)
         return [i for i, p in enumerate(self.points) if h / 2 <= p.horizon <= 2 * h]
 
-    def error(self, key, ids: Sequence[int]) -> float:
-        """Whole-model relative error pooled over the given points."""
+    def error(self, key, ids: Sequence[int], scale: float = 1.0) -> float:
+        """Whole-model relative error pooled over the given points, of the prediction times
+        ``scale`` (the config's scale multiplies the predicted displacement: the output is
+        judged, not the fit alone)."""
         if not ids:
             return math.nan
-        err2, true2 = (float(x) for x in self._totals[key][list(ids), :2].sum(0))
+        err2, true2, pred2, dot = (float(x) for x in self._totals[key][list(ids)].sum(0))
+        if scale != 1.0:  # ||s p - t||^2 from the same sums
+            err2 = max(scale * scale * pred2 - 2 * scale * dot + true2, 0.0)
         return math.sqrt(err2 / true2) if true2 > 0 else math.nan
 
-    def supported_horizon(self, key, tolerance: float = DEFAULT_TOLERANCE) -> float | None:
+    def supported_horizon(self, key, tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> float | None:
         """The longest horizon up to which every point held (error <= tolerance). None when
         even the shortest failed. (Whether the fit beats stopping is judged at each target's
         own horizon, where it matters: one step ahead, stopping is nearly always closer.)"""
         supported = None
         for i in self.order():
-            if not self.error(key, [i]) <= tolerance:
+            if not self.error(key, [i], scale) <= tolerance:
                 break
             supported = self.points[i].horizon
         return supported
 
-    def best(self, target_horizon: float, keys: Sequence[FitSpec] | None = None) -> FitSpec:
+    def best(self, target_horizon: float, keys: Sequence[FitSpec] | None = None, scale: float = 1.0) -> FitSpec:
         """The candidate with the lowest error near the horizon; near-ties go to the simpler."""
-        return self.best_over(self.matched(target_horizon), keys)
+        return self.best_over(self.matched(target_horizon), keys, scale)
 
-    def best_over(self, ids: Sequence[int], keys: Sequence[FitSpec] | None = None) -> FitSpec:
+    def best_over(self, ids: Sequence[int], keys: Sequence[FitSpec] | None = None, scale: float = 1.0) -> FitSpec:
         """The candidate with the lowest error pooled over the points ``ids``; errors within
         TIE of the lowest count as ties, won by the earliest key (simplest first)."""
         keys = list(keys or self.candidates)
-        errors = {key: self.error(key, ids) for key in keys}
+        errors = {key: self.error(key, ids, scale) for key in keys}
         finite = [e for e in errors.values() if not math.isnan(e)]
         if not finite:
             return keys[0]
@@ -297,16 +304,17 @@ class Backtest:
         return next(key for key in keys if errors[key] <= lowest * (1 + TIE) + TIE_ABSOLUTE)
 
     def verdict(self, target: int, fit: FitSpec, chosen_by_backtest: bool, last_step: int,
-                tolerance: float = DEFAULT_TOLERANCE) -> "TargetVerdict":
-        """What the backtest says about predicting ``target`` with ``fit`` (already resolved)."""
+                tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> "TargetVerdict":
+        """What the backtest says about predicting ``target`` with ``fit`` (already resolved)
+        times ``scale``."""
         h = horizon(self.steps, target)
         ids = self.matched(h)
-        supported = self.supported_horizon(fit, tolerance)
+        supported = self.supported_horizon(fit, tolerance, scale)
         better = None
         if not chosen_by_backtest and fit in self.candidates:
-            alternative = self.best(h)
-            if alternative != fit and self.error(alternative, ids) < self.error(fit, ids) * (1 - TIE):
-                alt_support = self.supported_horizon(alternative, tolerance)
+            alternative = self.best(h, scale=scale)
+            if alternative != fit and self.error(alternative, ids, scale) < self.error(fit, ids, scale) * (1 - TIE):
+                alt_support = self.supported_horizon(alternative, tolerance, scale)
                 if alt_support is not None and alt_support >= min(h, self.tested_horizon):
                     better = alternative
         return TargetVerdict(
@@ -314,7 +322,7 @@ class Backtest:
             horizon=h,
             fit=fit,
             chosen_by_backtest=chosen_by_backtest,
-            error=self.error(fit, ids),
+            error=self.error(fit, ids, scale),
             stop_error=self.error(STOP, ids),
             at_horizon=sum(self.points[i].horizon for i in ids) / len(ids) if ids else math.nan,
             supported_horizon=supported,
@@ -322,6 +330,7 @@ class Backtest:
             tolerance=tolerance,
             last_step=last_step,
             better_fit=better,
+            scale=scale,
         )
 
 
@@ -341,6 +350,7 @@ class TargetVerdict:
     tolerance: float
     last_step: int  # the window's last step (what "stopping" means for the user)
     better_fit: FitSpec | None = None  # another family that holds where this one fails
+    scale: float = 1.0  # the config's scale, part of what was judged
 
     @property
     def supported(self) -> bool:
@@ -360,7 +370,8 @@ class TargetVerdict:
         if math.isnan(self.error):
             return (f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
                     "checkpoints than the fit uses); evaluate the prediction before use.")
-        fit = self.fit.describe() + (" (chosen by the backtest)" if self.chosen_by_backtest else "")
+        fit = self.fit.describe() + (f" at scale {self.scale:g}" if self.scale != 1.0 else "") + (
+            " (chosen by the backtest)" if self.chosen_by_backtest else "")
         where = f"step {self.target} is {self.horizon:.1f}x the window span past its end"
         errors = (f"backtest error {_pct(self.error)} near {self.at_horizon:.1f}x vs {_pct(self.stop_error)} "
                   f"for stopping")
@@ -372,6 +383,10 @@ class TargetVerdict:
                     f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window.")
         held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
         if held_everywhere:
+            if self.error >= self.stop_error:  # held under the tolerance, yet stopping is closer
+                return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
+                        f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
+                        f"near the longest ({errors}): do not extrapolate from this window.")
             return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
                     f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
                     f"before preferring it to the last window checkpoint (step {self.last_step}).")
@@ -397,6 +412,7 @@ class TargetVerdict:
             "target_step": self.target,
             "horizon": round(self.horizon, 4),
             "fit": self.fit.describe(),
+            "scale": self.scale,
             "chosen_by_backtest": self.chosen_by_backtest,
             "supported": self.supported,
             "supported_horizon": None if self.supported_horizon is None else round(self.supported_horizon, 4),
@@ -462,13 +478,14 @@ def assess(
         if fit is None:
             h = horizon(backtest.steps, target)
             candidates = _shape_candidates(output.fit, steps, spec)
-            fit = backtest.best(h, candidates)
+            fit = backtest.best(h, candidates, output.scale)
             if log.isEnabledFor(logging.DEBUG):
                 near = backtest.matched(h)
                 log.debug("step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
                           "near there (stopping: %s)", target, h, fit.describe(), len(candidates),
-                          _pct(backtest.error(fit, near)), _pct(backtest.error(STOP, near)))
+                          _pct(backtest.error(fit, near, output.scale)), _pct(backtest.error(STOP, near)))
         chosen.append(fit)
         extrapolating = output.mode == "extrapolate"
-        verdicts.append(backtest.verdict(target, fit, by_backtest, last, tolerance) if extrapolating else None)
+        verdicts.append(backtest.verdict(target, fit, by_backtest, last, tolerance, output.scale)
+                        if extrapolating else None)
     return Assessment(backtest, chosen, verdicts)

@@ -12,7 +12,8 @@ import torch
 from relex_merge.config import RelexConfig
 from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
-from relex_merge.fit import window_indices
+from relex_merge import fits
+from relex_merge.fit import FitSpec, window_indices
 from relex_merge.io.dtypes import CONFIG_DTYPES
 from relex_merge.io.base import CheckpointReader
 from relex_merge.io.hf import read_model_config
@@ -91,6 +92,7 @@ def _check_parameters(
     spec = p.spec()
     if p.mode != "reconstruct":
         _check_points(spec, len(used))
+        _check_backtest_can_choose(spec, steps)
     targets = p.targets()
     if len(set(targets)) != len(targets):
         raise RelexError("parameters.target_step: a target step is listed twice")
@@ -138,6 +140,26 @@ def _check_points(spec, n_used: int) -> None:
             raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
         if spec.refit_window > n_used:
             raise RelexError(f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window")
+
+
+def _check_backtest_can_choose(spec, steps: list[int]) -> None:
+    """``auto`` and a shape left open are chosen by the backtest, which needs a checkpoint
+    held back beyond the fewest the candidates fit on; without one it would choose blind."""
+    if spec.fit.resolved is not None:
+        return
+    from relex_merge.backtest import Backtest  # the backtest imports the fit machinery: only when needed
+
+    probe = Backtest.for_fits(steps, spec, [spec.fit])
+    if probe.points:
+        return
+    need = max([spec.rank] + [c.min_points for c in probe.candidates] + [FitSpec(fits.AUTO).min_points]) + 1
+    got = f"needs at least {need} checkpoints in the window to choose (got {len(probe.steps)})"
+    if spec.fit.family == fits.AUTO:
+        raise RelexError(f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe "
+                         "more checkpoints")
+    key = spec.fit.curve_family.shape.key
+    raise RelexError(f"parameters.{key}: {spec.fit.family}'s {key} is chosen by the backtest when not given, and the "
+                     f"backtest {got}; give {key}: or observe more checkpoints")
 
 
 def _open_all(

@@ -14,6 +14,7 @@ from relex_merge import fits
 from relex_merge.backtest import (
     STOP,
     Backtest,
+    TargetVerdict,
     HoldoutSums,
     assess,
     auto_candidates,
@@ -284,7 +285,7 @@ def test_verdict_line_of_a_supported_target():
     assert v.line() == (f"SUPPORTED: step 18 is 0.5x the window span past its end; linear holds up to "
                         f"{v.supported_horizon:.1f}x (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
                         f"{v.stop_error:.0%} for stopping).")
-    assert v.as_dict() == {"target_step": 18, "horizon": round(6 / 11, 4), "fit": "linear", "chosen_by_backtest": False,
+    assert v.as_dict() == {"target_step": 18, "horizon": round(6 / 11, 4), "fit": "linear", "scale": 1.0, "chosen_by_backtest": False,
                            "supported": True, "supported_horizon": round(v.supported_horizon, 4),
                            "tested_horizon": round(v.tested_horizon, 4), "backtest_error": round(v.error, 4),
                            "stop_error": round(v.stop_error, 4), "tolerance": 0.2}
@@ -448,3 +449,52 @@ def test_backtest_of_a_sine_refit_uses_only_the_refit_window():
     assert len(late) > 10
     for point, sums in late:
         assert sums.err2 < 1e-10 * sums.true2, point
+
+
+def test_the_verdict_judges_the_output_at_its_scale():
+    """An exact line predicts each held-back delta t exactly, so scale s is off by |s - 1| ||t||."""
+    steps, grams = line_backtest(noise=0.0)
+    a = assess(grams, steps, [18, 18, 18], [RelexSpec(), RelexSpec(scale=3.0), RelexSpec(scale=0.5)])
+    one, three, half = a.verdicts
+    assert one.error == pytest.approx(0.0, abs=1e-6) and one.supported
+    assert three.error == pytest.approx(2.0, rel=1e-6) and not three.supported and three.scale == 3.0
+    assert half.error == pytest.approx(0.5, rel=1e-6) and not half.supported
+    assert three.stop_error == one.stop_error  # stopping has no scale
+    assert three.supported_horizon is None and "linear at scale 3 held at no horizon" in three.line()
+    assert three.as_dict()["scale"] == 3.0
+
+
+def test_auto_chooses_the_fit_for_the_scaled_output():
+    """Scaled by 0.6, a line through a sqrt-shaped run can beat the sqrt fit itself: auto judges
+    what will be written, so its choice may change with the scale, and its error is the lowest."""
+    steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=0.0)
+    keys = [FitSpec("linear"), FitSpec("power", 0.5)]
+    bt = Backtest(steps, RelexSpec(), keys)
+    for g in grams:
+        bt.add(g)
+    ids = bt.matched(1.0)
+    for scale in (0.6, 1.0, 1.4):
+        chosen = bt.best(1.0, keys, scale)
+        assert bt.error(chosen, ids, scale) == min(bt.error(k, ids, scale) for k in keys)
+    assert bt.best(1.0, keys, 1.0) == FitSpec("power", 0.5)
+
+
+def test_a_target_nearer_than_every_tested_horizon_is_judged_at_the_shortest():
+    steps, grams = line_backtest()
+    bt = Backtest(steps, RelexSpec(), [FitSpec("linear")])
+    for g in grams:
+        bt.add(g)
+    shortest = min(p.horizon for p in bt.points)
+    assert bt.matched(shortest / 10) == bt.matched(shortest) != []
+    v = assess(grams, steps, [13], [RelexSpec()]).verdicts[0]  # 1/11 of the window span past its end
+    assert v.horizon < shortest and not math.isnan(v.error) and v.supported
+
+
+def test_held_everywhere_but_stopping_closer_says_do_not_extrapolate():
+    v = TargetVerdict(target=100, horizon=8.0, fit=FitSpec("linear"), chosen_by_backtest=False, error=0.15,
+                      stop_error=0.1, at_horizon=3.0, supported_horizon=4.0, tested_horizon=4.0, tolerance=0.2,
+                      last_step=12)
+    assert v.line() == ("NOT SUPPORTED: step 100 is 8.0x the window span past its end, beyond the 4.0x the window "
+                        "can test; linear held at every horizon tested, but stopping at step 12 is at least as close "
+                        "near the longest (backtest error 15% near 3.0x vs 10% for stopping): do not extrapolate "
+                        "from this window.")

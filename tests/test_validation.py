@@ -267,6 +267,16 @@ CASES = {
         lambda run, tmp: base_config(run, fit="sine"),
         "parameters.fit: sine needs at least 4 checkpoints in the window, got 3",
     ),
+    "auto on a window too short to backtest": (
+        lambda run, tmp: base_config(run, fit="auto"),
+        "parameters.fit: auto: the backtest needs at least 5 checkpoints in the window to choose (got 3); name a "
+        "family (e.g. fit: linear) or observe more checkpoints",
+    ),
+    "open shape on a window too short to backtest": (
+        lambda run, tmp: base_config(run, fit="log"),
+        "parameters.tau: log's tau is chosen by the backtest when not given, and the backtest needs at least 5 "
+        "checkpoints in the window to choose (got 3); give tau: or observe more checkpoints",
+    ),
     "refit window alone": (
         lambda run, tmp: base_config(run, refit_window=3),
         "{cfg}: parameters.refit_window: only used with refit_every",
