@@ -429,7 +429,7 @@ def eval_command(model_dir, tasks, include_path, limit, device, batch_size, resu
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
 @click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
 @click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
-@click.option("--keep-all", is_flag=True, help="Keep every candidate under OUT/candidates/.")
+@click.option("--keep-all", is_flag=True, help="Keep every candidate but the best (which is OUT/best/) under OUT/candidates/.")
 @click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors, and the debug log.")
 @user_errors
