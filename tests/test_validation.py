@@ -181,6 +181,10 @@ CASES = {
         lambda run, tmp: base_config(run, window=1),
         "{cfg}: parameters.window: expected a value greater than or equal to 2, got 1",
     ),
+    "size with a bare i": (  # was KeyError: 'i', exit 1
+        lambda run, tmp: Case(base_config(run), args=("--max-memory", "8i")),
+        "--max-memory: cannot read size '8i' (examples: 8GB, 512MiB, 1000000)",
+    ),
     "scale zero": (
         lambda run, tmp: base_config(run, scale=0),
         "{cfg}: parameters.scale: expected a value greater than 0, got 0",
@@ -519,3 +523,14 @@ def test_an_index_whose_weight_map_is_not_a_mapping_is_one_line(qwen_run, tmp_pa
         f"error: {model}/model.safetensors.index.json: not a valid index (weight_map must map tensor names to "
         "file names)"
     )
+
+
+def test_sizes_read_decimal_and_binary_units():
+    from relex_merge.errors import RelexError
+    from relex_merge.units import parse_size
+
+    assert [parse_size(t, "x") for t in ("8", "8b", "8k", "8KB", "8ki", "8KiB", "1.5g", "2TiB")] == [
+        8, 8, 8000, 8000, 8192, 8192, 1_500_000_000, 2 * 1024**4]
+    for bad in ("8i", "8ib", "8bb", "GB", "8 x"):
+        with pytest.raises(RelexError, match="cannot read size"):
+            parse_size(bad, "x")
