@@ -234,3 +234,19 @@ def test_zero_checkpoint_without_deepspeed_says_how(tmp_path):
         f"error: {tag}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
         "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
     )
+
+
+def test_convert_a_weight_file_into_a_folder_beside_it(qwen_run, tmp_path):
+    """A file input overlaps only itself and the folders holding it, not its siblings."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qwen_run / "checkpoint-2", folder)
+    result = run_cli("convert", "model.safetensors", "converted", "-q", cwd=folder)
+    assert result.exit_code == 0, result.output
+    reference = load_state(qwen_run / "checkpoint-2")
+    converted = load_state(folder / "converted")
+    assert set(converted) == set(reference) and all(torch.equal(converted[n], reference[n]) for n in reference)
+    for out in (".", "model.safetensors", str(tmp_path)):  # the file itself, or a folder that holds it
+        refused = run_cli("convert", "model.safetensors", out, "--overwrite", cwd=folder)
+        assert refused.exit_code == 2
+        assert refused.stderr.strip() == f"error: {out}: output overlaps the input model.safetensors; choose another output folder"
+    assert (folder / "model.safetensors").read_bytes() == (qwen_run / "checkpoint-2" / "model.safetensors").read_bytes()
