@@ -276,6 +276,8 @@ def analyze(
 
     group = distributed.current()
     plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+    for warning in plan.warnings:
+        progress.note(f"warning: {warning}")
     engine = options.engine()
     out = Path(out_dir) if out_dir is not None else None
     with group.step("checking the output folder"):

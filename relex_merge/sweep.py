@@ -109,6 +109,8 @@ def run_sweep(
     every rank builds its share of the candidates' tensors, then rank 0 alone scores them (the
     others return None)."""
     say = progress.note
+    for warning in plan.warnings:
+        say(f"warning: {warning}")
     group = distributed.current()
     if not targets or not scales:
         raise RelexError("--targets and --scales: give at least one value each")

@@ -68,8 +68,9 @@ class CheckpointReader(ABC):
     ``supports_views`` and implements ``view``; one whose reads may run on several threads at
     once sets ``thread_safe_reads`` (the engine serialises the reads of the others); one that
     can only read whole tensors sets ``whole_tensor_reads`` (the engine then reads each tensor
-    in one span); one with something to tell the user sets ``warnings``; one holding open files
-    implements ``close``.
+    in one span); one that holds its tensors in RAM sets ``resident_bytes`` (planning warns);
+    one with something to tell the user sets ``warnings``; one holding open files implements
+    ``close``.
     """
 
     path: Path  # the folder or file the user named; error messages start with it
@@ -82,6 +83,9 @@ class CheckpointReader(ABC):
     """A read of some rows costs as much as a read of the whole tensor (DCP loads stored
     tensors whole), so the engine gives each tensor one span: it is read once per pass, not
     once per span."""
+    resident_bytes: int = 0
+    """Bytes of tensor data the reader holds in RAM for as long as it is open (a consolidated
+    state dict, not a mapping of files): outside what ``--max-memory`` bounds."""
     warnings: Sequence[str] = ()
     """Notes for the user about this checkpoint (printed, and listed in the model card)."""
 
