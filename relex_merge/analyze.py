@@ -91,8 +91,21 @@ class Analysis:
     coefficients: dict[str, dict] = field(default_factory=dict)  # for plots
 
     def to_json(self) -> str:
-        """The analysis as indented JSON (NaN allowed), as written to analysis.json."""
-        return json.dumps(asdict(self), indent=2, allow_nan=True)
+        """The analysis as indented JSON, as written to analysis.json. Non-finite numbers (an
+        open-ended horizon bin, a NaN error) are written as null: NaN and Infinity are not JSON,
+        and strict parsers (jq, JavaScript, Go) refuse the whole file over them."""
+        return json.dumps(_finite_or_null(asdict(self)), indent=2, allow_nan=False)
+
+
+def _finite_or_null(value):
+    """``value`` with every non-finite float replaced by None (tuples become lists, as json writes them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_null(v) for v in value]
+    return value
 
 
 def _points(bt: Backtest, key) -> list[HorizonPoint]:
@@ -263,6 +276,8 @@ def analyze(
 
     group = distributed.current()
     plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+    for warning in plan.warnings:
+        progress.note(f"warning: {warning}")
     engine = options.engine()
     out = Path(out_dir) if out_dir is not None else None
     with group.step("checking the output folder"):

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 # Options fields of every command that runs the engine (merge, analyze, sweep)
-ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "timeout")
+# every command that runs the engine (merge, analyze, sweep): the engine's own errors may name any of them
+ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "allow_nonfinite", "timeout")
 
 
 class Terminated(BaseException):
@@ -258,7 +259,7 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
 @click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
 @quiet_and_verbose
 @user_errors
-@flags("overwrite", *ENGINE_FLAGS, "shard_size", "intermediate_dir", "lazy", "allow_nonfinite", "full_hash",
+@flags("overwrite", *ENGINE_FLAGS, "shard_size", "intermediate_dir", "lazy", "full_hash",
        "profile", "fit_cache", "require_supported", "tolerance")
 def merge_command(config_path, out, print_config, options, quiet, verbose):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""

@@ -33,7 +33,9 @@ DTYPES = tuple(CONFIG_DTYPES)  # ("float32", "float16", "bfloat16", "float64")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: `.inf` and `.nan` are YAML floats; no parameter means anything with them
+    # (scale: .inf wrote an all-NaN model, tau: .inf failed in the linear algebra)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelParameters(_Strict):
@@ -220,6 +222,7 @@ _EXPECTED = {
     "int_from_float": "an integer",
     "float_type": "a number",
     "float_parsing": "a number",
+    "finite_number": "a finite number",
     "string_type": "a string",
     "bool_type": "true or false",
     "list_type": "a list",

@@ -129,6 +129,9 @@ def spec_from_parameters(
     """The one place config parameters (YAML, or mergekit's) become a RelexSpec: the family's
     shape comes from its own key (degree, p or tau)."""
     given = {"degree": degree, "p": p, "tau": tau}
+    for key, value in {**given, "scale": scale}.items():  # mergekit's parameters skip our config schema
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value}")
     shape = None
     if fit != fits.AUTO:
         family_shape = fits.family(fit).shape

@@ -318,6 +318,15 @@ def run_merge(
         # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
         only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
         stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
+        for stage in stages:  # every document's keys and values now, not when its turn comes; the
+            # paths a stage reads (earlier stages' outputs among them) are checked when it runs
+            where = f"{source}: {stage.label}" if len(stages) > 1 else source
+            if stage.method == "relex":
+                parse_config(stage.document, where)
+            else:
+                from relex_merge.mergekit_runner import parse_mergekit_config
+
+                parse_mergekit_config(stage.document, where)
         if options.lazy and options.intermediate_dir is None:
             raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
         check_output_path(out, [], options.overwrite)

@@ -33,7 +33,7 @@ def _flag(name: str) -> str:
 class Options(BaseModel):
     """Options of merges, analyses, sweeps and conversions (each command uses a subset)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # --timeout nan, --tolerance inf
 
     # reading the inputs
     max_memory: Optional[int] = Field(None, description="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).",
@@ -115,6 +115,8 @@ class Options(BaseModel):
             first = err.errors()[0]
             name = str(first["loc"][0]) if first["loc"] else "options"
             flag = _flag(name) if name in cls.model_fields else name
+            if first["type"] == "finite_number":
+                raise RelexError(f"{flag}: expected a finite number, got {first['input']}") from None
             raise RelexError(f"{flag}: {first['msg']}") from None
 
     def engine(self, local_rank: int | None = None) -> "EngineOptions":

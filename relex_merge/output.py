@@ -62,8 +62,12 @@ def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
     resolved = out.resolve()
     for source in inputs:
         src = source.resolve()
-        folder = src if src.is_dir() else src.parent
-        if resolved == folder or _is_within(resolved, folder) or _is_within(folder, resolved):
+        if src.is_dir():  # a model folder: nothing may be written into it, nor may it be replaced
+            overlaps = resolved == src or _is_within(resolved, src) or _is_within(src, resolved)
+        else:  # a weight file: only the file itself, or a folder holding it, would clobber it; a new
+            # folder beside it (`cd run && relex-merge convert ckpt.safetensors converted`) is fine
+            overlaps = _is_within(src, resolved)
+        if overlaps:
             raise RelexError(f"{out}: output overlaps the input {source}; choose another output folder")
     if out.exists() and not out.is_dir():
         raise RelexError(f"{out}: output path is a file; give a folder")

@@ -20,6 +20,7 @@ from relex_merge.io.hf import read_model_config
 from relex_merge.io.registry import open_checkpoint
 from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
+from relex_merge.units import human_bytes
 
 __all__ = ["MergePlan", "plan_merge", "expand_config"]
 
@@ -237,6 +238,13 @@ def plan_merge(
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
     for reader in [base, *checkpoints]:
         warnings.extend(reader.warnings)
+    resident = [reader for reader in [base, *checkpoints] if reader.resident_bytes]
+    if resident:  # --max-memory bounds the spans only; these are held whole for the whole run
+        warnings.append(
+            f"{len(resident)} input(s), e.g. {resident[0].path}, are DeepSpeed ZeRO checkpoints, held whole in fp32 "
+            f"in RAM for the whole run ({human_bytes(sum(r.resident_bytes for r in resident))}), beyond "
+            "--max-memory; convert them first (relex-merge convert) to stay within it"
+        )
     out_dtype = CONFIG_DTYPES[config.out_dtype] if config.out_dtype else None
     compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
     job = MergeJob(

@@ -5,6 +5,7 @@ checkpoint with lm-eval, keep the best."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -108,11 +109,13 @@ def run_sweep(
     every rank builds its share of the candidates' tensors, then rank 0 alone scores them (the
     others return None)."""
     say = progress.note
+    for warning in plan.warnings:
+        say(f"warning: {warning}")
     group = distributed.current()
     if not targets or not scales:
         raise RelexError("--targets and --scales: give at least one value each")
-    if any(s <= 0 for s in scales):
-        raise RelexError("--scales: every scale must be > 0")
+    if not all(0 < s < math.inf for s in scales):  # also refuses nan and inf
+        raise RelexError("--scales: every scale must be a finite number > 0")
     manager = task_manager(include_path)
     check_tasks(tasks, manager)  # before any tensor is read
     check_output_path(out, plan.model_paths, overwrite)

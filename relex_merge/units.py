@@ -8,7 +8,8 @@ from relex_merge.errors import RelexError
 
 __all__ = ["parse_size", "human_bytes", "default_max_memory"]
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+# the unit: an optional prefix (binary with an i), then an optional b; "i" alone is no unit
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 1024, "mi": 1024**2, "gi": 1024**3, "ti": 1024**4}
 
 
@@ -20,7 +21,7 @@ def parse_size(text: str | int, what: str) -> int:
     match = _SIZE.match(str(text))
     if not match:
         raise RelexError(f"{what}: cannot read size {text!r} (examples: 8GB, 512MiB, 1000000)")
-    unit = (match.group(2) or "").lower().rstrip("b")
+    unit = (match.group(2) or "").lower()
     return int(float(match.group(1)) * _UNITS[unit])
 
 

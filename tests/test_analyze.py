@@ -88,6 +88,27 @@ def test_decelerating_trajectory_is_flagged():
                             "grows, to 35% at 2.7x.")
 
 
+def test_analysis_json_writes_null_for_non_finite_numbers():
+    """NaN and Infinity are not JSON: strict parsers refuse analysis.json over one of them."""
+    import dataclasses
+
+    grams, _ = planted_grams(lambda s: s, noise=0.0)
+    a = analyze_grams(["a", "b", "c"], [3000] * 3, grams, STEPS, [60], RelexSpec())
+    finite = a.to_json()
+    assert finite == json.dumps(dataclasses.asdict(a), indent=2)  # otherwise the file is unchanged
+    tensors = [dataclasses.replace(a.tensors[0], linear_r2=float("nan")), *a.tensors[1:]]
+    odd = dataclasses.replace(a, supported_horizon=float("inf"), horizon_bins=[(0.0, 1.0), (8.0, float("inf"))],
+                              tensors=tensors)
+
+    def strict(constant):
+        raise AssertionError(f"{constant} in analysis.json")
+
+    data = json.loads(odd.to_json(), parse_constant=strict)
+    assert data["supported_horizon"] is None and data["horizon_bins"] == [[0.0, 1.0], [8.0, None]]
+    assert data["tensors"][0]["linear_r2"] is None
+    assert data["tensors"][1] == json.loads(finite)["tensors"][1]
+
+
 @pytest.fixture(scope="module")
 def sqrt_run(tmp_path_factory):
     return make_planted_run(

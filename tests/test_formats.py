@@ -234,3 +234,85 @@ def test_zero_checkpoint_without_deepspeed_says_how(tmp_path):
         f"error: {tag}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
         "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
     )
+
+
+def test_convert_a_weight_file_into_a_folder_beside_it(qwen_run, tmp_path):
+    """A file input overlaps only itself and the folders holding it, not its siblings."""
+    folder = tmp_path / "ckpt"
+    shutil.copytree(qwen_run / "checkpoint-2", folder)
+    result = run_cli("convert", "model.safetensors", "converted", "-q", cwd=folder)
+    assert result.exit_code == 0, result.output
+    reference = load_state(qwen_run / "checkpoint-2")
+    converted = load_state(folder / "converted")
+    assert set(converted) == set(reference) and all(torch.equal(converted[n], reference[n]) for n in reference)
+    for out in (".", "model.safetensors", str(tmp_path)):  # the file itself, or a folder that holds it
+        refused = run_cli("convert", "model.safetensors", out, "--overwrite", cwd=folder)
+        assert refused.exit_code == 2
+        assert refused.stderr.strip() == f"error: {out}: output overlaps the input model.safetensors; choose another output folder"
+    assert (folder / "model.safetensors").read_bytes() == (qwen_run / "checkpoint-2" / "model.safetensors").read_bytes()
+
+
+def test_a_dcp_tensor_is_read_once_per_pass_however_small_the_budget(tmp_path, monkeypatch):
+    """DCP loads a stored tensor whole for any rows asked: a tensor cut into spans was loaded
+    once per span. With ``whole_tensor_reads`` each input's tensor is loaded once per pass."""
+    import collections
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    from relex_merge.engine import EngineOptions, MergeJob, run_job
+    from relex_merge.engine.tasks import plan_spans
+    from relex_merge.fit import RelexSpec
+    from tests.helpers import DictReader, dense_relex
+    from tests.test_fit import CollectSink, assert_close, random_window
+
+    base, checkpoints = random_window(n_ckpt=3, shapes={"w": (64, 8), "b": (8,)}, seed=5)
+    folders = []
+    for i, state in enumerate([base, *checkpoints]):
+        folders.append(tmp_path / f"dcp-{i}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(str(folders[-1])), no_dist=True)
+    readers = [open_checkpoint(f) for f in folders]
+    steps, spec = [1, 2, 3], RelexSpec(rank=2)
+    job = MergeJob(readers[0], readers[1:], steps, [9], spec)
+    options = EngineOptions(max_memory=20 * 64, threads=1)  # 64 elements (8 rows of w) a span
+    dense = MergeJob(DictReader(base), [DictReader(c) for c in checkpoints], steps, [9], spec)
+    assert len(plan_spans(dense, options, "w")) == 8  # the same budget cuts a mapped w into 8 spans
+
+    loads = collections.Counter()
+    real_load = dcp.load
+
+    def counting_load(state_dict, *args, **kwargs):
+        loads[(kwargs["storage_reader"].path, *state_dict)] += 1
+        return real_load(state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(dcp, "load", counting_load)
+    sink = CollectSink()
+    run_job(job, [sink], options)
+    assert loads == {(f, name): 2 for f in folders for name in ("w", "b")}  # Gram pass, output pass
+    for name, tensor in base.items():
+        expected = dense_relex(tensor, [c[name] for c in checkpoints], steps, 9, rank=2)
+        assert_close(sink.tensor(name).reshape(tensor.shape), expected)
+
+
+def test_fsdp_rows_of_a_tensor_sharded_along_dim_1_come_from_each_piece(monkeypatch):
+    """Shard(1): each rank holds some columns of every row. A row span takes its rows from each
+    piece; it used to join the whole tensor first and then slice it, once per span."""
+    from relex_merge.io.fsdp import FsdpShardReader, _Layout
+
+    full = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5)
+    reader = FsdpShardReader.__new__(FsdpShardReader)  # two rank pieces, no files
+    reader._ranks, reader._states = [0, 1], {0: {"w": full[:, :2]}, 1: {"w": full[:, 2:]}}
+    reader._layout, reader._meta = {"w": _Layout(1, (2, 3))}, {}
+    joined = []
+    real_cat = torch.cat
+
+    def recording_cat(tensors, dim=0):
+        joined.append([tuple(t.shape) for t in tensors])
+        return real_cat(tensors, dim=dim)
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    assert torch.equal(reader.read("w", (2, 4)), full[2:4])
+    assert joined == [[(2, 2), (2, 3)]]  # only the span's rows were joined
+    assert torch.equal(reader.read("w"), full)

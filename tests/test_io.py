@@ -278,3 +278,38 @@ def test_convert_help_lists_the_registered_formats():
     assert "Checkpoint formats (tried in this order):" in text
     for fmt in registry.formats():
         assert f"{fmt.name} {fmt.description}" in text
+
+
+def test_zero_inputs_are_held_whole_and_planning_says_so(fake_deepspeed, qwen_run, tmp_path):
+    """DeepSpeed consolidates a ZeRO checkpoint into RAM when it is opened, and a merge opens every
+    input: --max-memory cannot bound that, so the plan warns (one line) instead of staying silent."""
+    import yaml
+
+    from tests.helpers import load_state, run_cli
+
+    states = {}
+    for step in (1, 2, 3):
+        tag = tmp_path / f"zero-{step}" / "global_step1"
+        tag.mkdir(parents=True)
+        (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
+        states[str(tag.parent)] = load_state(qwen_run / f"checkpoint-{step}")
+    fake_deepspeed.get_fp32_state_dict_from_zero_checkpoint = lambda root, tag=None: dict(states[root])
+    reader = registry.open_checkpoint(tmp_path / "zero-1" / "global_step1")
+    held = sum(t.nbytes for t in states[str(tmp_path / "zero-1")].values())
+    assert reader.resident_bytes == held > 0
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump({
+        "merge_method": "relex", "base_model": str(qwen_run / "base"),
+        "models": [{"model": str(tmp_path / f"zero-{s}" / "global_step1"), "parameters": {"step": s}} for s in (1, 2, 3)],
+        "parameters": {"target_step": 9},
+    }))
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q", "--max-memory", "1MB")
+    assert result.exit_code == 0, result.output
+    from relex_merge.units import human_bytes
+
+    assert result.stderr.splitlines() == [
+        f"warning: 3 input(s), e.g. {tmp_path}/zero-1/global_step1, are DeepSpeed ZeRO checkpoints, held whole in "
+        f"fp32 in RAM for the whole run ({human_bytes(3 * held)}), beyond --max-memory; convert them first "
+        "(relex-merge convert) to stay within it"
+    ]
+    assert registry.open_checkpoint(qwen_run / "base").resident_bytes == 0  # mapped formats hold nothing

@@ -294,3 +294,29 @@ def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypat
     assert result.final.method == "task_arithmetic" and result.final.out == tmp_path / "out"
     base = load_state(tmp_path / "runs" / "synthetic" / "base")
     assert set(load_state(tmp_path / "out")) == set(base)
+
+
+@pytest.mark.parametrize("method", ["relex", "task_arithmetic"])
+def test_a_typo_in_a_later_stage_stops_the_merge_before_any_stage_runs(method, qwen_run, tmp_path, monkeypatch):
+    """The later document used to be parsed only after the earlier stages had merged."""
+    from relex_merge import merge
+
+    ran = []
+    monkeypatch.setattr(merge, "execute_merge", lambda *args, **kwargs: ran.append(args))
+    rl = {"name": "rl", **relex_doc(qwen_run, [1, 2, 3], 9)}
+    if method == "relex":
+        final = {**relex_doc(qwen_run, [1, 2, 3], 9), "base_model": "rl"}
+        final["parameters"] = {**final["parameters"], "rnk": 2}
+        expected = "{cfg}: document 2: unknown key 'parameters.rnk' (did you mean 'rank'?)"
+    else:
+        final = {"merge_method": "task_arithmetic", "base_model": str(qwen_run / "base"),
+                 "models": [{"model": "rl", "parameters": {"weight": 1.0}}], "dtype": ["float32"]}
+        expected = "{cfg}: document 2: dtype: Input should be a valid string"
+    cfg = _write(tmp_path, [rl, final])
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(cfg=cfg)), lines
+    assert ran == [] and "stage 'rl'" not in result.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -125,6 +126,37 @@ def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
     assert "had NaN or Inf values in the window and were copied from the base: model.norm.weight" in (
         tmp_path / "out" / "README.md"
     ).read_text()
+
+
+@pytest.mark.parametrize("command", ["analyze", "sweep"])
+def test_the_nonfinite_error_names_a_flag_the_command_has(command, qwen_run, tmp_path):
+    """The engine's NaN error says "pass --allow-nonfinite"; analyze and sweep had no such flag."""
+    copy = tmp_path / "ck2"
+    shutil.copytree(qwen_run / "checkpoint-2", copy)
+    state = load_file(copy / "model.safetensors")
+    state["model.norm.weight"][5] = float("nan")
+    save_file(state, copy / "model.safetensors")
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    config = yaml.safe_load(cfg.read_text())
+    config["models"][1]["model"] = str(copy)
+    cfg.write_text(yaml.safe_dump(config))
+    assert "--allow-nonfinite" in run_cli(command, "--help").output
+    if command == "sweep":  # scoring needs lm-eval; the merge step fails before it
+        tasks = Path(__file__).resolve().parents[1] / "demo" / "tasks"
+        args = ["sweep", str(cfg), str(tmp_path / "out"), "--targets", "9", "--tasks", "relex_demo_addition",
+                "--include-path", str(tasks), "-q"]
+    else:
+        args = ["analyze", str(cfg), "--out", str(tmp_path / "out"), "-q"]
+    result = run_cli(*args)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: {copy}: tensor model.norm.weight has NaN or Inf values; pass "
+                                     "--allow-nonfinite to merge anyway (such tensors are copied from the base)")
+    assert not (tmp_path / "out").exists()
+    if command == "analyze":  # with the flag the tensor is left out of the analysis
+        result = run_cli(*args, "--allow-nonfinite")
+        assert result.exit_code == 0, result.output
+        names = [t["name"] for t in json.loads((tmp_path / "out" / "analysis.json").read_text())["tensors"]]
+        assert "model.norm.weight" not in names and len(names) == len(state) - 1
 
 
 # Fuzzing: random documents built from real and mistyped keys and odd values.

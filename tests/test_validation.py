@@ -181,6 +181,38 @@ CASES = {
         lambda run, tmp: base_config(run, window=1),
         "{cfg}: parameters.window: expected a value greater than or equal to 2, got 1",
     ),
+    "size with a bare i": (  # was KeyError: 'i', exit 1
+        lambda run, tmp: Case(base_config(run), args=("--max-memory", "8i")),
+        "--max-memory: cannot read size '8i' (examples: 8GB, 512MiB, 1000000)",
+    ),
+    "scale inf": (  # was exit 0 and an all-NaN model
+        lambda run, tmp: base_config(run, scale=float("inf")),
+        "{cfg}: parameters.scale: expected a finite number, got inf",
+    ),
+    "scale nan": (
+        lambda run, tmp: base_config(run, scale=float("nan")),
+        "{cfg}: parameters.scale: expected a finite number, got nan",
+    ),
+    "tau inf": (  # was _LinAlgError, exit 1
+        lambda run, tmp: base_config(run, fit="saturating", tau=float("inf")),
+        "{cfg}: parameters.tau: expected a finite number, got inf",
+    ),
+    "p nan": (
+        lambda run, tmp: base_config(run, fit="power", p=float("nan")),
+        "{cfg}: parameters.p: expected a finite number, got nan",
+    ),
+    "degree inf": (
+        lambda run, tmp: base_config(run, fit="polynomial", degree=float("inf")),
+        "{cfg}: parameters.degree: expected an integer, got inf",
+    ),
+    "tolerance inf": (
+        lambda run, tmp: Case(base_config(run), args=("--tolerance", "inf")),
+        "--tolerance: expected a finite number, got inf",
+    ),
+    "timeout nan": (
+        lambda run, tmp: Case(base_config(run), args=("--timeout", "nan")),
+        "--timeout: expected a finite number, got nan",
+    ),
     "scale zero": (
         lambda run, tmp: base_config(run, scale=0),
         "{cfg}: parameters.scale: expected a value greater than 0, got 0",
@@ -529,3 +561,40 @@ def test_an_index_whose_weight_map_is_not_a_mapping_is_one_line(qwen_run, tmp_pa
         f"error: {model}/model.safetensors.index.json: not a valid index (weight_map must map tensor names to "
         "file names)"
     )
+
+
+def test_sizes_read_decimal_and_binary_units():
+    from relex_merge.errors import RelexError
+    from relex_merge.units import parse_size
+
+    assert [parse_size(t, "x") for t in ("8", "8b", "8k", "8KB", "8ki", "8KiB", "1.5g", "2TiB")] == [
+        8, 8, 8000, 8000, 8192, 8192, 1_500_000_000, 2 * 1024**4]
+    for bad in ("8i", "8ib", "8bb", "GB", "8 x"):
+        with pytest.raises(RelexError, match="cannot read size"):
+            parse_size(bad, "x")
+
+
+def test_non_finite_shapes_and_scales_are_refused_outside_the_config_too():
+    """The library and mergekit's relex method build specs without the config schema."""
+    import math
+
+    from relex_merge.fit import spec_from_parameters
+    from relex_merge.fits import family
+
+    assert family("saturating").shape.problem(math.inf) == "expected a finite number, got inf"
+    assert family("power").shape.problem(math.nan) == "expected a finite number, got nan"
+    for bad in (dict(scale=math.inf), dict(fit="log", tau=math.inf), dict(fit="power", p=math.nan)):
+        with pytest.raises(ValueError, match="expected a finite number"):
+            spec_from_parameters(**bad)
+
+
+@pytest.mark.parametrize("scales", ["inf", "1.0,nan"])
+def test_sweep_refuses_non_finite_scales(scales, qwen_run, tmp_path):
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(base_config(qwen_run)))
+    tasks = Path(__file__).resolve().parents[1] / "demo" / "tasks"
+    result = run_cli("sweep", str(cfg), str(tmp_path / "out"), "--targets", "9", "--scales", scales,
+                     "--tasks", "relex_demo_addition", "--include-path", str(tasks), "-q")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --scales: every scale must be a finite number > 0"
+    assert not (tmp_path / "out").exists()

@@ -86,6 +86,11 @@ def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[t
     elements = min(SPAN_BYTES // input_bytes, options.max_memory // (options.workers * per_element))
     if not meta.shape or meta.numel == 0 or elements >= meta.numel:
         return [(None, 0, meta.numel)]
+    if any(reader.whole_tensor_reads for reader in job.readers):
+        # each span would read the whole tensor again (DCP): one span reads it once per pass, at
+        # the cost of holding it whole from every input, whatever the budget
+        log.debug("%s: one span (an input reads whole tensors), over the memory budget", name)
+        return [(None, 0, meta.numel)]
     row_elements = meta.numel // meta.rows
     ranges = row_ranges(meta.rows, max(1, elements // row_elements))
     if len(ranges) == 1:

@@ -41,6 +41,8 @@ class Shape:
 
     def problem(self, value: float) -> str | None:
         """Why ``value`` is not allowed, or None."""
+        if not math.isfinite(value):  # inf passes a range with no upper bound, NaN every comparison
+            return f"expected a finite number, got {value}"
         if self.integer and float(value) != int(value):
             return f"expected an integer, got {value}"
         low_ok = value >= self.low if self.low_inclusive else value > self.low

@@ -66,8 +66,11 @@ class CheckpointReader(ABC):
     Every reader implements ``names``, ``meta``, ``read`` and ``files``. The optional
     capabilities are declared, not guessed: a reader that can map spans sets
     ``supports_views`` and implements ``view``; one whose reads may run on several threads at
-    once sets ``thread_safe_reads`` (the engine serialises the reads of the others); one with
-    something to tell the user sets ``warnings``; one holding open files implements ``close``.
+    once sets ``thread_safe_reads`` (the engine serialises the reads of the others); one that
+    can only read whole tensors sets ``whole_tensor_reads`` (the engine then reads each tensor
+    in one span); one that holds its tensors in RAM sets ``resident_bytes`` (planning warns);
+    one with something to tell the user sets ``warnings``; one holding open files implements
+    ``close``.
     """
 
     path: Path  # the folder or file the user named; error messages start with it
@@ -76,6 +79,13 @@ class CheckpointReader(ABC):
     """``view`` returns a span without copying it (a mapping of the file)."""
     thread_safe_reads: ClassVar[bool] = False
     """``read`` and ``view`` may be called from several threads at once."""
+    whole_tensor_reads: ClassVar[bool] = False
+    """A read of some rows costs as much as a read of the whole tensor (DCP loads stored
+    tensors whole), so the engine gives each tensor one span: it is read once per pass, not
+    once per span."""
+    resident_bytes: int = 0
+    """Bytes of tensor data the reader holds in RAM for as long as it is open (a consolidated
+    state dict, not a mapping of files): outside what ``--max-memory`` bounds."""
     warnings: Sequence[str] = ()
     """Notes for the user about this checkpoint (printed, and listed in the model card)."""
 

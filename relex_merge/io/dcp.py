@@ -1,7 +1,8 @@
 """torch.distributed.checkpoint (DCP) folders: ``.metadata`` plus ``*.distcp`` files.
 
-Each tensor is loaded on its own (no process group needed), so memory holds one tensor at a
-time. A save of ``{"model": ..., "optimizer": ...}`` is flattened by DCP to ``model.<name>``;
+Each tensor is loaded on its own (no process group needed). DCP's reader loads a stored tensor
+(or each rank's stored piece) whole, even to fill a narrower destination, so the reader
+declares ``whole_tensor_reads``: the engine reads a DCP tensor in one span, once per pass. A save of ``{"model": ..., "optimizer": ...}`` is flattened by DCP to ``model.<name>``;
 in that case only the model's tensors are exposed, without the prefix.
 """
 
@@ -29,6 +30,8 @@ def detect(folder: Path) -> bool:
 class DcpReader(CheckpointReader):
     """A DCP folder; each read loads one whole tensor through DCP (no process group). Reads are
     not thread-safe."""
+
+    whole_tensor_reads = True  # FileSystemReader.read_data torch.loads each stored item whole
 
     def __init__(self, path: Path):
         from torch.distributed.checkpoint import FileSystemReader

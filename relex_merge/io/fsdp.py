@@ -171,8 +171,12 @@ class FsdpShardReader(CheckpointReader):
             whole = self._local(self._ranks[0], name)
             return (whole if rows is None or whole.dim() == 0 else whole[rows[0] : rows[1]]).clone()
         if layout.shard_dim != 0:
-            whole = torch.cat([self._local(r, name) for r in self._ranks], dim=layout.shard_dim)
-            return whole if rows is None else whole[rows[0] : rows[1]].clone()
+            # every rank holds some columns of every row: cut the rows from each (mapped) piece
+            # first, so a span touches only its own rows' pages, then join along the sharded dim
+            pieces = [self._local(r, name) for r in self._ranks]
+            if rows is not None:
+                pieces = [piece[rows[0] : rows[1]] for piece in pieces]
+            return torch.cat(pieces, dim=layout.shard_dim)
         start, stop = rows if rows is not None else (0, sum(layout.local_rows))
         pieces, offset = [], 0
         for rank, n in zip(self._ranks, layout.local_rows):

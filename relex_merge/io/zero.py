@@ -1,7 +1,12 @@
 """DeepSpeed ZeRO checkpoints, through DeepSpeed's own fp32 consolidation (needs `deepspeed`).
 
 ZeRO scatters flat fp32 partitions of the optimizer state across rank files; DeepSpeed's
-``get_fp32_state_dict_from_zero_checkpoint`` reassembles them, holding the model once in fp32.
+``get_fp32_state_dict_from_zero_checkpoint`` reassembles them into one fp32 state dict in RAM
+(and loads the rank files to do so). There is no per-tensor access to consolidate lazily, and
+the engine's spans read every checkpoint of the window in turn, so each ZeRO input of a merge
+holds its whole model in fp32 for the whole merge: a window of T ZeRO checkpoints costs T fp32
+models of RAM, beyond ``--max-memory`` (the reader declares it as ``resident_bytes``, and
+planning warns). ``relex-merge convert`` (one checkpoint at a time) avoids it.
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
     except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError
         raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
     files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
-    return StateDictReader(folder, dict(state), files)
+    reader = StateDictReader(folder, dict(state), files)
+    reader.resident_bytes = sum(tensor.nbytes for tensor in state.values())
+    return reader
 
 
 FORMAT = CheckpointFormat(
