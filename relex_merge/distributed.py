@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from relex_merge.errors import RelexError
+from relex_merge.errors import RelexError, exit_code, one_line
 
 __all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave", "assign"]
 
@@ -91,8 +91,8 @@ class Group:
     def _agree(self, what: str, error: BaseException | None) -> None:
         if not self.distributed:
             return
-        status = _Status(self.rank, socket.gethostname(), None if error is None else _message(error),
-                         _exit_code(error))
+        status = _Status(self.rank, socket.gethostname(), None if error is None else one_line(error),
+                         exit_code(error))
         failed = [s for s in self.all_gather(status) if s.message is not None]
         if failed:
             log.debug("%s: failed on rank(s) %s", what, ", ".join(str(s.rank) for s in failed))
@@ -108,33 +108,8 @@ class Group:
     def describe_failure(self, error: BaseException) -> str:
         """The line rank 0 prints for its own failure (ranks are named in distributed runs)."""
         if self.distributed and not isinstance(error, RankFailure):
-            return f"rank {self.rank} of {self.world_size} ({socket.gethostname()}): {_message(error)}"
-        return _message(error)
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, RelexError):
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{error.filename or 'i/o'}: {error.strerror or error}"
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted; partial output removed, inputs untouched"
-    name = type(error).__name__
-    if name == "Terminated":
-        return "terminated; partial output removed, inputs untouched"
-    return f"{name}: {error} (rerun with -v for the full trace)"
-
-
-def _exit_code(error: BaseException | None) -> int:
-    if error is None:
-        return 0
-    if isinstance(error, RelexError):
-        return error.exit_code
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    if type(error).__name__ == "Terminated":
-        return 143
-    return 2 if isinstance(error, OSError) else 1
+            return f"rank {self.rank} of {self.world_size} ({socket.gethostname()}): {one_line(error)}"
+        return one_line(error)
 
 
 class TorchGroup(Group):

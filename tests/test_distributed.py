@@ -4,6 +4,7 @@ line from rank 0 and nothing left behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from relex_merge import distributed
+from relex_merge import distributed, errors
 from tests.helpers import run_cli
 from tests.test_cli import write_config
 
@@ -52,6 +53,39 @@ def test_assignment_is_balanced_by_bytes_and_deterministic():
     assert shares == [["t0"], ["t2", "t3"], ["t1", "t4", "t5", "t6"]]
     assert [sum(sizes[names.index(n)] for n in s) for s in shares] == [50, 50, 50]
     assert distributed.assign(names, sizes, 1) == [names]
+
+
+class _FakeRanks(distributed.Group):
+    """Rank ``rank`` of two, whose all_gather returns what the test planted for the other rank."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, other=None):
+        self.rank, self.other, self.sent = rank, other, None
+
+    def all_gather(self, obj):
+        self.sent = obj
+        return [obj, self.other] if self.rank == 0 else [self.other, obj]
+
+
+def test_a_rank_failure_reads_like_the_single_process_line():
+    """One formatting for the CLI and the ranks: a full disk on rank 1 keeps the advice and
+    exit code 2 in rank 0's line."""
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/model-00001-of-00002.safetensors")
+    line = errors.one_line(full)
+    assert line == "/out/model-00001-of-00002.safetensors: no space left on the device; free space or choose " \
+                   "another output folder"
+    rank1 = _FakeRanks(1, other=distributed._Status(0, "node0", None))  # rank 0 succeeded
+    with pytest.raises(OSError):
+        with rank1.step("writing"):
+            raise full
+    rank0 = _FakeRanks(0, other=rank1.sent)
+    with pytest.raises(distributed.RankFailure) as failure:
+        with rank0.step("writing"):
+            pass
+    assert str(failure.value) == f"rank 1 of 2 ({socket.gethostname()}): {line}"
+    assert failure.value.exit_code == 2
+    assert rank0.describe_failure(full) == f"rank 0 of 2 ({socket.gethostname()}): {line}"
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
