@@ -11,7 +11,7 @@ A single process is a group of one, so the merge code is the same either way:
     stats = group.all_gather(stats)
 
 Launchers: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` sets
-SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the job script exports MASTER_ADDR/MASTER_PORT.
+SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the job script exports MASTER_ADDR/MASTER_PORT.
 The collectives are tiny, so gloo serves CPU and GPU runs alike.
 """
 
@@ -144,12 +144,16 @@ def current() -> Group:
 
 
 def _launcher_environment() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun's or srun's variables; None when alone."""
+    """(rank, world size, local rank) from torchrun's or srun's variables; None when alone.
+
+    SLURM: only srun's per-step SLURM_STEP_NUM_TASKS counts. The job-wide SLURM_NTASKS (and
+    SLURM_PROCID=0) are also set in the sbatch script itself, where a plain ``relex-merge`` is
+    one process and would wait for peers that never start."""
     env = os.environ
     if int(env.get("WORLD_SIZE", "1")) > 1:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0"))
     return None
 
 

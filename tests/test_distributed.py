@@ -88,6 +88,29 @@ def test_a_rank_failure_reads_like_the_single_process_line():
     assert rank0.describe_failure(full) == f"rank 0 of 2 ({socket.gethostname()}): {line}"
 
 
+_BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0"}  # what sbatch --ntasks=8 exports to its script
+
+
+@pytest.mark.parametrize("env,found", [
+    ({}, None),
+    (_BATCH_SCRIPT, None),  # a plain relex-merge in the job script: one process, no peers to wait for
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun -n 1
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5",
+      "SLURM_LOCALID": "1"}, (5, 8, 1)),  # a task of srun's step
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
+      "SLURM_LOCALID": "3"}, (3, 4, 3)),  # srun -n 4 inside an 8-task job: the step's size counts
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, (1, 2, 1)),  # torchrun
+], ids=["alone", "sbatch-script", "srun-one-task", "srun-task", "srun-smaller-step", "torchrun"])
+def test_only_launched_tasks_join_a_group(monkeypatch, env, found):
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert distributed._launcher_environment() == found
+
+
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_torchrun_writes_the_single_process_bytes(qwen_run, tmp_path, nproc):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [12, 20])
