@@ -30,11 +30,15 @@ def _env() -> dict:
     return env
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 240, patches: str = "") -> subprocess.CompletedProcess:
+    """``python -m relex_merge ARGS`` on ``nproc`` ranks; with ``patches``, tests/patched_cli.py's
+    patches of those names are applied in every rank first."""
     threads = [] if args[0] == "convert" else ["--threads", "1"]
+    program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "relex_merge", *args, *threads]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+           *program, *args, *threads]
+    env = {**_env(), "RELEX_TEST_PATCHES": patches}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -144,6 +148,24 @@ def test_torchrun_auto_fit_and_analyze_match_a_single_process(qwen_run, tmp_path
     one, two = files(tmp_path / "a1"), files(tmp_path / "a2")
     assert one["fit_cache.safetensors"] == two["fit_cache.safetensors"]
     assert json.loads(one["analysis.json"]) == json.loads(two["analysis.json"])
+
+
+def test_a_later_stage_waits_for_the_earlier_stage_in_place(qwen_run, tmp_path):
+    """Two relex stages; rank 0 renames each output into place 3 s late: rank 1 must not plan
+    the final stage (which reads the first stage's output) before it is there."""
+    import yaml
+
+    stage = {"name": "rl", **yaml.safe_load(write_config(tmp_path / "s.yml", qwen_run, [1, 2, 3], 9).read_text())}
+    final = yaml.safe_load(write_config(tmp_path / "f.yml", qwen_run, [2, 3], 12).read_text())
+    final["models"].append({"model": "rl", "parameters": {"step": 9}})
+    cfg = tmp_path / "stages.yml"
+    cfg.write_text(yaml.safe_dump_all([stage, final]))
+    stages = ("--intermediate-dir", str(tmp_path / "stages"))  # the cards name the stage's folder: the same one
+    result = torchrun(2, str(cfg), str(tmp_path / "multi"), "-q", *stages, patches="slow_rename")  # stages/ empty
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli(str(cfg), str(tmp_path / "single"), "-q", "--threads", "1", *stages).exit_code == 0
+    assert files(tmp_path / "multi") == files(tmp_path / "single")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
