@@ -58,10 +58,12 @@ def sweep(
     scored with lm-eval against the last window checkpoint; the best is kept as OUT/best."""
     from relex_merge.config import load_config
 
-    plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
-    fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
+    with distributed.current().step("planning the sweep"):  # a failure on one rank stops all
+        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+        fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
+        engine = options.engine()
     return run_sweep(
-        plan, Path(out), targets, scales, tasks, options.engine(), fits=fit_list,
+        plan, Path(out), targets, scales, tasks, engine, fits=fit_list,
         include_path=Path(include_path) if include_path else None, limit=limit, keep_all=keep_all,
         overwrite=options.overwrite, progress=progress,
     )

@@ -168,6 +168,18 @@ def test_a_later_stage_waits_for_the_earlier_stage_in_place(qwen_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+def test_a_planning_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
+    """analyze: only rank 1 fails to plan; rank 0 prints the one line naming it, every rank
+    exits non-zero (2, the planning error's code), nothing is written."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    procs, results = two_ranks(["analyze", str(cfg), "--out", str(tmp_path / "a"), "-q", "--threads", "1"],
+                               [REPO, REPO], patches="fail_planning_on_rank_1")
+    assert [p.returncode for p in procs] == [2, 2], results[0][1][-3000:]
+    assert results[0][1].strip() == f"error: rank 1 of 2 ({socket.gethostname()}): checkpoint-3: not found on this node"
+    assert results[1][1].strip() == ""  # only rank 0 talks
+    assert not (tmp_path / "a").exists()
+
+
 def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
     assert run_cli("convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c1"), "-q",
                    "--shard-size", "40KB").exit_code == 0
@@ -235,20 +247,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_ranks(args: list[str], cwds: list[Path], patches: str = "", timeout: float = 180):
+    """Ranks 0 and 1 started by hand (each in its cwd), so that each rank's exit code is seen
+    (torchrun stops the others when one exits): (processes, [(stdout, stderr)])."""
+    port = str(_free_port())
+    program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
+    procs = []
+    for rank, cwd in enumerate(cwds):
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RELEX_TEST_PATCHES": patches}
+        procs.append(subprocess.Popen([sys.executable, *program, *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
 def test_an_output_folder_that_not_every_rank_sees_is_refused(qwen_run, tmp_path):
     """Two 'nodes' that resolve the output path differently (a relative OUT from different
     working directories) do not share it: refused, naming the rank, before any tensor is read."""
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        cwd = tmp_path / f"node{rank}"
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
         cwd.mkdir()
-        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "relex_merge", str(cfg), "out/model", "--threads", "1"],
-                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=180) for p in procs]
+    procs, results = two_ranks([str(cfg), "out/model", "--threads", "1"], cwds)
     assert [p.returncode for p in procs] == [2, 2]
     rank0 = [line for line in results[0][1].splitlines() if line.startswith("error:")]
     assert results[1][1].strip() == ""  # only rank 0 talks
