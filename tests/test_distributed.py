@@ -180,6 +180,27 @@ def test_a_planning_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_torchrun_sweep_converts_a_last_checkpoint_that_is_not_an_hf_folder(qwen_run, tmp_path):
+    """The last window checkpoint is a bare .safetensors file: every rank converts it for scoring
+    (lm-eval replaced by tests/patched_cli.py's fake); the same files as a single process."""
+    import yaml
+
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    config = yaml.safe_load(cfg.read_text())
+    config["models"][-1]["model"] += "/model.safetensors"
+    cfg.write_text(yaml.safe_dump(config))
+    args = ["--targets", "9,12", "--tasks", "fake_task", "-q", "--timeout", "60"]
+    single = subprocess.run([sys.executable, str(REPO / "tests" / "patched_cli.py"), "sweep", str(cfg),
+                             str(tmp_path / "single"), *args, "--threads", "1"], cwd=REPO,
+                            env={**_env(), "RELEX_TEST_PATCHES": "fake_lm_eval"}, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = torchrun(2, "sweep", str(cfg), str(tmp_path / "multi"), *args, patches="fake_lm_eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(tmp_path / "multi") == files(tmp_path / "single")
+    assert "baseline_lm_eval_results.json" in files(tmp_path / "multi")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
     assert run_cli("convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c1"), "-q",
                    "--shard-size", "40KB").exit_code == 0
