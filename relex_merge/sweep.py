@@ -147,14 +147,14 @@ def run_sweep(
         if not group.main:
             return None
         return _score_candidates(built, plan, baseline, staging, out, tasks, manager, include_path, limit, keep_all,
-                                 say)
+                                 str(options.device), say)
     finally:
         for folder in (staging, converted):
             if group.main and folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all,
+def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device,
                       say) -> SweepResult:
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
@@ -163,7 +163,7 @@ def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, i
         results = []
         for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
             say(f"scoring {folder.name}")
-            result = _score(folder, tasks, manager, include_path, limit)
+            result = _score(folder, tasks, manager, include_path, limit, device)
             results.append(Candidate(folder.name, target, scale, result, fit.describe(),
                                      verdict.line() if verdict else None))
         say(f"scoring the last window checkpoint (step {baseline_step})")
@@ -172,7 +172,7 @@ def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, i
             baseline_step,
             None,
             # never write into the user's checkpoint: its results go beside the sweep's
-            _score(baseline_dir, tasks, manager, include_path, limit, tmp / "baseline_lm_eval_results.json"),
+            _score(baseline_dir, tasks, manager, include_path, limit, device, tmp / "baseline_lm_eval_results.json"),
         )
         best = max(results, key=lambda c: c.result.mean)
         best_dir = tmp / "best"
@@ -194,7 +194,7 @@ def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, i
     return SweepResult(results, baseline, best, out / "best")
 
 
-def _score(folder: Path, tasks, manager, include_path, limit, results_file: Path | None = None) -> EvalResult:
-    return evaluate(
-        folder, tasks, include_path=include_path, limit=limit, manager=manager, results_file=results_file
-    )
+def _score(folder: Path, tasks, manager, include_path, limit, device: str,
+           results_file: Path | None = None) -> EvalResult:
+    return evaluate(folder, tasks, include_path=include_path, limit=limit, device=device, manager=manager,
+                    results_file=results_file)

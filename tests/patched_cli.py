@@ -56,7 +56,7 @@ def fake_scoring(calls: list | None = None) -> dict:
     from relex_merge.evaluate import EvalResult, TaskScore
     from tests.helpers import load_state
 
-    def evaluate(model_dir, tasks, *, device="cpu", results_file=None, **kwargs):
+    def evaluate(model_dir, tasks, *, device, results_file=None, **kwargs):  # device: no default, sweep must pass it
         state = load_state(Path(model_dir))
         value = float(next(t for t in state.values() if t.is_floating_point()).float().mean())
         if calls is not None:
