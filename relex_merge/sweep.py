@@ -5,6 +5,7 @@ checkpoint with lm-eval, keep the best."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
 from relex_merge.options import Options
 from relex_merge.convert import plan_convert, write_converted
-from relex_merge.plan import MergePlan, plan_merge
+from relex_merge.plan import MergePlan, check_targets, plan_merge
 from relex_merge.progress import NullProgress, Progress
 
 __all__ = ["sweep", "run_sweep", "parse_fits", "SweepResult", "Candidate"]
@@ -114,10 +115,7 @@ def run_sweep(
     say = progress.note
     group = distributed.current()
     with group.step("checking the sweep"):  # a failure on one rank stops all
-        if not targets or not scales:
-            raise RelexError("--targets and --scales: give at least one value each")
-        if any(s <= 0 for s in scales):
-            raise RelexError("--scales: every scale must be > 0")
+        targets, scales = _check_grid(plan, targets, scales, say)
         manager = task_manager(include_path)
         check_tasks(tasks, manager)  # before any tensor is read
         check_output_path(out, plan.model_paths, overwrite)
@@ -152,6 +150,24 @@ def run_sweep(
         for folder in (staging, converted):
             if group.main and folder.exists():
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _check_grid(plan: MergePlan, targets: Sequence[int], scales: Sequence[float], say) -> tuple[list, list]:
+    """The sweep's targets and scales, each once, checked like the config's (one-line errors)."""
+    mode = plan.job.spec.mode
+    if mode != "extrapolate":
+        raise RelexError(f"sweep: the config's mode is {mode}; sweep chooses how far to extrapolate, so it needs "
+                         "mode: extrapolate")
+    # a repeated value would build (and score) the same candidate twice, under one folder name
+    targets, scales = list(dict.fromkeys(targets)), list(dict.fromkeys(scales))
+    if not targets or not scales:
+        raise RelexError("--targets and --scales: give at least one value each")
+    if not all(s > 0 and math.isfinite(s) for s in scales):
+        raise RelexError("--scales: every scale must be a finite number > 0")
+    targets, warnings = check_targets(targets, plan.config.parameters, list(plan.job.steps), where="--targets")
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return targets, scales
 
 
 def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device,
