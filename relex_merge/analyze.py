@@ -275,14 +275,14 @@ def analyze(
     from relex_merge.plan import plan_merge
 
     group = distributed.current()
-    plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
-    for warning in plan.warnings:
-        progress.note(f"warning: {warning}")
-    engine = options.engine()
     out = Path(out_dir) if out_dir is not None else None
-    with group.step("checking the output folder"):
+    with group.step("planning and checking the output folder"):  # a failure on one rank stops all
+        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+        engine = options.engine()
         if out is not None:
             check_output_path(out, plan.model_paths, options.overwrite)
+    for warning in plan.warnings:
+        progress.note(f"warning: {warning}")
     from relex_merge.engine import planned_read_bytes
     from relex_merge.merge import share_of
 

@@ -4,7 +4,6 @@ sweep, evaluate, convert), which Python callers use directly."""
 
 from __future__ import annotations
 
-import errno
 import functools
 import logging
 import signal
@@ -26,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 
 from relex_merge import __version__
-from relex_merge.errors import RelexError
+from relex_merge.errors import RelexError, Terminated, exit_code, one_line
 from relex_merge.options import flags
 from relex_merge.units import human_bytes
 
@@ -45,21 +44,8 @@ __all__ = [
 ENGINE_FLAGS = ("max_memory", "device", "threads", "allow_unsafe_pickle", "allow_nonfinite", "timeout")
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that partial output is removed on the way out."""
-
-
 def _raise_terminated(signum, frame):
     raise Terminated()
-
-
-_OS_ADVICE = {
-    errno.ENOSPC: "no space left on the device; free space or choose another output folder",
-    errno.EDQUOT: "disk quota exceeded; free space or choose another output folder",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.EROFS: "read-only file system; choose another output folder",
-}
 
 
 def user_errors(func):
@@ -87,10 +73,9 @@ def user_errors(func):
             if verbose:
                 traceback.print_exc()
             if isinstance(exc, (KeyboardInterrupt, Terminated)) and not group.distributed:
-                what = "interrupted" if code == 130 else "terminated"
-                err.print(f"{what}; partial output removed, inputs untouched")
+                err.print(one_line(exc))  # not an error: the user asked
                 sys.exit(code)
-            message = group.describe_failure(exc) if group.distributed else _one_line(exc)
+            message = group.describe_failure(exc)
             err.print(f"[bold red]error:[/] {escape(message)}")
             sys.exit(code)
 
@@ -98,30 +83,13 @@ def user_errors(func):
         try:
             distributed.join(float(kwargs.get("timeout") or distributed.DEFAULT_TIMEOUT))
             return func(*args, **kwargs)
-        except RelexError as exc:
-            fail(exc, exc.exit_code)
-        except KeyboardInterrupt as exc:
-            fail(exc, 130)
-        except Terminated as exc:
-            fail(exc, 143)
-        except OSError as exc:
-            fail(exc, 2)
-        except Exception as exc:  # a bug: say so, briefly
-            fail(exc, 1)
+        except (Exception, KeyboardInterrupt, Terminated) as exc:  # a bug too: one line, the trace with -v
+            fail(exc, exit_code(exc))
         finally:
             signal.signal(signal.SIGTERM, previous)
             distributed.leave()
 
     return wrapper
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, RelexError):
-        return str(exc)
-    if isinstance(exc, OSError):
-        where = exc.filename or "i/o"
-        return f"{where}: {_OS_ADVICE.get(exc.errno, exc.strerror or str(exc))}"
-    return f"{type(exc).__name__}: {exc} (rerun with -v for the full trace)"
 
 
 def quiet_and_verbose(func):

@@ -128,8 +128,9 @@ def write_converted(
             with group.step("creating the output files"):
                 if group.main:
                     writer.prepare()
-            if not group.main:
-                writer.attach()
+            with group.step("opening the output files"):
+                if not group.main:
+                    writer.attach()
             with group.step("converting the tensors"):
                 for name in mine:
                     meta = reader.meta(name)

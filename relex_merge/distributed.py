@@ -11,7 +11,7 @@ A single process is a group of one, so the merge code is the same either way:
     stats = group.all_gather(stats)
 
 Launchers: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` sets
-SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and the job script exports MASTER_ADDR/MASTER_PORT.
+SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the job script exports MASTER_ADDR/MASTER_PORT.
 The collectives are tiny, so gloo serves CPU and GPU runs alike.
 """
 
@@ -25,7 +25,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from relex_merge.errors import RelexError
+from relex_merge.errors import RelexError, exit_code, one_line
 
 __all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave", "assign"]
 
@@ -91,8 +91,8 @@ class Group:
     def _agree(self, what: str, error: BaseException | None) -> None:
         if not self.distributed:
             return
-        status = _Status(self.rank, socket.gethostname(), None if error is None else _message(error),
-                         _exit_code(error))
+        status = _Status(self.rank, socket.gethostname(), None if error is None else one_line(error),
+                         exit_code(error))
         failed = [s for s in self.all_gather(status) if s.message is not None]
         if failed:
             log.debug("%s: failed on rank(s) %s", what, ", ".join(str(s.rank) for s in failed))
@@ -108,33 +108,8 @@ class Group:
     def describe_failure(self, error: BaseException) -> str:
         """The line rank 0 prints for its own failure (ranks are named in distributed runs)."""
         if self.distributed and not isinstance(error, RankFailure):
-            return f"rank {self.rank} of {self.world_size} ({socket.gethostname()}): {_message(error)}"
-        return _message(error)
-
-
-def _message(error: BaseException) -> str:
-    if isinstance(error, RelexError):
-        return str(error)
-    if isinstance(error, OSError):
-        return f"{error.filename or 'i/o'}: {error.strerror or error}"
-    if isinstance(error, KeyboardInterrupt):
-        return "interrupted; partial output removed, inputs untouched"
-    name = type(error).__name__
-    if name == "Terminated":
-        return "terminated; partial output removed, inputs untouched"
-    return f"{name}: {error} (rerun with -v for the full trace)"
-
-
-def _exit_code(error: BaseException | None) -> int:
-    if error is None:
-        return 0
-    if isinstance(error, RelexError):
-        return error.exit_code
-    if isinstance(error, KeyboardInterrupt):
-        return 130
-    if type(error).__name__ == "Terminated":
-        return 143
-    return 2 if isinstance(error, OSError) else 1
+            return f"rank {self.rank} of {self.world_size} ({socket.gethostname()}): {one_line(error)}"
+        return one_line(error)
 
 
 class TorchGroup(Group):
@@ -169,12 +144,16 @@ def current() -> Group:
 
 
 def _launcher_environment() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) from torchrun's or srun's variables; None when alone."""
+    """(rank, world size, local rank) from torchrun's or srun's variables; None when alone.
+
+    SLURM: only srun's per-step SLURM_STEP_NUM_TASKS counts. The job-wide SLURM_NTASKS (and
+    SLURM_PROCID=0) are also set in the sbatch script itself, where a plain ``relex-merge`` is
+    one process and would wait for peers that never start."""
     env = os.environ
     if int(env.get("WORLD_SIZE", "1")) > 1:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", "0"))
-    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", "0"))
+    if int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1 and "SLURM_PROCID" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0"))
     return None
 
 

@@ -1,6 +1,12 @@
-"""Errors the user can fix. The CLI prints their message as one line and exits with their code."""
+"""Errors the user can fix, and the one line (and exit code) every failure is reported with.
+The CLI and the distributed runs share ``one_line``/``exit_code``, so a failure reads the same
+whether it happened in a single process or on rank 3 of 8."""
 
-__all__ = ["RelexError", "UnsupportedTarget"]
+from __future__ import annotations
+
+import errno
+
+__all__ = ["RelexError", "UnsupportedTarget", "Terminated", "one_line", "exit_code"]
 
 
 class RelexError(Exception):
@@ -13,3 +19,43 @@ class UnsupportedTarget(RelexError):
     """--require-supported: the backtest does not support a target; nothing was written (exit 3)."""
 
     exit_code = 3
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that partial output is removed on the way out."""
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free space or choose another output folder",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another output folder",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EROFS: "read-only file system; choose another output folder",
+}
+
+
+def one_line(error: BaseException) -> str:
+    """The message printed after ``error:`` (a bug says so, briefly; -v shows the trace)."""
+    if isinstance(error, RelexError):
+        return str(error)
+    if isinstance(error, OSError):
+        return f"{error.filename or 'i/o'}: {_OS_ADVICE.get(error.errno, error.strerror or str(error))}"
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted; partial output removed, inputs untouched"
+    if isinstance(error, Terminated):
+        return "terminated; partial output removed, inputs untouched"
+    return f"{type(error).__name__}: {error} (rerun with -v for the full trace)"
+
+
+def exit_code(error: BaseException | None) -> int:
+    """0 for no error; the error's own code for RelexError; 130/143 for SIGINT/SIGTERM; 2 for
+    the environment (OSError); 1 for a bug."""
+    if error is None:
+        return 0
+    if isinstance(error, RelexError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return 130
+    if isinstance(error, Terminated):
+        return 143
+    return 2 if isinstance(error, OSError) else 1

@@ -129,9 +129,10 @@ def execute_merge(
                     for folder, writer in zip(folders, writers):
                         folder.mkdir(exist_ok=True)
                         writer.prepare()
-            for writer in writers:
-                if not group.main:
-                    writer.attach()
+            with group.step("opening the output files"):
+                for writer in writers:
+                    if not group.main:
+                        writer.attach()
             stats = run_job(job, writers, options, _engine_progress(progress))
             with group.step("checking every byte arrived"):
                 shares = [writer.close_share(mine) for writer in writers]

@@ -120,7 +120,8 @@ TOKEN_NAME = ".relex-rank0-token"  # proves every rank sees the folder rank 0 cr
 def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
     """``atomic_output_dir`` for every rank of a group: rank 0 creates the temporary folder, writes
     a token file into it, and every rank must see that token (the same file system) before any
-    tensor is read; at the end every rank finishes before rank 0 renames the folder into place.
+    tensor is read; at the end every rank finishes before rank 0 renames the folder into place,
+    and none returns before it is there.
     A failure on any rank removes the partial output on rank 0."""
     import secrets
 
@@ -149,9 +150,12 @@ def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
                     "must write to one shared file system (give OUT on it, as an absolute path)"
                 )
         yield tmp
-        with group.step("finishing the output"):
+        # the rename is part of the agreed step: no rank goes on (say, to plan a later stage that
+        # reads this output) before the output is in place
+        with group.step("moving the output into place"):
             if group.main:
                 (tmp / TOKEN_NAME).unlink()
+                stack.close()  # atomic_output_dir's exit: the rename
 
 
 def _remove(tmp: Path, made_parents: list[Path]) -> None:

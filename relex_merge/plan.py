@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.config import RelexConfig
+from relex_merge.config import RelexConfig, RelexParameters
 from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
 from relex_merge import fits
@@ -22,7 +22,7 @@ from relex_merge.output import InputRecord, input_record
 from relex_merge.trajectory import expand_trajectory
 from relex_merge.units import human_bytes
 
-__all__ = ["MergePlan", "plan_merge", "expand_config"]
+__all__ = ["MergePlan", "plan_merge", "expand_config", "check_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,6 @@ def _check_parameters(
     config: RelexConfig, steps: list[int], require_targets: bool = True
 ) -> tuple[list[int], list[str]]:
     p = config.parameters
-    warnings: list[str] = []
     n = len(steps)
     if p.window is not None and p.window > n:
         raise RelexError(f"parameters.window: {p.window} is more than the {n} checkpoints given")
@@ -94,25 +93,35 @@ def _check_parameters(
     if p.mode != "reconstruct":
         _check_points(spec, len(used))
         _check_backtest_can_choose(spec, steps)
-    targets = p.targets()
+    return check_targets(p.targets(), p, steps, require_targets)
+
+
+def check_targets(
+    targets: list[int], p: RelexParameters, steps: list[int], require_targets: bool = True,
+    where: str = "parameters.target_step",
+) -> tuple[list[int], list[str]]:
+    """The checks every target step gets, from the config's ``target_step`` or sweep's
+    ``--targets`` (``where`` names which): (the targets, warnings)."""
+    warnings: list[str] = []
+    used = [steps[k] for k in window_indices(len(steps), p.window)]
     if len(set(targets)) != len(targets):
-        raise RelexError("parameters.target_step: a target step is listed twice")
+        raise RelexError(f"{where}: a target step is listed twice")
     early = [t for t in targets if t <= p.base_step]
     if early and p.mode == "extrapolate":
         raise RelexError(
-            f"parameters.target_step: {early[0]} is not after the base model's step (parameters.base_step = {p.base_step})"
+            f"{where}: {early[0]} is not after the base model's step (parameters.base_step = {p.base_step})"
         )
     if p.mode in ("reconstruct", "fit_reconstruct"):
         targets = targets or [used[-1]]
         unobserved = [t for t in targets if t not in used]
         if unobserved:
             raise RelexError(
-                f"parameters.target_step: {p.mode} mode works on observed checkpoints; step(s) "
+                f"{where}: {p.mode} mode works on observed checkpoints; step(s) "
                 f"{unobserved} are not in the window {used[0]}..{used[-1]}"
             )
     else:
         if not targets and require_targets:
-            raise RelexError("parameters.target_step: required in extrapolate mode (e.g. target_step: 500)")
+            raise RelexError(f"{where}: required in extrapolate mode (e.g. target_step: 500)")
         inside = [t for t in targets if t <= used[-1]]
         if inside:
             warnings.append(

@@ -20,7 +20,8 @@ from relex_merge.io.hf import is_hf_model
 from relex_merge.merge import execute_merge
 from relex_merge.output import atomic_output_dir, check_output_path
 from relex_merge.options import Options
-from relex_merge.plan import MergePlan, plan_merge
+from relex_merge.convert import plan_convert, write_converted
+from relex_merge.plan import MergePlan, check_targets, plan_merge
 from relex_merge.progress import NullProgress, Progress
 
 __all__ = ["sweep", "run_sweep", "parse_fits", "SweepResult", "Candidate"]
@@ -59,12 +60,14 @@ def sweep(
     scored with lm-eval against the last window checkpoint; the best is kept as OUT/best."""
     from relex_merge.config import load_config
 
-    plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
-    fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
+    with distributed.current().step("planning the sweep"):  # a failure on one rank stops all
+        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+        fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
+        engine = options.engine()
     return run_sweep(
-        plan, Path(out), targets, scales, tasks, options.engine(), fits=fit_list,
+        plan, Path(out), targets, scales, tasks, engine, fits=fit_list,
         include_path=Path(include_path) if include_path else None, limit=limit, keep_all=keep_all,
-        overwrite=options.overwrite, progress=progress,
+        overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle, progress=progress,
     )
 
 
@@ -103,6 +106,7 @@ def run_sweep(
     limit: int | None = None,
     keep_all: bool = False,
     overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
     progress: Progress = NullProgress(),
 ) -> SweepResult | None:
     """Build, score and rank the candidates of a planned merge (see ``sweep``). Under torchrun
@@ -112,33 +116,64 @@ def run_sweep(
     for warning in plan.warnings:
         say(f"warning: {warning}")
     group = distributed.current()
-    if not targets or not scales:
-        raise RelexError("--targets and --scales: give at least one value each")
-    if not all(0 < s < math.inf for s in scales):  # also refuses nan and inf
-        raise RelexError("--scales: every scale must be a finite number > 0")
-    manager = task_manager(include_path)
-    check_tasks(tasks, manager)  # before any tensor is read
-    check_output_path(out, plan.model_paths, overwrite)
+    with group.step("checking the sweep"):  # a failure on one rank stops all
+        targets, scales = _check_grid(plan, targets, scales, say)
+        manager = task_manager(include_path)
+        check_tasks(tasks, manager)  # before any tensor is read
+        check_output_path(out, plan.model_paths, overwrite)
     fits = list(fits or [plan.job.spec.fit])
     triples = [(t, s, f) for t in targets for s in scales for f in fits]
     job = replace(plan.job, targets=[t for t, _, _ in triples], scales=[s for _, s, _ in triples],
                   fits=[f for _, _, f in triples])
     names = [f"step-{t}-scale-{s:g}" + (f"-fit-{f.family}" if len(fits) > 1 else "") for t, s, f in triples]
-    # the build is the only distributed part: into a hidden sibling, moved into the output after
+    # the build (and the baseline's conversion) are the distributed part: into hidden siblings,
+    # moved into the output after
     staging = out.parent / f".{out.name}.relex-candidates"
-    say(f"building {len(triples)} candidates from one read of the window")
-    built = execute_merge(replace(plan, job=job), staging, options, overwrite=True, names=names, progress=progress)
-    if not group.main:
-        return None
+    converted = out.parent / f".{out.name}.relex-baseline"
     try:
-        return _score_candidates(built, plan, staging, out, tasks, manager, include_path, limit, keep_all, say)
+        say(f"building {len(triples)} candidates from one read of the window")
+        built = execute_merge(replace(plan, job=job), staging, options, overwrite=True, names=names,
+                              progress=progress)
+        baseline = Path(plan.config.models[-1].model)
+        if not is_hf_model(baseline):
+            # lm-eval needs an HF folder; every rank converts its share (the converter's steps are
+            # collectives, so rank 0 cannot convert alone after the others returned)
+            say(f"converting the last window checkpoint {baseline} for scoring")
+            with group.step("checking the last window checkpoint's conversion"):
+                conversion = plan_convert(baseline, converted, config_from=Path(plan.config.base_path),
+                                          overwrite=True, allow_unsafe_pickle=allow_unsafe_pickle)
+            write_converted(conversion, max_memory=options.max_memory)
+            baseline = converted
+        if not group.main:
+            return None
+        return _score_candidates(built, plan, baseline, staging, out, tasks, manager, include_path, limit, keep_all,
+                                 str(options.device), say)
     finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        for folder in (staging, converted):
+            if group.main and folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
 
 
-def _score_candidates(built, plan, staging, out, tasks, manager, include_path, limit, keep_all, say) -> SweepResult:
-    baseline_path = Path(plan.config.models[-1].model)
+def _check_grid(plan: MergePlan, targets: Sequence[int], scales: Sequence[float], say) -> tuple[list, list]:
+    """The sweep's targets and scales, each once, checked like the config's (one-line errors)."""
+    mode = plan.job.spec.mode
+    if mode != "extrapolate":
+        raise RelexError(f"sweep: the config's mode is {mode}; sweep chooses how far to extrapolate, so it needs "
+                         "mode: extrapolate")
+    # a repeated value would build (and score) the same candidate twice, under one folder name
+    targets, scales = list(dict.fromkeys(targets)), list(dict.fromkeys(scales))
+    if not targets or not scales:
+        raise RelexError("--targets and --scales: give at least one value each")
+    if not all(s > 0 and math.isfinite(s) for s in scales):
+        raise RelexError("--scales: every scale must be a finite number > 0")
+    targets, warnings = check_targets(targets, plan.config.parameters, list(plan.job.steps), where="--targets")
+    for warning in warnings:
+        say(f"warning: {warning}")
+    return targets, scales
+
+
+def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device,
+                      say) -> SweepResult:
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
         staging.rename(tmp / "candidates")
@@ -146,31 +181,22 @@ def _score_candidates(built, plan, staging, out, tasks, manager, include_path, l
         results = []
         for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
             say(f"scoring {folder.name}")
-            result = _score(folder, tasks, manager, include_path, limit)
+            result = _score(folder, tasks, manager, include_path, limit, device)
             results.append(Candidate(folder.name, target, scale, result, fit.describe(),
                                      verdict.line() if verdict else None))
-        baseline_dir = baseline_path
-        if not is_hf_model(baseline_dir):
-            from relex_merge.convert import plan_convert, write_converted
-
-            baseline_dir = tmp / "baseline"
-            say(f"converting the last window checkpoint {baseline_path} for scoring")
-            write_converted(plan_convert(baseline_path, baseline_dir, config_from=Path(plan.config.base_path)))
         say(f"scoring the last window checkpoint (step {baseline_step})")
         baseline = Candidate(
             f"last window checkpoint (step {baseline_step})",
             baseline_step,
             None,
             # never write into the user's checkpoint: its results go beside the sweep's
-            _score(baseline_dir, tasks, manager, include_path, limit, tmp / "baseline_lm_eval_results.json"),
+            _score(baseline_dir, tasks, manager, include_path, limit, device, tmp / "baseline_lm_eval_results.json"),
         )
         best = max(results, key=lambda c: c.result.mean)
         best_dir = tmp / "best"
         (tmp / "candidates" / best.label).rename(best_dir)
         if not keep_all:
             shutil.rmtree(tmp / "candidates")
-        if (tmp / "baseline").exists():
-            shutil.rmtree(tmp / "baseline")
         summary = {
             "tasks": list(tasks),
             "limit": limit,
@@ -186,7 +212,7 @@ def _score_candidates(built, plan, staging, out, tasks, manager, include_path, l
     return SweepResult(results, baseline, best, out / "best")
 
 
-def _score(folder: Path, tasks, manager, include_path, limit, results_file: Path | None = None) -> EvalResult:
-    return evaluate(
-        folder, tasks, include_path=include_path, limit=limit, manager=manager, results_file=results_file
-    )
+def _score(folder: Path, tasks, manager, include_path, limit, device: str,
+           results_file: Path | None = None) -> EvalResult:
+    return evaluate(folder, tasks, include_path=include_path, limit=limit, device=device, manager=manager,
+                    results_file=results_file)

@@ -4,6 +4,7 @@ line from rank 0 and nothing left behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from relex_merge import distributed
+from relex_merge import distributed, errors
 from tests.helpers import run_cli
 from tests.test_cli import write_config
 
@@ -29,11 +30,15 @@ def _env() -> dict:
     return env
 
 
-def torchrun(nproc: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+def torchrun(nproc: int, *args: str, timeout: float = 240, patches: str = "") -> subprocess.CompletedProcess:
+    """``python -m relex_merge ARGS`` on ``nproc`` ranks; with ``patches``, tests/patched_cli.py's
+    patches of those names are applied in every rank first."""
     threads = [] if args[0] == "convert" else ["--threads", "1"]
+    program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "relex_merge", *args, *threads]
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+           *program, *args, *threads]
+    env = {**_env(), "RELEX_TEST_PATCHES": patches}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -52,6 +57,62 @@ def test_assignment_is_balanced_by_bytes_and_deterministic():
     assert shares == [["t0"], ["t2", "t3"], ["t1", "t4", "t5", "t6"]]
     assert [sum(sizes[names.index(n)] for n in s) for s in shares] == [50, 50, 50]
     assert distributed.assign(names, sizes, 1) == [names]
+
+
+class _FakeRanks(distributed.Group):
+    """Rank ``rank`` of two, whose all_gather returns what the test planted for the other rank."""
+
+    world_size = 2
+
+    def __init__(self, rank: int, other=None):
+        self.rank, self.other, self.sent = rank, other, None
+
+    def all_gather(self, obj):
+        self.sent = obj
+        return [obj, self.other] if self.rank == 0 else [self.other, obj]
+
+
+def test_a_rank_failure_reads_like_the_single_process_line():
+    """One formatting for the CLI and the ranks: a full disk on rank 1 keeps the advice and
+    exit code 2 in rank 0's line."""
+    full = OSError(errno.ENOSPC, "No space left on device", "/out/model-00001-of-00002.safetensors")
+    line = errors.one_line(full)
+    assert line == "/out/model-00001-of-00002.safetensors: no space left on the device; free space or choose " \
+                   "another output folder"
+    rank1 = _FakeRanks(1, other=distributed._Status(0, "node0", None))  # rank 0 succeeded
+    with pytest.raises(OSError):
+        with rank1.step("writing"):
+            raise full
+    rank0 = _FakeRanks(0, other=rank1.sent)
+    with pytest.raises(distributed.RankFailure) as failure:
+        with rank0.step("writing"):
+            pass
+    assert str(failure.value) == f"rank 1 of 2 ({socket.gethostname()}): {line}"
+    assert failure.value.exit_code == 2
+    assert rank0.describe_failure(full) == f"rank 0 of 2 ({socket.gethostname()}): {line}"
+
+
+_BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0"}  # what sbatch --ntasks=8 exports to its script
+
+
+@pytest.mark.parametrize("env,found", [
+    ({}, None),
+    (_BATCH_SCRIPT, None),  # a plain relex-merge in the job script: one process, no peers to wait for
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun -n 1
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5",
+      "SLURM_LOCALID": "1"}, (5, 8, 1)),  # a task of srun's step
+    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
+      "SLURM_LOCALID": "3"}, (3, 4, 3)),  # srun -n 4 inside an 8-task job: the step's size counts
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, (1, 2, 1)),  # torchrun
+], ids=["alone", "sbatch-script", "srun-one-task", "srun-task", "srun-smaller-step", "torchrun"])
+def test_only_launched_tasks_join_a_group(monkeypatch, env, found):
+    for name in list(os.environ):
+        if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert distributed._launcher_environment() == found
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -87,6 +148,57 @@ def test_torchrun_auto_fit_and_analyze_match_a_single_process(qwen_run, tmp_path
     one, two = files(tmp_path / "a1"), files(tmp_path / "a2")
     assert one["fit_cache.safetensors"] == two["fit_cache.safetensors"]
     assert json.loads(one["analysis.json"]) == json.loads(two["analysis.json"])
+
+
+def test_a_later_stage_waits_for_the_earlier_stage_in_place(qwen_run, tmp_path):
+    """Two relex stages; rank 0 renames each output into place 3 s late: rank 1 must not plan
+    the final stage (which reads the first stage's output) before it is there."""
+    import yaml
+
+    stage = {"name": "rl", **yaml.safe_load(write_config(tmp_path / "s.yml", qwen_run, [1, 2, 3], 9).read_text())}
+    final = yaml.safe_load(write_config(tmp_path / "f.yml", qwen_run, [2, 3], 12).read_text())
+    final["models"].append({"model": "rl", "parameters": {"step": 9}})
+    cfg = tmp_path / "stages.yml"
+    cfg.write_text(yaml.safe_dump_all([stage, final]))
+    stages = ("--intermediate-dir", str(tmp_path / "stages"))  # the cards name the stage's folder: the same one
+    result = torchrun(2, str(cfg), str(tmp_path / "multi"), "-q", *stages, patches="slow_rename")  # stages/ empty
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert run_cli(str(cfg), str(tmp_path / "single"), "-q", "--threads", "1", *stages).exit_code == 0
+    assert files(tmp_path / "multi") == files(tmp_path / "single")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_planning_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
+    """analyze: only rank 1 fails to plan; rank 0 prints the one line naming it, every rank
+    exits non-zero (2, the planning error's code), nothing is written."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    procs, results = two_ranks(["analyze", str(cfg), "--out", str(tmp_path / "a"), "-q", "--threads", "1"],
+                               [REPO, REPO], patches="fail_planning_on_rank_1")
+    assert [p.returncode for p in procs] == [2, 2], results[0][1][-3000:]
+    assert results[0][1].strip() == f"error: rank 1 of 2 ({socket.gethostname()}): checkpoint-3: not found on this node"
+    assert results[1][1].strip() == ""  # only rank 0 talks
+    assert not (tmp_path / "a").exists()
+
+
+def test_torchrun_sweep_converts_a_last_checkpoint_that_is_not_an_hf_folder(qwen_run, tmp_path):
+    """The last window checkpoint is a bare .safetensors file: every rank converts it for scoring
+    (lm-eval replaced by tests/patched_cli.py's fake); the same files as a single process."""
+    import yaml
+
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    config = yaml.safe_load(cfg.read_text())
+    config["models"][-1]["model"] += "/model.safetensors"
+    cfg.write_text(yaml.safe_dump(config))
+    args = ["--targets", "9,12", "--tasks", "fake_task", "-q", "--timeout", "60"]
+    single = subprocess.run([sys.executable, str(REPO / "tests" / "patched_cli.py"), "sweep", str(cfg),
+                             str(tmp_path / "single"), *args, "--threads", "1"], cwd=REPO,
+                            env={**_env(), "RELEX_TEST_PATCHES": "fake_lm_eval"}, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-3000:]
+    result = torchrun(2, "sweep", str(cfg), str(tmp_path / "multi"), *args, patches="fake_lm_eval")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert files(tmp_path / "multi") == files(tmp_path / "single")
+    assert "baseline_lm_eval_results.json" in files(tmp_path / "multi")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
@@ -156,20 +268,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def two_ranks(args: list[str], cwds: list[Path], patches: str = "", timeout: float = 180):
+    """Ranks 0 and 1 started by hand (each in its cwd), so that each rank's exit code is seen
+    (torchrun stops the others when one exits): (processes, [(stdout, stderr)])."""
+    port = str(_free_port())
+    program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
+    procs = []
+    for rank, cwd in enumerate(cwds):
+        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RELEX_TEST_PATCHES": patches}
+        procs.append(subprocess.Popen([sys.executable, *program, *args], cwd=cwd, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs, [p.communicate(timeout=timeout) for p in procs]
+
+
 def test_an_output_folder_that_not_every_rank_sees_is_refused(qwen_run, tmp_path):
     """Two 'nodes' that resolve the output path differently (a relative OUT from different
     working directories) do not share it: refused, naming the rank, before any tensor is read."""
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
-    port = str(_free_port())
-    procs = []
-    for rank in (0, 1):
-        cwd = tmp_path / f"node{rank}"
+    cwds = [tmp_path / "node0", tmp_path / "node1"]
+    for cwd in cwds:
         cwd.mkdir()
-        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-m", "relex_merge", str(cfg), "out/model", "--threads", "1"],
-                                      cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    results = [p.communicate(timeout=180) for p in procs]
+    procs, results = two_ranks([str(cfg), "out/model", "--threads", "1"], cwds)
     assert [p.returncode for p in procs] == [2, 2]
     rank0 = [line for line in results[0][1].splitlines() if line.startswith("error:")]
     assert results[1][1].strip() == ""  # only rank 0 talks

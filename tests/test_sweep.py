@@ -1,0 +1,67 @@
+"""sweep's checks and plumbing, with lm-eval replaced by tests/patched_cli.py's fake scoring (the
+real scoring is tested in tests/test_demo.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.helpers import run_cli
+from tests.patched_cli import fake_scoring
+from tests.test_cli import write_config
+
+TASKS = ("--tasks", "fake_task")
+
+
+@pytest.fixture
+def scored(monkeypatch) -> list:
+    """(model folder, device) of every scoring."""
+    import importlib
+
+    sweep = importlib.import_module("relex_merge.sweep")  # the package's `sweep` is the function
+    calls: list = []
+    for name, value in fake_scoring(calls).items():
+        monkeypatch.setattr(sweep, name, value)
+    return calls
+
+
+def test_repeated_targets_and_scales_give_one_candidate_each(qwen_run, tmp_path, scored):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", str(cfg), str(out), "--targets", "9,12,9", "--scales", "1,0.5,1.0", *TASKS,
+                     "--keep-all", "-q", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    labels = [c["label"] for c in json.loads((out / "sweep_results.json").read_text())["candidates"]]
+    assert labels == ["step-9-scale-1", "step-9-scale-0.5", "step-12-scale-1", "step-12-scale-0.5"]
+    assert len(scored) == 5  # four candidates and the last window checkpoint
+
+
+def test_sweep_scores_on_the_resolved_device(qwen_run, tmp_path, scored):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", "9,12", *TASKS, "-q", "--threads", "1",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert [device for _, device in scored] == ["cpu"] * 3
+
+
+@pytest.mark.parametrize("targets,expected", [
+    ("0", "--targets: 0 is not after the base model's step (parameters.base_step = 0)"),
+    ("12,-4", "--targets: -4 is not after the base model's step (parameters.base_step = 0)"),
+    ("12,x", "--targets: expected comma-separated numbers, got '12,x'"),
+])
+def test_invalid_targets_are_one_line_and_write_nothing(qwen_run, tmp_path, scored, targets, expected):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", targets, *TASKS, "--threads", "1")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: {expected}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"] and not scored
+
+
+def test_a_reconstruct_config_is_refused_in_one_line(qwen_run, tmp_path, scored):
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], None, parameters={"mode": "reconstruct"})
+    result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", "16", *TASKS, "--threads", "1")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == ("error: sweep: the config's mode is reconstruct; sweep chooses how far to "
+                                     "extrapolate, so it needs mode: extrapolate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"] and not scored
