@@ -43,6 +43,9 @@ def test_signal_mid_write_removes_partial_output(sig, code, slow_run, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a shell's background job (nohup, `&`) starts with SIGINT ignored,
+        # and then Python rightly never raises KeyboardInterrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait until shard data is being written
