@@ -58,6 +58,9 @@ MODULES: dict[str, tuple[list[str], list[str] | None]] = {
     "relex_merge/io/writer.py": (["tests/test_engine.py", "tests/test_writer.py", "-k", "writer"], None),
     # the engine's span/row bookkeeping and the Gram summation, not the scheduler's threading
     "relex_merge/engine/tasks.py": (_ENGINE_TESTS, ["plan_spans", "row_ranges", "chunk_rows", "ǁ_TensorStateǁcomplete_gram"]),
+    # the reader every merge of HF checkpoints uses: header parsing, size checks, row spans
+    "relex_merge/io/safetensors.py": (["tests/test_io.py", "tests/test_engine.py", "tests/test_validation.py",
+                                       "-k", "not end_to_end"], None),
 }
 
 
