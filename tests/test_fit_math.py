@@ -58,8 +58,8 @@ def test_top_components_of_degenerate_grams_match_the_svd():
 def test_components_below_the_relative_cutoff_are_dropped_above_it_kept():
     """RELATIVE_SIGMA_CUTOFF (1e-6 of the largest singular value) decides the rank used."""
     u, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=F64))
-    for ratio, kept in [(1e-7, 1), (1e-5, 2)]:
-        gram = u @ torch.diag(torch.tensor([1.0, ratio**2, 0.0, 0.0], dtype=F64)) @ u.T
+    for ratio, kept in [(1e-7, 1), (1e-5, 2)]:  # relative to the largest, here 1e3 (not 1: a ratio, not a level)
+        gram = u @ torch.diag(torch.tensor([1.0, ratio**2, 0.0, 0.0], dtype=F64) * 1e6) @ u.T
         sigma, _ = top_components(gram, 4)
         assert sigma.numel() == kept, ratio
 
@@ -441,3 +441,13 @@ def test_a_new_family_module_is_found(extra_family_module):
                         "    complexity = 3\nFAMILY = Cubic()\n")
     assert list(fits._discover()) == ["linear_origin", "linear", "aaa_cubic", "log", "polynomial", "power",
                                       "saturating", "sine"]
+
+
+@pytest.mark.parametrize("key", ["scale", "p", "tau", "degree"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_spec_from_parameters_refuses_non_finite_numbers_by_name(key, value):
+    """mergekit's parameters skip the config schema: this is their only check."""
+    fit = {"p": "power", "tau": "log", "degree": "polynomial"}.get(key, "linear")
+    with pytest.raises(ValueError) as caught:
+        spec_from_parameters(fit=fit, **{key: value})
+    assert str(caught.value) == f"{key}: expected a finite number, got {value}"
