@@ -373,8 +373,10 @@ class TargetVerdict:
         fit = self.fit.describe() + (f" at scale {self.scale:g}" if self.scale != 1.0 else "") + (
             " (chosen by the backtest)" if self.chosen_by_backtest else "")
         where = f"step {self.target} is {self.horizon:.1f}x the window span past its end"
-        errors = (f"backtest error {_pct(self.error)} near {self.at_horizon:.1f}x vs {_pct(self.stop_error)} "
-                  f"for stopping")
+        # one decimal when whole percents would show the error equal to the tolerance it missed
+        digits = 1 if _pct(self.error) == _pct(self.tolerance) and self.error != self.tolerance else 0
+        errors = (f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
+                  f"{_pct(self.stop_error, digits)} for stopping")
         if self.supported:
             return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
         within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
@@ -432,8 +434,8 @@ def config_hint(fit: FitSpec) -> str:
     return "set " + " and ".join(f"`{p}`" for p in parts) + " under parameters (or fit: auto)"
 
 
-def _pct(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.0%}"
+def _pct(x: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.{digits}%}"
 
 
 @dataclass(frozen=True)

@@ -417,9 +417,12 @@ def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, 
     if result is None:  # not rank 0: the build step is done, rank 0 scores
         return
     table = Table(title=f"relex-merge sweep ({', '.join(task_list)}" + (f", limit {limit})" if limit else ")"))
-    table.add_column("candidate", no_wrap=True)
-    for column in ("target", "scale", "fit", "score", "stderr", "supported"):
-        table.add_column(column, justify="right")
+    # numbers never shrink (they are the point); long labels fold onto a second line instead
+    table.add_column("candidate", overflow="fold")
+    for column in ("target", "scale", "fit"):
+        table.add_column(column, justify="right", overflow="fold")
+    for column in ("score", "stderr", "supported"):
+        table.add_column(column, justify="right", no_wrap=True, min_width=len(column) + 1)
     for c in [result.baseline, *result.candidates]:
         mark = " (best)" if c is result.best else ""
         supported = "" if c.verdict is None else ("yes" if c.verdict.startswith("SUPPORTED") else "no")
@@ -427,9 +430,8 @@ def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, 
                       f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}", supported)
     out_console = Console()
     out_console.print(table)
-    verdict = "beats" if result.best.result.mean > result.baseline.result.mean else "does NOT beat"
-    out_console.print(escape(f"best: {result.best.label}, kept as {result.kept}; it {verdict} the last window "
-                             f"checkpoint ({result.baseline.result.mean:.4f})"), soft_wrap=True)
+    out_console.print(escape(f"best: {result.best.label}, kept as {result.kept}; it {result.outcome()}"),
+                      soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,12 @@ def check_targets(
     else:
         if not targets and require_targets:
             raise RelexError(f"{where}: required in extrapolate mode (e.g. target_step: 500)")
+        before = [t for t in targets if t < used[0]]
+        if before:  # a negative horizon: nothing in the window or its backtest speaks for it
+            raise RelexError(
+                f"{where}: {before[0]} is before the window ({used[0]}..{used[-1]}); extrapolate mode predicts "
+                "steps after its first checkpoint: give a later step or a window that starts earlier"
+            )
         inside = [t for t in targets if t <= used[-1]]
         if inside:
             warnings.append(

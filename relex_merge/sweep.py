@@ -92,6 +92,20 @@ class SweepResult:
     best: Candidate  # the highest-scoring candidate
     kept: Path  # OUT/best
 
+    def outcome(self) -> str:
+        """How the best candidate compares with the last window checkpoint, noise included: a
+        margin within two standard errors of the difference is not called a win."""
+        best, baseline = self.best.result, self.baseline.result
+        margin = best.mean - baseline.mean
+        noise = 2 * math.hypot(best.mean_stderr, baseline.mean_stderr)
+        if margin <= 0:
+            verdict = "does NOT beat"
+        elif margin > noise:
+            verdict = f"beats (by {margin:.4f}, more than two standard errors)"
+        else:
+            verdict = f"scores {margin:.4f} above, within two standard errors ({noise:.4f}): not a clear win over"
+        return f"{verdict} the last window checkpoint ({baseline.mean:.4f} ± {baseline.mean_stderr:.4f})"
+
 
 def run_sweep(
     plan: MergePlan,

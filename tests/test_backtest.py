@@ -6,6 +6,7 @@ verdicts. Found by mutation testing (scripts/mutation.py)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -498,3 +499,12 @@ def test_held_everywhere_but_stopping_closer_says_do_not_extrapolate():
                         "can test; linear held at every horizon tested, but stopping at step 12 is at least as close "
                         "near the longest (backtest error 15% near 3.0x vs 10% for stopping): do not extrapolate "
                         "from this window.")
+
+
+def test_an_error_that_rounds_to_the_tolerance_is_printed_with_a_decimal():
+    v = TargetVerdict(target=30, horizon=1.5, fit=FitSpec("linear"), chosen_by_backtest=False, error=0.2031,
+                      stop_error=0.4, at_horizon=1.4, supported_horizon=None, tested_horizon=3.0, tolerance=0.2,
+                      last_step=12)
+    assert "(backtest error 20.3% near 1.4x vs 40.0% for stopping)" in v.line()
+    assert "beyond the 20% tolerance" in v.line()
+    assert "(backtest error 25% near" in replace(v, error=0.25).line()

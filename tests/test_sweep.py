@@ -65,3 +65,24 @@ def test_a_reconstruct_config_is_refused_in_one_line(qwen_run, tmp_path, scored)
     assert result.stderr.strip() == ("error: sweep: the config's mode is reconstruct; sweep chooses how far to "
                                      "extrapolate, so it needs mode: extrapolate")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"] and not scored
+
+
+@pytest.mark.parametrize("best,best_se,base,base_se,said", [
+    (0.50, 0.02, 0.40, 0.02, "beats (by 0.1000, more than two standard errors) the last window checkpoint "
+                             "(0.4000 ± 0.0200)"),
+    (0.50, 0.11, 0.45, 0.11, "scores 0.0500 above, within two standard errors (0.3111): not a clear win over the "
+                             "last window checkpoint (0.4500 ± 0.1100)"),
+    (0.40, 0.02, 0.40, 0.02, "does NOT beat the last window checkpoint (0.4000 ± 0.0200)"),
+])
+def test_the_outcome_line_counts_the_noise(best, best_se, base, base_se, said):
+    from pathlib import Path
+
+    from relex_merge.evaluate import EvalResult, TaskScore
+    from relex_merge.sweep import Candidate, SweepResult
+
+    def scored(label, mean, se):
+        return Candidate(label, None, None, EvalResult(label, [TaskScore("t", "acc", mean, se)]))
+
+    result = SweepResult([scored("a", best, best_se)], scored("last", base, base_se), scored("a", best, best_se),
+                         Path("best"))
+    assert result.outcome() == said

@@ -309,6 +309,11 @@ CASES = {
         "parameters.tau: log's tau is chosen by the backtest when not given, and the backtest needs at least 5 "
         "checkpoints in the window to choose (got 3); give tau: or observe more checkpoints",
     ),
+    "target before the window": (
+        lambda run, tmp: base_config(run, steps=(4, 5, 6), target=2),
+        "parameters.target_step: 2 is before the window (4..6); extrapolate mode predicts steps after its first "
+        "checkpoint: give a later step or a window that starts earlier",
+    ),
     "refit window alone": (
         lambda run, tmp: base_config(run, refit_window=3),
         "{cfg}: parameters.refit_window: only used with refit_every",
