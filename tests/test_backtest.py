@@ -5,6 +5,7 @@ verdicts. Found by mutation testing (scripts/mutation.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import replace
 
@@ -508,3 +509,71 @@ def test_an_error_that_rounds_to_the_tolerance_is_printed_with_a_decimal():
     assert "(backtest error 20.3% near 1.4x vs 40.0% for stopping)" in v.line()
     assert "beyond the 20% tolerance" in v.line()
     assert "(backtest error 25% near" in replace(v, error=0.25).line()
+
+
+def verdict_at(horizon, supported_horizon, tested, error, stop_error):
+    return TargetVerdict(target=40, horizon=horizon, fit=FitSpec("linear"), chosen_by_backtest=False, error=error,
+                         stop_error=stop_error, at_horizon=1.0, supported_horizon=supported_horizon,
+                         tested_horizon=tested, tolerance=0.2, last_step=12)
+
+
+def test_verdict_boundaries_are_inclusive():
+    """At exactly the supported horizon the fit holds; at exactly stopping's error stopping wins."""
+    holds = verdict_at(horizon=2.0, supported_horizon=2.0, tested=3.0, error=0.1, stop_error=0.3)
+    assert holds.supported and holds.line().startswith("SUPPORTED")
+    tie = verdict_at(horizon=2.0, supported_horizon=2.0, tested=3.0, error=0.3, stop_error=0.3)
+    assert not tie.supported
+    assert tie.line() == ("NOT SUPPORTED: step 40 is 2.0x the window span past its end; linear holds up to 2.0x, "
+                          "but stopping at step 12 is at least as close there (backtest error 30% near 1.0x vs 30% "
+                          "for stopping): do not extrapolate from this window.")
+    everywhere_tie = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.3, stop_error=0.3)
+    assert "held at every horizon tested, but stopping at step 12 is at least as close" in everywhere_tie.line()
+    everywhere = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3)
+    assert "held at every horizon tested (backtest error 10%" in everywhere.line()
+    partway_tie = verdict_at(horizon=5.0, supported_horizon=1.0, tested=3.0, error=0.3, stop_error=0.3)
+    assert "stopping at step 12 is closer: do not extrapolate" in partway_tie.line()
+
+
+def test_the_better_fit_hint_is_judged_at_the_outputs_scale():
+    """Hand-set sums (true2 = 1 at every point): linear predicts t, power predicts 2t. At scale
+    0.5 power is exact and linear is off by half, so power is named; at scale 1 it would not be."""
+    linear, power = FitSpec("linear"), FitSpec("power", 0.5)
+    bt = Backtest(list(range(1, 13)), RelexSpec(), [linear, power])
+    for key, k in ((linear, 1.0), (power, 2.0)):  # prediction k t: pred2 = k^2, dot = k
+        bt._totals[key][:] = torch.tensor([k * k - 2 * k + 1, 1.0, k * k, k], dtype=F64)
+    bt._totals[STOP][:] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
+    half = bt.verdict(30, linear, False, 12, 0.2, scale=0.5)
+    assert half.error == pytest.approx(0.5) and half.better_fit == power
+    assert bt.verdict(30, linear, False, 12, 0.2).better_fit is None
+
+
+def test_relative_errors_do_not_depend_on_the_size_of_the_weights_at_any_scale():
+    steps, grams = line_backtest(noise=0.0)
+    bt, tiny = (Backtest(steps, RelexSpec(), [FitSpec("linear")]) for _ in range(2))
+    for g in grams:
+        bt.add(g)
+        tiny.add(g * 1e-12)
+    ids = bt.matched(1.0)
+    for scale in (0.5, 3.0):
+        assert tiny.error(FitSpec("linear"), ids, scale) == pytest.approx(bt.error(FitSpec("linear"), ids, scale))
+        assert bt.error(FitSpec("linear"), ids, scale) == pytest.approx(abs(scale - 1), rel=1e-6)
+
+
+def test_assess_chooses_auto_at_the_outputs_scale_and_logs_its_reasons(caplog):
+    steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=0.0)
+    with caplog.at_level(logging.DEBUG, logger="relex_merge.backtest"):
+        a = assess(grams, steps, [30], [RelexSpec(fit=FitSpec("auto"), scale=0.6)])
+    bt, chosen = a.backtest, a.fits[0]
+    h = horizon(steps, 30)
+    near = bt.matched(h)
+    errors = {key: bt.error(key, near, 0.6) for key in bt.candidates}
+    assert errors[chosen] <= min(errors.values()) * (1 + 0.01) + 1e-4
+    assert chosen != bt.best(h)  # at scale 1 the choice differs: the scale was used
+    assert a.verdicts[0].error == pytest.approx(errors[chosen])
+    fit_counts = sorted({p.fit_count for p in bt.points})
+    assert caplog.messages == [
+        f"backtest: {len(bt.candidates)} candidate fit(s) and stopping scored at {len(bt.points)} point(s) "
+        f"(fit counts {fit_counts}, horizons up to {bt.tested_horizon:.2f}x)",
+        f"step 30 ({h:.2f}x the window span): {chosen.describe()} is the best of {len(bt.candidates)} candidate(s), "
+        f"backtest error {errors[chosen]:.0%} near there (stopping: {bt.error(STOP, near):.0%})",
+    ]

@@ -4,6 +4,7 @@ are added in. Found by mutation testing (scripts/mutation.py)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -131,3 +132,16 @@ def test_partial_grams_are_added_in_span_order_whatever_order_they_finished():
         expected += parts[index]
     assert expected == 0.25 and state.gram.tolist() == [[expected] * 2] * 2
     assert state.partial_grams == {}
+
+
+def test_a_reader_of_whole_tensors_gets_one_span_per_tensor_whatever_the_budget(caplog):
+    class WholeReader(MetaReader):
+        whole_tensor_reads = True
+
+    j = job({"w": (20, 8)})
+    tight = EngineOptions(max_memory=2 * 18 * 50, threads=2)
+    assert len(_spans(j, tight, "w")) > 1  # mapped readers: row spans
+    j.checkpoints[1] = WholeReader(j.checkpoints[1].metas)
+    with caplog.at_level(logging.DEBUG, logger="relex_merge.engine.tasks"):
+        assert _spans(j, tight, "w") == [(None, 0, 160)]
+    assert caplog.messages == ["w: one span (an input reads whole tensors), over the memory budget"]

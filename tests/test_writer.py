@@ -243,3 +243,73 @@ def test_output_files_are_readable_not_executable(tmp_path):
     w.close()
     for shard in tmp_path.glob("*.safetensors"):
         assert shard.stat().st_mode & 0o777 == 0o644 & ~umask
+
+
+# ---- several processes: prepare / attach / close_share / finalize ------------------------------
+
+
+def test_nothing_is_written_before_prepare_or_attach(tmp_path):
+    w = ShardedModelWriter(tmp_path, layout({"t": torch.zeros(2, 3)}), shard_size=1 << 30)
+    with pytest.raises(RuntimeError) as caught:
+        w.write_at("t", 0, torch.zeros(3))
+    assert str(caught.value) == "writer: call prepare() (or attach()) before writing"
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(RuntimeError) as caught:
+        w.finalize([{"t": 24}])
+    assert str(caught.value) == "writer: nothing was prepared"
+
+
+def test_attach_writes_into_files_another_writer_prepared_and_refuses_missing_ones(tmp_path):
+    tensors = sample()
+    first = ShardedModelWriter(tmp_path, layout(tensors), shard_size=40)
+    assert len(first.shards) > 1
+    with pytest.raises(RuntimeError) as caught:
+        first.attach()  # nothing prepared yet
+    assert str(caught.value) == f"writer: {first.paths[0]} was not prepared"
+    first.prepare()
+    other = ShardedModelWriter(tmp_path, layout(tensors), shard_size=40)
+    other.attach()
+    names = list(tensors)
+    mine, theirs = names[: len(names) // 2], names[len(names) // 2 :]
+    for name in mine:
+        first.write_at(name, 0, tensors[name])
+    for name in theirs:
+        other.write_at(name, 0, tensors[name])
+    shares = [first.close_share(mine), other.close_share(theirs)]
+    first.finalize(shares)
+    for path in first.paths:
+        with safe_open(path, "pt") as f:
+            for name in f.keys():
+                assert torch.equal(f.get_tensor(name), tensors[name])
+    index = (tmp_path / "model.safetensors.index.json").read_text()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    weight_map = {t.name: first.file_names[s] for s, shard in enumerate(first.shards) for t in shard}
+    assert index == json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+
+
+def test_finalize_adds_up_the_shares_of_a_tensor_split_between_processes(tmp_path):
+    t = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    w = ShardedModelWriter(tmp_path, layout({"t": t, "empty": torch.zeros(0, 3)}), shard_size=1 << 30)
+    w.prepare()
+    w.write_at("t", 0, t[:2])
+    w.write_at("t", 6, t[2:])
+    w.finalize([{"t": 24}, {"t": 24}])  # two halves; "empty" (0 bytes) is in no share and needs none
+    with pytest.raises(RuntimeError) as caught:
+        w.finalize([{"t": 24}])
+    assert str(caught.value) == "writer: tensor t is incomplete (24 of 48 bytes)"
+    with pytest.raises(RuntimeError) as caught:
+        w.finalize([{"empty": 0}])
+    assert str(caught.value) == "writer: tensor t is incomplete (0 of 48 bytes)"
+
+
+def test_each_shard_is_opened_once_however_many_writes(tmp_path):
+    tensors = sample()
+    w = ShardedModelWriter(tmp_path, layout(tensors), shard_size=40)
+    w.prepare()
+    before = len(os.listdir("/proc/self/fd"))
+    for name, t in tensors.items():
+        for row in range(t.shape[0]):
+            w.write_at(name, row * t[0].numel(), t[row])
+    assert len(os.listdir("/proc/self/fd")) - before == len(w.shards)
+    w.close()
+    assert len(os.listdir("/proc/self/fd")) == before
