@@ -313,3 +313,112 @@ def test_zero_inputs_are_held_whole_and_planning_says_so(fake_deepspeed, qwen_ru
         "(relex-merge convert) to stay within it"
     ]
     assert registry.open_checkpoint(qwen_run / "base").resident_bytes == 0  # mapped formats hold nothing
+
+
+# ---- damaged safetensors files: one exact line each -------------------------------------------
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes = b"", length: int | None = None) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if length is None else length) + text + data)
+    return path
+
+
+def _entry(shape, lo, hi, dtype="F32"):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": [lo, hi]}
+
+
+DAMAGED = {
+    "shorter than 8 bytes": (
+        lambda p: (p.write_bytes(b"\x01\x02\x03") and p),
+        "{f}: not a safetensors file (shorter than 8 bytes); re-copy or re-save it",
+    ),
+    "header longer than the file": (
+        lambda p: _raw_safetensors(p, {"t": _entry((2,), 0, 8)}, b"\0" * 8, length=1000),
+        "{f}: truncated safetensors header ({size} bytes, header says 1000); re-copy or re-save it",
+    ),
+    "header ending exactly at the end of the file": (  # no tensors, no data: nothing is missing
+        lambda p: _raw_safetensors(p, {"__metadata__": {"format": "pt"}}),
+        None,
+    ),
+    "a header length with the top bit set": (  # unsigned: 2^63 + 2, not -2^63 + 2
+        lambda p: _raw_safetensors(p, {}, length=(1 << 63) + 2),
+        "{f}: truncated safetensors header ({size} bytes, header says 9223372036854775810); re-copy or re-save it",
+    ),
+    "a header over safetensors' 100 MB cap": (
+        lambda p: _raw_safetensors(p, {}, length=100 * 1024 * 1024 + 1),
+        "{f}: truncated safetensors header ({size} bytes, header says 104857601); re-copy or re-save it",
+    ),
+    "not JSON": (
+        lambda p: (p.write_bytes(struct.pack("<Q", 4) + b"{x: " + b"\0" * 8) and p),
+        "{f}: corrupt safetensors header (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
+    ),
+    "an entry without a dtype": (
+        lambda p: _raw_safetensors(p, {"t": {"shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8),
+        "{f}: tensor t has an unreadable or unsupported header entry {{'shape': [2], 'data_offsets': [0, 8]}}",
+    ),
+    "offsets that disagree with the shape": (
+        lambda p: _raw_safetensors(p, {"t": _entry((2,), 4, 16)}, b"\0" * 16),
+        "{f}: tensor t spans 12 bytes but its shape needs 8",
+    ),
+    "data cut short": (
+        lambda p: _raw_safetensors(p, {"t": _entry((4,), 0, 16)}, b"\0" * 15),
+        "{f}: data is shorter than the header says (15 of 16 bytes); the file is truncated: re-copy or re-save it",
+    ),
+    "a tensor whose data ends at the end of the file": (
+        lambda p: _raw_safetensors(p, {"t": _entry((1,), 0, 4)}, b"\0" * 4),
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(DAMAGED))
+def test_damaged_safetensors_files_are_named_with_what_is_wrong(case, tmp_path):
+    from relex_merge.io.safetensors import read_safetensors_header
+
+    make, expected = DAMAGED[case]
+    f = make(tmp_path / "model.safetensors")
+    if expected is None:
+        start, tensors = read_safetensors_header(f)
+        assert start + sum(meta.nbytes for meta, _ in tensors.values()) == f.stat().st_size
+        return
+    with pytest.raises(RelexError) as caught:
+        read_safetensors_header(f)
+    assert str(caught.value) == expected.format(f=f, size=f.stat().st_size)
+
+
+def test_a_sharded_folder_whose_index_or_shards_disagree_is_refused(tmp_path):
+    from relex_merge.io.safetensors import SafetensorsReader
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"a": torch.zeros(2)}, str(folder / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.ones(2)}, str(folder / "model-00002-of-00002.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    good = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
+    index.write_text(json.dumps({"metadata": {}, "weight_map": good}))
+    reader = SafetensorsReader(folder)
+    assert reader.names() == ["a", "b"] and torch.equal(reader.read("b"), torch.ones(2))
+    reader.close()
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**good, "b": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(RelexError) as caught:
+        SafetensorsReader(folder)
+    assert str(caught.value) == f"{index}: tensor b is not in model-00001-of-00002.safetensors"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": {**good, "c": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(RelexError) as caught:
+        SafetensorsReader(folder)
+    assert str(caught.value) == f"{index}: tensor c is not in model-00002-of-00002.safetensors"
+    index.unlink()
+    save_file({"a": torch.zeros(2)}, str(folder / "model-00002-of-00002.safetensors"))  # "a" twice
+    with pytest.raises(RelexError) as caught:
+        SafetensorsReader(folder)
+    assert str(caught.value) == (f"{folder / 'model-00002-of-00002.safetensors'}: tensor a is also in "
+                                 f"{folder / 'model-00001-of-00002.safetensors'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RelexError) as caught:
+        SafetensorsReader(empty)
+    assert str(caught.value) == f"{empty}: no .safetensors files"
+    single = tmp_path / "one.safetensors"
+    save_file({"x": torch.arange(3.0)}, str(single))
+    assert SafetensorsReader(single).names() == ["x"]  # a file, not a folder: no index is looked for
