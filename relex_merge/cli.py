@@ -429,6 +429,8 @@ def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, 
         table.add_row(c.label + mark, str(c.target), "" if c.scale is None else f"{c.scale:g}", c.fit or "",
                       f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}", supported)
     out_console = Console()
+    if not out_console.is_terminal:  # a log or a pipe: no reader's screen to fit, keep every cell whole
+        out_console = Console(width=max(out_console.width, 200))
     out_console.print(table)
     out_console.print(escape(f"best: {result.best.label}, kept as {result.kept}; it {result.outcome()}"),
                       soft_wrap=True)
