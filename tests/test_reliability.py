@@ -106,16 +106,23 @@ def test_model_card_fingerprints_inputs(qwen_run, tmp_path):
     assert fingerprint not in changed
 
 
-def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
+def _config_with_a_nonfinite_value(qwen_run: Path, tmp_path: Path, value: float) -> tuple[Path, Path, dict]:
+    """A config over checkpoints 1-3 whose second is a copy (tmp_path/ck2) with ``value`` in
+    model.norm.weight: (the config file, the copy, its state)."""
     copy = tmp_path / "ck2"
-    copy.mkdir()
-    state = load_file(qwen_run / "checkpoint-2" / "model.safetensors")
-    state["model.norm.weight"][5] = float("inf")
+    shutil.copytree(qwen_run / "checkpoint-2", copy)
+    state = load_file(copy / "model.safetensors")
+    state["model.norm.weight"][5] = value
     save_file(state, copy / "model.safetensors")
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
     config = yaml.safe_load(cfg.read_text())
     config["models"][1]["model"] = str(copy)
     cfg.write_text(yaml.safe_dump(config))
+    return cfg, copy, state
+
+
+def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
+    cfg, _, state = _config_with_a_nonfinite_value(qwen_run, tmp_path, float("inf"))
     result = run_cli(str(cfg), str(tmp_path / "out"), "--allow-nonfinite")
     assert result.exit_code == 0, result.output
     merged = load_state(tmp_path / "out")
@@ -134,15 +141,7 @@ def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
 @pytest.mark.parametrize("command", ["analyze", "sweep"])
 def test_the_nonfinite_error_names_a_flag_the_command_has(command, qwen_run, tmp_path):
     """The engine's NaN error says "pass --allow-nonfinite"; analyze and sweep had no such flag."""
-    copy = tmp_path / "ck2"
-    shutil.copytree(qwen_run / "checkpoint-2", copy)
-    state = load_file(copy / "model.safetensors")
-    state["model.norm.weight"][5] = float("nan")
-    save_file(state, copy / "model.safetensors")
-    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
-    config = yaml.safe_load(cfg.read_text())
-    config["models"][1]["model"] = str(copy)
-    cfg.write_text(yaml.safe_dump(config))
+    cfg, copy, state = _config_with_a_nonfinite_value(qwen_run, tmp_path, float("nan"))
     assert "--allow-nonfinite" in run_cli(command, "--help").output
     if command == "sweep":  # scoring needs lm-eval; the merge step fails before it
         tasks = Path(__file__).resolve().parents[1] / "demo" / "tasks"
