@@ -159,6 +159,7 @@ class Backtest:
     steps: list[int]  # the window the fit uses
     spec: RelexSpec
     candidates: list[FitSpec]  # the fits scored (stopping is always scored too)
+    min_points: int = field(init=False)  # checkpoints the smallest fit count holds
     points: list[Holdout] = field(init=False)  # every (fit count, held-back checkpoint) pair
     _totals: dict[FitSpec | str, torch.Tensor] = field(init=False, repr=False)  # per point: err2, true2, pred2, dot
     _cache: dict = field(init=False, repr=False)
@@ -166,8 +167,8 @@ class Backtest:
     def __post_init__(self):
         # the same fit counts whichever candidates are scored, so verdicts agree between a plain
         # merge, `fit: auto` and analyze: enough points for every family `auto` knows
-        need = max([self.spec.rank, FitSpec(fits.AUTO).min_points] + [c.min_points for c in self.candidates])
-        self.points = holdouts(self.steps, need)
+        self.min_points = max([self.spec.rank, FitSpec(fits.AUTO).min_points] + [c.min_points for c in self.candidates])
+        self.points = holdouts(self.steps, self.min_points)
         self._totals = {key: torch.zeros(len(self.points), 4, dtype=torch.float64)
                         for key in [*self.candidates, STOP]}
         self._cache = {}

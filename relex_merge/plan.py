@@ -13,7 +13,7 @@ from relex_merge.config import RelexConfig, RelexParameters
 from relex_merge.engine import MergeJob
 from relex_merge.errors import RelexError
 from relex_merge import fits
-from relex_merge.fit import FitSpec, window_indices
+from relex_merge.fit import window_indices
 from relex_merge.io.dtypes import CONFIG_DTYPES
 from relex_merge.io.base import CheckpointReader
 from relex_merge.io.hf import read_model_config
@@ -168,8 +168,7 @@ def _check_backtest_can_choose(spec, steps: list[int]) -> None:
     probe = Backtest.for_fits(steps, spec, [spec.fit])
     if probe.points:
         return
-    need = max([spec.rank] + [c.min_points for c in probe.candidates] + [FitSpec(fits.AUTO).min_points]) + 1
-    got = f"needs at least {need} checkpoints in the window to choose (got {len(probe.steps)})"
+    got = f"needs at least {probe.min_points + 1} checkpoints in the window to choose (got {len(probe.steps)})"
     if spec.fit.family == fits.AUTO:
         raise RelexError(f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe "
                          "more checkpoints")
