@@ -45,14 +45,14 @@ def true_steps_after(run: Path, last: int) -> list[int]:
 
 
 def section(title: str, config: Path, run: Path, limit: int | None, manager) -> list[str]:
-    from relex_merge.analyze import run_analysis, summary_rows
-    from relex_merge.backtest import horizon
-    from relex_merge.config import load_config
+    from relex_merge.workflows.analyze import run_analysis, summary_rows
+    from relex_merge.core.backtest import horizon
+    from relex_merge.config.schema import load_config
     from relex_merge.engine import EngineOptions
-    from relex_merge.evaluate import evaluate
-    from relex_merge.fit import FitSpec
-    from relex_merge.merge import execute_merge
-    from relex_merge.plan import plan_merge
+    from relex_merge.evaluation.lm_eval import evaluate
+    from relex_merge.core.relex import FitSpec
+    from relex_merge.workflows.merge import execute_merge
+    from relex_merge.workflows.plan import plan_merge
 
     plan = plan_merge(load_config(config))
     steps = list(plan.job.steps)
@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     os.chdir(REPO)  # the task YAML's data path is relative to the repository root
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from relex_merge.evaluate import task_manager
+    from relex_merge.evaluation.lm_eval import task_manager
 
     manager = task_manager(REPO / "demo" / "tasks")
     lines = []

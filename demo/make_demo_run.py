@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.synthetic import char_tokenizer, tiny_config
+from relex_merge.testing.synthetic import char_tokenizer, tiny_config
 
 HERE = Path(__file__).resolve().parent
 TEST_SIZE = 300

@@ -75,11 +75,11 @@ def evaluate(run: Run, folder: Path) -> list[str]:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from relex_merge.config import parse_config
+    from relex_merge.config.schema import parse_config
     from relex_merge.engine import EngineOptions
-    from relex_merge.merge import execute_merge
-    from relex_merge.plan import plan_merge
-    from relex_merge.synthetic import char_tokenizer
+    from relex_merge.workflows.merge import execute_merge
+    from relex_merge.workflows.plan import plan_merge
+    from relex_merge.testing.synthetic import char_tokenizer
 
     _, test = demo.split(0)
     tokenizer = char_tokenizer()

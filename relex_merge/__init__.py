@@ -19,19 +19,19 @@ from typing import Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
-    "Options": "relex_merge.options",
-    "run_merge": "relex_merge.merge",
-    "execute_merge": "relex_merge.merge",
-    "RunResult": "relex_merge.merge",
-    "analyze": "relex_merge.analyze",
-    "sweep": "relex_merge.sweep",
-    "evaluate": "relex_merge.evaluate",
-    "convert": "relex_merge.convert",
-    "plan_merge": "relex_merge.plan",
-    "load_config": "relex_merge.config",
-    "RelexError": "relex_merge.errors",
-    "UnsupportedTarget": "relex_merge.errors",
-    "Progress": "relex_merge.progress",
+    "Options": "relex_merge.config.options",
+    "run_merge": "relex_merge.workflows.merge",
+    "execute_merge": "relex_merge.workflows.merge",
+    "RunResult": "relex_merge.workflows.merge",
+    "analyze": "relex_merge.workflows.analyze",
+    "sweep": "relex_merge.workflows.sweep",
+    "evaluate": "relex_merge.evaluation.lm_eval",
+    "convert": "relex_merge.workflows.convert",
+    "plan_merge": "relex_merge.workflows.plan",
+    "load_config": "relex_merge.config.schema",
+    "RelexError": "relex_merge.common.errors",
+    "UnsupportedTarget": "relex_merge.common.errors",
+    "Progress": "relex_merge.common.progress",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -6,7 +6,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import pytest  # noqa: E402
 
-from relex_merge.synthetic import make_planted_run  # noqa: E402
+from relex_merge.testing.synthetic import make_planted_run  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """Shared test helpers: an in-memory checkpoint reader, the dense reference implementation of
-RELEX (written independently of relex_merge.fit), and a CLI runner."""
+RELEX (written independently of relex_merge.core.relex), and a CLI runner."""
 
 from __future__ import annotations
 

@@ -25,8 +25,8 @@ def slow_rename() -> None:
 
 def fail_planning_on_rank_1() -> None:
     """Rank 1 (only) cannot plan the merge, as a node that does not see an input."""
-    from relex_merge import plan
-    from relex_merge.errors import RelexError
+    from relex_merge.workflows import plan
+    from relex_merge.common.errors import RelexError
 
     real = plan.plan_merge
 
@@ -42,18 +42,18 @@ def fake_lm_eval() -> None:
     """sweep's lm-eval replaced by ``fake_scoring``."""
     import importlib
 
-    sweep = importlib.import_module("relex_merge.sweep")
+    sweep = importlib.import_module("relex_merge.workflows.sweep")
     for name, value in fake_scoring().items():
         setattr(sweep, name, value)
 
 
 def fake_scoring(calls: list | None = None) -> dict:
-    """Stand-ins for relex_merge.sweep's task_manager, check_tasks and evaluate: any task is known;
+    """Stand-ins for relex_merge.workflows.sweep's task_manager, check_tasks and evaluate: any task is known;
     a model's score is the mean of its first float tensor; the device each scoring got is written
     to its results file and, with ``calls``, appended there as (model folder, device)."""
     import json
 
-    from relex_merge.evaluate import EvalResult, TaskScore
+    from relex_merge.evaluation.lm_eval import EvalResult, TaskScore
     from tests.helpers import load_state
 
     def evaluate(model_dir, tasks, *, device, results_file=None, **kwargs):  # device: no default, sweep must pass it

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from relex_merge.analyze import analyze_grams
-from relex_merge.backtest import Backtest
-from relex_merge.fit import FitSpec, RelexSpec
-from relex_merge.synthetic import make_planted_run
+from relex_merge.workflows.analyze import analyze_grams
+from relex_merge.core.backtest import Backtest
+from relex_merge.core.relex import FitSpec, RelexSpec
+from relex_merge.testing.synthetic import make_planted_run
 from tests.helpers import assert_relex_output, dense_relex, run_cli
 from tests.test_cli import load_state, write_config
 

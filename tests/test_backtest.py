@@ -1,4 +1,4 @@
-"""relex_merge.backtest against expectations written here: the holdout plan by hand, the
+"""relex_merge.core.backtest against expectations written here: the holdout plan by hand, the
 whole-model sums against a dense backtest on the explicit deltas (SVD of the first K deltas, the
 family's own least squares, the held-out delta), the sine route on an exact sinusoid, and the
 verdicts. Found by mutation testing (scripts/mutation.py)."""
@@ -12,8 +12,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from relex_merge import fits
-from relex_merge.backtest import (
+from relex_merge.core import fits
+from relex_merge.core.backtest import (
     STOP,
     Backtest,
     TargetVerdict,
@@ -27,7 +27,7 @@ from relex_merge.backtest import (
     horizon,
     window_steps,
 )
-from relex_merge.fit import FitSpec, RelexSpec
+from relex_merge.core.relex import FitSpec, RelexSpec
 from tests.test_fits import dense_refit, fit_curve
 
 F64 = torch.float64
@@ -561,7 +561,7 @@ def test_relative_errors_do_not_depend_on_the_size_of_the_weights_at_any_scale()
 
 def test_assess_chooses_auto_at_the_outputs_scale_and_logs_its_reasons(caplog):
     steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=0.0)
-    with caplog.at_level(logging.DEBUG, logger="relex_merge.backtest"):
+    with caplog.at_level(logging.DEBUG, logger="relex_merge.core.backtest"):
         a = assess(grams, steps, [30], [RelexSpec(fit=FitSpec("auto"), scale=0.6)])
     bt, chosen = a.backtest, a.fits[0]
     h = horizon(steps, 30)

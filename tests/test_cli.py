@@ -14,7 +14,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from relex_merge.config import load_config
+from relex_merge.config.schema import load_config
 from tests.helpers import assert_relex_output, assert_state_matches, dense_relex, relex_expectation, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -208,7 +208,7 @@ def test_tied_llama_stays_tied(llama_tied_run, tmp_path):
 
 
 def test_shipped_configs_run(tmp_path):
-    from relex_merge.synthetic import make_planted_run
+    from relex_merge.testing.synthetic import make_planted_run
 
     run = make_planted_run(tmp_path / "runs" / "synthetic", steps=range(1, 9))
     base = load_state(run / "base")
@@ -231,7 +231,7 @@ def test_shipped_configs_run(tmp_path):
 
 
 def test_trajectory_discovery_and_print_config(tmp_path):
-    from relex_merge.synthetic import make_planted_run
+    from relex_merge.testing.synthetic import make_planted_run
 
     run = make_planted_run(tmp_path / "run", steps=[1, 2, 3, 4, 5, 6, 7])
     # verl's layout: global_step_N/actor/huggingface holding HF weights

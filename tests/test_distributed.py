@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from relex_merge import distributed, errors
+from relex_merge.engine import process_group
+from relex_merge.common import errors
 from tests.helpers import run_cli
 from tests.test_cli import write_config
 
@@ -52,14 +53,14 @@ def error_lines(result) -> list[str]:
 def test_assignment_is_balanced_by_bytes_and_deterministic():
     names = [f"t{i}" for i in range(7)]
     sizes = [50, 10, 40, 10, 30, 5, 5]
-    shares = distributed.assign(names, sizes, 3)
+    shares = process_group.assign(names, sizes, 3)
     # largest first, each to the least-loaded rank (ties: the lower rank); shares in the model's order
     assert shares == [["t0"], ["t2", "t3"], ["t1", "t4", "t5", "t6"]]
     assert [sum(sizes[names.index(n)] for n in s) for s in shares] == [50, 50, 50]
-    assert distributed.assign(names, sizes, 1) == [names]
+    assert process_group.assign(names, sizes, 1) == [names]
 
 
-class _FakeRanks(distributed.Group):
+class _FakeRanks(process_group.Group):
     """Rank ``rank`` of two, whose all_gather returns what the test planted for the other rank."""
 
     world_size = 2
@@ -79,12 +80,12 @@ def test_a_rank_failure_reads_like_the_single_process_line():
     line = errors.one_line(full)
     assert line == "/out/model-00001-of-00002.safetensors: no space left on the device; free space or choose " \
                    "another output folder"
-    rank1 = _FakeRanks(1, other=distributed._Status(0, "node0", None))  # rank 0 succeeded
+    rank1 = _FakeRanks(1, other=process_group._Status(0, "node0", None))  # rank 0 succeeded
     with pytest.raises(OSError):
         with rank1.step("writing"):
             raise full
     rank0 = _FakeRanks(0, other=rank1.sent)
-    with pytest.raises(distributed.RankFailure) as failure:
+    with pytest.raises(process_group.RankFailure) as failure:
         with rank0.step("writing"):
             pass
     assert str(failure.value) == f"rank 1 of 2 ({socket.gethostname()}): {line}"
@@ -112,7 +113,7 @@ def test_only_launched_tasks_join_a_group(monkeypatch, env, found):
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert distributed._launcher_environment() == found
+    assert process_group._launcher_environment() == found
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -222,8 +223,8 @@ def test_a_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
     """NaN in a tensor that rank 1 reads: rank 1 fails in the middle of the merge; every rank
     exits non-zero, rank 0 prints one line naming rank 1, and no output is left."""
     from relex_merge.engine.executors.distributed import share
-    from relex_merge.plan import plan_merge
-    from relex_merge.config import load_config
+    from relex_merge.workflows.plan import plan_merge
+    from relex_merge.config.schema import load_config
 
     run = _copy_run(qwen_run, tmp_path / "run", [1, 2, 3])
     cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3], 9)

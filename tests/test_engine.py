@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relex_merge.engine import EngineOptions, MergeJob, run_job
-from relex_merge.errors import RelexError
-from relex_merge.fit import RelexSpec
+from relex_merge.common.errors import RelexError
+from relex_merge.core.relex import RelexSpec
 from relex_merge.io.base import TensorMeta
-from relex_merge.io.safetensors import SafetensorsReader
+from relex_merge.io.formats.safetensors import SafetensorsReader
 from relex_merge.io.writer import OutputTensor, ShardedModelWriter
-from relex_merge.kernels import Scratch, span_gram, span_outputs
+from relex_merge.core.kernels import Scratch, span_gram, span_outputs
 from tests.helpers import DictReader
 from tests.test_fit import CollectSink, random_window
 

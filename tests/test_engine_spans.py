@@ -12,7 +12,7 @@ import torch
 from relex_merge.engine import EngineOptions, MergeJob
 from relex_merge.engine.tasks import SPAN_BYTES, _TensorState, chunk_rows, row_ranges
 from relex_merge.engine.tasks import plan_spans as _spans
-from relex_merge.fit import RelexSpec
+from relex_merge.core.relex import RelexSpec
 from relex_merge.io.base import CheckpointReader, TensorMeta
 
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from relex_merge.engine import EngineOptions, MergeJob, run_job
-from relex_merge.fit import FitSpec, RelexSpec, predict_coefficients, top_components
-from relex_merge.kernels import Scratch, span_gram
+from relex_merge.core.relex import FitSpec, RelexSpec, predict_coefficients, top_components
+from relex_merge.core.kernels import Scratch, span_gram
 from tests.helpers import DictReader, dense_relex
 
 
@@ -212,7 +212,7 @@ def test_mixed_input_dtypes_with_odd_sizes(tmp_path):
     """A bf16 base with fp32 checkpoints (odd element counts): reads land on aligned buffers."""
     from safetensors.torch import save_file
 
-    from relex_merge.io.safetensors import SafetensorsReader
+    from relex_merge.io.formats.safetensors import SafetensorsReader
 
     gen = torch.Generator().manual_seed(0)
     base = {"odd": torch.randn(7, 3, generator=gen).to(torch.bfloat16), "v": torch.randn(5, generator=gen).bfloat16()}

@@ -1,4 +1,4 @@
-"""relex_merge.fit's edges, each against a dense float64 expectation written here or in
+"""relex_merge.core.relex's edges, each against a dense float64 expectation written here or in
 tests/test_fits.py (never the code under test): degenerate Gram matrices, the diagnostics,
 autoregressive re-fitting (gaps other than 1, unsorted targets, steps past float32's integers,
 the re-fit window), and config parameters becoming a spec. Found by mutation testing
@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from relex_merge import fits
-from relex_merge.fit import (
+from relex_merge.core import fits
+from relex_merge.core.relex import (
     FitSpec,
     RelexSpec,
     diagnostics,
@@ -406,7 +406,7 @@ def test_sine_on_curves_that_are_not_sinusoids_matches_the_reference_scripts(cas
 
 
 def test_the_registry_orders_families_simplest_first_then_by_name():
-    found = fits._discover()  # the scan the package runs at import, run again
+    found = fits.REGISTRY._discover()  # the scan the package runs at import, run again
     assert list(found) == ["linear_origin", "linear", "log", "polynomial", "power", "saturating", "sine"]
     assert all(found[name] is fits.family(name) for name in found)
     assert fits.shape_keys() == ["tau", "degree", "p"]
@@ -420,26 +420,26 @@ def extra_family_module(tmp_path, monkeypatch):
     """Writes relex_merge/fits/zz_extra.py (on an extra package path) for _discover to find."""
     monkeypatch.setattr(fits, "__path__", [*fits.__path__, str(tmp_path)])
     yield lambda source: (tmp_path / "zz_extra.py").write_text(source)
-    sys.modules.pop("relex_merge.fits.zz_extra", None)
+    sys.modules.pop("relex_merge.core.fits.zz_extra", None)
 
 
 @pytest.mark.parametrize("source,problem", [
-    ("X = 1\n", "relex_merge.fits.zz_extra defines no FAMILY"),
-    ("from relex_merge.fits.linear import Linear\nclass Twin(Linear):\n    pass\nFAMILY = Twin()\n",
+    ("X = 1\n", "relex_merge.core.fits.zz_extra defines no FAMILY"),
+    ("from relex_merge.core.fits.linear import Linear\nclass Twin(Linear):\n    pass\nFAMILY = Twin()\n",
      "fit family name 'linear' is taken"),
-    ("from relex_merge.fits.linear import Linear\nclass Auto(Linear):\n    name = 'auto'\nFAMILY = Auto()\n",
+    ("from relex_merge.core.fits.linear import Linear\nclass Auto(Linear):\n    name = 'auto'\nFAMILY = Auto()\n",
      "fit family name 'auto' is taken"),
 ])
 def test_a_family_module_must_define_one_new_family(source, problem, extra_family_module):
     extra_family_module(source)
     with pytest.raises(TypeError, match=re.escape(problem)):
-        fits._discover()
+        fits.REGISTRY._discover()
 
 
 def test_a_new_family_module_is_found(extra_family_module):
-    extra_family_module("from relex_merge.fits.linear import Linear\nclass Cubic(Linear):\n    name = 'aaa_cubic'\n"
+    extra_family_module("from relex_merge.core.fits.linear import Linear\nclass Cubic(Linear):\n    name = 'aaa_cubic'\n"
                         "    complexity = 3\nFAMILY = Cubic()\n")
-    assert list(fits._discover()) == ["linear_origin", "linear", "aaa_cubic", "log", "polynomial", "power",
+    assert list(fits.REGISTRY._discover()) == ["linear_origin", "linear", "aaa_cubic", "log", "polynomial", "power",
                                       "saturating", "sine"]
 
 

@@ -1,6 +1,6 @@
 """Fit families, fit: auto, fit_reconstruct and autoregressive re-fitting, each against a dense
 reference written here (torch.linalg.svd of the stacked deltas and the family's own least
-squares on the real steps), independent of relex_merge.fits and relex_merge.fit."""
+squares on the real steps), independent of relex_merge.core.fits and relex_merge.core.relex."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 import yaml
 
-from relex_merge import fits
-from relex_merge.backtest import assess
-from relex_merge.fit import FitSpec, RelexSpec, relex_weights
-from relex_merge.synthetic import make_planted_run
+from relex_merge.core import fits
+from relex_merge.core.backtest import assess
+from relex_merge.core.relex import FitSpec, RelexSpec, relex_weights
+from relex_merge.testing.synthetic import make_planted_run
 from tests.helpers import run_cli
 from tests.test_cli import load_state, write_config
 from tests.test_fit import assert_close, engine_outputs, random_window
@@ -152,7 +152,7 @@ def test_mergekit_method_runs_every_fixed_family(qwen_run, tmp_path):
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from relex_merge.mergekit_method import register
+    from relex_merge.interop.mergekit_method import register
 
     register()
     steps = [2, 3, 5, 6]
@@ -175,7 +175,7 @@ def test_mergekit_method_runs_every_fixed_family(qwen_run, tmp_path):
 
 
 def test_mergekit_method_refuses_a_fit_it_cannot_resolve():
-    from relex_merge.mergekit_method import relex_group
+    from relex_merge.interop.mergekit_method import relex_group
 
     with pytest.raises(ValueError, match="needs the whole model's backtest"):
         relex_group(None, {}, 10, fit="auto")  # refused before the tensors are touched
@@ -308,9 +308,9 @@ def test_fixed_fit_that_fails_names_the_family_that_holds():
 def test_registry_finds_every_family_module():
     import pkgutil
 
-    import relex_merge.fits as package
+    import relex_merge.core.fits as package
 
-    modules = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"base"}
+    modules = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"_base"}
     assert set(fits.names()) == {"linear", "linear_origin", "polynomial", "power", "log", "saturating", "sine"}
     assert len(modules) == len(fits.names())
     assert fits.names()[:2] == ["linear_origin", "linear"]  # ties go to the simpler family

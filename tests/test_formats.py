@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from relex_merge.io.registry import open_checkpoint
+from relex_merge.io.formats import open_checkpoint
 from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 
@@ -262,7 +262,7 @@ def test_a_dcp_tensor_is_read_once_per_pass_however_small_the_budget(tmp_path, m
 
     from relex_merge.engine import EngineOptions, MergeJob, run_job
     from relex_merge.engine.tasks import plan_spans
-    from relex_merge.fit import RelexSpec
+    from relex_merge.core.relex import RelexSpec
     from tests.helpers import DictReader, dense_relex
     from tests.test_fit import CollectSink, assert_close, random_window
 
@@ -299,7 +299,7 @@ def test_a_dcp_tensor_is_read_once_per_pass_however_small_the_budget(tmp_path, m
 def test_fsdp_rows_of_a_tensor_sharded_along_dim_1_come_from_each_piece(monkeypatch):
     """Shard(1): each rank holds some columns of every row. A row span takes its rows from each
     piece; it used to join the whole tensor first and then slice it, once per span."""
-    from relex_merge.io.fsdp import FsdpShardReader, _Layout
+    from relex_merge.io.formats.fsdp import FsdpShardReader, _Layout
 
     full = torch.arange(6 * 5, dtype=torch.float32).reshape(6, 5)
     reader = FsdpShardReader.__new__(FsdpShardReader)  # two rank pieces, no files

@@ -14,15 +14,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from relex_merge.errors import RelexError
-from relex_merge.io import registry
+from relex_merge.common.errors import RelexError
+from relex_merge.io import formats as registry
 from relex_merge.io.base import CheckpointFormat
 from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES, SAFETENSORS_DTYPES, SAFETENSORS_NAMES
 
 
 def test_config_dtype_names_come_from_the_table():
     from relex_merge.cli import main
-    from relex_merge.config import DTYPES
+    from relex_merge.config.schema import DTYPES
 
     assert DTYPES == ("float32", "float16", "bfloat16", "float64") == tuple(CONFIG_DTYPES)
     convert = main.commands["convert"]
@@ -68,8 +68,8 @@ def _io_modules() -> dict[str, object]:
     import relex_merge.io
 
     return {
-        info.name: importlib.import_module(f"relex_merge.io.{info.name}")
-        for info in pkgutil.iter_modules(relex_merge.io.__path__)
+        info.name: importlib.import_module(f"relex_merge.io.formats.{info.name}")
+        for info in pkgutil.iter_modules(registry.__path__)
     }
 
 
@@ -77,7 +77,7 @@ def test_registry_holds_every_module_that_defines_a_format():
     modules = _io_modules()
     defined = {name for name, module in modules.items() if isinstance(getattr(module, "FORMAT", None), CheckpointFormat)}
     assert {fmt.name for fmt in registry.formats()} == defined
-    assert set(modules) - defined == registry._SHARED
+    assert set(modules) == defined
     # today's detection order: safetensors, .bin, verl FSDP, DCP, ZeRO
     assert [fmt.name for fmt in registry.formats()] == ["safetensors", "torch_bin", "fsdp", "dcp", "zero"]
 
@@ -85,8 +85,6 @@ def test_registry_holds_every_module_that_defines_a_format():
 def test_format_modules_import_only_the_shared_modules():
     """No import cycles: a format imports base (dtypes, hf), never another format or the registry."""
     for name, module in _io_modules().items():
-        if name == "registry":
-            continue  # imports the formats, by design
         ours = set()
         for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
             if isinstance(node, ast.ImportFrom) and node.module == "relex_merge.io":
@@ -100,17 +98,15 @@ def test_format_modules_import_only_the_shared_modules():
 
 
 def test_a_new_format_is_one_file(tmp_path, monkeypatch):
-    import relex_merge.io
-
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "fake.py").write_text(FAKE_FORMAT)
-    monkeypatch.setattr(relex_merge.io, "__path__", [*relex_merge.io.__path__, str(tmp_path / "pkg")])
+    monkeypatch.setattr(registry, "__path__", [*registry.__path__, str(tmp_path / "pkg")])
     try:
-        found = registry._discover()
+        found = list(registry.REGISTRY._discover().values())
     finally:
-        sys.modules.pop("relex_merge.io.fake", None)
+        sys.modules.pop("relex_merge.io.formats.fake", None)
     assert [fmt.name for fmt in found] == ["safetensors", "torch_bin", "fsdp", "dcp", "fake", "zero"]
-    monkeypatch.setattr(registry, "_FORMATS", found)
+    monkeypatch.setattr(registry.REGISTRY, "_found", {fmt.name: fmt for fmt in found})
     folder = tmp_path / "ckpt"
     folder.mkdir()
     (folder / "w.fake").write_bytes(b"")
@@ -133,7 +129,7 @@ def test_unknown_weight_file_type(tmp_path):
 
 def test_trajectory_finds_zero_shards_before_an_hf_export(tmp_path):
     """trajectory: asks the registry for weight patterns, so a ZeRO actor/ is found like verl shards."""
-    from relex_merge.trajectory import _weights_dir
+    from relex_merge.config.trajectory import _weights_dir
 
     actor = tmp_path / "global_step_10" / "actor"
     (actor / "huggingface").mkdir(parents=True)
@@ -264,7 +260,7 @@ def test_a_safetensors_reader_that_fails_to_open_cleans_up_quietly(tmp_path, mon
 
 
 def test_the_detected_format_is_logged_at_debug(dcp_folder, caplog):
-    with caplog.at_level("DEBUG", logger="relex_merge.io.registry"):
+    with caplog.at_level("DEBUG", logger="relex_merge.io.formats"):
         registry.open_checkpoint(dcp_folder)
     assert f"{dcp_folder}: dcp checkpoint" in caplog.messages
 
@@ -305,7 +301,7 @@ def test_zero_inputs_are_held_whole_and_planning_says_so(fake_deepspeed, qwen_ru
     }))
     result = run_cli(str(cfg), str(tmp_path / "out"), "-q", "--max-memory", "1MB")
     assert result.exit_code == 0, result.output
-    from relex_merge.units import human_bytes
+    from relex_merge.common.units import human_bytes
 
     assert result.stderr.splitlines() == [
         f"warning: 3 input(s), e.g. {tmp_path}/zero-1/global_step1, are DeepSpeed ZeRO checkpoints, held whole in "
@@ -374,7 +370,7 @@ DAMAGED = {
 
 @pytest.mark.parametrize("case", list(DAMAGED))
 def test_damaged_safetensors_files_are_named_with_what_is_wrong(case, tmp_path):
-    from relex_merge.io.safetensors import read_safetensors_header
+    from relex_merge.io.formats.safetensors import read_safetensors_header
 
     make, expected = DAMAGED[case]
     f = make(tmp_path / "model.safetensors")
@@ -388,7 +384,7 @@ def test_damaged_safetensors_files_are_named_with_what_is_wrong(case, tmp_path):
 
 
 def test_a_sharded_folder_whose_index_or_shards_disagree_is_refused(tmp_path):
-    from relex_merge.io.safetensors import SafetensorsReader
+    from relex_merge.io.formats.safetensors import SafetensorsReader
 
     folder = tmp_path / "m"
     folder.mkdir()

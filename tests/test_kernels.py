@@ -1,4 +1,4 @@
-"""relex_merge.kernels against dense float64 math written here: the block size contract, a
+"""relex_merge.core.kernels against dense float64 math written here: the block size contract, a
 float64 compute dtype kept float64 throughout, and more outputs than checkpoints. Found by
 mutation testing (scripts/mutation.py)."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from relex_merge.kernels import BLOCK_BYTES, MAX_BLOCK, MIN_BLOCK, Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.kernels import BLOCK_BYTES, MAX_BLOCK, MIN_BLOCK, Scratch, block_columns, span_gram, span_outputs
 
 CPU = torch.device("cpu")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from relex_merge.mergekit_method import RELEX_METHOD, register
-from relex_merge.synthetic import make_finetune
+from relex_merge.interop.mergekit_method import RELEX_METHOD, register
+from relex_merge.testing.synthetic import make_finetune
 from tests.helpers import assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli
 from tests.test_cli import generate, load_state
 
@@ -179,7 +179,7 @@ def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
 
 
 def test_shipped_multistage_configs_run(tmp_path):
-    from relex_merge.synthetic import main as make_synthetic
+    from relex_merge.testing.synthetic import main as make_synthetic
 
     run = tmp_path / "runs" / "synthetic"
     make_synthetic([str(run)])
@@ -257,7 +257,7 @@ def test_multistage_output_keeps_its_provenance(tmp_path):
     import os
     import stat
 
-    from relex_merge.synthetic import main as make_synthetic
+    from relex_merge.testing.synthetic import main as make_synthetic
 
     make_synthetic([str(tmp_path / "runs" / "synthetic")])
     config = REPO / "merge_configs" / "relex-then-ties.yml"
@@ -283,7 +283,7 @@ def test_multistage_output_keeps_its_provenance(tmp_path):
 
 def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypatch):
     from relex_merge import Options, run_merge
-    from relex_merge.synthetic import main as make_synthetic
+    from relex_merge.testing.synthetic import main as make_synthetic
 
     make_synthetic([str(tmp_path / "runs" / "synthetic")])
     monkeypatch.chdir(tmp_path)
@@ -299,7 +299,7 @@ def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypat
 @pytest.mark.parametrize("method", ["relex", "task_arithmetic"])
 def test_a_typo_in_a_later_stage_stops_the_merge_before_any_stage_runs(method, qwen_run, tmp_path, monkeypatch):
     """The later document used to be parsed only after the earlier stages had merged."""
-    from relex_merge import merge
+    from relex_merge.workflows import merge
 
     ran = []
     monkeypatch.setattr(merge, "execute_merge", lambda *args, **kwargs: ran.append(args))

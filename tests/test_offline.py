@@ -150,7 +150,7 @@ TASKS = {
     ("group_of_groups", False),
 ])
 def test_a_task_is_local_when_its_data_is(tmp_path, task, local):
-    from relex_merge.offline import tasks_are_local
+    from relex_merge.evaluation.offline import tasks_are_local
 
     data = tmp_path / "data_dir"
     data.mkdir()
@@ -164,7 +164,7 @@ def test_offline_only_for_local_tasks_and_only_while_scoring(tmp_path, monkeypat
     from datasets import config as datasets_config
     from huggingface_hub import constants as hub_constants
 
-    from relex_merge.offline import offline_if_local
+    from relex_merge.evaluation.offline import offline_if_local
 
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)

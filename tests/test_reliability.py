@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from relex_merge.synthetic import make_planted_run
+from relex_merge.testing.synthetic import make_planted_run
 from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
 from tests.test_cli import load_state, write_config
 from tests.test_validation import snapshot
@@ -199,7 +199,7 @@ def test_fuzzed_configs_never_trace(docs, raw, tmp_path):
 
 
 def test_fingerprint_of_identical_files_is_stable(tmp_path):
-    from relex_merge.output import input_record
+    from relex_merge.output.folders import input_record
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"x" * 3_000_000)

@@ -19,7 +19,7 @@ def scored(monkeypatch) -> list:
     """(model folder, device) of every scoring."""
     import importlib
 
-    sweep = importlib.import_module("relex_merge.sweep")  # the package's `sweep` is the function
+    sweep = importlib.import_module("relex_merge.workflows.sweep")  # the package's `sweep` is the function
     calls: list = []
     for name, value in fake_scoring(calls).items():
         monkeypatch.setattr(sweep, name, value)
@@ -77,8 +77,8 @@ def test_a_reconstruct_config_is_refused_in_one_line(qwen_run, tmp_path, scored)
 def test_the_outcome_line_counts_the_noise(best, best_se, base, base_se, said):
     from pathlib import Path
 
-    from relex_merge.evaluate import EvalResult, TaskScore
-    from relex_merge.sweep import Candidate, SweepResult
+    from relex_merge.evaluation.lm_eval import EvalResult, TaskScore
+    from relex_merge.workflows.sweep import Candidate, SweepResult
 
     def scored(label, mean, se):
         return Candidate(label, None, None, EvalResult(label, [TaskScore("t", "acc", mean, se)]))

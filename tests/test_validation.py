@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from relex_merge.mergekit_runner import known_methods
+from relex_merge.interop.mergekit_runner import known_methods
 from tests.helpers import assert_relex_output, run_cli
 
 
@@ -116,7 +116,7 @@ def _disk_full(run, tmp, mp):
 
 
 def _no_permission(run, tmp, mp):
-    mp.setattr("relex_merge.output._writable", lambda folder: False)  # root ignores chmod
+    mp.setattr("relex_merge.output.folders._writable", lambda folder: False)  # root ignores chmod
     return base_config(run)
 
 
@@ -527,10 +527,10 @@ def test_verbose_shows_the_library_debug_log(qwen_run, tmp_path, caplog):
     for record in caplog.records:
         assert record.levelno == logging.DEBUG, record.getMessage()
         debug[record.name].append(record.getMessage())
-    assert debug["relex_merge.plan"] == [
+    assert debug["relex_merge.workflows.plan"] == [
         "window: 3 checkpoints, steps 1..3; the fit uses 3 (steps 1..3); targets [9]; fit linear, rank 1, mode extrapolate"
     ]
-    assert debug["relex_merge.merge"] == ["step 9: fit linear (as configured); NOT SUPPORTED"]  # 3 points: no backtest
+    assert debug["relex_merge.workflows.merge"] == ["step 9: fit linear (as configured); NOT SUPPORTED"]  # 3 points: no backtest
 
 
 @pytest.mark.parametrize("state", [[7], {"global_step": "seven"}])
@@ -569,8 +569,8 @@ def test_an_index_whose_weight_map_is_not_a_mapping_is_one_line(qwen_run, tmp_pa
 
 
 def test_sizes_read_decimal_and_binary_units():
-    from relex_merge.errors import RelexError
-    from relex_merge.units import parse_size
+    from relex_merge.common.errors import RelexError
+    from relex_merge.common.units import parse_size
 
     assert [parse_size(t, "x") for t in ("8", "8b", "8k", "8KB", "8ki", "8KiB", "1.5g", "2TiB")] == [
         8, 8, 8000, 8000, 8192, 8192, 1_500_000_000, 2 * 1024**4]
@@ -583,8 +583,8 @@ def test_non_finite_shapes_and_scales_are_refused_outside_the_config_too():
     """The library and mergekit's relex method build specs without the config schema."""
     import math
 
-    from relex_merge.fit import spec_from_parameters
-    from relex_merge.fits import family
+    from relex_merge.core.relex import spec_from_parameters
+    from relex_merge.core.fits import family
 
     assert family("saturating").shape.problem(math.inf) == "expected a finite number, got inf"
     assert family("power").shape.problem(math.nan) == "expected a finite number, got nan"

@@ -9,7 +9,7 @@ from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
-from relex_merge.fit import FitSpec, RelexSpec, TensorDiagnostics
+from relex_merge.core.relex import FitSpec, RelexSpec, TensorDiagnostics
 from relex_merge.io.base import CheckpointReader, TensorMeta
 from relex_merge.io.writer import OutputTensor
 

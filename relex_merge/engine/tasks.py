@@ -9,7 +9,7 @@ the same spans that forms base + W @ deltas and writes each span to its place in
 
 Inputs are read through memory maps where the format allows (safetensors): a span's bytes go
 from the page cache into the math without a copy, and the second pass finds them still cached.
-Within a span the work goes in cache-sized blocks (relex_merge.kernels), so neither the deltas
+Within a span the work goes in cache-sized blocks (relex_merge.core.kernels), so neither the deltas
 nor any other T x n intermediate is ever materialised.
 """
 
@@ -26,10 +26,10 @@ from typing import Iterator, Sequence
 import torch
 
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport
-from relex_merge.errors import RelexError
-from relex_merge.fit import RelexSpec, diagnostics, relex_weights
+from relex_merge.common.errors import RelexError
+from relex_merge.core.relex import RelexSpec, diagnostics, relex_weights
 from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
-from relex_merge.kernels import Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
 
 __all__ = ["Span", "SpanResult", "SpanRunner", "TensorTasks", "plan_spans", "planned_read_bytes", "row_ranges",
            "chunk_rows", "SPAN_BYTES"]

@@ -17,7 +17,7 @@ from typing import Callable, ClassVar, Iterable, Sequence
 
 import torch
 
-from relex_merge.errors import RelexError
+from relex_merge.common.errors import RelexError
 
 __all__ = [
     "TensorMeta",
@@ -124,7 +124,7 @@ def read_span(reader: CheckpointReader, name: str, rows: tuple[int, int] | None 
 
 @dataclass(frozen=True)
 class CheckpointFormat:
-    """A checkpoint format as the registry (``relex_merge.io.registry``) sees it. Each format
+    """A checkpoint format as the registry (``relex_merge.io.formats``) sees it. Each format
     module defines one as ``FORMAT``."""
 
     name: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from relex_merge.errors import RelexError
+from relex_merge.common.errors import RelexError
 
 __all__ = ["SAFETENSORS_INDEX", "BIN_INDEX", "HF_WEIGHT_FILES", "is_hf_model", "read_model_config"]
 

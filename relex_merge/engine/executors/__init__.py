@@ -4,15 +4,16 @@ EngineStats``); the registry below finds them, so a new executor (Ray, say) is o
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
-from typing import Protocol, Sequence
+from typing import Protocol, Sequence, runtime_checkable
 
+from relex_merge.common.registry import Registry
+from relex_merge.engine import process_group
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
 
-__all__ = ["Executor", "executor", "executors", "default_executor"]
+__all__ = ["Executor", "REGISTRY", "executor", "executors", "default_executor"]
 
 
+@runtime_checkable
 class Executor(Protocol):
     """What an executor module's ``EXECUTOR`` provides (see the module docstring)."""
 
@@ -23,33 +24,20 @@ class Executor(Protocol):
         """Run every span task of the job; return the reports of all its tensors."""
 
 
-def _discover() -> dict[str, Executor]:
-    found: dict[str, Executor] = {}
-    for info in pkgutil.iter_modules(__path__):
-        module = importlib.import_module(f"{__name__}.{info.name}")
-        found[module.EXECUTOR.name] = module.EXECUTOR
-    return found
-
-
-_EXECUTORS = _discover()
+REGISTRY: Registry[Executor] = Registry(__name__, "EXECUTOR", Executor, "executor", order=lambda e: e.name)
 
 
 def executors() -> list[str]:
     """The names of every registered executor, sorted."""
-    return sorted(_EXECUTORS)
+    return REGISTRY.names()
 
 
 def executor(name: str) -> Executor:
     """The registered executor called ``name`` (for ``run_job(..., executor=...)``); KeyError
     naming the known ones otherwise."""
-    try:
-        return _EXECUTORS[name]
-    except KeyError:
-        raise KeyError(f"unknown executor {name!r} (known: {', '.join(sorted(_EXECUTORS))})") from None
+    return REGISTRY.get(name)
 
 
 def default_executor() -> Executor:
     """``distributed`` when this process is one of several ranks, else ``threads``."""
-    from relex_merge import distributed
-
-    return executor("distributed" if distributed.current().distributed else "threads")
+    return executor("distributed" if process_group.current().distributed else "threads")

@@ -9,21 +9,21 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from relex_merge import distributed
+from relex_merge.engine import process_group
 from relex_merge.engine.executors.threads import ThreadExecutor
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
-from relex_merge.units import human_bytes
+from relex_merge.common.units import human_bytes
 
 __all__ = ["EXECUTOR", "DistributedExecutor", "share"]
 
 log = logging.getLogger(__name__)
 
 
-def share(job: MergeJob, group: distributed.Group) -> list[str]:
-    """This rank's tensors: ``distributed.assign`` by the bytes every input holds of each."""
+def share(job: MergeJob, group: process_group.Group) -> list[str]:
+    """This rank's tensors: ``process_group.assign`` by the bytes every input holds of each."""
     names = job.names()
     sizes = [sum(reader.meta(name).nbytes for reader in job.readers) for name in names]
-    return distributed.assign(names, sizes, group.world_size)[group.rank]
+    return process_group.assign(names, sizes, group.world_size)[group.rank]
 
 
 class DistributedExecutor:
@@ -35,7 +35,7 @@ class DistributedExecutor:
             progress: ProgressFn) -> EngineStats:
         """Run this rank's share on its own threads, then gather every rank's reports; any rank's
         failure fails every rank. Every rank returns the same whole-job statistics."""
-        group = distributed.current()
+        group = process_group.current()
         mine = share(job, group)
         if log.isEnabledFor(logging.DEBUG):
             nbytes = sum(reader.meta(name).nbytes for name in mine for reader in job.readers)

@@ -1,0 +1,494 @@
+"""Backtests inside the window, computed from the Gram matrices alone, and what they say about a
+target: which fit family to use, how far it holds, and whether it beats stopping.
+
+Fit on the first K checkpoints of the window and predict each later one. The prediction is
+sum_k w_k delta_k, so its error and cosine against the held-back delta_j need only inner
+products of deltas, which G holds:
+
+    ||pred||^2 = w^T G_FF w,   <pred, delta_j> = w^T G_Fj,   ||delta_j||^2 = G_jj
+
+Summed over tensors these give the whole model's relative error, cosine and norm ratio as a
+function of the horizon, in multiples of the fit span (s_K - s_1). "Stopping" (predicting the
+last fitted checkpoint, w = e_K) is scored the same way: a prediction that does not beat it
+is worse than not extrapolating at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable, Sequence
+
+import torch
+
+from relex_merge.core import fits
+from relex_merge.core.relex import FitSpec, RelexSpec, linear_map, predict_coefficients, top_components, window_indices
+
+__all__ = [
+    "STOP",
+    "DEFAULT_TOLERANCE",
+    "Holdout",
+    "HoldoutSums",
+    "Backtest",
+    "TargetVerdict",
+    "Assessment",
+    "assess",
+    "config_hint",
+    "horizon",
+    "window_steps",
+    "auto_candidates",
+    "hint_candidates",
+    "fit_counts",
+    "holdouts",
+]
+
+log = logging.getLogger(__name__)
+
+STOP = "stop"  # the candidate that predicts the last fitted checkpoint
+DEFAULT_TOLERANCE = 0.2  # whole-model relative error under which a fit counts as holding
+TIE = 0.01  # errors within 1% of the best count as ties: the simpler family wins
+TIE_ABSOLUTE = 1e-4  # ... and so do differences below 0.01 percentage points
+
+
+def window_steps(steps: Sequence[int], spec: RelexSpec) -> list[int]:
+    """The steps of the checkpoints the fit uses (the last ``window`` of them)."""
+    return [steps[k] for k in window_indices(len(steps), spec.window)]
+
+
+def horizon(used_steps: Sequence[int], target: float) -> float:
+    """How far past the window a target lies, in multiples of the window's span: (s* - s_T) /
+    (s_T - s_1). The one definition the backtest, verdict, analyze and the card share."""
+    span = used_steps[-1] - used_steps[0]
+    return (target - used_steps[-1]) / span if span else math.nan
+
+
+@dataclass(frozen=True)
+class Holdout:
+    """One backtest point: fit on the first ``fit_count`` checkpoints, predict one held back."""
+
+    fit_count: int  # K: checkpoints the fit used (the first K of the window)
+    step: int  # step of the held-back checkpoint
+    horizon: float  # (step - s_K) / (s_K - s_1)
+
+
+@dataclass
+class HoldoutSums:
+    """Inner products summed over tensors (or for one tensor)."""
+
+    err2: float = 0.0  # ||pred - true||^2
+    true2: float = 0.0  # ||true||^2 (the held-back delta)
+    pred2: float = 0.0  # ||pred||^2
+    dot: float = 0.0  # <pred, true>
+
+    def add(self, other: "HoldoutSums") -> None:
+        """Accumulate another tensor's (or group's) sums into these."""
+        self.err2 += other.err2
+        self.true2 += other.true2
+        self.pred2 += other.pred2
+        self.dot += other.dot
+
+    @property
+    def relative_error(self) -> float:
+        """||pred - true|| / ||true|| (NaN when nothing moved)."""
+        return math.sqrt(self.err2 / self.true2) if self.true2 > 0 else math.nan
+
+    @property
+    def cosine(self) -> float:
+        """Cosine between the predicted and the true displacement (NaN when either is zero)."""
+        denom = math.sqrt(self.pred2 * self.true2)
+        return self.dot / denom if denom > 0 else math.nan
+
+    @property
+    def norm_ratio(self) -> float:
+        """||pred|| / ||true||: above 1 the prediction overshoots."""
+        return math.sqrt(self.pred2 / self.true2) if self.true2 > 0 else math.nan
+
+
+def fit_counts(n_checkpoints: int, min_points: int) -> list[int]:
+    """Prefix lengths K to fit on: enough points for every candidate, one checkpoint held back."""
+    smallest = max(2, min_points)
+    candidates = {math.ceil(n_checkpoints * f) for f in (0.25, 1 / 3, 0.5, 2 / 3)} | {smallest}
+    return sorted(k for k in candidates if smallest <= k <= n_checkpoints - 1)
+
+
+def holdouts(steps: Sequence[int], min_points: int) -> list[Holdout]:
+    """Every backtest point of a window: for each fit count K (``fit_counts``), each later
+    checkpoint held back, with its horizon in multiples of the first K's span."""
+    out = []
+    for k in fit_counts(len(steps), min_points):
+        span = steps[k - 1] - steps[0]
+        for j in range(k, len(steps)):
+            out.append(Holdout(k, steps[j], (steps[j] - steps[k - 1]) / span))
+    return out
+
+
+def auto_candidates(spec: RelexSpec, steps: Sequence[int]) -> list[FitSpec]:
+    """Every family in `fit: auto`, each shape on its grid (in registry order: simplest first)."""
+    origin = spec.fit.origin_step
+    used = window_steps(steps, spec)
+    out = []
+    for fam in fits.families():
+        if not fam.in_auto:
+            continue
+        shapes = fam.shape.candidates(used, origin) if fam.shape is not None else [None]
+        out += [FitSpec(fam.name, shape, origin) for shape in shapes]
+    return out
+
+
+def hint_candidates(spec: RelexSpec, steps: Sequence[int]) -> list[FitSpec]:
+    """What a merge with a fixed fit also scores, to name a better family when its own fails:
+    the auto candidates that are linear in their coefficients (cheap to backtest)."""
+    return [c for c in auto_candidates(spec, steps) if isinstance(c.curve_family, fits.BasisFamily)]
+
+
+def _shape_candidates(fit: FitSpec, steps: Sequence[int], spec: RelexSpec) -> list[FitSpec]:
+    """A family without its shape: the shape grid; anything else: itself."""
+    if fit.family == fits.AUTO:
+        return auto_candidates(spec, steps)
+    if fit.resolved is not None:
+        return [fit.resolved]
+    shape = fit.curve_family.shape
+    return [replace(fit, shape=s) for s in shape.candidates(window_steps(steps, spec), fit.origin_step)]
+
+
+@dataclass
+class Backtest:
+    """Whole-model backtest sums for candidate fits (and stopping), added tensor by tensor."""
+
+    steps: list[int]  # the window the fit uses
+    spec: RelexSpec
+    candidates: list[FitSpec]  # the fits scored (stopping is always scored too)
+    min_points: int = field(init=False)  # checkpoints the smallest fit count holds
+    points: list[Holdout] = field(init=False)  # every (fit count, held-back checkpoint) pair
+    _totals: dict[FitSpec | str, torch.Tensor] = field(init=False, repr=False)  # per point: err2, true2, pred2, dot
+    _cache: dict = field(init=False, repr=False)
+
+    def __post_init__(self):
+        # the same fit counts whichever candidates are scored, so verdicts agree between a plain
+        # merge, `fit: auto` and analyze: enough points for every family `auto` knows
+        self.min_points = max([self.spec.rank, FitSpec(fits.AUTO).min_points] + [c.min_points for c in self.candidates])
+        self.points = holdouts(self.steps, self.min_points)
+        self._totals = {key: torch.zeros(len(self.points), 4, dtype=torch.float64)
+                        for key in [*self.candidates, STOP]}
+        self._cache = {}
+
+    @classmethod
+    def for_fits(cls, steps: Sequence[int], spec: RelexSpec, wanted: Iterable[FitSpec]) -> "Backtest":
+        """A backtest over the candidates the given fits need (auto: every family and shape)."""
+        candidates: list[FitSpec] = []
+        for fit in wanted:
+            candidates += [c for c in _shape_candidates(fit, steps, spec) if c not in candidates]
+        return cls(window_steps(steps, spec), spec, candidates)
+
+    def add(self, gram: torch.Tensor) -> None:
+        """One tensor's Gram matrix (over all the checkpoints; the window is taken here)."""
+        if not bool(torch.isfinite(gram).all()):
+            return
+        idx = list(window_indices(gram.shape[0], self.spec.window))
+        g = gram.to(torch.float64)[idx][:, idx]
+        offset = 0
+        for k in sorted({p.fit_count for p in self.points}):
+            held = len(self.steps) - k
+            fitted, ahead = g[:k, :k], g[k:, :k]  # ahead[j, :] = <delta_{k+j}, delta_i>, i < k
+            true2 = torch.diagonal(g)[k:]
+            sigma, u = top_components(fitted, min(self.spec.rank, k))
+            keys, maps, others = self._maps(k)
+            stop = torch.zeros(1, held, k, dtype=torch.float64)
+            stop[0, :, k - 1] = 1.0  # the last fitted checkpoint itself, not its rank-r projection
+            weights = [stop, maps @ (u @ u.T)]  # linear families: W = P U U^T, all at once
+            weights += [self._weights(key, k, sigma, u).unsqueeze(0) for key in others]
+            w = torch.cat(weights)  # candidates x held x k
+            pred2 = ((w @ fitted) * w).sum(2)
+            dot = (w * ahead).sum(2)
+            err2 = (pred2 - 2 * dot + true2).clamp_min(0.0)
+            rows = torch.stack([err2, true2.expand_as(err2), pred2, dot], 2)
+            for key, row in zip([STOP, *keys, *others], rows):
+                self._totals[key][offset : offset + held] += row
+            offset += held
+
+    def _maps(self, k: int) -> tuple[list, torch.Tensor, list]:
+        """For fit count k: the candidate fits whose prediction is a fixed linear map of the
+        coefficients, their maps stacked, and the other fits (stopping is not among either)."""
+        if k not in self._cache:
+            keys, maps, others = [], [], []
+            held = len(self.steps) - k
+            for key in self.candidates:
+                spec = replace(self.spec, fit=key, window=None, scale=1.0, mode="extrapolate")
+                m = linear_map(self.steps[:k], self.steps[k:], spec)
+                if m is None:
+                    others.append(key)
+                else:
+                    keys.append(key)
+                    maps.append(m)
+            self._cache[k] = (keys, torch.stack(maps) if maps else torch.zeros(0, held, k, dtype=torch.float64), others)
+        keys, maps, others = self._cache[k]
+        return keys, maps, others
+
+    def _weights(self, key, k: int, sigma: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        held = len(self.steps) - k
+        if sigma.numel() == 0:
+            return torch.zeros(held, k, dtype=torch.float64)
+        spec = replace(self.spec, fit=key, window=None, scale=1.0, mode="extrapolate")
+        predicted = predict_coefficients(self.steps[:k], sigma * u, self.steps[k:], spec)
+        return (predicted / sigma) @ u.T
+
+    # ---- reading the sums ---------------------------------------------------------------
+
+    def order(self) -> list[int]:
+        """Point indices sorted by horizon, then fit count."""
+        return sorted(range(len(self.points)), key=lambda i: (self.points[i].horizon, self.points[i].fit_count))
+
+    def curve(self, key) -> list[tuple[Holdout, HoldoutSums]]:
+        """(point, sums) sorted by horizon, then fit count."""
+        totals = self._totals[key]
+        return [(self.points[i], HoldoutSums(*map(float, totals[i]))) for i in self.order()]
+
+    @property
+    def tested_horizon(self) -> float:
+        """The longest horizon among the points (0 when the window is too short to backtest)."""
+        return max((p.horizon for p in self.points), default=0.0)
+
+    def matched(self, target_horizon: float) -> list[int]:
+        """Indices of the points near the target's horizon: those within a factor of 2 of it, or
+        of the longest horizon tested when the target lies beyond (the window cannot test
+        further). A target inside the window (horizon <= 0) is matched with each fit count's
+        shortest horizon."""
+        if not self.points:
+            return []
+        if target_horizon <= 0:
+            by_k: dict[int, int] = {}
+            for i in self.order():
+                by_k.setdefault(self.points[i].fit_count, i)
+            return sorted(by_k.values())
+        # clamped into the tested range: a target nearer than the shortest horizon tested is
+        # judged there, one farther than the longest at the longest
+        shortest = min(p.horizon for p in self.points)
+        h = min(max(target_horizon, shortest), self.tested_horizon)
+        return [i for i, p in enumerate(self.points) if h / 2 <= p.horizon <= 2 * h]
+
+    def error(self, key, ids: Sequence[int], scale: float = 1.0) -> float:
+        """Whole-model relative error pooled over the given points, of the prediction times
+        ``scale`` (the config's scale multiplies the predicted displacement: the output is
+        judged, not the fit alone)."""
+        if not ids:
+            return math.nan
+        err2, true2, pred2, dot = (float(x) for x in self._totals[key][list(ids)].sum(0))
+        if scale != 1.0:  # ||s p - t||^2 from the same sums
+            err2 = max(scale * scale * pred2 - 2 * scale * dot + true2, 0.0)
+        return math.sqrt(err2 / true2) if true2 > 0 else math.nan
+
+    def supported_horizon(self, key, tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> float | None:
+        """The longest horizon up to which every point held (error <= tolerance). None when
+        even the shortest failed. (Whether the fit beats stopping is judged at each target's
+        own horizon, where it matters: one step ahead, stopping is nearly always closer.)"""
+        supported = None
+        for i in self.order():
+            if not self.error(key, [i], scale) <= tolerance:
+                break
+            supported = self.points[i].horizon
+        return supported
+
+    def best(self, target_horizon: float, keys: Sequence[FitSpec] | None = None, scale: float = 1.0) -> FitSpec:
+        """The candidate with the lowest error near the horizon; near-ties go to the simpler."""
+        return self.best_over(self.matched(target_horizon), keys, scale)
+
+    def best_over(self, ids: Sequence[int], keys: Sequence[FitSpec] | None = None, scale: float = 1.0) -> FitSpec:
+        """The candidate with the lowest error pooled over the points ``ids``; errors within
+        TIE of the lowest count as ties, won by the earliest key (simplest first)."""
+        keys = list(keys or self.candidates)
+        errors = {key: self.error(key, ids, scale) for key in keys}
+        finite = [e for e in errors.values() if not math.isnan(e)]
+        if not finite:
+            return keys[0]
+        lowest = min(finite)
+        return next(key for key in keys if errors[key] <= lowest * (1 + TIE) + TIE_ABSOLUTE)
+
+    def verdict(self, target: int, fit: FitSpec, chosen_by_backtest: bool, last_step: int,
+                tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> "TargetVerdict":
+        """What the backtest says about predicting ``target`` with ``fit`` (already resolved)
+        times ``scale``."""
+        h = horizon(self.steps, target)
+        ids = self.matched(h)
+        supported = self.supported_horizon(fit, tolerance, scale)
+        better = None
+        if not chosen_by_backtest and fit in self.candidates:
+            alternative = self.best(h, scale=scale)
+            if alternative != fit and self.error(alternative, ids, scale) < self.error(fit, ids, scale) * (1 - TIE):
+                alt_support = self.supported_horizon(alternative, tolerance, scale)
+                if alt_support is not None and alt_support >= min(h, self.tested_horizon):
+                    better = alternative
+        return TargetVerdict(
+            target=target,
+            horizon=h,
+            fit=fit,
+            chosen_by_backtest=chosen_by_backtest,
+            error=self.error(fit, ids, scale),
+            stop_error=self.error(STOP, ids),
+            at_horizon=sum(self.points[i].horizon for i in ids) / len(ids) if ids else math.nan,
+            supported_horizon=supported,
+            tested_horizon=self.tested_horizon,
+            tolerance=tolerance,
+            last_step=last_step,
+            better_fit=better,
+            scale=scale,
+        )
+
+
+@dataclass(frozen=True)
+class TargetVerdict:
+    """The verdict printed for one output and written into its card and relex_config.yml."""
+
+    target: int  # the target step
+    horizon: float  # of the target, in window spans
+    fit: FitSpec  # resolved: the shape is known
+    chosen_by_backtest: bool  # auto, or a shape the config left open
+    error: float  # backtest error of the fit near the target's horizon
+    stop_error: float  # ... of stopping at the last fitted checkpoint
+    at_horizon: float  # mean horizon of the points those errors pool
+    supported_horizon: float | None  # see Backtest.supported_horizon
+    tested_horizon: float
+    tolerance: float
+    last_step: int  # the window's last step (what "stopping" means for the user)
+    better_fit: FitSpec | None = None  # another family that holds where this one fails
+    scale: float = 1.0  # the config's scale, part of what was judged
+
+    @property
+    def supported(self) -> bool:
+        """The target's horizon is within the fit's supported horizon, and near it the fit
+        beats stopping at the last fitted checkpoint."""
+        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
+        return within and self.error < self.stop_error
+
+    @property
+    def beyond_tested(self) -> bool:
+        """The target lies farther out than any horizon the window can test."""
+        return self.horizon > self.tested_horizon + 1e-9
+
+    def line(self) -> str:
+        """The one-line verdict (``SUPPORTED: ...`` or ``NOT SUPPORTED: ...``) the CLI prints and
+        the card and relex_config.yml record."""
+        if math.isnan(self.error):
+            return (f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
+                    "checkpoints than the fit uses); evaluate the prediction before use.")
+        fit = self.fit.describe() + (f" at scale {self.scale:g}" if self.scale != 1.0 else "") + (
+            " (chosen by the backtest)" if self.chosen_by_backtest else "")
+        where = f"step {self.target} is {self.horizon:.1f}x the window span past its end"
+        # one decimal when whole percents would show the error equal to the tolerance it missed
+        digits = 1 if _pct(self.error) == _pct(self.tolerance) and self.error != self.tolerance else 0
+        errors = (f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
+                  f"{_pct(self.stop_error, digits)} for stopping")
+        if self.supported:
+            return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
+        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
+        if within:  # it holds there, yet stopping is at least as close
+            return (f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
+                    f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window.")
+        held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
+        if held_everywhere:
+            if self.error >= self.stop_error:  # held under the tolerance, yet stopping is closer
+                return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
+                        f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
+                        f"near the longest ({errors}): do not extrapolate from this window.")
+            return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
+                    f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
+                    f"before preferring it to the last window checkpoint (step {self.last_step}).")
+        if self.supported_horizon is None:
+            held = f"{fit} held at no horizon the window can test"
+        else:
+            held = f"{fit} holds only up to {self.supported_horizon:.1f}x"
+        if self.error >= self.stop_error:
+            advice = f"stopping at step {self.last_step} is closer: do not extrapolate from this window"
+        else:
+            advice = (f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
+                      f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use")
+        line = f"NOT SUPPORTED: {where}; {held} ({errors}); {advice}."
+        if self.beyond_tested:
+            line += f" The window can test horizons up to {self.tested_horizon:.1f}x only."
+        if self.better_fit is not None:
+            line += f" {self.better_fit.describe()} holds here: {config_hint(self.better_fit)}."
+        return line
+
+    def as_dict(self) -> dict:
+        """The verdict as JSON-ready data (analysis.json's ``target_verdicts``), rounded."""
+        return {
+            "target_step": self.target,
+            "horizon": round(self.horizon, 4),
+            "fit": self.fit.describe(),
+            "scale": self.scale,
+            "chosen_by_backtest": self.chosen_by_backtest,
+            "supported": self.supported,
+            "supported_horizon": None if self.supported_horizon is None else round(self.supported_horizon, 4),
+            "tested_horizon": round(self.tested_horizon, 4),
+            "backtest_error": round(self.error, 4),
+            "stop_error": round(self.stop_error, 4),
+            "tolerance": self.tolerance,
+        }
+
+
+def config_hint(fit: FitSpec) -> str:
+    """The config lines that select ``fit``."""
+    fam = fit.curve_family
+    parts = [f"fit: {fit.family}"]
+    if fam.shape is not None and fit.shape is not None:
+        parts.append(f"{fam.shape.key}: {fit.shape:.4g}")
+    return "set " + " and ".join(f"`{p}`" for p in parts) + " under parameters (or fit: auto)"
+
+
+def _pct(x: float, digits: int = 0) -> str:
+    return "n/a" if math.isnan(x) else f"{x:.{digits}%}"
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the backtest says about a merge's outputs: each one's fit (resolved: auto and
+    missing shapes chosen here) and its verdict (None outside extrapolate mode)."""
+
+    backtest: Backtest
+    fits: list[FitSpec]  # per output, in the order of the targets
+    verdicts: list[TargetVerdict | None]
+
+    @property
+    def unsupported(self) -> list[TargetVerdict]:
+        """The verdicts of the outputs the backtest does not support (--require-supported)."""
+        return [v for v in self.verdicts if v is not None and not v.supported]
+
+
+def assess(
+    grams: Iterable[torch.Tensor],
+    steps: Sequence[int],
+    targets: Sequence[int],
+    specs: Sequence[RelexSpec],
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> Assessment:
+    """Backtest every output's fit (its shape grid, or every family for auto; plus the cheap
+    families, to name a better one) from the Gram matrices, and give each output a verdict."""
+    spec = specs[0]  # rank, window, mode and re-fitting are shared by the outputs
+    wanted = [s.fit for s in specs]
+    if any(fit.resolved is not None for fit in wanted):
+        wanted += hint_candidates(spec, steps)
+    backtest = Backtest.for_fits(steps, spec, wanted)
+    for gram in grams:
+        backtest.add(gram)
+    last = window_steps(steps, spec)[-1]
+    log.debug("backtest: %d candidate fit(s) and stopping scored at %d point(s) (fit counts %s, horizons up to %.2fx)",
+              len(backtest.candidates), len(backtest.points), sorted({p.fit_count for p in backtest.points}),
+              backtest.tested_horizon)
+    chosen, verdicts = [], []
+    for target, output in zip(targets, specs):
+        fit = output.fit.resolved
+        by_backtest = fit is None
+        if fit is None:
+            h = horizon(backtest.steps, target)
+            candidates = _shape_candidates(output.fit, steps, spec)
+            fit = backtest.best(h, candidates, output.scale)
+            if log.isEnabledFor(logging.DEBUG):
+                near = backtest.matched(h)
+                log.debug("step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
+                          "near there (stopping: %s)", target, h, fit.describe(), len(candidates),
+                          _pct(backtest.error(fit, near, output.scale)), _pct(backtest.error(STOP, near)))
+        chosen.append(fit)
+        extrapolating = output.mode == "extrapolate"
+        verdicts.append(backtest.verdict(target, fit, by_backtest, last, tolerance, output.scale)
+                        if extrapolating else None)
+    return Assessment(backtest, chosen, verdicts)

@@ -1,0 +1,205 @@
+"""Summaries of how well the window fits the rank-r linear picture, and the model card."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from relex_merge.core.backtest import TargetVerdict, horizon, window_steps
+from relex_merge.config.schema import RelexConfig
+from relex_merge.engine import TensorReport
+from relex_merge.output.folders import InputRecord
+
+__all__ = ["Distribution", "FitSummary", "summarize", "model_card"]
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A per-tensor statistic over the fitted tensors (a row of the card's table)."""
+
+    weighted_mean: float  # weighted by tensor size: what most of the parameters see
+    median: float
+    p05: float  # 5th percentile
+    minimum: float
+    worst_tensor: str  # the tensor with the minimum
+
+
+@dataclass(frozen=True)
+class FitSummary:
+    """How well the window fits the picture, over all tensors: the CLI's summary and the card."""
+
+    extrapolated: int  # tensors fitted (float, moved in the window)
+    zero_delta: int  # float tensors unchanged in the window
+    copied: int  # non-float tensors taken from the base
+    nonfinite: tuple[str, ...]  # NaN/Inf in the window (--allow-nonfinite): taken from the base
+    explained_variance_1: Distribution | None  # None: no tensor was fitted
+    explained_variance_r: Distribution | None
+    linear_r2: Distribution | None
+
+
+def _distribution(pairs: list[tuple[str, int, float]]) -> Distribution | None:
+    pairs = [p for p in pairs if not math.isnan(p[2])]
+    if not pairs:
+        return None
+    values = sorted(v for _, _, v in pairs)
+    total = sum(n for _, n, _ in pairs)
+    worst = min(pairs, key=lambda p: p[2])
+    return Distribution(
+        weighted_mean=sum(n * v for _, n, v in pairs) / total,
+        median=values[len(values) // 2],
+        p05=values[int(0.05 * (len(values) - 1))],
+        minimum=worst[2],
+        worst_tensor=worst[0],
+    )
+
+
+def summarize(reports: Sequence[TensorReport]) -> FitSummary:
+    """Count the tensors by kind and summarise the diagnostics of the fitted ones."""
+    fitted = [r for r in reports if r.diagnostics is not None and not r.zero_delta]
+    return FitSummary(
+        extrapolated=len(fitted),
+        zero_delta=sum(1 for r in reports if r.zero_delta),
+        copied=sum(1 for r in reports if r.diagnostics is None and not r.nonfinite),
+        nonfinite=tuple(r.name for r in reports if r.nonfinite),
+        explained_variance_1=_distribution(
+            [(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]
+        ),
+        explained_variance_r=_distribution(
+            [(r.name, r.numel, r.diagnostics.explained_variance_r) for r in fitted]
+        ),
+        linear_r2=_distribution([(r.name, r.numel, r.diagnostics.linear_r2) for r in fitted]),
+    )
+
+
+def _row(label: str, d: Distribution | None) -> str:
+    if d is None:
+        return f"| {label} | n/a | n/a | n/a | n/a |"
+    return (
+        f"| {label} | {d.weighted_mean:.4f} | {d.median:.4f} | {d.p05:.4f} | "
+        f"{d.minimum:.4f} (`{d.worst_tensor}`) |"
+    )
+
+
+_TITLES = {"extrapolate": "extrapolation", "reconstruct": "reconstruction", "fit_reconstruct": "fitted reconstruction"}
+
+
+def model_card(
+    config: RelexConfig,
+    target: int,
+    steps: Sequence[int],
+    summary: FitSummary,
+    inputs: Sequence[InputRecord],
+    warnings: Sequence[str],
+    verdict: TargetVerdict | None = None,
+) -> str:
+    """The output's README.md. ``config`` is the output's own config (its fit resolved)."""
+    p = config.parameters
+    spec = p.spec()
+    window = window_steps(steps, spec)
+    fit = spec.fit.describe() + f": {spec.fit.curve_family.formula}"
+    if verdict is not None and verdict.chosen_by_backtest:
+        fit += " (chosen by the backtest)"
+    if spec.refit_every is not None:
+        fit += f"; re-fitted every {spec.refit_every} predicted checkpoints on the last {spec.refit_window or len(window)}"
+    lines: list[str | None] = [
+        "---",
+        f"base_model: {config.base_path}",
+        "library_name: transformers",
+        "tags:",
+        "- relex",
+        "- merge",
+        "- mergekit",
+        "---",
+        "",
+        f"# RELEX {_TITLES[p.mode]} to step {target}",
+        "",
+        "Made with [relex-merge](https://github.com/relex-merge/relex-merge) from a window of RL "
+        "checkpoints (RELEX, arXiv 2605.21468): each tensor's displacement from the base was "
+        "projected onto its top singular directions and the coefficients were fitted against the "
+        "training step. This model was not trained; it is a prediction.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | `{config.base_path}` (step {p.base_step}) |",
+        f"| window steps | {_steps_text(window)} ({len(window)} checkpoints) |",
+        f"| mode | {p.mode} |",
+        f"| target step | {target} |",
+        f"| horizon past the window | {horizon(window, target):.2f} x the window span |" if p.mode == "extrapolate" else None,
+        f"| rank | {p.rank} |",
+        f"| fit | {fit} |",
+        f"| scale | {p.scale} |",
+        f"| output dtype | {config.out_dtype or 'as the base model'} |",
+        *_verdict_section(verdict),
+        "",
+        "## How well the window fits the picture",
+        "",
+        f"{summary.extrapolated} tensors fitted, {summary.zero_delta} unchanged in the window "
+        f"(copied from the base), {summary.copied} non-float tensors copied.",
+        "",
+        "| statistic | size-weighted mean | median | 5th percentile | minimum (tensor) |",
+        "|---|---|---|---|---|",
+        _row("rank-1 explained variance", summary.explained_variance_1),
+        _row(f"rank-{p.rank} explained variance", summary.explained_variance_r) if p.rank > 1 else None,
+        _row("linear R² of the rank-1 coefficient", summary.linear_r2),
+        "",
+        "A good fit inside the window does not guarantee one beyond it: on small GRPO runs "
+        "the coefficient decelerates later, and far horizons overshoot. Evaluate before use.",
+    ]
+    if summary.nonfinite:
+        warnings = [
+            *warnings,
+            f"{len(summary.nonfinite)} tensor(s) had NaN or Inf values in the window and were copied "
+            f"from the base: {', '.join(summary.nonfinite[:5])}",
+        ]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    steps_by_path = {config.base_path: f"{p.base_step} (base)"}
+    steps_by_path.update({m.model: str(m.parameters.step) for m in config.models or []})
+    lines += [
+        "",
+        "## Inputs",
+        "",
+        "Fingerprints: `fast` hashes each file's size and three 1 MiB samples; `sha256` "
+        "(`--hash`) every byte.",
+        "",
+        "| checkpoint | step | weight bytes | fingerprint |",
+        "|---|---|---|---|",
+    ]
+    for record in inputs:
+        lines.append(f"| `{record.path}` | {steps_by_path.get(record.path, '')} | {record.bytes} | `{record.fingerprint}` |")
+    return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def _verdict_section(verdict: TargetVerdict | None) -> list[str]:
+    if verdict is None:
+        return []
+    stop = "n/a" if verdict.stop_error != verdict.stop_error else f"{verdict.stop_error:.1%}"
+    error = "n/a" if verdict.error != verdict.error else f"{verdict.error:.1%}"
+    supported = "none" if verdict.supported_horizon is None else f"{verdict.supported_horizon:.2f} x"
+    return [
+        "",
+        "## Verdict of the backtest",
+        "",
+        f"**{verdict.line()}**",
+        "",
+        "The backtest fits on the first part of the window and predicts its later checkpoints "
+        "(whole-model relative error of the displacement from the base); a fit holds up to the "
+        f"horizon where that error stays at most {verdict.tolerance:.0%}, and a target is supported "
+        "when it lies within that horizon and, near the target's horizon, the fit's error is below that "
+        "of stopping at the last fitted checkpoint.",
+        "",
+        "| backtest | value |",
+        "|---|---|",
+        f"| target horizon | {verdict.horizon:.2f} x the window span |",
+        f"| supported up to | {supported} |",
+        f"| longest horizon the window can test | {verdict.tested_horizon:.2f} x |",
+        f"| error of this fit near the target's horizon | {error} |",
+        f"| error of stopping (step {verdict.last_step}) there | {stop} |",
+    ]
+
+
+def _steps_text(steps: Sequence[int]) -> str:
+    if len(steps) > 6:
+        return f"{steps[0]}, {steps[1]}, …, {steps[-1]}"
+    return ", ".join(str(s) for s in steps)

@@ -1,0 +1,155 @@
+"""Any readable checkpoint -> a Hugging Face safetensors model folder, streamed tensor by
+tensor (row chunks within the memory budget), dtype kept unless asked otherwise."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from relex_merge.engine import chunk_rows, row_ranges
+from relex_merge.common.errors import RelexError
+from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
+from relex_merge.io.base import CheckpointReader, TensorMeta
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.formats import open_checkpoint
+from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.engine import process_group
+from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
+from relex_merge.config.options import Options
+from relex_merge.common.progress import NullProgress, Progress
+from relex_merge.common.units import default_max_memory
+
+__all__ = ["convert", "plan_convert", "write_converted", "ConvertPlan", "ConvertResult"]
+
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` wrote."""
+
+    tensors: int
+    bytes_written: int  # the safetensors shards' sizes (0 on ranks other than 0)
+    dtype: str  # the dtype written to config.json ("n/a" when there are no float tensors)
+
+
+def _config_folder(src: Path, config_from: Path | None) -> Path:
+    if config_from is not None:
+        if read_model_config(config_from) is None:
+            raise RelexError(f"--config-from: no config.json in {config_from} or {config_from}/huggingface")
+        return config_from
+    folder = src if src.is_dir() else src.parent
+    if read_model_config(folder) is None:
+        raise RelexError(
+            f"{src}: no config.json here or in huggingface/; pass --config-from with the model's HF folder"
+        )
+    return folder
+
+
+@dataclass(frozen=True)
+class ConvertPlan:
+    """A checked conversion (``plan_convert``): the open input, the output layout and the HF
+    config to write; nothing is written yet."""
+
+    reader: CheckpointReader
+    out: Path
+    tensors: list[OutputTensor]  # output names, shapes and dtypes (tied lm_head dropped)
+    config: dict  # config.json to write
+    config_folder: Path  # where config.json and the tokenizer are copied from
+    config_dtype: str | None  # the most common float dtype, for config.json
+
+
+def plan_convert(
+    src: Path,
+    out: Path,
+    *,
+    dtype: str = "keep",
+    config_from: Path | None = None,
+    overwrite: bool = False,
+    allow_unsafe_pickle: bool = False,
+) -> ConvertPlan:
+    """Open and check everything (headers only); nothing is written."""
+    reader = open_checkpoint(src, allow_unsafe_pickle)
+    config_folder = _config_folder(src, config_from)
+    config = read_model_config(config_folder) or {}
+    check_output_path(out, [src], overwrite)
+    names = reader.names()
+    if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
+        names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
+    target = None if dtype == "keep" else CONFIG_DTYPES[dtype]
+
+    def out_meta(name: str) -> TensorMeta:
+        meta = reader.meta(name)
+        return TensorMeta(meta.shape, target) if target and meta.dtype.is_floating_point else meta
+
+    tensors = [OutputTensor(n, out_meta(n)) for n in names]
+    float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
+    config_dtype = CONFIG_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
+    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
+
+
+def convert(
+    src: str | Path,
+    out: str | Path,
+    options: Options = Options(),
+    *,
+    dtype: str = "keep",
+    config_from: str | Path | None = None,
+    progress: Progress = NullProgress(),
+) -> ConvertResult:
+    """Write checkpoint ``src`` (any readable format) as a Hugging Face safetensors folder ``out``."""
+    with process_group.current().step("checking the input and the output folder"):
+        plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
+                            overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
+    for warning in plan.reader.warnings:
+        progress.note(f"warning: {warning}")
+    return write_converted(plan, shard_size=options.shard_size, max_memory=options.max_memory or default_max_memory(),
+                           progress=progress)
+
+
+def write_converted(
+    plan: ConvertPlan,
+    *,
+    shard_size: int = 5 * 1000**3,
+    max_memory: int = 1 << 30,
+    progress: Progress = NullProgress(),
+) -> ConvertResult:
+    """Stream the planned tensors into an atomic output folder in row chunks of at most
+    ``max_memory`` bytes; under torchrun each rank converts its share and rank 0 finishes."""
+    reader = plan.reader
+    group = process_group.current()
+    names = [t.name for t in plan.tensors]
+    mine = process_group.assign(names, [reader.meta(n).nbytes for n in names], group.world_size)[group.rank]
+    targets = {t.name: t for t in plan.tensors}
+    progress.start("convert", sum(reader.meta(n).nbytes for n in mine), len(mine))
+    with shared_output_dir(plan.out, group) as tmp:
+        writer = ShardedModelWriter(tmp, plan.tensors, shard_size)
+        try:
+            with group.step("creating the output files"):
+                if group.main:
+                    writer.prepare()
+            with group.step("opening the output files"):
+                if not group.main:
+                    writer.attach()
+            with group.step("converting the tensors"):
+                for name in mine:
+                    meta = reader.meta(name)
+                    rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
+                    for span in row_ranges(meta.rows, rows):
+                        chunk = reader.read(name, span if meta.shape else None)
+                        progress.advance(chunk.nbytes)
+                        writer.write(name, chunk.to(targets[name].meta.dtype))
+                    progress.advance(items=1)
+                share = writer.close_share(mine)
+            shares = group.all_gather(share)
+            with group.step("finishing the output files"):
+                if group.main:
+                    writer.finalize(shares)
+                    write_model_config(plan.config, tmp, plan.config_dtype)
+                    copy_side_files(plan.config_folder, None, tmp)
+        except BaseException:
+            writer.abort()
+            raise
+        written = sum(f.stat().st_size for f in tmp.glob("*.safetensors")) if group.main else 0
+    progress.finish()
+    return ConvertResult(len(plan.tensors), written, plan.config_dtype or "n/a")

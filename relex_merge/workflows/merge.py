@@ -1,0 +1,401 @@
+"""The merge API: ``run_merge`` runs any config (relex, any mergekit method, several stages);
+``execute_merge`` runs one planned relex merge into an output folder: one HF model per target,
+written atomically, each with the backtest's verdict on its target."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+from relex_merge.engine import process_group
+from relex_merge.core.backtest import DEFAULT_TOLERANCE, Assessment, assess
+from relex_merge.engine import EngineOptions, EngineStats, MergeJob, planned_read_bytes, run_job
+from relex_merge.common.errors import RelexError, UnsupportedTarget
+from relex_merge.config.options import Options
+from relex_merge.common.progress import NullProgress, Progress
+from relex_merge.io.writer import ShardedModelWriter
+from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
+from relex_merge.workflows.plan import MergePlan, plan_merge
+from relex_merge.output.card import FitSummary, model_card, summarize
+
+__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult", "Provenance", "share_of"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What ``execute_merge`` wrote and what the run learned (every rank gets it)."""
+
+    outputs: list[tuple[int, float, Path]]  # (target step, scale, model folder)
+    stats: EngineStats
+    summary: FitSummary
+    seconds: float  # wall time of the merge
+    bytes_written: int  # safetensors bytes (0 on ranks other than 0)
+    assessment: Assessment  # each output's fit and the backtest's verdict on it
+
+
+def output_names(targets: list[int]) -> list[str]:
+    """Folder names of the outputs (when there are several): step-500, step-1000."""
+    return [f"step-{t}" for t in targets]
+
+
+def target_folders(root: Path, names: list[str]) -> list[Path]:
+    """Where the outputs go: ``root`` itself for a single output, else one subfolder each."""
+    return [root] if len(names) == 1 else [root / name for name in names]
+
+
+def decides_first(plan: MergePlan, require_supported: bool) -> bool:
+    """Whether the whole model's Gram matrices are needed before any output is written: a fit
+    the backtest chooses (auto, or a shape not given), or --require-supported."""
+    if plan.job.gram_cache is not None:
+        return False  # already known
+    return require_supported or any(spec.fit.resolved is None for spec in plan.job.output_specs())
+
+
+def _combine(first: EngineStats, second: EngineStats) -> EngineStats:
+    """A Gram pass and an output pass run apart, reported as one merge."""
+    passes = {r.name: r.passes for r in first.tensors}
+    tensors = [replace(r, passes=r.passes + passes.get(r.name, 0)) for r in second.tensors]
+    return EngineStats(
+        bytes_read=first.bytes_read + second.bytes_read,
+        tensors=tensors,
+        workers=second.workers,
+        read_seconds=first.read_seconds + second.read_seconds,
+        math_seconds=first.math_seconds + second.math_seconds,
+        write_seconds=first.write_seconds + second.write_seconds,
+        fit_seconds=first.fit_seconds + second.fit_seconds,
+    )
+
+
+def execute_merge(
+    plan: MergePlan,
+    out: Path,
+    options: EngineOptions,
+    *,
+    overwrite: bool = False,
+    shard_size: int = 5 * 1000**3,
+    full_hash: bool = False,
+    require_supported: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+    names: list[str] | None = None,
+    provenance: "Provenance | None" = None,
+    progress: Progress = NullProgress(),
+) -> MergeResult:
+    """Merge ``plan`` into ``out`` (one folder per output when several; with ``names``, one
+    folder per output by those names, however many). The reads are the same whether the Gram
+    pass runs first (a fit the backtest chooses, --require-supported) or interleaved with the
+    outputs: every input twice, or once with a fit cache.
+
+    Under torchrun/srun every rank calls this with the same plan: each runs its share of the
+    tensors and writes it into the shared output files, rank 0 writes the rest (index, configs,
+    cards) and renames the output into place; every rank returns the same result."""
+    group = process_group.current()
+    with group.step("checking the output folder"):
+        check_output_path(out, plan.model_paths, overwrite)
+    job = plan.job
+    targets = list(job.targets)
+    start = time.perf_counter()
+    gram_stats = None
+    assessment = None
+    mine = share_of(job)
+    progress.start("merge", planned_read_bytes(job.share(mine)), len(mine))
+    if decides_first(plan, require_supported):
+        log.debug("Gram pass first: the backtest chooses the fit or gates the outputs")
+        gram_stats = run_job(job.gram_only(), [], options, _engine_progress(progress, items=False))
+        job = replace(job, gram_cache={r.name: r.gram for r in gram_stats.tensors if r.gram is not None})
+    if job.gram_cache is not None:
+        # every rank has every Gram matrix, and the same arithmetic gives every rank the same answer
+        assessment = assess(job.gram_cache.values(), job.steps, targets, job.output_specs(), tolerance)
+        if require_supported and assessment.unsupported:
+            first = assessment.unsupported[0]
+            more = len(assessment.unsupported) - 1
+            raise UnsupportedTarget(
+                f"--require-supported: {first.line()}" + (f" ({more} more target(s) unsupported)" if more else "")
+                + " Nothing was written."
+            )
+        job = replace(job, fits=assessment.fits)
+    with shared_output_dir(out, group) as tmp:
+        folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
+        tensors = job.output_tensors()
+        writers = [ShardedModelWriter(folder, tensors, shard_size) for folder in folders]
+        try:
+            with group.step("creating the output files"):
+                if group.main:
+                    for folder, writer in zip(folders, writers):
+                        folder.mkdir(exist_ok=True)
+                        writer.prepare()
+            with group.step("opening the output files"):
+                for writer in writers:
+                    if not group.main:
+                        writer.attach()
+            stats = run_job(job, writers, options, _engine_progress(progress))
+            with group.step("checking every byte arrived"):
+                shares = [writer.close_share(mine) for writer in writers]
+            everyone = group.all_gather(shares)
+            with group.step("finishing the output files"):
+                if group.main:
+                    for j, writer in enumerate(writers):
+                        writer.finalize([rank_shares[j] for rank_shares in everyone])
+        except BaseException:
+            for writer in writers:
+                writer.abort()
+            raise
+        if gram_stats is not None:
+            stats = _combine(gram_stats, stats)
+        if assessment is None:  # the fits were fixed: the verdict needs only this pass's Gram matrices
+            grams = [r.gram for r in stats.tensors if r.gram is not None]
+            assessment = assess(grams, job.steps, targets, job.output_specs(), tolerance)
+        for target, spec, fit, verdict in zip(targets, plan.job.output_specs(), assessment.fits, assessment.verdicts):
+            how = "as configured" if spec.fit.resolved is not None else "chosen by the backtest"
+            said = "" if verdict is None else "; SUPPORTED" if verdict.supported else "; NOT SUPPORTED"
+            log.debug("step %d: fit %s (%s)%s", target, fit.describe(), how, said)
+        summary = summarize(stats.tensors)
+        with group.step("writing the model cards"):
+            if group.main:
+                _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance)
+        written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) if group.main else 0
+    progress.finish()
+    scales = [spec.scale for spec in job.output_specs()]
+    final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
+    return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
+
+
+def share_of(job: MergeJob) -> list[str]:
+    """The tensors this process runs: all of them, or its rank's share."""
+    from relex_merge.engine.executors.distributed import share
+
+    group = process_group.current()
+    return share(job, group) if group.distributed else job.names()
+
+
+def _write_side_files(plan: MergePlan, job: MergeJob, assessment: Assessment, summary: FitSummary,
+                      folders: list[Path], full_hash: bool, provenance: "Provenance | None") -> None:
+    """Each output's config.json, tokenizer, relex_config.yml and model card."""
+    inputs = plan.fingerprints(full_hash)
+    tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
+    for spec, target, verdict, folder in zip(job.output_specs(), job.targets, assessment.verdicts, folders):
+        config = plan.config.for_output(target, spec.scale, spec.fit)
+        write_model_config(plan.base_config, folder, config.out_dtype)
+        copy_side_files(Path(config.base_path), tokenizer_source, folder)
+        header = "".join(f"# {line}\n" for line in _verdict_comment(verdict))
+        config_text = config.to_yaml()
+        card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict)
+        if provenance is not None:
+            header += provenance.config_header
+            config_text = provenance.restore_names(config_text)
+            card += provenance.card_section
+            (folder / provenance.file_name).write_text(provenance.documents_yaml)
+        (folder / "relex_config.yml").write_text(header + config_text)
+        (folder / "README.md").write_text(card)
+
+
+def _engine_progress(progress: Progress, items: bool = True):
+    """The engine's (bytes, tensor finished) callback onto a Progress."""
+    return lambda nbytes, finished: progress.advance(nbytes, int(finished and items))
+
+
+def _verdict_comment(verdict) -> list[str]:
+    if verdict is None:
+        return []
+    return ["relex-merge verdict (from the backtest inside the window; see README.md):", verdict.line()]
+
+
+# ---- any config: relex, mergekit methods, several stages ---------------------------------
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What the final output of a multi-stage merge records about every stage, so that it still
+    says how it was made after the intermediate folders are gone."""
+
+    source: str  # the config file
+    documents_yaml: str  # the config as given: later stages name earlier ones
+    stage_lines: tuple[str, ...]  # one line per stage that ran before the final one
+    paths: dict[str, str]  # stage name -> the folder it was written to (for restore_names)
+    file_name: str = "relex_stages.yml"  # the copy of the whole config beside the final output
+
+    @property
+    def config_header(self) -> str:
+        """Comment lines that head the final output's config, pointing to the stages."""
+        return (f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
+                f"stage are that stage's output: see {self.file_name} and README.md\n")
+
+    @property
+    def card_section(self) -> str:
+        """The model card's "Stages" section: one line per earlier stage."""
+        lines = ["", "## Stages", "",
+                 f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
+                 f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):", ""]
+        return "\n".join(lines + [f"- {line}" for line in self.stage_lines]) + "\n"
+
+    def restore_names(self, text: str) -> str:
+        """A config text with the stages' folders replaced by the stages' names."""
+        for name, path in sorted(self.paths.items(), key=lambda item: -len(item[1])):
+            text = text.replace(path, name)
+        return text
+
+
+@dataclass
+class StageResult:
+    """One stage of ``run_merge`` (a single-document config is one stage)."""
+
+    name: str | None  # None: the final output
+    method: str  # "relex" or a mergekit method
+    out: Path
+    reused: bool = False  # --lazy found it finished
+    merge: MergeResult | None = None  # relex stages
+    plan: MergePlan | None = None  # relex stages that ran
+
+
+@dataclass
+class RunResult:
+    """What ``run_merge`` returns: every stage, in the order they ran (the final one last)."""
+
+    out: Path
+    stages: list[StageResult] = field(default_factory=list)
+
+    @property
+    def final(self) -> StageResult:
+        """The stage that wrote ``out``."""
+        return self.stages[-1]
+
+
+def _stage_line(stage, result: StageResult) -> str:
+    label = f"stage '{stage.name}' ({stage.method})"
+    if result.reused:
+        return f"{label}: reused from {result.out} (--lazy)"
+    if result.merge is None or result.plan is None:
+        models = [str(m) for m in _model_names(stage.document)]
+        return f"{label}: {', '.join(models)}"
+    steps = list(result.plan.job.steps)
+    parts = []
+    for (target, scale, _), fit, verdict in zip(result.merge.outputs, result.merge.assessment.fits,
+                                                 result.merge.assessment.verdicts):
+        text = f"target step {target}, scale {scale:g}, fit {fit.describe()}"
+        parts.append(text + (f"; {verdict.line()}" if verdict is not None else ""))
+    return (f"{label}: base {result.plan.config.base_path}, window steps {steps[0]}..{steps[-1]} "
+            f"({len(steps)} checkpoints), mode {result.plan.job.spec.mode}; " + " | ".join(parts))
+
+
+def _model_names(document: dict) -> list[str]:
+    from relex_merge.config.stages import model_references
+
+    return list(dict.fromkeys(model_references(document)))
+
+
+def run_merge(
+    config: str | Path | Sequence[Any],
+    out: str | Path,
+    options: Options = Options(),
+    *,
+    progress: Progress = NullProgress(),
+    source: str | None = None,
+) -> RunResult:
+    """Run a merge config into ``out``: a relex config (streaming engine), any mergekit method
+    (mergekit's runner, relex registered), or several YAML documents as stages. ``config`` is a
+    file or its parsed documents. Nothing is read before every stage is checked; intermediates
+    go to a hidden folder beside ``out`` (removed afterwards) or ``options.intermediate_dir``."""
+    from relex_merge.config.schema import load_documents, parse_config
+    from relex_merge.io.hf import is_hf_model
+    from relex_merge.interop.mergekit_runner import known_methods, run_mergekit
+    from relex_merge.output.folders import check_output_path
+    from relex_merge.config.stages import parse_stages, substitute
+
+    out = Path(out)
+    group = process_group.current()
+    with group.step("checking the config"):  # every rank checks; a failure on one stops all
+        if isinstance(config, (str, Path)):
+            source = source or str(config)
+            documents = load_documents(config)
+            as_given = Path(config).read_text()  # comments and all, for the provenance of multi-stage outputs
+        else:
+            documents, source = list(config), source or "<config>"
+            as_given = "---\n".join(yaml_dump(d) for d in documents)
+        # mergekit (and transformers behind it) takes seconds to import: only when a stage needs it
+        only_relex = all(isinstance(d, dict) and d.get("merge_method") == "relex" for d in documents)
+        stages = parse_stages(documents, source, ["relex"] if only_relex else known_methods())
+        for stage in stages:  # every document's keys and values now, not when its turn comes; the
+            # paths a stage reads (earlier stages' outputs among them) are checked when it runs
+            where = f"{source}: {stage.label}" if len(stages) > 1 else source
+            if stage.method == "relex":
+                parse_config(stage.document, where)
+            else:
+                from relex_merge.interop.mergekit_runner import parse_mergekit_config
+
+                parse_mergekit_config(stage.document, where)
+        if options.lazy and options.intermediate_dir is None:
+            raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
+        check_output_path(out, [], options.overwrite)
+        multi = len(stages) > 1
+        if options.fit_cache is not None and (multi or stages[0].method != "relex"):
+            raise RelexError("--fit-cache: only for a single-stage relex config")
+        engine = options.engine()
+    stage_root = options.intermediate_dir or out.parent / f".{out.name}.relex-stages"
+    result = RunResult(out)
+    paths: dict[str, str] = {}
+    lines: list[str] = []
+    try:
+        for stage in stages:
+            final = stage.name is None or not multi
+            target = out if final else stage_root / stage.name
+            where = f"{source}: {stage.label}" if multi else source
+            if not final:
+                paths[stage.name] = str(target)
+                if options.lazy and is_hf_model(target):  # stage outputs appear only when complete
+                    progress.note(f"stage '{stage.name}': reusing {target}")
+                    result.stages.append(StageResult(stage.name, stage.method, target, reused=True))
+                    lines.append(_stage_line(stage, result.stages[-1]))
+                    continue
+                with group.step("creating the stage folder"):
+                    if group.main:
+                        stage_root.mkdir(parents=True, exist_ok=True)
+                progress.note(f"stage '{stage.name}' ({stage.method}) -> {target}")
+            provenance = None
+            if final and multi:
+                provenance = Provenance(source, as_given, tuple(lines), dict(paths))
+            document = substitute(stage.document, paths)
+            overwrite = options.overwrite if final else True
+            if stage.method == "relex":
+                with group.step("planning the stage"):
+                    plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
+                    if options.fit_cache is not None:
+                        from relex_merge.workflows.analyze import load_fit_cache
+
+                        plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
+                    if not final and len(plan.job.targets) != 1:
+                        raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
+                    check_output_path(target, plan.model_paths, overwrite)
+                for warning in plan.warnings:
+                    progress.note(f"warning: {warning}")
+                merged = execute_merge(
+                    plan, target, engine, overwrite=overwrite, shard_size=options.shard_size,
+                    full_hash=options.full_hash, require_supported=options.require_supported,
+                    tolerance=options.tolerance, provenance=provenance, progress=progress,
+                )
+                result.stages.append(StageResult(stage.name, "relex", target, merge=merged, plan=plan))
+            else:
+                # mergekit's runner is one process: rank 0 runs the stage, the others wait
+                shown = not isinstance(progress, NullProgress) and not getattr(progress, "quiet", False)
+                with group.step(f"running the {stage.method} stage"):
+                    if group.main:
+                        run_mergekit(document, where, target, device=engine.device.type, shard_size=options.shard_size,
+                                     quiet=not shown, overwrite=overwrite, provenance=provenance)
+                result.stages.append(StageResult(stage.name, stage.method, target))
+            lines.append(_stage_line(stage, result.stages[-1]))
+    finally:
+        if multi and options.intermediate_dir is None and stage_root.exists() and group.main:
+            shutil.rmtree(stage_root, ignore_errors=True)
+    return result
+
+
+def yaml_dump(document: Any) -> str:
+    """One parsed document back as YAML, keys in their order (the provenance of configs given
+    as Python objects)."""
+    import yaml
+
+    return yaml.safe_dump(document, sort_keys=False)

@@ -1,0 +1,277 @@
+"""From a parsed config to a validated merge job. Everything here reads only headers and
+small JSON files: no tensor data is read before the whole input has been checked."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from relex_merge.config.schema import RelexConfig, RelexParameters
+from relex_merge.engine import MergeJob
+from relex_merge.common.errors import RelexError
+from relex_merge.core import fits
+from relex_merge.core.relex import window_indices
+from relex_merge.io.dtypes import CONFIG_DTYPES
+from relex_merge.io.base import CheckpointReader
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.formats import open_checkpoint
+from relex_merge.output.folders import InputRecord, input_record
+from relex_merge.config.trajectory import expand_trajectory
+from relex_merge.common.units import human_bytes
+
+__all__ = ["MergePlan", "plan_merge", "expand_config", "check_targets"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """A relex config checked against its checkpoints (headers only), ready for the engine."""
+
+    config: RelexConfig  # expanded: models listed explicitly
+    job: MergeJob
+    base_config: dict | None  # the base's config.json (None when it has none)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def model_paths(self) -> list[Path]:
+        """The base and every window checkpoint (outputs must not overlap them)."""
+        return [Path(self.config.base_path)] + [Path(m.model) for m in self.config.models or []]
+
+    def fingerprints(self, full_hash: bool = False) -> list[InputRecord]:
+        """Path (as configured), size and fingerprint of the base and every window checkpoint."""
+        readers = [self.job.base, *self.job.checkpoints]
+        paths = [self.config.base_path] + [m.model for m in self.config.models or []]
+        return [input_record(path, reader.files(), full_hash) for path, reader in zip(paths, readers)]
+
+
+def _check_steps(config: RelexConfig, discovered: bool = False) -> list[int]:
+    """The window's steps, checked. ``discovered``: they came from ``trajectory:``, so messages
+    name that key rather than a ``models:`` list the user never wrote."""
+    steps = [m.parameters.step for m in config.models or []]
+    if discovered and len(steps) < 2:
+        found = f"step {steps[0]}" if steps else "none"
+        raise RelexError(
+            f"trajectory: need at least 2 window checkpoints, found {len(steps)} ({found}); "
+            "widen trajectory.steps or save checkpoints more often"
+        )
+    seen: set[int] = set()
+    for i, step in enumerate(steps):
+        if step in seen:
+            raise RelexError(f"models[{i}].parameters.step: step {step} is listed twice")
+        if i and step < steps[i - 1]:
+            raise RelexError(
+                f"models[{i}].parameters.step: steps must increase ({steps[i - 1]} then {step}); "
+                "list the checkpoints in training order"
+            )
+        seen.add(step)
+    if len(steps) < 2:
+        raise RelexError(f"models: need at least 2 window checkpoints, got {len(steps)}")
+    base_step = config.parameters.base_step
+    if steps[0] <= base_step:
+        raise RelexError(
+            f"models[0].parameters.step: {steps[0]} is not after the base model's step "
+            f"(parameters.base_step = {base_step})"
+        )
+    return steps
+
+
+def _check_parameters(
+    config: RelexConfig, steps: list[int], require_targets: bool = True
+) -> tuple[list[int], list[str]]:
+    p = config.parameters
+    n = len(steps)
+    if p.window is not None and p.window > n:
+        raise RelexError(f"parameters.window: {p.window} is more than the {n} checkpoints given")
+    used = [steps[k] for k in window_indices(n, p.window)]
+    if p.rank > len(used):
+        raise RelexError(f"parameters.rank: {p.rank} exceeds the {len(used)} checkpoints in the window")
+    spec = p.spec()
+    if p.mode != "reconstruct":
+        _check_points(spec, len(used))
+        _check_backtest_can_choose(spec, steps)
+    return check_targets(p.targets(), p, steps, require_targets)
+
+
+def check_targets(
+    targets: list[int], p: RelexParameters, steps: list[int], require_targets: bool = True,
+    where: str = "parameters.target_step",
+) -> tuple[list[int], list[str]]:
+    """The checks every target step gets, from the config's ``target_step`` or sweep's
+    ``--targets`` (``where`` names which): (the targets, warnings)."""
+    warnings: list[str] = []
+    used = [steps[k] for k in window_indices(len(steps), p.window)]
+    if len(set(targets)) != len(targets):
+        raise RelexError(f"{where}: a target step is listed twice")
+    early = [t for t in targets if t <= p.base_step]
+    if early and p.mode == "extrapolate":
+        raise RelexError(
+            f"{where}: {early[0]} is not after the base model's step (parameters.base_step = {p.base_step})"
+        )
+    if p.mode in ("reconstruct", "fit_reconstruct"):
+        targets = targets or [used[-1]]
+        unobserved = [t for t in targets if t not in used]
+        if unobserved:
+            raise RelexError(
+                f"{where}: {p.mode} mode works on observed checkpoints; step(s) "
+                f"{unobserved} are not in the window {used[0]}..{used[-1]}"
+            )
+    else:
+        if not targets and require_targets:
+            raise RelexError(f"{where}: required in extrapolate mode (e.g. target_step: 500)")
+        before = [t for t in targets if t < used[0]]
+        if before:  # a negative horizon: nothing in the window or its backtest speaks for it
+            raise RelexError(
+                f"{where}: {before[0]} is before the window ({used[0]}..{used[-1]}); extrapolate mode predicts "
+                "steps after its first checkpoint: give a later step or a window that starts earlier"
+            )
+        inside = [t for t in targets if t <= used[-1]]
+        if inside:
+            warnings.append(
+                f"target step(s) {inside} lie inside the window (last step {used[-1]}): "
+                "this interpolates; use mode: reconstruct to denoise an observed checkpoint"
+            )
+    return targets, warnings
+
+
+def _check_points(spec, n_used: int) -> None:
+    """Enough checkpoints for the fit (and for each autoregressive re-fit)."""
+    fit = spec.fit
+    if fit.family == "auto":
+        return  # auto scores the families the window can hold; the backtest says if none
+    family = fit.curve_family
+    shape = fit.resolved.shape if fit.resolved is not None else None
+    need = family.min_points(shape)
+    if family.shape is not None and family.shape.key == "degree" and need > n_used:
+        raise RelexError(
+            f"parameters.degree: a degree-{int(shape)} polynomial needs more than {int(shape)} checkpoints"
+        )
+    if need > n_used:
+        raise RelexError(f"parameters.fit: {fit.family} needs at least {need} checkpoints in the window, got {n_used}")
+    if spec.refit_window is not None:
+        if spec.refit_window < need:
+            raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
+        if spec.refit_window > n_used:
+            raise RelexError(f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window")
+
+
+def _check_backtest_can_choose(spec, steps: list[int]) -> None:
+    """``auto`` and a shape left open are chosen by the backtest, which needs a checkpoint
+    held back beyond the fewest the candidates fit on; without one it would choose blind."""
+    if spec.fit.resolved is not None:
+        return
+    from relex_merge.core.backtest import Backtest  # the backtest imports the fit machinery: only when needed
+
+    probe = Backtest.for_fits(steps, spec, [spec.fit])
+    if probe.points:
+        return
+    got = f"needs at least {probe.min_points + 1} checkpoints in the window to choose (got {len(probe.steps)})"
+    if spec.fit.family == fits.AUTO:
+        raise RelexError(f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe "
+                         "more checkpoints")
+    key = spec.fit.curve_family.shape.key
+    raise RelexError(f"parameters.{key}: {spec.fit.family}'s {key} is chosen by the backtest when not given, and the "
+                     f"backtest {got}; give {key}: or observe more checkpoints")
+
+
+def _open_all(
+    config: RelexConfig, allow_unsafe_pickle: bool
+) -> tuple[CheckpointReader, list[CheckpointReader]]:
+    base = open_checkpoint(config.base_path, allow_unsafe_pickle)
+    checkpoints = [open_checkpoint(m.model, allow_unsafe_pickle) for m in config.models or []]
+    return base, checkpoints
+
+
+def _check_tensors(
+    base: CheckpointReader, checkpoints: list[CheckpointReader], tied_embeddings: bool
+) -> None:
+    names = base.names()
+    expected = set(names)
+    if not names:
+        raise RelexError(f"{base.path}: the base model has no tensors")
+    for reader in checkpoints:
+        got = set(reader.names())
+        missing = sorted(expected - got)
+        if missing:
+            raise RelexError(f"{reader.path}: tensor {missing[0]} of the base model is missing")
+        # training frameworks save the tied output matrix too; HF saves drop it
+        ignorable = {"lm_head.weight"} if tied_embeddings else set()
+        extra = sorted(got - expected - ignorable)
+        if extra:
+            raise RelexError(f"{reader.path}: tensor {extra[0]} is not in the base model {base.path}")
+        for name in names:
+            a, b = base.meta(name), reader.meta(name)
+            if a.shape != b.shape:
+                raise RelexError(
+                    f"{reader.path}: tensor {name} has shape {list(b.shape)}, base has {list(a.shape)}"
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise RelexError(f"{reader.path}: tensor {name} is {b.dtype}, base has {a.dtype}")
+
+
+def _check_architectures(config: RelexConfig) -> dict | None:
+    base_config = read_model_config(config.base_path)
+    base_arch = (base_config or {}).get("architectures")
+    for m in config.models or []:
+        arch = (read_model_config(m.model) or {}).get("architectures")
+        if base_arch and arch and arch != base_arch:
+            raise RelexError(f"{m.model}: architecture {arch} differs from the base model's {base_arch}")
+    return base_config
+
+
+def _check_paths(config: RelexConfig) -> None:
+    for key, path in [("base_model", config.base_path)] + [
+        (f"models[{i}].model", m.model) for i, m in enumerate(config.models or [])
+    ]:
+        if not Path(path).exists():
+            raise RelexError(f"{key}: {path} does not exist")
+    if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
+        raise RelexError(f"tokenizer_source: {config.tokenizer_source} is not a directory")
+
+
+def expand_config(config: RelexConfig) -> RelexConfig:
+    """The config with its checkpoint list resolved (what --print-config shows)."""
+    return expand_trajectory(config)
+
+
+def plan_merge(
+    config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True
+) -> MergePlan:
+    """Validate everything (headers only) and return the job; ``require_targets=False`` for
+    analyze, where targets only inform the verdict."""
+    discovered = config.trajectory is not None
+    config = expand_config(config)
+    steps = _check_steps(config, discovered)
+    targets, warnings = _check_parameters(config, steps, require_targets)
+    _check_paths(config)
+    base_config = _check_architectures(config)
+    base, checkpoints = _open_all(config, allow_unsafe_pickle)
+    _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
+    for reader in [base, *checkpoints]:
+        warnings.extend(reader.warnings)
+    resident = [reader for reader in [base, *checkpoints] if reader.resident_bytes]
+    if resident:  # --max-memory bounds the spans only; these are held whole for the whole run
+        warnings.append(
+            f"{len(resident)} input(s), e.g. {resident[0].path}, are DeepSpeed ZeRO checkpoints, held whole in fp32 "
+            f"in RAM for the whole run ({human_bytes(sum(r.resident_bytes for r in resident))}), beyond "
+            "--max-memory; convert them first (relex-merge convert) to stay within it"
+        )
+    out_dtype = CONFIG_DTYPES[config.out_dtype] if config.out_dtype else None
+    compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32
+    job = MergeJob(
+        base=base,
+        checkpoints=checkpoints,
+        steps=steps,
+        targets=targets,
+        spec=config.parameters.spec(),
+        compute_dtype=compute,
+        out_dtype=out_dtype,
+    )
+    used = [steps[k] for k in window_indices(len(steps), job.spec.window)]
+    log.debug("window: %d checkpoints, steps %d..%d; the fit uses %d (steps %d..%d); targets %s; fit %s, rank %d, "
+              "mode %s", len(steps), steps[0], steps[-1], len(used), used[0], used[-1], targets,
+              job.spec.fit.describe(), job.spec.rank, job.spec.mode)
+    return MergePlan(config=config, job=job, base_config=base_config, warnings=warnings)
