@@ -45,7 +45,8 @@ def true_steps_after(run: Path, last: int) -> list[int]:
 
 
 def section(title: str, config: Path, run: Path, limit: int | None, manager) -> list[str]:
-    from relex_merge.workflows.analyze import run_analysis, summary_rows
+    from relex_merge.core.analysis import summary_rows
+    from relex_merge.workflows.analyze import run_analysis
     from relex_merge.core.backtest import horizon
     from relex_merge.config.schema import load_config
     from relex_merge.engine import EngineOptions

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from relex_merge.workflows.analyze import analyze_grams
+from relex_merge.core.analysis import analyze_grams
 from relex_merge.core.backtest import Backtest
 from relex_merge.core.relex import FitSpec, RelexSpec
 from relex_merge.testing.synthetic import make_planted_run

@@ -13,20 +13,8 @@ import pytest
 import torch
 
 from relex_merge.core import fits
-from relex_merge.core.backtest import (
-    STOP,
-    Backtest,
-    TargetVerdict,
-    HoldoutSums,
-    assess,
-    auto_candidates,
-    config_hint,
-    fit_counts,
-    hint_candidates,
-    holdouts,
-    horizon,
-    window_steps,
-)
+from relex_merge.core.backtest import STOP, Backtest, HoldoutSums, auto_candidates, fit_counts, hint_candidates, holdouts, horizon, window_steps
+from relex_merge.core.verdict import TargetVerdict, assess, config_hint, judge
 from relex_merge.core.relex import FitSpec, RelexSpec
 from tests.test_fits import dense_refit, fit_curve
 
@@ -403,7 +391,7 @@ def test_verdict_names_a_better_fit_only_when_it_is_clearly_better_and_holds(lin
     linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
     bt = backtest_with_errors({linear_fit: linear, power_fit: power}, stop=0.5)
     for target in (18, 60):  # inside the tested horizon, and beyond it
-        v = bt.verdict(target, power_fit, chosen_by_backtest=False, last_step=12, tolerance=tolerance)
+        v = judge(bt, target, power_fit, chosen_by_backtest=False, last_step=12, tolerance=tolerance)
         assert v.better_fit == (linear_fit if better else None), target
         assert v.supported_horizon == (bt.tested_horizon if power <= tolerance else None)
 
@@ -411,7 +399,7 @@ def test_verdict_names_a_better_fit_only_when_it_is_clearly_better_and_holds(lin
 def test_a_fit_chosen_by_the_backtest_gets_no_alternative():
     linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
     bt = backtest_with_errors({linear_fit: 0.05, power_fit: 0.1}, stop=0.5)
-    assert bt.verdict(18, power_fit, chosen_by_backtest=True, last_step=12).better_fit is None
+    assert judge(bt, 18, power_fit, chosen_by_backtest=True, last_step=12).better_fit is None
 
 
 def test_backtest_of_a_refit_equals_the_reference_loop():
@@ -542,9 +530,9 @@ def test_the_better_fit_hint_is_judged_at_the_outputs_scale():
     for key, k in ((linear, 1.0), (power, 2.0)):  # prediction k t: pred2 = k^2, dot = k
         bt._totals[key][:] = torch.tensor([k * k - 2 * k + 1, 1.0, k * k, k], dtype=F64)
     bt._totals[STOP][:] = torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=F64)
-    half = bt.verdict(30, linear, False, 12, 0.2, scale=0.5)
+    half = judge(bt, 30, linear, False, 12, 0.2, scale=0.5)
     assert half.error == pytest.approx(0.5) and half.better_fit == power
-    assert bt.verdict(30, linear, False, 12, 0.2).better_fit is None
+    assert judge(bt, 30, linear, False, 12, 0.2).better_fit is None
 
 
 def test_relative_errors_do_not_depend_on_the_size_of_the_weights_at_any_scale():
@@ -561,7 +549,7 @@ def test_relative_errors_do_not_depend_on_the_size_of_the_weights_at_any_scale()
 
 def test_assess_chooses_auto_at_the_outputs_scale_and_logs_its_reasons(caplog):
     steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=0.0)
-    with caplog.at_level(logging.DEBUG, logger="relex_merge.core.backtest"):
+    with caplog.at_level(logging.DEBUG, logger="relex_merge.core.verdict"):
         a = assess(grams, steps, [30], [RelexSpec(fit=FitSpec("auto"), scale=0.6)])
     bt, chosen = a.backtest, a.fits[0]
     h = horizon(steps, 30)

@@ -16,6 +16,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from relex_merge.engine import process_group
+from relex_merge.engine.sharding import assign
 from relex_merge.common import errors
 from tests.helpers import run_cli
 from tests.test_cli import write_config
@@ -53,11 +54,11 @@ def error_lines(result) -> list[str]:
 def test_assignment_is_balanced_by_bytes_and_deterministic():
     names = [f"t{i}" for i in range(7)]
     sizes = [50, 10, 40, 10, 30, 5, 5]
-    shares = process_group.assign(names, sizes, 3)
+    shares = assign(names, sizes, 3)
     # largest first, each to the least-loaded rank (ties: the lower rank); shares in the model's order
     assert shares == [["t0"], ["t2", "t3"], ["t1", "t4", "t5", "t6"]]
     assert [sum(sizes[names.index(n)] for n in s) for s in shares] == [50, 50, 50]
-    assert process_group.assign(names, sizes, 1) == [names]
+    assert assign(names, sizes, 1) == [names]
 
 
 class _FakeRanks(process_group.Group):

@@ -16,7 +16,8 @@ from relex_merge.common.errors import RelexError
 from relex_merge.core.relex import RelexSpec
 from relex_merge.io.base import TensorMeta
 from relex_merge.io.formats.safetensors import SafetensorsReader
-from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.io.writers.safetensors import ShardedModelWriter
+from relex_merge.io.writers import OutputTensor
 from relex_merge.core.kernels import Scratch, span_gram, span_outputs
 from tests.helpers import DictReader
 from tests.test_fit import CollectSink, random_window

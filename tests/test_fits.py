@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from relex_merge.core import fits
-from relex_merge.core.backtest import assess
+from relex_merge.core.verdict import assess
 from relex_merge.core.relex import FitSpec, RelexSpec, relex_weights
 from relex_merge.testing.synthetic import make_planted_run
 from tests.helpers import run_cli

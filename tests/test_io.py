@@ -25,7 +25,7 @@ def test_config_dtype_names_come_from_the_table():
     from relex_merge.config.schema import DTYPES
 
     assert DTYPES == ("float32", "float16", "bfloat16", "float64") == tuple(CONFIG_DTYPES)
-    convert = main.commands["convert"]
+    convert = main.get_command(None, "convert")
     choices = next(p for p in convert.params if p.name == "dtype").type.choices
     assert set(choices) - {"keep"} <= set(CONFIG_DTYPES)
     assert all(CONFIG_DTYPES[CONFIG_NAMES[dtype]] == dtype for dtype in CONFIG_NAMES)

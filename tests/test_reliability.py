@@ -199,7 +199,7 @@ def test_fuzzed_configs_never_trace(docs, raw, tmp_path):
 
 
 def test_fingerprint_of_identical_files_is_stable(tmp_path):
-    from relex_merge.output.folders import input_record
+    from relex_merge.io.fingerprints import input_record
 
     f = tmp_path / "w.safetensors"
     f.write_bytes(b"x" * 3_000_000)

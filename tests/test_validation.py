@@ -99,7 +99,7 @@ def _unsafe_pickle(run: Path, tmp: Path) -> Path:
 
 def _disk_full(run, tmp, mp):
     """Writes fail as on a full disk once 1 kB has been written."""
-    from relex_merge.io import writer
+    from relex_merge.io.writers import safetensors as writer
 
     written = 0
     real = writer._pwrite_all

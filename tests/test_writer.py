@@ -13,9 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from relex_merge.io import writer as writer_module
+from relex_merge.io.writers import safetensors as writer_module
 from relex_merge.io.base import TensorMeta
-from relex_merge.io.writer import OutputTensor, ShardedModelWriter, plan_shards, shard_file_names
+from relex_merge.io.writers.safetensors import ShardedModelWriter, plan_shards, shard_file_names
+from relex_merge.io.writers import OutputTensor
 
 
 def layout(tensors: dict[str, torch.Tensor]) -> list[OutputTensor]:

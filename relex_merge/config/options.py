@@ -42,6 +42,9 @@ class Options(BaseModel):
                         json_schema_extra={})
     threads: Optional[int] = Field(None, description="Worker threads (default: one per core, at most 8).",
                                    json_schema_extra={})
+    executor: Optional[str] = Field(None, description="Who runs the span tasks: a registered executor such as threads "
+                                    "or distributed (default: distributed under torchrun/srun, else threads).",
+                                    json_schema_extra={"metavar": "NAME"})
     allow_unsafe_pickle: bool = Field(False, description="Load .bin/.pt pickles that need more than weights-only "
                                       "loading (trusted files only).", json_schema_extra={})
     allow_nonfinite: bool = Field(False, description="Merge although inputs hold NaN/Inf (those tensors are copied "
@@ -50,6 +53,8 @@ class Options(BaseModel):
     overwrite: bool = Field(False, description="Replace a non-empty output folder.", json_schema_extra={})
     shard_size: int = Field(5 * 1000**3, description="Largest output shard, e.g. 5GB.",
                             json_schema_extra={"metavar": "SIZE", "shown_default": "5GB"})
+    output_format: str = Field("safetensors", description="A registered output format (relex_merge/io/writers/).",
+                               json_schema_extra={"metavar": "NAME", "shown_default": "safetensors"})
     full_hash: bool = Field(False, description="Fingerprint inputs with a full sha256 (default: fast sampled hash).",
                             json_schema_extra={"flag": "hash"})
     # merges
@@ -83,6 +88,25 @@ class Options(BaseModel):
     def _threads(cls, value):
         if value is not None and value < 1:
             raise RelexError(f"--threads: expected at least 1, got {value}")
+        return value
+
+    @field_validator("executor")
+    @classmethod
+    def _executor(cls, value):
+        if value is not None:
+            from relex_merge.engine.executors import REGISTRY  # loads torch: only when asked for one
+
+            if value not in REGISTRY:
+                raise RelexError(f"--executor: unknown executor {value!r} (known: {', '.join(REGISTRY.names())})")
+        return value
+
+    @field_validator("output_format")
+    @classmethod
+    def _output_format(cls, value):
+        from relex_merge.io.writers import REGISTRY
+
+        if value not in REGISTRY:
+            raise RelexError(f"--output-format: unknown output format {value!r} (known: {', '.join(REGISTRY.names())})")
         return value
 
     @field_validator("tolerance")
@@ -132,6 +156,7 @@ class Options(BaseModel):
             device=resolve_device(self.device, local_rank),
             allow_nonfinite=self.allow_nonfinite,
             threads=self.threads,
+            executor=self.executor,
         )
 
 
@@ -163,6 +188,8 @@ def _click_option(name: str):
         kwargs["is_flag"] = True
     elif name in _SIZES:
         kwargs.update(default=None, metavar=extra.get("metavar", "SIZE"))
+    elif annotation in (Optional[str], str) and name != "device":
+        kwargs.update(default=None, metavar=extra.get("metavar", "TEXT"))
     elif annotation in (Optional[int], int):
         kwargs.update(type=int, default=None)
     elif annotation is float:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, create_model, field_validator, model_validator
 
 from relex_merge.core import fits
 from relex_merge.common.errors import RelexError
@@ -67,16 +67,14 @@ class TrajectorySpec(_Strict):
     every: StrictInt | None = Field(default=None, ge=1, description="stride within steps")
 
 
-class RelexParameters(_Strict):
+class _Parameters(_Strict):
     """The ``parameters:`` block: targets and everything about the fit. Validators reject shape
-    keys the chosen fit does not use and options that only apply to another mode."""
+    keys the chosen fit does not use and options that only apply to another mode. The shape keys
+    (degree, p, tau, ...) are added from the fit families' declarations (``RelexParameters``)."""
 
     target_step: Union[StrictInt, list[StrictInt], None] = None
     rank: StrictInt = Field(default=1, ge=1)  # directions fitted per tensor
     fit: str = Field(default="linear", description="a fit family (relex_merge.core.fits) or auto")
-    degree: StrictInt | None = Field(default=None, description="polynomial degree (default 2)")
-    p: float | None = Field(default=None, description="power: exponent; default: chosen by the backtest")
-    tau: float | None = Field(default=None, description="log, saturating: steps; default: chosen by the backtest")
     window: StrictInt | None = Field(default=None, ge=2)  # fit on the last `window` checkpoints only
     scale: float = Field(default=1.0, gt=0)  # multiplies the predicted displacement
     mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate"
@@ -135,6 +133,19 @@ class RelexParameters(_Strict):
         return spec_from_parameters(**self.model_dump(exclude={"target_step"}))
 
 
+def _shape_fields() -> dict[str, Any]:
+    """One optional field per shape key the fit families declare."""
+    fields: dict[str, Any] = {}
+    for key in sorted(fits.shape_keys()):
+        integer, description = fits.shape_parameter(key)
+        fields[key] = (StrictInt | None if integer else float | None, Field(default=None, description=description))
+    return fields
+
+
+RelexParameters = create_model("RelexParameters", __base__=_Parameters, __module__=__name__, **_shape_fields())
+RelexParameters.__doc__ = _Parameters.__doc__
+
+
 class RelexConfig(_Strict):
     """One ``merge_method: relex`` document, validated (frozen; unknown keys are errors).
     ``models`` and ``trajectory`` are alternatives: planning expands a trajectory into models."""
@@ -157,6 +168,12 @@ class RelexConfig(_Strict):
     def to_yaml(self) -> str:
         """The config as YAML, unset keys left out (--print-config, relex_config.yml)."""
         data = self.model_dump(mode="json", exclude_none=True)
+        if "parameters" in data:  # the shape keys right after the fit they shape
+            params, shape_keys = data["parameters"], fits.shape_keys()
+            order = [k for k in params if k not in shape_keys]
+            at = order.index("fit") + 1 if "fit" in order else len(order)
+            order[at:at] = [k for k in sorted(shape_keys) if k in params]
+            data["parameters"] = {k: params[k] for k in order}
         return yaml.safe_dump(data, sort_keys=False)
 
     def for_output(self, target: int, scale: float, fit: "FitSpec | None" = None) -> "RelexConfig":

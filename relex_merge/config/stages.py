@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from relex_merge.common.errors import RelexError
+from relex_merge.config.schema import parse_config
+from relex_merge.config.trajectory import expand_trajectory
 
 __all__ = ["MODEL_KEYS", "Stage", "parse_stages", "model_references", "substitute", "expanded_yaml"]
 
@@ -132,14 +134,12 @@ def expanded_yaml(documents: list[Any], source: str) -> str:
     """The config with every relex document's checkpoint list resolved (--print-config)."""
     import yaml
 
-    from relex_merge.config.schema import parse_config
-    from relex_merge.workflows.plan import expand_config
 
     texts = []
     for number, doc in enumerate(documents, 1):
         if isinstance(doc, dict) and doc.get("merge_method") == "relex":
             where = f"{source}: document {number}" if len(documents) > 1 else source
-            texts.append(expand_config(parse_config(doc, where)).to_yaml())
+            texts.append(expand_trajectory(parse_config(doc, where)).to_yaml())
         else:
             texts.append(yaml.safe_dump(doc, sort_keys=False))
     return "---\n".join(texts)

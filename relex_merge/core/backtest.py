@@ -1,5 +1,5 @@
-"""Backtests inside the window, computed from the Gram matrices alone, and what they say about a
-target: which fit family to use, how far it holds, and whether it beats stopping.
+"""Backtests inside the window, computed from the Gram matrices alone: how far each candidate fit
+holds, and whether it beats stopping (core.verdict turns this into a verdict per target).
 
 Fit on the first K checkpoints of the window and predict each later one. The prediction is
 sum_k w_k delta_k, so its error and cosine against the held-back delta_j need only inner
@@ -31,14 +31,11 @@ __all__ = [
     "Holdout",
     "HoldoutSums",
     "Backtest",
-    "TargetVerdict",
-    "Assessment",
-    "assess",
-    "config_hint",
     "horizon",
     "window_steps",
     "auto_candidates",
     "hint_candidates",
+    "shape_candidates",
     "fit_counts",
     "holdouts",
 ]
@@ -142,7 +139,7 @@ def hint_candidates(spec: RelexSpec, steps: Sequence[int]) -> list[FitSpec]:
     return [c for c in auto_candidates(spec, steps) if isinstance(c.curve_family, fits.BasisFamily)]
 
 
-def _shape_candidates(fit: FitSpec, steps: Sequence[int], spec: RelexSpec) -> list[FitSpec]:
+def shape_candidates(fit: FitSpec, steps: Sequence[int], spec: RelexSpec) -> list[FitSpec]:
     """A family without its shape: the shape grid; anything else: itself."""
     if fit.family == fits.AUTO:
         return auto_candidates(spec, steps)
@@ -178,7 +175,7 @@ class Backtest:
         """A backtest over the candidates the given fits need (auto: every family and shape)."""
         candidates: list[FitSpec] = []
         for fit in wanted:
-            candidates += [c for c in _shape_candidates(fit, steps, spec) if c not in candidates]
+            candidates += [c for c in shape_candidates(fit, steps, spec) if c not in candidates]
         return cls(window_steps(steps, spec), spec, candidates)
 
     def add(self, gram: torch.Tensor) -> None:
@@ -303,192 +300,3 @@ class Backtest:
             return keys[0]
         lowest = min(finite)
         return next(key for key in keys if errors[key] <= lowest * (1 + TIE) + TIE_ABSOLUTE)
-
-    def verdict(self, target: int, fit: FitSpec, chosen_by_backtest: bool, last_step: int,
-                tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> "TargetVerdict":
-        """What the backtest says about predicting ``target`` with ``fit`` (already resolved)
-        times ``scale``."""
-        h = horizon(self.steps, target)
-        ids = self.matched(h)
-        supported = self.supported_horizon(fit, tolerance, scale)
-        better = None
-        if not chosen_by_backtest and fit in self.candidates:
-            alternative = self.best(h, scale=scale)
-            if alternative != fit and self.error(alternative, ids, scale) < self.error(fit, ids, scale) * (1 - TIE):
-                alt_support = self.supported_horizon(alternative, tolerance, scale)
-                if alt_support is not None and alt_support >= min(h, self.tested_horizon):
-                    better = alternative
-        return TargetVerdict(
-            target=target,
-            horizon=h,
-            fit=fit,
-            chosen_by_backtest=chosen_by_backtest,
-            error=self.error(fit, ids, scale),
-            stop_error=self.error(STOP, ids),
-            at_horizon=sum(self.points[i].horizon for i in ids) / len(ids) if ids else math.nan,
-            supported_horizon=supported,
-            tested_horizon=self.tested_horizon,
-            tolerance=tolerance,
-            last_step=last_step,
-            better_fit=better,
-            scale=scale,
-        )
-
-
-@dataclass(frozen=True)
-class TargetVerdict:
-    """The verdict printed for one output and written into its card and relex_config.yml."""
-
-    target: int  # the target step
-    horizon: float  # of the target, in window spans
-    fit: FitSpec  # resolved: the shape is known
-    chosen_by_backtest: bool  # auto, or a shape the config left open
-    error: float  # backtest error of the fit near the target's horizon
-    stop_error: float  # ... of stopping at the last fitted checkpoint
-    at_horizon: float  # mean horizon of the points those errors pool
-    supported_horizon: float | None  # see Backtest.supported_horizon
-    tested_horizon: float
-    tolerance: float
-    last_step: int  # the window's last step (what "stopping" means for the user)
-    better_fit: FitSpec | None = None  # another family that holds where this one fails
-    scale: float = 1.0  # the config's scale, part of what was judged
-
-    @property
-    def supported(self) -> bool:
-        """The target's horizon is within the fit's supported horizon, and near it the fit
-        beats stopping at the last fitted checkpoint."""
-        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
-        return within and self.error < self.stop_error
-
-    @property
-    def beyond_tested(self) -> bool:
-        """The target lies farther out than any horizon the window can test."""
-        return self.horizon > self.tested_horizon + 1e-9
-
-    def line(self) -> str:
-        """The one-line verdict (``SUPPORTED: ...`` or ``NOT SUPPORTED: ...``) the CLI prints and
-        the card and relex_config.yml record."""
-        if math.isnan(self.error):
-            return (f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
-                    "checkpoints than the fit uses); evaluate the prediction before use.")
-        fit = self.fit.describe() + (f" at scale {self.scale:g}" if self.scale != 1.0 else "") + (
-            " (chosen by the backtest)" if self.chosen_by_backtest else "")
-        where = f"step {self.target} is {self.horizon:.1f}x the window span past its end"
-        # one decimal when whole percents would show the error equal to the tolerance it missed
-        digits = 1 if _pct(self.error) == _pct(self.tolerance) and self.error != self.tolerance else 0
-        errors = (f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
-                  f"{_pct(self.stop_error, digits)} for stopping")
-        if self.supported:
-            return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
-        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
-        if within:  # it holds there, yet stopping is at least as close
-            return (f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
-                    f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window.")
-        held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
-        if held_everywhere:
-            if self.error >= self.stop_error:  # held under the tolerance, yet stopping is closer
-                return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
-                        f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
-                        f"near the longest ({errors}): do not extrapolate from this window.")
-            return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
-                    f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
-                    f"before preferring it to the last window checkpoint (step {self.last_step}).")
-        if self.supported_horizon is None:
-            held = f"{fit} held at no horizon the window can test"
-        else:
-            held = f"{fit} holds only up to {self.supported_horizon:.1f}x"
-        if self.error >= self.stop_error:
-            advice = f"stopping at step {self.last_step} is closer: do not extrapolate from this window"
-        else:
-            advice = (f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
-                      f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use")
-        line = f"NOT SUPPORTED: {where}; {held} ({errors}); {advice}."
-        if self.beyond_tested:
-            line += f" The window can test horizons up to {self.tested_horizon:.1f}x only."
-        if self.better_fit is not None:
-            line += f" {self.better_fit.describe()} holds here: {config_hint(self.better_fit)}."
-        return line
-
-    def as_dict(self) -> dict:
-        """The verdict as JSON-ready data (analysis.json's ``target_verdicts``), rounded."""
-        return {
-            "target_step": self.target,
-            "horizon": round(self.horizon, 4),
-            "fit": self.fit.describe(),
-            "scale": self.scale,
-            "chosen_by_backtest": self.chosen_by_backtest,
-            "supported": self.supported,
-            "supported_horizon": None if self.supported_horizon is None else round(self.supported_horizon, 4),
-            "tested_horizon": round(self.tested_horizon, 4),
-            "backtest_error": round(self.error, 4),
-            "stop_error": round(self.stop_error, 4),
-            "tolerance": self.tolerance,
-        }
-
-
-def config_hint(fit: FitSpec) -> str:
-    """The config lines that select ``fit``."""
-    fam = fit.curve_family
-    parts = [f"fit: {fit.family}"]
-    if fam.shape is not None and fit.shape is not None:
-        parts.append(f"{fam.shape.key}: {fit.shape:.4g}")
-    return "set " + " and ".join(f"`{p}`" for p in parts) + " under parameters (or fit: auto)"
-
-
-def _pct(x: float, digits: int = 0) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.{digits}%}"
-
-
-@dataclass(frozen=True)
-class Assessment:
-    """What the backtest says about a merge's outputs: each one's fit (resolved: auto and
-    missing shapes chosen here) and its verdict (None outside extrapolate mode)."""
-
-    backtest: Backtest
-    fits: list[FitSpec]  # per output, in the order of the targets
-    verdicts: list[TargetVerdict | None]
-
-    @property
-    def unsupported(self) -> list[TargetVerdict]:
-        """The verdicts of the outputs the backtest does not support (--require-supported)."""
-        return [v for v in self.verdicts if v is not None and not v.supported]
-
-
-def assess(
-    grams: Iterable[torch.Tensor],
-    steps: Sequence[int],
-    targets: Sequence[int],
-    specs: Sequence[RelexSpec],
-    tolerance: float = DEFAULT_TOLERANCE,
-) -> Assessment:
-    """Backtest every output's fit (its shape grid, or every family for auto; plus the cheap
-    families, to name a better one) from the Gram matrices, and give each output a verdict."""
-    spec = specs[0]  # rank, window, mode and re-fitting are shared by the outputs
-    wanted = [s.fit for s in specs]
-    if any(fit.resolved is not None for fit in wanted):
-        wanted += hint_candidates(spec, steps)
-    backtest = Backtest.for_fits(steps, spec, wanted)
-    for gram in grams:
-        backtest.add(gram)
-    last = window_steps(steps, spec)[-1]
-    log.debug("backtest: %d candidate fit(s) and stopping scored at %d point(s) (fit counts %s, horizons up to %.2fx)",
-              len(backtest.candidates), len(backtest.points), sorted({p.fit_count for p in backtest.points}),
-              backtest.tested_horizon)
-    chosen, verdicts = [], []
-    for target, output in zip(targets, specs):
-        fit = output.fit.resolved
-        by_backtest = fit is None
-        if fit is None:
-            h = horizon(backtest.steps, target)
-            candidates = _shape_candidates(output.fit, steps, spec)
-            fit = backtest.best(h, candidates, output.scale)
-            if log.isEnabledFor(logging.DEBUG):
-                near = backtest.matched(h)
-                log.debug("step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
-                          "near there (stopping: %s)", target, h, fit.describe(), len(candidates),
-                          _pct(backtest.error(fit, near, output.scale)), _pct(backtest.error(STOP, near)))
-        chosen.append(fit)
-        extrapolating = output.mode == "extrapolate"
-        verdicts.append(backtest.verdict(target, fit, by_backtest, last, tolerance, output.scale)
-                        if extrapolating else None)
-    return Assessment(backtest, chosen, verdicts)

@@ -116,19 +116,20 @@ def spec_from_parameters(
     *,
     rank: int = 1,
     fit: str = "linear",
-    degree: int | None = None,
-    p: float | None = None,
-    tau: float | None = None,
     window: int | None = None,
     scale: float = 1.0,
     mode: Mode = "extrapolate",
     refit_every: int | None = None,
     refit_window: int | None = None,
     base_step: int | float = 0,
+    **shapes: float | None,
 ) -> RelexSpec:
     """The one place config parameters (YAML, or mergekit's) become a RelexSpec: the family's
-    shape comes from its own key (degree, p or tau)."""
-    given = {"degree": degree, "p": p, "tau": tau}
+    shape comes from its own key (degree, p, tau: whatever the families declare)."""
+    unknown = sorted(set(shapes) - set(fits.shape_keys()))
+    if unknown:
+        raise TypeError(f"unknown parameter {unknown[0]!r} (shape parameters: {', '.join(fits.shape_keys())})")
+    given = {key: shapes.get(key) for key in fits.shape_keys()}
     for key, value in {**given, "scale": scale}.items():  # mergekit's parameters skip our config schema
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{key}: expected a finite number, got {value}")

@@ -2,6 +2,8 @@
 
     job.py        what to do (MergeJob), with what (EngineOptions), what comes back (EngineStats)
     tasks.py      the span tasks: per tensor a Gram pass over its spans, the fit, an output pass
+    sharding.py   which rank runs which tensors (balanced by bytes, the same on every rank)
+    process_group.py  who this process is in a torchrun/srun run, and the few collectives a merge needs
     executors/    who runs them: threads in this process (threads.py), the ranks of a
                   torch.distributed group (distributed.py); a new executor is one new file
 
@@ -15,7 +17,9 @@ import logging
 from typing import Sequence
 
 from relex_merge.engine.executors import Executor, default_executor, executor
+from relex_merge.engine.executors import executor as _executor
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport, default_threads
+from relex_merge.engine.sharding import share_of
 from relex_merge.engine.tasks import chunk_rows, planned_read_bytes, row_ranges
 
 __all__ = [
@@ -33,6 +37,7 @@ __all__ = [
     "chunk_rows",
     "row_ranges",
     "default_threads",
+    "share_of",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ def run_job(
 ) -> EngineStats:
     """Merge every tensor of the job into one sink per output (none: Gram matrices and
     diagnostics only). Every rank of a distributed run gets the whole job's reports."""
-    chosen = executor or default_executor()
+    chosen = executor or (_executor(options.executor) if options.executor else default_executor())
     log.debug("executor %s: %d tensors, %d output(s), %d worker thread(s)%s", chosen.name, len(job.names()),
               len(sinks), options.workers, " per rank" if chosen.name == "distributed" else "")
     return chosen.run(job, sinks, options, progress)

@@ -11,7 +11,7 @@ import torch
 
 from relex_merge.core.relex import FitSpec, RelexSpec, TensorDiagnostics
 from relex_merge.io.base import CheckpointReader, TensorMeta
-from relex_merge.io.writer import OutputTensor
+from relex_merge.io.writers import OutputTensor
 
 __all__ = ["ChunkSink", "MergeJob", "EngineOptions", "TensorReport", "EngineStats", "ProgressFn", "default_threads"]
 
@@ -103,6 +103,7 @@ class EngineOptions:
     device: torch.device = torch.device("cpu")  # where the per-span math runs
     allow_nonfinite: bool = False  # else NaN/Inf in an input stops the merge
     threads: int | None = None  # worker threads; None: default_threads()
+    executor: str | None = None  # a registered executor's name; None: the one that fits the process
 
     @property
     def workers(self) -> int:

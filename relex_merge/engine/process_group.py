@@ -27,7 +27,7 @@ from typing import Any, Iterator, Sequence
 
 from relex_merge.common.errors import RelexError, exit_code, one_line
 
-__all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave", "assign"]
+__all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave"]
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +193,3 @@ def leave() -> None:
         if dist.is_initialized():
             dist.destroy_process_group()
     _CURRENT = Group()
-
-
-def assign(names: Sequence[str], sizes: Sequence[int], world_size: int) -> list[list[str]]:
-    """Tensors to ranks, balanced by bytes and the same on every rank: largest first, each to
-    the least-loaded rank (ties: the lower rank); each share keeps the given order."""
-    loads = [0] * world_size
-    owner: dict[str, int] = {}
-    for i in sorted(range(len(names)), key=lambda i: (-sizes[i], i)):
-        rank = min(range(world_size), key=lambda r: (loads[r], r))
-        owner[names[i]] = rank
-        loads[rank] += sizes[i]
-    return [[n for n in names if owner[n] == r] for r in range(world_size)]

@@ -5,8 +5,9 @@
 
 mergekit then accepts ``merge_method: relex`` with a per-model ``step`` and the shared
 ``target_step``, ``rank``, ``fit`` (any fixed family; ``auto`` needs the whole model, which a
-per-tensor mergekit task never sees), ``degree``, ``p``, ``tau``, ``window``, ``scale``, ``mode``,
-``refit_every``, ``refit_window`` and ``base_step``. A family whose shape the backtest would
+per-tensor mergekit task never sees), the families' shape keys (``degree``, ``p``, ``tau``: generated
+from their declarations), ``window``, ``scale``, ``mode``, ``refit_every``, ``refit_window`` and
+``base_step``. A family whose shape the backtest would
 choose (power without ``p``, log or saturating without ``tau``) needs the shape here.
 mergekit hands a method all T+1 copies of a tensor at once; the relex-merge engine instead
 streams spans of rows within --max-memory.
@@ -14,6 +15,9 @@ streams spans of rows within --max-memory.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from typing import Literal, Optional
 
 import torch
@@ -21,6 +25,7 @@ from mergekit.merge_methods import registry
 from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, PerNonBase, TensorGroup
 from mergekit.merge_methods.easy_define import merge_method
 
+from relex_merge.core import fits
 from relex_merge.core.relex import spec_from_parameters, relex_weights
 from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
 
@@ -29,28 +34,26 @@ __all__ = ["METHOD_NAME", "RELEX_METHOD", "register", "relex_group"]
 METHOD_NAME = "relex"  # merge_method: relex in mergekit configs
 
 
-def relex_group(
+def _relex_group(
     group: TensorGroup,
     step: PerNonBase[int],
     target_step: int,
     rank: int = 1,
     fit: str = "linear",
-    degree: Optional[int] = None,
-    p: Optional[float] = None,
-    tau: Optional[float] = None,
     window: Optional[int] = None,
     scale: float = 1.0,
     mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate",
     refit_every: Optional[int] = None,
     refit_window: Optional[int] = None,
     base_step: int = 0,
+    **shapes: Optional[float],
 ) -> torch.Tensor:
     """The RELEX prediction of one tensor at ``target_step`` from its base and window copies
     (mergekit's per-tensor call; the parameters are the config's). ValueError for a fit the
     backtest would have to choose, or duplicate steps."""
     spec = spec_from_parameters(
-        rank=rank, fit=fit, degree=degree, p=p, tau=tau, window=window, scale=scale, mode=mode,
-        refit_every=refit_every, refit_window=refit_window, base_step=base_step,
+        rank=rank, fit=fit, window=window, scale=scale, mode=mode, refit_every=refit_every,
+        refit_window=refit_window, base_step=base_step, **shapes,
     )
     if spec.fit.resolved is None:
         raise ValueError(
@@ -73,6 +76,31 @@ def relex_group(
     span_outputs(inputs, weights, scratch, columns, out)
     return out.reshape(base.shape)
 
+
+def _with_shape_parameters(func):
+    """``func`` with one keyword parameter per shape key the fit families declare (degree, p,
+    tau, ...) in place of ``**shapes``: mergekit builds a method's parameters from its typed
+    signature, so a new family's shape parameter reaches mergekit configs with no edit here."""
+    signature = inspect.signature(func)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    annotations = dict(typing.get_type_hints(func, include_extras=True))
+    annotations.pop("shapes", None)
+    for key in sorted(fits.shape_keys()):
+        integer, _ = fits.shape_parameter(key)
+        annotations[key] = Optional[int] if integer else Optional[float]
+        fixed.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotations[key]))
+
+    @functools.wraps(func)
+    def relex_group(*args, **kwargs):
+        return func(*args, **kwargs)
+
+    relex_group.__signature__ = signature.replace(parameters=fixed)
+    relex_group.__annotations__ = annotations
+    del relex_group.__wrapped__  # mergekit must see the generated signature, not the original
+    return relex_group
+
+
+relex_group = _with_shape_parameters(_relex_group)
 
 RELEX_METHOD: MergeMethod = merge_method(
     relex_group,

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from relex_merge.common.errors import RelexError
+from relex_merge.output.provenance import Provenance
 from relex_merge.output.folders import atomic_output_dir, check_output_path
 
 __all__ = ["known_methods", "parse_mergekit_config", "run_mergekit", "readable"]
@@ -80,7 +81,7 @@ def run_mergekit(
     shard_size: int,
     quiet: bool,
     overwrite: bool,
-    provenance=None,
+    provenance: Provenance | None = None,
 ) -> Path:
     """Run one mergekit document into ``out`` (atomically, with our own offline model card);
     ``provenance``: this is the final stage of a multi-stage merge."""

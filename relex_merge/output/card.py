@@ -1,75 +1,17 @@
-"""Summaries of how well the window fits the rank-r linear picture, and the model card."""
+"""The model card (README.md) every relex output carries: what it is, how it was made, how well
+the window fits, and the verdict on its target."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Sequence
 
-from relex_merge.core.backtest import TargetVerdict, horizon, window_steps
+from relex_merge.core.backtest import horizon, window_steps
+from relex_merge.core.verdict import TargetVerdict
 from relex_merge.config.schema import RelexConfig
-from relex_merge.engine import TensorReport
-from relex_merge.output.folders import InputRecord
+from relex_merge.core.summary import Distribution, FitSummary
+from relex_merge.io.fingerprints import InputRecord
 
-__all__ = ["Distribution", "FitSummary", "summarize", "model_card"]
-
-
-@dataclass(frozen=True)
-class Distribution:
-    """A per-tensor statistic over the fitted tensors (a row of the card's table)."""
-
-    weighted_mean: float  # weighted by tensor size: what most of the parameters see
-    median: float
-    p05: float  # 5th percentile
-    minimum: float
-    worst_tensor: str  # the tensor with the minimum
-
-
-@dataclass(frozen=True)
-class FitSummary:
-    """How well the window fits the picture, over all tensors: the CLI's summary and the card."""
-
-    extrapolated: int  # tensors fitted (float, moved in the window)
-    zero_delta: int  # float tensors unchanged in the window
-    copied: int  # non-float tensors taken from the base
-    nonfinite: tuple[str, ...]  # NaN/Inf in the window (--allow-nonfinite): taken from the base
-    explained_variance_1: Distribution | None  # None: no tensor was fitted
-    explained_variance_r: Distribution | None
-    linear_r2: Distribution | None
-
-
-def _distribution(pairs: list[tuple[str, int, float]]) -> Distribution | None:
-    pairs = [p for p in pairs if not math.isnan(p[2])]
-    if not pairs:
-        return None
-    values = sorted(v for _, _, v in pairs)
-    total = sum(n for _, n, _ in pairs)
-    worst = min(pairs, key=lambda p: p[2])
-    return Distribution(
-        weighted_mean=sum(n * v for _, n, v in pairs) / total,
-        median=values[len(values) // 2],
-        p05=values[int(0.05 * (len(values) - 1))],
-        minimum=worst[2],
-        worst_tensor=worst[0],
-    )
-
-
-def summarize(reports: Sequence[TensorReport]) -> FitSummary:
-    """Count the tensors by kind and summarise the diagnostics of the fitted ones."""
-    fitted = [r for r in reports if r.diagnostics is not None and not r.zero_delta]
-    return FitSummary(
-        extrapolated=len(fitted),
-        zero_delta=sum(1 for r in reports if r.zero_delta),
-        copied=sum(1 for r in reports if r.diagnostics is None and not r.nonfinite),
-        nonfinite=tuple(r.name for r in reports if r.nonfinite),
-        explained_variance_1=_distribution(
-            [(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]
-        ),
-        explained_variance_r=_distribution(
-            [(r.name, r.numel, r.diagnostics.explained_variance_r) for r in fitted]
-        ),
-        linear_r2=_distribution([(r.name, r.numel, r.diagnostics.linear_r2) for r in fitted]),
-    )
+__all__ = ["model_card"]
 
 
 def _row(label: str, d: Distribution | None) -> str:

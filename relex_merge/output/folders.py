@@ -4,15 +4,14 @@ beside its weights, and the model card."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from relex_merge.common.errors import RelexError
+from relex_merge.engine import process_group
 
 __all__ = [
     "TOKENIZER_FILES",
@@ -22,8 +21,6 @@ __all__ = [
     "shared_output_dir",
     "write_model_config",
     "copy_side_files",
-    "InputRecord",
-    "input_record",
 ]
 
 TOKENIZER_FILES = (
@@ -125,8 +122,6 @@ def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
     A failure on any rank removes the partial output on rank 0."""
     import secrets
 
-    from relex_merge.engine import process_group
-
     group = group or process_group.current()
     if not group.distributed:
         with atomic_output_dir(out) as tmp:
@@ -201,39 +196,3 @@ def copy_side_files(base: Path, tokenizer_source: Path | None, dst: Path) -> lis
                 copied.append(file.name)
             break
     return copied
-
-
-_SAMPLE = 1 << 20
-
-
-@dataclass(frozen=True)
-class InputRecord:
-    """One input as the model card lists it (and the fit cache checks it)."""
-
-    path: str  # as the config gives it
-    bytes: int  # of its weight files
-    fingerprint: str  # "fast:<sha256 of sizes and samples>" or "sha256:<of every byte>"
-
-
-def _file_digest(file: Path, full: bool) -> bytes:
-    digest = hashlib.sha256()
-    size = file.stat().st_size
-    digest.update(f"{file.name}:{size}".encode())
-    with open(file, "rb") as f:
-        if full:
-            for block in iter(lambda: f.read(16 * _SAMPLE), b""):
-                digest.update(block)
-        else:  # head, middle and tail: catches truncation, re-saves and most edits in ms
-            for offset in sorted({0, max(0, size // 2 - _SAMPLE // 2), max(0, size - _SAMPLE)}):
-                f.seek(offset)
-                digest.update(f.read(_SAMPLE))
-    return digest.digest()
-
-
-def input_record(path: str, files: Sequence[Path], full_hash: bool) -> InputRecord:
-    """Size and fingerprint of one input's weight files: sampled (fast) unless ``full_hash``."""
-    digest = hashlib.sha256()
-    for file in sorted(files):
-        digest.update(_file_digest(file, full_hash))
-    kind = "sha256" if full_hash else "fast"
-    return InputRecord(path, sum(f.stat().st_size for f in files), f"{kind}:{digest.hexdigest()[:32]}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from relex_merge.workflows.analyze import Analysis
+from relex_merge.core.analysis import Analysis
 
 __all__ = ["available", "write_plots"]
 

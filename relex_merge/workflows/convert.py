@@ -13,8 +13,10 @@ from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
 from relex_merge.io.base import CheckpointReader, TensorMeta
 from relex_merge.io.hf import read_model_config
 from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.writer import OutputTensor, ShardedModelWriter
+from relex_merge.io.writers import OutputTensor
+from relex_merge.output.sinks import open_sinks, written_bytes
 from relex_merge.engine import process_group
+from relex_merge.engine.sharding import assign
 from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
 from relex_merge.config.options import Options
 from relex_merge.common.progress import NullProgress, Progress
@@ -103,7 +105,7 @@ def convert(
                             overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
     for warning in plan.reader.warnings:
         progress.note(f"warning: {warning}")
-    return write_converted(plan, shard_size=options.shard_size, max_memory=options.max_memory or default_max_memory(),
+    return write_converted(plan, shard_size=options.shard_size, output_format=options.output_format, max_memory=options.max_memory or default_max_memory(),
                            progress=progress)
 
 
@@ -111,6 +113,7 @@ def write_converted(
     plan: ConvertPlan,
     *,
     shard_size: int = 5 * 1000**3,
+    output_format: str = "safetensors",
     max_memory: int = 1 << 30,
     progress: Progress = NullProgress(),
 ) -> ConvertResult:
@@ -119,18 +122,12 @@ def write_converted(
     reader = plan.reader
     group = process_group.current()
     names = [t.name for t in plan.tensors]
-    mine = process_group.assign(names, [reader.meta(n).nbytes for n in names], group.world_size)[group.rank]
+    mine = assign(names, [reader.meta(n).nbytes for n in names], group.world_size)[group.rank]
     targets = {t.name: t for t in plan.tensors}
     progress.start("convert", sum(reader.meta(n).nbytes for n in mine), len(mine))
     with shared_output_dir(plan.out, group) as tmp:
-        writer = ShardedModelWriter(tmp, plan.tensors, shard_size)
-        try:
-            with group.step("creating the output files"):
-                if group.main:
-                    writer.prepare()
-            with group.step("opening the output files"):
-                if not group.main:
-                    writer.attach()
+        with open_sinks([tmp], plan.tensors, mine, shard_size=shard_size, output_format_name=output_format,
+                        group=group) as (sink,):
             with group.step("converting the tensors"):
                 for name in mine:
                     meta = reader.meta(name)
@@ -138,18 +135,12 @@ def write_converted(
                     for span in row_ranges(meta.rows, rows):
                         chunk = reader.read(name, span if meta.shape else None)
                         progress.advance(chunk.nbytes)
-                        writer.write(name, chunk.to(targets[name].meta.dtype))
+                        sink.write(name, chunk.to(targets[name].meta.dtype))
                     progress.advance(items=1)
-                share = writer.close_share(mine)
-            shares = group.all_gather(share)
-            with group.step("finishing the output files"):
-                if group.main:
-                    writer.finalize(shares)
-                    write_model_config(plan.config, tmp, plan.config_dtype)
-                    copy_side_files(plan.config_folder, None, tmp)
-        except BaseException:
-            writer.abort()
-            raise
-        written = sum(f.stat().st_size for f in tmp.glob("*.safetensors")) if group.main else 0
+        with group.step("writing the model config"):
+            if group.main:
+                write_model_config(plan.config, tmp, plan.config_dtype)
+                copy_side_files(plan.config_folder, None, tmp)
+        written = written_bytes([sink]) if group.main else 0
     progress.finish()
     return ConvertResult(len(plan.tensors), written, plan.config_dtype or "n/a")

@@ -12,17 +12,25 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from relex_merge.engine import process_group
-from relex_merge.core.backtest import DEFAULT_TOLERANCE, Assessment, assess
-from relex_merge.engine import EngineOptions, EngineStats, MergeJob, planned_read_bytes, run_job
+from relex_merge.core.backtest import DEFAULT_TOLERANCE
+from relex_merge.core.verdict import Assessment, assess
+from relex_merge.engine import EngineOptions, EngineStats, MergeJob, planned_read_bytes, run_job, share_of
 from relex_merge.common.errors import RelexError, UnsupportedTarget
 from relex_merge.config.options import Options
 from relex_merge.common.progress import NullProgress, Progress
-from relex_merge.io.writer import ShardedModelWriter
 from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
 from relex_merge.workflows.plan import MergePlan, plan_merge
-from relex_merge.output.card import FitSummary, model_card, summarize
+from relex_merge.output.provenance import Provenance
+from relex_merge.output.sinks import open_sinks, written_bytes
+from relex_merge.config.schema import load_documents, parse_config
+from relex_merge.config.stages import model_references, parse_stages, substitute
+from relex_merge.io.hf import is_hf_model
+from relex_merge.interop.mergekit_runner import known_methods, parse_mergekit_config, run_mergekit
+from relex_merge.workflows.fit_cache import load_fit_cache
+from relex_merge.output.card import model_card
+from relex_merge.core.summary import FitSummary, summarize
 
-__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult", "Provenance", "share_of"]
+__all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult"]
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +87,12 @@ def execute_merge(
     *,
     overwrite: bool = False,
     shard_size: int = 5 * 1000**3,
+    output_format: str = "safetensors",
     full_hash: bool = False,
     require_supported: bool = False,
     tolerance: float = DEFAULT_TOLERANCE,
     names: list[str] | None = None,
-    provenance: "Provenance | None" = None,
+    provenance: Provenance | None = None,
     progress: Progress = NullProgress(),
 ) -> MergeResult:
     """Merge ``plan`` into ``out`` (one folder per output when several; with ``names``, one
@@ -121,30 +130,9 @@ def execute_merge(
         job = replace(job, fits=assessment.fits)
     with shared_output_dir(out, group) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
-        tensors = job.output_tensors()
-        writers = [ShardedModelWriter(folder, tensors, shard_size) for folder in folders]
-        try:
-            with group.step("creating the output files"):
-                if group.main:
-                    for folder, writer in zip(folders, writers):
-                        folder.mkdir(exist_ok=True)
-                        writer.prepare()
-            with group.step("opening the output files"):
-                for writer in writers:
-                    if not group.main:
-                        writer.attach()
-            stats = run_job(job, writers, options, _engine_progress(progress))
-            with group.step("checking every byte arrived"):
-                shares = [writer.close_share(mine) for writer in writers]
-            everyone = group.all_gather(shares)
-            with group.step("finishing the output files"):
-                if group.main:
-                    for j, writer in enumerate(writers):
-                        writer.finalize([rank_shares[j] for rank_shares in everyone])
-        except BaseException:
-            for writer in writers:
-                writer.abort()
-            raise
+        with open_sinks(folders, job.output_tensors(), mine, shard_size=shard_size,
+                        output_format_name=output_format, group=group) as sinks:
+            stats = run_job(job, sinks, options, _engine_progress(progress))
         if gram_stats is not None:
             stats = _combine(gram_stats, stats)
         if assessment is None:  # the fits were fixed: the verdict needs only this pass's Gram matrices
@@ -158,23 +146,15 @@ def execute_merge(
         with group.step("writing the model cards"):
             if group.main:
                 _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance)
-        written = sum(f.stat().st_size for f in tmp.rglob("*.safetensors")) if group.main else 0
+        written = written_bytes(sinks) if group.main else 0
     progress.finish()
     scales = [spec.scale for spec in job.output_specs()]
     final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
     return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
 
 
-def share_of(job: MergeJob) -> list[str]:
-    """The tensors this process runs: all of them, or its rank's share."""
-    from relex_merge.engine.executors.distributed import share
-
-    group = process_group.current()
-    return share(job, group) if group.distributed else job.names()
-
-
 def _write_side_files(plan: MergePlan, job: MergeJob, assessment: Assessment, summary: FitSummary,
-                      folders: list[Path], full_hash: bool, provenance: "Provenance | None") -> None:
+                      folders: list[Path], full_hash: bool, provenance: Provenance | None) -> None:
     """Each output's config.json, tokenizer, relex_config.yml and model card."""
     inputs = plan.fingerprints(full_hash)
     tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
@@ -206,38 +186,6 @@ def _verdict_comment(verdict) -> list[str]:
 
 
 # ---- any config: relex, mergekit methods, several stages ---------------------------------
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """What the final output of a multi-stage merge records about every stage, so that it still
-    says how it was made after the intermediate folders are gone."""
-
-    source: str  # the config file
-    documents_yaml: str  # the config as given: later stages name earlier ones
-    stage_lines: tuple[str, ...]  # one line per stage that ran before the final one
-    paths: dict[str, str]  # stage name -> the folder it was written to (for restore_names)
-    file_name: str = "relex_stages.yml"  # the copy of the whole config beside the final output
-
-    @property
-    def config_header(self) -> str:
-        """Comment lines that head the final output's config, pointing to the stages."""
-        return (f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
-                f"stage are that stage's output: see {self.file_name} and README.md\n")
-
-    @property
-    def card_section(self) -> str:
-        """The model card's "Stages" section: one line per earlier stage."""
-        lines = ["", "## Stages", "",
-                 f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
-                 f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):", ""]
-        return "\n".join(lines + [f"- {line}" for line in self.stage_lines]) + "\n"
-
-    def restore_names(self, text: str) -> str:
-        """A config text with the stages' folders replaced by the stages' names."""
-        for name, path in sorted(self.paths.items(), key=lambda item: -len(item[1])):
-            text = text.replace(path, name)
-        return text
 
 
 @dataclass
@@ -283,8 +231,6 @@ def _stage_line(stage, result: StageResult) -> str:
 
 
 def _model_names(document: dict) -> list[str]:
-    from relex_merge.config.stages import model_references
-
     return list(dict.fromkeys(model_references(document)))
 
 
@@ -300,11 +246,6 @@ def run_merge(
     (mergekit's runner, relex registered), or several YAML documents as stages. ``config`` is a
     file or its parsed documents. Nothing is read before every stage is checked; intermediates
     go to a hidden folder beside ``out`` (removed afterwards) or ``options.intermediate_dir``."""
-    from relex_merge.config.schema import load_documents, parse_config
-    from relex_merge.io.hf import is_hf_model
-    from relex_merge.interop.mergekit_runner import known_methods, run_mergekit
-    from relex_merge.output.folders import check_output_path
-    from relex_merge.config.stages import parse_stages, substitute
 
     out = Path(out)
     group = process_group.current()
@@ -325,8 +266,6 @@ def run_merge(
             if stage.method == "relex":
                 parse_config(stage.document, where)
             else:
-                from relex_merge.interop.mergekit_runner import parse_mergekit_config
-
                 parse_mergekit_config(stage.document, where)
         if options.lazy and options.intermediate_dir is None:
             raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
@@ -364,8 +303,6 @@ def run_merge(
                 with group.step("planning the stage"):
                     plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
                     if options.fit_cache is not None:
-                        from relex_merge.workflows.analyze import load_fit_cache
-
                         plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
                     if not final and len(plan.job.targets) != 1:
                         raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
@@ -374,6 +311,7 @@ def run_merge(
                     progress.note(f"warning: {warning}")
                 merged = execute_merge(
                     plan, target, engine, overwrite=overwrite, shard_size=options.shard_size,
+                    output_format=options.output_format,
                     full_hash=options.full_hash, require_supported=options.require_supported,
                     tolerance=options.tolerance, provenance=provenance, progress=progress,
                 )

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from relex_merge.config.schema import RelexConfig, RelexParameters
+from relex_merge.core.backtest import Backtest
 from relex_merge.engine import MergeJob
 from relex_merge.common.errors import RelexError
 from relex_merge.core import fits
@@ -18,11 +19,11 @@ from relex_merge.io.dtypes import CONFIG_DTYPES
 from relex_merge.io.base import CheckpointReader
 from relex_merge.io.hf import read_model_config
 from relex_merge.io.formats import open_checkpoint
-from relex_merge.output.folders import InputRecord, input_record
+from relex_merge.io.fingerprints import InputRecord, input_record
 from relex_merge.config.trajectory import expand_trajectory
 from relex_merge.common.units import human_bytes
 
-__all__ = ["MergePlan", "plan_merge", "expand_config", "check_targets"]
+__all__ = ["MergePlan", "plan_merge", "check_targets"]
 
 log = logging.getLogger(__name__)
 
@@ -145,12 +146,8 @@ def _check_points(spec, n_used: int) -> None:
     family = fit.curve_family
     shape = fit.resolved.shape if fit.resolved is not None else None
     need = family.min_points(shape)
-    if family.shape is not None and family.shape.key == "degree" and need > n_used:
-        raise RelexError(
-            f"parameters.degree: a degree-{int(shape)} polynomial needs more than {int(shape)} checkpoints"
-        )
     if need > n_used:
-        raise RelexError(f"parameters.fit: {fit.family} needs at least {need} checkpoints in the window, got {n_used}")
+        raise RelexError(family.too_few_points(shape, need, n_used))
     if spec.refit_window is not None:
         if spec.refit_window < need:
             raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
@@ -163,8 +160,6 @@ def _check_backtest_can_choose(spec, steps: list[int]) -> None:
     held back beyond the fewest the candidates fit on; without one it would choose blind."""
     if spec.fit.resolved is not None:
         return
-    from relex_merge.core.backtest import Backtest  # the backtest imports the fit machinery: only when needed
-
     probe = Backtest.for_fits(steps, spec, [spec.fit])
     if probe.points:
         return
@@ -232,18 +227,13 @@ def _check_paths(config: RelexConfig) -> None:
         raise RelexError(f"tokenizer_source: {config.tokenizer_source} is not a directory")
 
 
-def expand_config(config: RelexConfig) -> RelexConfig:
-    """The config with its checkpoint list resolved (what --print-config shows)."""
-    return expand_trajectory(config)
-
-
 def plan_merge(
     config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True
 ) -> MergePlan:
     """Validate everything (headers only) and return the job; ``require_targets=False`` for
     analyze, where targets only inform the verdict."""
     discovered = config.trajectory is not None
-    config = expand_config(config)
+    config = expand_trajectory(config)
     steps = _check_steps(config, discovered)
     targets, warnings = _check_parameters(config, steps, require_targets)
     _check_paths(config)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Sequence
 
 from relex_merge.engine import process_group
+from relex_merge.core import fits
+from relex_merge.config.schema import load_config
 from relex_merge.engine import EngineOptions
 from relex_merge.common.errors import RelexError
 from relex_merge.evaluation.lm_eval import EvalResult, check_tasks, evaluate, task_manager
@@ -30,8 +32,6 @@ __all__ = ["sweep", "run_sweep", "parse_fits", "SweepResult", "Candidate"]
 def parse_fits(text: str, configured: FitSpec) -> list[FitSpec]:
     """``linear,auto,log``: family names or auto; the config's own family keeps its shape, the
     others' shapes are chosen by the backtest."""
-    from relex_merge.core import fits
-
     out = []
     for name in (v.strip() for v in text.split(",") if v.strip()):
         if name != fits.AUTO and name not in fits.names():
@@ -58,8 +58,6 @@ def sweep(
 ) -> SweepResult:
     """Every (target, scale, fit) candidate of a relex config from one read of the window,
     scored with lm-eval against the last window checkpoint; the best is kept as OUT/best."""
-    from relex_merge.config.schema import load_config
-
     with process_group.current().step("planning the sweep"):  # a failure on one rank stops all
         plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
         fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None

@@ -11,7 +11,7 @@ from relex_merge.common.registry import Registry
 from relex_merge.core.fits._base import BasisFamily, Curve, FitFamily, Shape, r_squared
 
 __all__ = ["AUTO", "FitFamily", "BasisFamily", "Curve", "Shape", "r_squared", "REGISTRY", "family", "names",
-           "families", "shape_keys"]
+           "families", "shape_keys", "shape_users", "shape_parameter"]
 
 AUTO = "auto"  # not a family: the backtest picks one per target
 
@@ -45,5 +45,24 @@ def family(name: str) -> FitFamily:
 
 
 def shape_keys() -> list[str]:
-    """Config keys of every family's shape parameter (degree, p, tau)."""
+    """Config keys of every family's shape parameter (degree, p, tau), in registry order."""
     return list(dict.fromkeys(f.shape.key for f in families() if f.shape is not None))
+
+
+def shape_users(key: str) -> list[FitFamily]:
+    """The families whose shape parameter is ``key``."""
+    return [f for f in families() if f.shape is not None and f.shape.key == key]
+
+
+def shape_parameter(key: str) -> tuple[bool, str]:
+    """What a shape key is, from its families' declarations: (whole numbers only, description)
+    -- what the config schema and the mergekit method are generated from."""
+    users = shape_users(key)
+    integer = {f.shape.integer for f in users}
+    if len(integer) != 1:
+        raise TypeError(f"shape parameter {key!r}: its families disagree on whether it is an integer")
+    parts = []
+    for f in users:
+        default = f"default {f.shape.default:g}" if f.shape.default is not None else "default: chosen by the backtest"
+        parts.append(f"{f.name}: {f.shape.meaning} ({default})")
+    return integer.pop(), "; ".join(parts)

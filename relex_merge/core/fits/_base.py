@@ -98,6 +98,10 @@ class FitFamily(ABC):
         """Checkpoints a fit needs at least (plan checks the window; backtests fit on no fewer)."""
         return self.coefficients(shape)
 
+    def too_few_points(self, shape: float | None, need: int, have: int) -> str:
+        """The one-line error when the window holds fewer checkpoints than the fit needs."""
+        return f"parameters.fit: {self.name} needs at least {need} checkpoints in the window, got {have}"
+
     def describe(self, shape: float | None) -> str:
         """The family with its shape, as the card and the verdict print it: ``log (tau=12)``."""
         if self.shape is None or shape is None:

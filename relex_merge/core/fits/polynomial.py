@@ -23,6 +23,9 @@ class Polynomial(BasisFamily):
     def coefficients(self, shape):
         return int(shape if shape is not None else 2) + 1
 
+    def too_few_points(self, shape, need, have):
+        return f"parameters.degree: a degree-{int(shape)} polynomial needs more than {int(shape)} checkpoints"
+
     def basis(self, x, shape, origin, frame):
         """[1, z, ..., z^degree] with z the step centred and scaled by the frame."""
         z = (x - frame[0]) / frame[1]  # an affine change of x: the same curves, better conditioned

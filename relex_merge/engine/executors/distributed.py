@@ -11,19 +11,13 @@ from typing import Sequence
 
 from relex_merge.engine import process_group
 from relex_merge.engine.executors.threads import ThreadExecutor
+from relex_merge.engine.sharding import share
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
 from relex_merge.common.units import human_bytes
 
-__all__ = ["EXECUTOR", "DistributedExecutor", "share"]
+__all__ = ["EXECUTOR", "DistributedExecutor"]
 
 log = logging.getLogger(__name__)
-
-
-def share(job: MergeJob, group: process_group.Group) -> list[str]:
-    """This rank's tensors: ``process_group.assign`` by the bytes every input holds of each."""
-    names = job.names()
-    sizes = [sum(reader.meta(name).nbytes for reader in job.readers) for name in names]
-    return process_group.assign(names, sizes, group.world_size)[group.rank]
 
 
 class DistributedExecutor:

@@ -1,4 +1,4 @@
-"""Streaming safetensors writer: every tensor's name, shape and dtype is known before the
+"""The safetensors output format (what Hugging Face models use): a streaming writer where every tensor's name, shape and dtype is known before the
 merge starts, so each shard's header and every tensor's place in it are fixed up front, and
 tensor data is written span by span, from any thread and in any order, straight to its place.
 No output tensor is ever held whole."""
@@ -9,7 +9,6 @@ import json
 import os
 import struct
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,16 +16,9 @@ import torch
 from relex_merge.io.base import TensorMeta
 from relex_merge.io.dtypes import SAFETENSORS_NAMES
 from relex_merge.io.hf import SAFETENSORS_INDEX
+from relex_merge.io.writers import OutputFormat, OutputTensor
 
-__all__ = ["OutputTensor", "ShardedModelWriter", "plan_shards", "shard_file_names"]
-
-
-@dataclass(frozen=True)
-class OutputTensor:
-    """A tensor the writer will receive: its name and its output shape and dtype."""
-
-    name: str
-    meta: TensorMeta
+__all__ = ["WRITER", "ShardedModelWriter", "plan_shards", "shard_file_names"]
 
 
 def plan_shards(tensors: list[OutputTensor], shard_size: int) -> list[list[OutputTensor]]:
@@ -71,7 +63,7 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
 
 
 class ShardedModelWriter:
-    """Receives tensor data as spans (``write_at``, thread-safe, any order) or front to back
+    """An OutputSink (relex_merge.io.writers). Receives tensor data as spans (``write_at``, thread-safe, any order) or front to back
     (``write``, one tensor after the other); ``close`` checks that every byte arrived.
 
     The layout is fixed at construction (no file is touched); ``prepare`` creates the shard
@@ -199,3 +191,10 @@ class ShardedModelWriter:
     def abort(self) -> None:
         """Close the shard files without the checks (the caller removes the partial output)."""
         self._close_files()
+
+
+WRITER = OutputFormat(
+    name="safetensors",
+    description="Hugging Face safetensors shards (model.safetensors or model-0000i-of-0000N.safetensors + index)",
+    create=ShardedModelWriter,
+)
