@@ -57,8 +57,13 @@ def make_config(size: str):
 
     hidden, layers, inter, vocab, heads, kv, tied = SIZES[size]
     return Qwen2Config(
-        hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter, vocab_size=vocab,
-        num_attention_heads=heads, num_key_value_heads=kv, tie_word_embeddings=tied,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        tie_word_embeddings=tied,
         max_position_embeddings=2048,
     )
 
@@ -89,7 +94,8 @@ def make_trajectory(work: Path, size: str, dtype: torch.dtype, window: int) -> P
         (run / folder).mkdir(parents=True)
         state = {
             n: (base[n].float() + step * direction[n] + 1e-5 * torch.randn(shapes[n], generator=gen)).to(dtype)
-            if step else base[n]
+            if step
+            else base[n]
             for n in shapes
         }
         save_file(state, run / folder / "model.safetensors", metadata={"format": "pt"})
@@ -103,8 +109,12 @@ def write_configs(work: Path, run: Path, window: int) -> dict[str, Path]:
 
     models = [{"model": str(run / f"checkpoint-{k}"), "parameters": {"step": k}} for k in range(1, window + 1)]
     t = 4 * window
-    relex = {"merge_method": "relex", "base_model": str(run / "base"), "models": models,
-             "parameters": {"target_step": t}}
+    relex = {
+        "merge_method": "relex",
+        "base_model": str(run / "base"),
+        "models": models,
+        "parameters": {"target_step": t},
+    }
     relex3 = {**relex, "parameters": {"target_step": [t, 2 * t, 3 * t]}}
     mergekit = {
         "merge_method": "task_arithmetic",
@@ -188,33 +198,102 @@ def main(argv=None) -> None:
     relex = str(bin_dir / "relex-merge")
     fit_cache = args.work / "fit-cache" / "fit_cache.safetensors"
     candidates = {
-        "relex-merge (1 target)": [relex, str(configs["relex"]), str(outs / "relex"), "--overwrite", "-q",
-                                   "--max-memory", args.max_memory],
-        "relex-merge (3 targets)": [relex, str(configs["relex3"]), str(outs / "relex3"), "--overwrite", "-q",
-                                    "--max-memory", args.max_memory],
+        "relex-merge (1 target)": [
+            relex,
+            str(configs["relex"]),
+            str(outs / "relex"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+        ],
+        "relex-merge (3 targets)": [
+            relex,
+            str(configs["relex3"]),
+            str(outs / "relex3"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+        ],
         f"relex-merge (--max-memory {args.small_budget})": [
-            relex, str(configs["relex"]), str(outs / "relex-small"), "--overwrite", "-q",
-            "--max-memory", args.small_budget],
-        "relex-merge analyze --out (Gram pass, report, plots)": [relex, "analyze", str(configs["relex"]), "--out",
-                                                 str(outs / "analysis"), "-q", "--max-memory", args.max_memory],
+            relex,
+            str(configs["relex"]),
+            str(outs / "relex-small"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.small_budget,
+        ],
+        "relex-merge analyze --out (Gram pass, report, plots)": [
+            relex,
+            "analyze",
+            str(configs["relex"]),
+            "--out",
+            str(outs / "analysis"),
+            "-q",
+            "--max-memory",
+            args.max_memory,
+        ],
         "relex-merge --fit-cache (output pass only)": [
-            relex, str(configs["relex"]), str(outs / "relex-cached"), "--overwrite", "-q",
-            "--max-memory", args.max_memory, "--fit-cache", str(fit_cache)],
-        "mergekit task_arithmetic": [str(bin_dir / "mergekit-yaml"), str(configs["mergekit"]),
-                                     str(outs / "mergekit"), "--copy-tokenizer", "--no-write-model-card"],
-        "dense reference (SVD in RAM)": [sys.executable, str(HERE / "dense_reference.py"), str(run),
-                                         str(args.window), str(4 * args.window), str(outs / "dense")],
+            relex,
+            str(configs["relex"]),
+            str(outs / "relex-cached"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+            "--fit-cache",
+            str(fit_cache),
+        ],
+        "mergekit task_arithmetic": [
+            str(bin_dir / "mergekit-yaml"),
+            str(configs["mergekit"]),
+            str(outs / "mergekit"),
+            "--copy-tokenizer",
+            "--no-write-model-card",
+        ],
+        "dense reference (SVD in RAM)": [
+            sys.executable,
+            str(HERE / "dense_reference.py"),
+            str(run),
+            str(args.window),
+            str(4 * args.window),
+            str(outs / "dense"),
+        ],
         "read floor": [sys.executable, str(HERE / "io_floor.py"), "read", *map(str, files)],
         "write floor": [sys.executable, str(HERE / "io_floor.py"), "write", str(out_bytes), str(outs / "floor.bin")],
         "start-up (python -c 'import torch')": [sys.executable, "-c", "import torch"],
-        "relex-merge (1 process, --threads 1)": [relex, str(configs["relex"]), str(outs / "relex-1"), "--overwrite",
-                                                 "-q", "--max-memory", args.max_memory, "--threads", "1"],
+        "relex-merge (1 process, --threads 1)": [
+            relex,
+            str(configs["relex"]),
+            str(outs / "relex-1"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+            "--threads",
+            "1",
+        ],
     }
     if args.processes > 1:
         candidates[f"relex-merge (torchrun, {args.processes} processes x 1 thread)"] = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
-            "-m", "relex_merge", str(configs["relex"]), str(outs / "relex-ranks"), "--overwrite", "-q",
-            "--max-memory", args.max_memory, "--threads", "1"]
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.processes}",
+            "-m",
+            "relex_merge",
+            str(configs["relex"]),
+            str(outs / "relex-ranks"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+            "--threads",
+            "1",
+        ]
     cold = {}
     if args.cold:
         cold = {f"cold cache: {name}": candidates[name] for name in ("read floor", "relex-merge (1 target)")}
@@ -224,8 +303,11 @@ def main(argv=None) -> None:
     outs.mkdir(exist_ok=True)
     subprocess.run(candidates["read floor"], check=True)  # warm the page cache
     if any("--fit-cache" in name for name in candidates):  # what `analyze --out` leaves behind (not timed)
-        subprocess.run([relex, "analyze", str(configs["relex"]), "--out", str(fit_cache.parent), "--overwrite", "-q"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [relex, "analyze", str(configs["relex"]), "--out", str(fit_cache.parent), "--overwrite", "-q"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
     cold_note = ""
     for rep in range(args.reps):
@@ -271,8 +353,11 @@ def main(argv=None) -> None:
         + (f"; cold rows against the cold read floor + write floor = {cold_floor:.2f} s" if cold_floor else "")
         + f".{cold_note}\n\n"
         f"Command: `python bench/bench.py --size {args.size} --dtype {args.dtype} --window {args.window} "
-        f"--reps {args.reps}" + (f" --skip {args.skip}" if args.skip else "") + (" --cold" if args.cold else "")
-        + (f" --processes {args.processes}" if args.processes != 2 else "") + "`\n"
+        f"--reps {args.reps}"
+        + (f" --skip {args.skip}" if args.skip else "")
+        + (" --cold" if args.cold else "")
+        + (f" --processes {args.processes}" if args.processes != 2 else "")
+        + "`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"
     print(table)

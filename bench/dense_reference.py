@@ -24,7 +24,7 @@ def main(run: Path, window: int, target: int, out: Path) -> None:
     for name, theta0 in base.items():
         m = torch.stack([(c[name] - theta0).reshape(-1) for c in checkpoints])
         u, s, vh = torch.linalg.svd(m, full_matrices=False)
-        coefficients = (u[:, :1] * s[:1])
+        coefficients = u[:, :1] * s[:1]
         line = torch.linalg.lstsq(design, coefficients).solution
         predicted = torch.tensor([1.0, float(target)]) @ line
         result[name] = (theta0.reshape(-1) + predicted * vh[0]).reshape(theta0.shape).contiguous()

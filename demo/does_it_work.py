@@ -45,13 +45,13 @@ def true_steps_after(run: Path, last: int) -> list[int]:
 
 
 def section(title: str, config: Path, run: Path, limit: int | None, manager) -> list[str]:
-    from relex_merge.core.analysis import summary_rows
-    from relex_merge.workflows.analyze import run_analysis
-    from relex_merge.core.backtest import horizon
     from relex_merge.config.schema import load_config
+    from relex_merge.core.analysis import summary_rows
+    from relex_merge.core.backtest import horizon
+    from relex_merge.core.relex import FitSpec
     from relex_merge.engine import EngineOptions
     from relex_merge.evaluation.lm_eval import evaluate
-    from relex_merge.core.relex import FitSpec
+    from relex_merge.workflows.analyze import run_analysis
     from relex_merge.workflows.merge import execute_merge
     from relex_merge.workflows.plan import plan_merge
 
@@ -85,15 +85,36 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
             h = horizon(steps, target)
             true_dir = run / f"checkpoint-{target}"
             stop_err = weight_error(last, true_dir, run / "base")
-            rows.append((f"**true GRPO step {target}**", f"{h:.1f}x", score(true_dir, tmp / f"true-{target}.json"),
-                         stop_err, "", "(weight error: the last window checkpoint's)"))
+            rows.append(
+                (
+                    f"**true GRPO step {target}**",
+                    f"{h:.1f}x",
+                    score(true_dir, tmp / f"true-{target}.json"),
+                    stop_err,
+                    "",
+                    "(weight error: the last window checkpoint's)",
+                )
+            )
             for requested, folder, fit, verdict in by_target[target]:
-                label = f"RELEX step {target}, fit: {requested.family}" + (f" → {fit.describe()}" if requested.family == "auto" else "")
+                label = f"RELEX step {target}, fit: {requested.family}" + (
+                    f" → {fit.describe()}" if requested.family == "auto" else ""
+                )
                 backtest = f"{verdict.error:.0%} vs {verdict.stop_error:.0%}"
-                said = "supported" if verdict.supported else (
-                    "stop" if verdict.error >= verdict.stop_error else "uncertain")
-                rows.append((label, f"{h:.1f}x", score(folder, tmp / f"{folder.name}.json"),
-                             weight_error(folder, true_dir, run / "base"), backtest, said))
+                said = (
+                    "supported"
+                    if verdict.supported
+                    else ("stop" if verdict.error >= verdict.stop_error else "uncertain")
+                )
+                rows.append(
+                    (
+                        label,
+                        f"{h:.1f}x",
+                        score(folder, tmp / f"{folder.name}.json"),
+                        weight_error(folder, true_dir, run / "base"),
+                        backtest,
+                        said,
+                    )
+                )
 
     n = f"first {limit} of 300" if limit else "all 300"
     lines = [
@@ -114,9 +135,13 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
         w = f"{werr:.2f}" if werr is not None else ""
         lines.append(f"| {name} | {h} | {value:.3f} ± {stderr:.3f} | {w} | {bt} | {said} |")
     lines += ["", "analyze on the window:", ""] + [f"- {k}: {v}" for k, v in summary_rows(analysis)]
-    lines += ["", "| family (best shape) | " + " | ".join(
-        f"{lo:g}-{hi:g}x" if hi != float("inf") else f">{lo:g}x" for lo, hi in analysis.horizon_bins) + " |",
-        "|---|" + "---|" * len(analysis.horizon_bins)]
+    lines += [
+        "",
+        "| family (best shape) | "
+        + " | ".join(f"{lo:g}-{hi:g}x" if hi != float("inf") else f">{lo:g}x" for lo, hi in analysis.horizon_bins)
+        + " |",
+        "|---|" + "---|" * len(analysis.horizon_bins),
+    ]
     for row in analysis.families:
         name = "stopping" if row.family == "stop" else row.fit
         lines.append(f"| {name} | " + " | ".join("" if e is None else f"{e:.0%}" for e in row.errors) + " |")

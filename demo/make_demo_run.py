@@ -63,8 +63,13 @@ def accuracy(model, tokenizer, pairs: list[tuple[int, int]]) -> float:
         for start in range(0, len(pairs), 100):
             batch = pairs[start : start + 100]
             enc = tokenizer([prompt(a, b) for a, b in batch], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(t.strip() == str(a + b) for t, (a, b) in zip(texts, batch))
     return correct / len(pairs)

@@ -77,9 +77,9 @@ def evaluate(run: Run, folder: Path) -> list[str]:
 
     from relex_merge.config.schema import parse_config
     from relex_merge.engine import EngineOptions
+    from relex_merge.testing.synthetic import char_tokenizer
     from relex_merge.workflows.merge import execute_merge
     from relex_merge.workflows.plan import plan_merge
-    from relex_merge.testing.synthetic import char_tokenizer
 
     _, test = demo.split(0)
     tokenizer = char_tokenizer()
@@ -93,22 +93,31 @@ def evaluate(run: Run, folder: Path) -> list[str]:
     rows = []
     predictions: dict[str, dict[int, tuple[float, str]]] = {}
     for fit in ("linear", "auto"):
-        config = {"merge_method": "relex", "base_model": str(folder / "base"),
-                  "trajectory": {"run_dir": str(folder), "steps": f"1-{run.window}"},
-                  "parameters": {"target_step": list(run.targets), "fit": fit}}
+        config = {
+            "merge_method": "relex",
+            "base_model": str(folder / "base"),
+            "trajectory": {"run_dir": str(folder), "steps": f"1-{run.window}"},
+            "parameters": {"target_step": list(run.targets), "fit": fit},
+        }
         plan = plan_merge(parse_config(config, run.name))
         with tempfile.TemporaryDirectory() as tmp:
             built = execute_merge(plan, Path(tmp) / "out", EngineOptions(max_memory=1 << 30))
-            for (target, _, out), chosen, verdict in zip(built.outputs, built.assessment.fits,
-                                                          built.assessment.verdicts):
-                said = "supported" if verdict.supported else (
-                    "stop" if verdict.error >= verdict.stop_error else "uncertain")
+            for (target, _, out), chosen, verdict in zip(
+                built.outputs, built.assessment.fits, built.assessment.verdicts
+            ):
+                said = (
+                    "supported"
+                    if verdict.supported
+                    else ("stop" if verdict.error >= verdict.stop_error else "uncertain")
+                )
                 predictions.setdefault(fit, {})[target] = (score(out), f"{chosen.describe()}; {said}")
     for target in run.targets:
         horizon = (target - run.window) / (run.window - 1)
         linear, (auto, auto_said) = predictions["linear"][target], predictions["auto"][target]
-        rows.append(f"| {run.name} | {target} | {horizon:.1f}x | {last:.3f} | {score(folder / f'checkpoint-{target}'):.3f} "
-                    f"| {linear[0]:.3f} ({linear[1].split('; ')[1]}) | {auto:.3f} ({auto_said}) |")
+        rows.append(
+            f"| {run.name} | {target} | {horizon:.1f}x | {last:.3f} | {score(folder / f'checkpoint-{target}'):.3f} "
+            f"| {linear[0]:.3f} ({linear[1].split('; ')[1]}) | {auto:.3f} ({auto_said}) |"
+        )
     return rows
 
 
@@ -123,7 +132,8 @@ def main(argv=None) -> None:
     wanted = {n for n in args.only.split(",") if n}
     runs = [r for r in RUNS if not wanted or r.name in wanted]
     lines = [
-        "| run | target | horizon | last window checkpoint | true checkpoint | linear (verdict) | fit: auto (its fit; verdict) |",
+        "| run | target | horizon | last window checkpoint | true checkpoint | linear (verdict) "
+        "| fit: auto (its fit; verdict) |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in runs:
@@ -135,10 +145,11 @@ def main(argv=None) -> None:
         print(f"evaluating {run.name}", file=sys.stderr)
         lines += evaluate(run, folder)
         # Written after every run so that an interrupted sweep keeps what it measured.
-        text = ("Exact match (greedy) on the demo's 300 held-out problems; window = GRPO steps 1..W, every step; "
-                "horizon in window spans past its end. Verdict: supported; uncertain (not supported, closer than "
-                "stopping); stop (stopping is closer).\n\n" + "\n".join(lines)
-                + "\n\nRerun: `python demo/more_runs.py`\n")
+        text = (
+            "Exact match (greedy) on the demo's 300 held-out problems; window = GRPO steps 1..W, every step; "
+            "horizon in window spans past its end. Verdict: supported; uncertain (not supported, closer than "
+            "stopping); stop (stopping is closer).\n\n" + "\n".join(lines) + "\n\nRerun: `python demo/more_runs.py`\n"
+        )
         args.out.write_text(text)
     print(text)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+from relex_merge.common.version import __version__
 
 _EXPORTS = {
     "Options": "relex_merge.config.options",

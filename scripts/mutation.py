@@ -5,7 +5,7 @@
     python scripts/mutation.py                          # every module in MODULES below
     python scripts/mutation.py relex_merge/fit.py       # one module (any path in MODULES)
     python scripts/mutation.py --resume relex_merge/fit.py   # re-test only its last survivors
-    python scripts/mutation.py relex_merge/plan.py --tests 'tests/test_validation.py'   # any other module
+    python scripts/mutation.py relex_merge/workflows/plan.py --tests 'tests/cli/test_validation.py'   # any other module
 
 Each module is mutated on its own copy of the package (``mutants/<module>/``, git-ignored; the
 working tree is never touched) and tested against a scoped selection of fast tests: mutmut runs,
@@ -46,21 +46,44 @@ EQUIVALENTS = ROOT / "tests" / "mutation_equivalents.md"
 # function. Slow end-to-end tests (CLI runs, mergekit) are left out: they kill nothing the unit
 # tests do not, at 10-100x the time.
 _E2E = "not end_to_end and not mergekit and not require_supported and not plain_merge"
-_MATH_TESTS = ["tests/test_fit.py", "tests/test_fits.py", "tests/test_fit_math.py", "-k", _E2E]
-_BACKTEST_TESTS = ["tests/test_backtest.py", "tests/test_fits.py", "tests/test_analyze.py",
-                   "-k", _E2E + " and not cli and not fit_cache"]
-_ENGINE_TESTS = ["tests/test_fit.py", "tests/test_engine.py", "tests/test_engine_spans.py"]
+_MATH_TESTS = ["tests/core/test_relex.py", "tests/core/test_fits.py", "-k", _E2E]
+_BACKTEST_TESTS = [
+    "tests/core/test_backtest.py",
+    "tests/core/test_fits.py",
+    "tests/workflows/test_analyze.py",
+    "-k",
+    _E2E + " and not cli and not fit_cache",
+]
+_ENGINE_TESTS = ["tests/core/test_relex.py", "tests/engine/test_engine.py", "tests/engine/test_tasks.py"]
 MODULES: dict[str, tuple[list[str], list[str] | None]] = {
-    "relex_merge/fit.py": (_MATH_TESTS, None),
-    "relex_merge/fits/*.py": (_MATH_TESTS, None),
-    "relex_merge/kernels.py": (["tests/test_fit.py", "tests/test_engine.py", "tests/test_kernels.py"], None),
-    "relex_merge/backtest.py": (_BACKTEST_TESTS, None),
-    "relex_merge/io/writer.py": (["tests/test_engine.py", "tests/test_writer.py", "-k", "writer"], None),
+    "relex_merge/core/relex.py": (_MATH_TESTS, None),
+    "relex_merge/core/fits/*.py": (_MATH_TESTS, None),
+    "relex_merge/core/kernels.py": (
+        ["tests/core/test_relex.py", "tests/engine/test_engine.py", "tests/core/test_kernels.py"],
+        None,
+    ),
+    "relex_merge/core/backtest.py": (_BACKTEST_TESTS, None),
+    "relex_merge/core/verdict.py": (_BACKTEST_TESTS, None),
+    "relex_merge/io/writers/safetensors.py": (
+        ["tests/engine/test_engine.py", "tests/io/test_writer.py", "-k", "writer"],
+        None,
+    ),
     # the engine's span/row bookkeeping and the Gram summation, not the scheduler's threading
-    "relex_merge/engine/tasks.py": (_ENGINE_TESTS, ["plan_spans", "row_ranges", "chunk_rows", "ǁ_TensorStateǁcomplete_gram"]),
+    "relex_merge/engine/tasks.py": (
+        _ENGINE_TESTS,
+        ["plan_spans", "row_ranges", "chunk_rows", "ǁ_TensorStateǁcomplete_gram"],
+    ),
     # the reader every merge of HF checkpoints uses: header parsing, size checks, row spans
-    "relex_merge/io/safetensors.py": (["tests/test_io.py", "tests/test_engine.py", "tests/test_validation.py",
-                                       "-k", "not end_to_end"], None),
+    "relex_merge/io/formats/safetensors.py": (
+        [
+            "tests/io/test_registry.py",
+            "tests/engine/test_engine.py",
+            "tests/cli/test_validation.py",
+            "-k",
+            "not end_to_end",
+        ],
+        None,
+    ),
 }
 
 
@@ -115,10 +138,21 @@ def pyproject(module: str, tests: list[str]) -> str:
 
 def mutmut(workdir: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    command = [sys.executable, "-c", "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
-               *args]
-    return subprocess.run(command, cwd=workdir, env=env, text=True, check=False,
-                          stdout=subprocess.PIPE if capture else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from mutmut.__main__ import cli; sys.argv[0] = 'mutmut'; cli()",
+        *args,
+    ]
+    return subprocess.run(
+        command,
+        cwd=workdir,
+        env=env,
+        text=True,
+        check=False,
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
 
 
 _SHOW = """
@@ -135,10 +169,11 @@ def diffs(workdir: Path, names: list[str]) -> list[str]:
     """``mutmut show`` of each mutant, in one process."""
     if not names:
         return []
-    done = subprocess.run([sys.executable, "-c", _SHOW], cwd=workdir, input="\n".join(names), text=True,
-                          capture_output=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", _SHOW], cwd=workdir, input="\n".join(names), text=True, capture_output=True, check=False
+    )
     shown = [block.strip() for block in done.stdout.split("\0")][: len(names)]
-    return shown + [f"{name} (no diff: {done.stderr.strip()[-200:]})" for name in names[len(shown):]]
+    return shown + [f"{name} (no diff: {done.stderr.strip()[-200:]})" for name in names[len(shown) :]]
 
 
 def prepare(workdir: Path, module: str, tests: list[str], resume: bool) -> None:
@@ -198,14 +233,18 @@ def tally(label: str, statuses: dict[str, str], keep, known: dict[str, str], sec
     return score, unexplained
 
 
-def run_module(module: str, tests: list[str], functions: list[str] | None, focus: list[str] | None, args,
-               known: dict[str, str]) -> list[Score]:
+def run_module(
+    module: str, tests: list[str], functions: list[str] | None, focus: list[str] | None, args, known: dict[str, str]
+) -> list[Score]:
     """Mutate ``functions`` (None: every function) of ``module``; score them, and ``focus`` apart."""
     workdir = WORK / slug(module)
     previous = results(workdir) if args.resume and (workdir / "mutants").exists() else {}
     prepare(workdir, module, tests, args.resume)
-    patterns = [] if functions is None else [f"relex_merge.*.x{'' if f.startswith('ǁ') else '_'}{f}__mutmut_*"
-                                             for f in functions]
+    patterns = (
+        []
+        if functions is None
+        else [f"relex_merge.*.x{'' if f.startswith('ǁ') else '_'}{f}__mutmut_*" for f in functions]
+    )
     if previous:  # only what was not killed last time
         patterns = [n for n, s in previous.items() if s != "killed" and selected(n, functions)]
     start = time.monotonic()
@@ -213,8 +252,10 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, focus
         print(f"== {module}: every mutant was killed last time; nothing to re-test", flush=True)
         done = subprocess.CompletedProcess([], 0, "")
     else:
-        print(f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
-              flush=True)
+        print(
+            f"== {module}: mutmut run ({len(patterns) or 'all'} mutant patterns) in {workdir.relative_to(ROOT)}",
+            flush=True,
+        )
         done = mutmut(workdir, "run", "--max-children", str(args.jobs), *patterns, capture=True)
         (workdir / "mutmut-run.log").write_text(done.stdout)
     seconds = time.monotonic() - start
@@ -235,17 +276,31 @@ def run_module(module: str, tests: list[str], functions: list[str] | None, focus
     (workdir / "survivors.txt").write_text("\n".join(report))
     if report and not args.quiet:
         print("\n".join(report))
-    print(f"   {score.killed} killed, {score.survived} survived, {score.equivalent} equivalent, "
-          f"{score.timeout} timeout, {score.other} other, in {seconds:.0f} s", flush=True)
+    print(
+        f"   {score.killed} killed, {score.survived} survived, {score.equivalent} equivalent, "
+        f"{score.timeout} timeout, {score.other} other, in {seconds:.0f} s",
+        flush=True,
+    )
     return scores
 
 
 def table(scores: list[Score]) -> str:
     head = ("module", "killed", "survived", "equivalent", "timeout", "other", "total", "% killed", "score %", "time")
-    rows = [head] + [(s.module, str(s.killed), str(s.survived), str(s.equivalent), str(s.timeout), str(s.other),
-                      str(s.total), s.percent(s.killed, s.total),
-                      s.percent(s.killed + s.timeout, s.total - s.equivalent), f"{s.seconds / 60:.1f} min")
-                     for s in scores]
+    rows = [head] + [
+        (
+            s.module,
+            str(s.killed),
+            str(s.survived),
+            str(s.equivalent),
+            str(s.timeout),
+            str(s.other),
+            str(s.total),
+            s.percent(s.killed, s.total),
+            s.percent(s.killed + s.timeout, s.total - s.equivalent),
+            f"{s.seconds / 60:.1f} min",
+        )
+        for s in scores
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -253,19 +308,27 @@ def table(scores: list[Score]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("modules", nargs="*", help=f"module paths from MODULES (default: all of {list(MODULES)})")
-    parser.add_argument("--tests", type=shlex.split, metavar="'PYTEST ARGS'",
-                        help="pytest arguments selecting the tests, one quoted string (for a module not in MODULES, "
-                             "or to override its selection), e.g. --tests 'tests/test_x.py -k \"not slow\"'")
-    parser.add_argument("--all-functions", action="store_true",
-                        help="mutate every function of a module that MODULES restricts to a few")
+    parser.add_argument(
+        "--tests",
+        type=shlex.split,
+        metavar="'PYTEST ARGS'",
+        help="pytest arguments selecting the tests, one quoted string (for a module not in MODULES, "
+        "or to override its selection), e.g. --tests 'tests/test_x.py -k \"not slow\"'",
+    )
+    parser.add_argument(
+        "--all-functions", action="store_true", help="mutate every function of a module that MODULES restricts to a few"
+    )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="mutants tested at once")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the last run's mutants and results; re-test only those not killed")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit 1 when a survivor is not listed in tests/mutation_equivalents.md")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the last run's mutants and results; re-test only those not killed"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="exit 1 when a survivor is not listed in tests/mutation_equivalents.md"
+    )
     parser.add_argument("--quiet", action="store_true", help="do not print the survivors' diffs")
     args = parser.parse_args()
     try:
@@ -291,13 +354,17 @@ def main() -> int:
         scores += run_module(module, tests, None if args.all_functions else functions, functions, args, known)
     from importlib.metadata import version
 
-    print(f"\nmutmut {version('mutmut')}, {time.strftime('%Y-%m-%d')}, {platform.machine()} with "
-          f"{os.cpu_count()} CPUs, {args.jobs} at once")
+    print(
+        f"\nmutmut {version('mutmut')}, {time.strftime('%Y-%m-%d')}, {platform.machine()} with "
+        f"{os.cpu_count()} CPUs, {args.jobs} at once"
+    )
     print(table(scores))
     unexplained = sum(s.survived + s.other for s in scores)
     if unexplained:
-        print(f"\n{unexplained} mutants survived that tests/mutation_equivalents.md does not explain "
-              f"(diffs in mutants/<module>/survivors.txt)")
+        print(
+            f"\n{unexplained} mutants survived that tests/mutation_equivalents.md does not explain "
+            f"(diffs in mutants/<module>/survivors.txt)"
+        )
     return 1 if args.strict and unexplained else 0
 
 

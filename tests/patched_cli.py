@@ -25,8 +25,8 @@ def slow_rename() -> None:
 
 def fail_planning_on_rank_1() -> None:
     """Rank 1 (only) cannot plan the merge, as a node that does not see an input."""
-    from relex_merge.workflows import plan
     from relex_merge.common.errors import RelexError
+    from relex_merge.workflows import plan
 
     real = plan.plan_merge
 
@@ -64,8 +64,7 @@ def fake_scoring(calls: list | None = None) -> dict:
         (results_file or Path(model_dir) / "lm_eval_results.json").write_text(json.dumps({"device": device}))
         return EvalResult(str(model_dir), [TaskScore(task, "score", value, 0.0) for task in tasks])
 
-    return {"task_manager": lambda include_path: None, "check_tasks": lambda tasks, manager: None,
-            "evaluate": evaluate}
+    return {"task_manager": lambda include_path: None, "check_tasks": lambda tasks, manager: None, "evaluate": evaluate}
 
 
 if __name__ == "__main__":

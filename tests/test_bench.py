@@ -13,15 +13,42 @@ REPO = Path(__file__).resolve().parents[1]
 def test_bench_script_runs_and_prints_the_table(tmp_path):
     table = tmp_path / "table.md"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "bench.py"), "--size", "tiny", "--dtype", "bfloat16", "--window", "3",
-         "--reps", "1", "--work", str(tmp_path / "work"), "--table", str(table), "--skip", "dense"],
-        capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            str(REPO / "bench" / "bench.py"),
+            "--size",
+            "tiny",
+            "--dtype",
+            "bfloat16",
+            "--window",
+            "3",
+            "--reps",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+            "--table",
+            str(table),
+            "--skip",
+            "dense",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = table.read_text()
-    header = "| run | median wall (s) | peak RSS (GB) | input read (GB) | throughput (GB/s) | vs mergekit | vs I/O floor |"
+    header = (
+        "| run | median wall (s) | peak RSS (GB) | input read (GB) | throughput (GB/s) | vs mergekit | vs I/O floor |"
+    )
     assert header in text
-    for row in ("relex-merge (1 target)", "relex-merge (3 targets)", "mergekit task_arithmetic", "read floor",
-                "write floor", "relex-merge (1 process, --threads 1)", "relex-merge (torchrun, 2 processes x 1 thread)"):
+    for row in (
+        "relex-merge (1 target)",
+        "relex-merge (3 targets)",
+        "mergekit task_arithmetic",
+        "read floor",
+        "write floor",
+        "relex-merge (1 process, --threads 1)",
+        "relex-merge (torchrun, 2 processes x 1 thread)",
+    ):
         assert f"| {row} |" in text
     assert "Command: `python bench/bench.py --size tiny --dtype bfloat16 --window 3 --reps 1 --skip dense`" in text

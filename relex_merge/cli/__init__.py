@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import click
 
-from relex_merge import __version__
 from relex_merge.common.registry import Registry
+from relex_merge.common.version import __version__
 
 __all__ = ["main", "REGISTRY"]
 
-REGISTRY: Registry[click.Command] = Registry(__name__, "COMMAND", click.Command, "command",
-                                             name=lambda command: command.name)
+REGISTRY: Registry[click.Command] = Registry(
+    __name__, "COMMAND", click.Command, "command", name=lambda command: command.name
+)
 
 
 class RelexGroup(click.Group):

@@ -19,17 +19,26 @@ from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
-    Progress as RichBar,
     TextColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.progress import (
+    Progress as RichBar,
+)
 
 from relex_merge.common.errors import RelexError, Terminated, exit_code, one_line
-from relex_merge.engine import process_group
 
-__all__ = ["RelexCommand", "RichProgress", "quiet_and_verbose", "progress", "rank0", "task_list", "numbers",
-           "ENGINE_FLAGS"]
+__all__ = [
+    "RelexCommand",
+    "RichProgress",
+    "quiet_and_verbose",
+    "progress",
+    "rank0",
+    "task_list",
+    "numbers",
+    "ENGINE_FLAGS",
+]
 
 # Options fields of every command that runs the engine (merge, analyze, sweep): the engine's own
 # errors may name any of them
@@ -50,6 +59,8 @@ class RelexCommand(click.Command):
     stops every rank, and only rank 0 prints, naming the rank that failed."""
 
     def invoke(self, ctx: click.Context):
+        from relex_merge.engine import process_group
+
         verbose = bool(ctx.params.get("verbose", False))
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         if verbose:
@@ -106,9 +117,14 @@ class RichProgress:
             return
         self.items, self.total_items = 0, total_items
         self.bar = RichBar(
-            TextColumn(f"[bold]{escape(label)}[/]"), BarColumn(), TextColumn("{task.fields[items]}"),
-            DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
-            console=self.console, transient=True,  # the summary replaces it; an error leaves only its own line
+            TextColumn(f"[bold]{escape(label)}[/]"),
+            BarColumn(),
+            TextColumn("{task.fields[items]}"),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=True,  # the summary replaces it; an error leaves only its own line
         )
         self.bar.start()
         self.task = self.bar.add_task(label, total=total_bytes, items=self._items())
@@ -142,6 +158,8 @@ def progress(quiet: bool) -> RichProgress:
 
 def rank0() -> bool:
     """Only rank 0 of a torchrun/srun run talks to the user (a single process is rank 0)."""
+    from relex_merge.engine import process_group
+
     return process_group.current().main
 
 

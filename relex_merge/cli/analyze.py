@@ -18,8 +18,12 @@ __all__ = ["COMMAND"]
 
 @click.command("analyze", cls=RelexCommand)
 @click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path, dir_okay=False))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="Write analysis.json, the fit cache and PNG plots here.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Write analysis.json, the fit cache and PNG plots here.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the analysis as JSON on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @click.option("-v", "--verbose", is_flag=True, help="Every backtest point; full tracebacks on errors.")
@@ -61,8 +65,14 @@ def analyze_command(config_path, out_dir, as_json, options, quiet, verbose):
         for column in ("K", "held-out step", "horizon (x fit span)", "relative error", "cosine", "norm ratio"):
             backtest.add_column(column, justify="right")
         for p in analysis.backtest:
-            backtest.add_row(str(p.fit_count), str(p.step), f"{p.horizon:.2f}", f"{p.relative_error:.2%}",
-                             f"{p.cosine:.4f}", f"{p.norm_ratio:.3f}")
+            backtest.add_row(
+                str(p.fit_count),
+                str(p.step),
+                f"{p.horizon:.2f}",
+                f"{p.relative_error:.2%}",
+                f"{p.cosine:.4f}",
+                f"{p.norm_ratio:.3f}",
+            )
         out.print(backtest)
     out.print("[bold]verdict[/]")
     for line in analysis.verdict:

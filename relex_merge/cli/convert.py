@@ -30,10 +30,18 @@ class _ConvertCommand(RelexCommand):
 @click.command("convert", cls=_ConvertCommand)
 @click.argument("src", type=click.Path(path_type=Path))
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--dtype", type=click.Choice(["keep", "float32", "bfloat16", "float16"]), default="keep",
-              show_default=True, help="Dtype of the written float tensors (keep: as stored).")
-@click.option("--config-from", type=click.Path(path_type=Path, file_okay=False),
-              help="HF folder with config.json and tokenizer (default: SRC or SRC/huggingface).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["keep", "float32", "bfloat16", "float16"]),
+    default="keep",
+    show_default=True,
+    help="Dtype of the written float tensors (keep: as stored).",
+)
+@click.option(
+    "--config-from",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="HF folder with config.json and tokenizer (default: SRC or SRC/huggingface).",
+)
 @quiet_and_verbose
 @flags("overwrite", "shard_size", "output_format", "max_memory", "allow_unsafe_pickle", "timeout")
 def convert_command(src, out, dtype, config_from, options, quiet, verbose):
@@ -43,8 +51,9 @@ def convert_command(src, out, dtype, config_from, options, quiet, verbose):
     quiet = quiet or not rank0()
     result = convert(src, out, options, dtype=dtype, config_from=config_from, progress=progress(quiet))
     if not quiet:
-        Console().print(escape(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, "
-                               f"{result.dtype}"))
+        Console().print(
+            escape(f"wrote {out}: {result.tensors} tensors, {human_bytes(result.bytes_written)}, {result.dtype}")
+        )
 
 
 COMMAND = convert_command

@@ -35,8 +35,7 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
     passes = "2: Gram, then outputs" if not cached else f"1 for {cached} tensors: Gram matrices from the fit cache"
     rows = [
         ("window", f"{len(plan.job.steps)} checkpoints, steps {plan.job.steps[0]}..{plan.job.steps[-1]}"),
-        ("tensors", f"{summary.extrapolated} fitted, {summary.zero_delta} unchanged, "
-         f"{summary.copied} copied"),
+        ("tensors", f"{summary.extrapolated} fitted, {summary.zero_delta} unchanged, {summary.copied} copied"),
         ("rank-1 explained variance", f"{ev1.weighted_mean:.4f} mean, {ev1.minimum:.4f} min" if ev1 else "n/a"),
         ("linear R²", f"{r2.weighted_mean:.4f} mean, {r2.minimum:.4f} min" if r2 else "n/a"),
         ("read", f"{human_bytes(inputs)} of inputs in {seconds:.2f} s ({human_bytes(inputs / seconds)}/s)"),
@@ -48,11 +47,16 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
     if profile:
         s = result.stats
         workers = f"{s.workers} worker" + ("s" if s.workers != 1 else "")
-        rows.append(("profile", f"wall {seconds:.2f} s; {workers} busy "
-                                f"{s.read_seconds + s.math_seconds + s.write_seconds:.2f} s: "
-                                f"{s.read_seconds:.2f} s opening spans, {s.math_seconds:.2f} s deltas, Gram "
-                                f"products and weighted sums (page faults on mapped inputs included), "
-                                f"{s.write_seconds:.2f} s writing; main thread {s.fit_seconds:.2f} s fitting"))
+        rows.append(
+            (
+                "profile",
+                f"wall {seconds:.2f} s; {workers} busy "
+                f"{s.read_seconds + s.math_seconds + s.write_seconds:.2f} s: "
+                f"{s.read_seconds:.2f} s opening spans, {s.math_seconds:.2f} s deltas, Gram "
+                f"products and weighted sums (page faults on mapped inputs included), "
+                f"{s.write_seconds:.2f} s writing; main thread {s.fit_seconds:.2f} s fitting",
+            )
+        )
     for key, value in rows:
         stats.add_row(key, value)
     outer = Table.grid()
@@ -66,13 +70,24 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
 @click.argument("out", required=False, type=click.Path(path_type=Path))
 @click.option("--print-config", is_flag=True, help="Print the expanded config and exit.")
 @quiet_and_verbose
-@flags("overwrite", *ENGINE_FLAGS, "shard_size", "output_format", "intermediate_dir", "lazy", "full_hash",
-       "profile", "fit_cache", "require_supported", "tolerance")
+@flags(
+    "overwrite",
+    *ENGINE_FLAGS,
+    "shard_size",
+    "output_format",
+    "intermediate_dir",
+    "lazy",
+    "full_hash",
+    "profile",
+    "fit_cache",
+    "require_supported",
+    "tolerance",
+)
 def merge_command(config_path, out, print_config, options, quiet, verbose):
     """Run a merge config: relex (streaming engine), any mergekit method, or several stages."""
     from relex_merge.config.schema import load_documents
-    from relex_merge.workflows.merge import run_merge
     from relex_merge.config.stages import expanded_yaml
+    from relex_merge.workflows.merge import run_merge
 
     if print_config:
         click.echo(expanded_yaml(load_documents(config_path), str(config_path)), nl=False)

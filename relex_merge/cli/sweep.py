@@ -25,19 +25,30 @@ __all__ = ["COMMAND"]
 @click.option("--tasks", required=True, help="Comma-separated lm-eval task names.")
 @click.option("--include-path", type=click.Path(path_type=Path, file_okay=False), help="Folder of task YAMLs.")
 @click.option("--limit", type=int, default=None, help="Score only the first N documents of each task.")
-@click.option("--keep-all", is_flag=True, help="Keep every candidate but the best (which is OUT/best/) under OUT/candidates/.")
+@click.option(
+    "--keep-all", is_flag=True, help="Keep every candidate but the best (which is OUT/best/) under OUT/candidates/."
+)
 @click.option("-q", "--quiet", is_flag=True, help="Only the final table.")
 @click.option("-v", "--verbose", is_flag=True, help="Full tracebacks on errors, and the debug log.")
 @flags("overwrite", *ENGINE_FLAGS)
-def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, limit, keep_all, options, quiet,
-                  verbose):
+def sweep_command(
+    config_path, out, targets, scales, fits, tasks, include_path, limit, keep_all, options, quiet, verbose
+):
     """Build candidates for several targets, scales and fits, score each with lm-eval, keep the best."""
     from relex_merge.workflows.sweep import sweep
 
     task_names = task_list(tasks)
     result = sweep(
-        config_path, out, numbers(targets, "--targets", int), numbers(scales, "--scales", float), task_names,
-        options, fits=fits, include_path=include_path, limit=limit, keep_all=keep_all,
+        config_path,
+        out,
+        numbers(targets, "--targets", int),
+        numbers(scales, "--scales", float),
+        task_names,
+        options,
+        fits=fits,
+        include_path=include_path,
+        limit=limit,
+        keep_all=keep_all,
         progress=progress(quiet or not rank0()),
     )
     if result is None:  # not rank 0: the build step is done, rank 0 scores
@@ -52,14 +63,22 @@ def sweep_command(config_path, out, targets, scales, fits, tasks, include_path, 
     for c in [result.baseline, *result.candidates]:
         mark = " (best)" if c is result.best else ""
         supported = "" if c.verdict is None else ("yes" if c.verdict.startswith("SUPPORTED") else "no")
-        table.add_row(c.label + mark, str(c.target), "" if c.scale is None else f"{c.scale:g}", c.fit or "",
-                      f"{c.result.mean:.4f}", f"{c.result.mean_stderr:.4f}", supported)
+        table.add_row(
+            c.label + mark,
+            str(c.target),
+            "" if c.scale is None else f"{c.scale:g}",
+            c.fit or "",
+            f"{c.result.mean:.4f}",
+            f"{c.result.mean_stderr:.4f}",
+            supported,
+        )
     out_console = Console()
     if not out_console.is_terminal:  # a log or a pipe: no reader's screen to fit, keep every cell whole
         out_console = Console(width=max(out_console.width, 200))
     out_console.print(table)
-    out_console.print(escape(f"best: {result.best.label}, kept as {result.kept}; it {result.outcome()}"),
-                      soft_wrap=True)
+    out_console.print(
+        escape(f"best: {result.best.label}, kept as {result.kept}; it {result.outcome()}"), soft_wrap=True
+    )
 
 
 COMMAND = sweep_command

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -36,42 +37,83 @@ class Options(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)  # --timeout nan, --tolerance inf
 
     # reading the inputs
-    max_memory: Optional[int] = Field(None, description="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).",
-                                      json_schema_extra={"metavar": "SIZE"})
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N (auto: cuda:LOCAL_RANK when a GPU is there).",
-                        json_schema_extra={})
-    threads: Optional[int] = Field(None, description="Worker threads (default: one per core, at most 8).",
-                                   json_schema_extra={})
-    executor: Optional[str] = Field(None, description="Who runs the span tasks: a registered executor such as threads "
-                                    "or distributed (default: distributed under torchrun/srun, else threads).",
-                                    json_schema_extra={"metavar": "NAME"})
-    allow_unsafe_pickle: bool = Field(False, description="Load .bin/.pt pickles that need more than weights-only "
-                                      "loading (trusted files only).", json_schema_extra={})
-    allow_nonfinite: bool = Field(False, description="Merge although inputs hold NaN/Inf (those tensors are copied "
-                                  "from the base).", json_schema_extra={})
+    max_memory: int | None = Field(
+        None,
+        description="Memory budget for tensor data, e.g. 8GB (default: half the free RAM).",
+        json_schema_extra={"metavar": "SIZE"},
+    )
+    device: str = Field(
+        "auto",
+        description="auto, cpu, cuda or cuda:N (auto: cuda:LOCAL_RANK when a GPU is there).",
+        json_schema_extra={},
+    )
+    threads: int | None = Field(
+        None, description="Worker threads (default: one per core, at most 8).", json_schema_extra={}
+    )
+    executor: str | None = Field(
+        None,
+        description="Who runs the span tasks: a registered executor such as threads "
+        "or distributed (default: distributed under torchrun/srun, else threads).",
+        json_schema_extra={"metavar": "NAME"},
+    )
+    allow_unsafe_pickle: bool = Field(
+        False,
+        description="Load .bin/.pt pickles that need more than weights-only loading (trusted files only).",
+        json_schema_extra={},
+    )
+    allow_nonfinite: bool = Field(
+        False,
+        description="Merge although inputs hold NaN/Inf (those tensors are copied from the base).",
+        json_schema_extra={},
+    )
     # writing the output
     overwrite: bool = Field(False, description="Replace a non-empty output folder.", json_schema_extra={})
-    shard_size: int = Field(5 * 1000**3, description="Largest output shard, e.g. 5GB.",
-                            json_schema_extra={"metavar": "SIZE", "shown_default": "5GB"})
-    output_format: str = Field("safetensors", description="A registered output format (relex_merge/io/writers/).",
-                               json_schema_extra={"metavar": "NAME", "shown_default": "safetensors"})
-    full_hash: bool = Field(False, description="Fingerprint inputs with a full sha256 (default: fast sampled hash).",
-                            json_schema_extra={"flag": "hash"})
+    shard_size: int = Field(
+        5 * 1000**3,
+        description="Largest output shard, e.g. 5GB.",
+        json_schema_extra={"metavar": "SIZE", "shown_default": "5GB"},
+    )
+    output_format: str = Field(
+        "safetensors",
+        description="A registered output format (relex_merge/io/writers/).",
+        json_schema_extra={"metavar": "NAME", "shown_default": "safetensors"},
+    )
+    full_hash: bool = Field(
+        False,
+        description="Fingerprint inputs with a full sha256 (default: fast sampled hash).",
+        json_schema_extra={"flag": "hash"},
+    )
     # merges
-    intermediate_dir: Optional[Path] = Field(None, description="Keep multi-stage intermediates here (default: a "
-                                             "temporary folder beside OUT, removed after).", json_schema_extra={})
+    intermediate_dir: Path | None = Field(
+        None,
+        description="Keep multi-stage intermediates here (default: a temporary folder beside OUT, removed after).",
+        json_schema_extra={},
+    )
     lazy: bool = Field(False, description="Reuse stages already finished in --intermediate-dir.", json_schema_extra={})
-    fit_cache: Optional[Path] = Field(None, description="Gram matrices saved by `analyze --out`: skips the Gram pass "
-                                      "(single-stage relex configs).", json_schema_extra={"metavar": "FILE"})
-    require_supported: bool = Field(False, description="Refuse (exit 3, nothing written) a target the backtest does "
-                                    "not support.", json_schema_extra={})
-    tolerance: float = Field(0.2, description="Backtest relative error under which a fit counts as holding.",
-                             json_schema_extra={"shown_default": "0.2"})
-    profile: bool = Field(False, description="Print the split of time between reading, math and writing.",
-                          json_schema_extra={})
+    fit_cache: Path | None = Field(
+        None,
+        description="Gram matrices saved by `analyze --out`: skips the Gram pass (single-stage relex configs).",
+        json_schema_extra={"metavar": "FILE"},
+    )
+    require_supported: bool = Field(
+        False,
+        description="Refuse (exit 3, nothing written) a target the backtest does not support.",
+        json_schema_extra={},
+    )
+    tolerance: float = Field(
+        0.2,
+        description="Backtest relative error under which a fit counts as holding.",
+        json_schema_extra={"shown_default": "0.2"},
+    )
+    profile: bool = Field(
+        False, description="Print the split of time between reading, math and writing.", json_schema_extra={}
+    )
     # several processes (torchrun, srun)
-    timeout: float = Field(1800.0, description="Seconds a rank waits for the others (torchrun/srun runs).",
-                           json_schema_extra={"shown_default": "1800"})
+    timeout: float = Field(
+        1800.0,
+        description="Seconds a rank waits for the others (torchrun/srun runs).",
+        json_schema_extra={"shown_default": "1800"},
+    )
 
     @field_validator(*_SIZES, mode="before")
     @classmethod
@@ -131,7 +173,7 @@ class Options(BaseModel):
         return value
 
     @classmethod
-    def build(cls, **values: Any) -> "Options":
+    def build(cls, **values: Any) -> Options:
         """Options from keyword values (flags' or a caller's), as one-line errors."""
         try:
             return cls(**values)
@@ -143,7 +185,7 @@ class Options(BaseModel):
                 raise RelexError(f"{flag}: expected a finite number, got {first['input']}") from None
             raise RelexError(f"{flag}: {first['msg']}") from None
 
-    def engine(self, local_rank: int | None = None) -> "EngineOptions":
+    def engine(self, local_rank: int | None = None) -> EngineOptions:
         """What the engine runs with: the memory budget and the device resolved."""
         from relex_merge.engine import EngineOptions
 

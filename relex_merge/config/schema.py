@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from relex_merge.core import fits
 from relex_merge.common.errors import RelexError
+from relex_merge.core import fits
 from relex_merge.core.relex import FitSpec, RelexSpec, spec_from_parameters
 from relex_merge.io.dtypes import CONFIG_DTYPES
 
@@ -61,7 +70,7 @@ class TrajectorySpec(_Strict):
     """A run directory whose step checkpoints are discovered instead of listed by hand."""
 
     run_dir: str
-    steps: Union[str, list[StrictInt], None] = Field(
+    steps: str | list[StrictInt] | None = Field(
         default=None, description='"A-B" (inclusive), a list of steps, or null for all found'
     )
     every: StrictInt | None = Field(default=None, ge=1, description="stride within steps")
@@ -72,7 +81,7 @@ class _Parameters(_Strict):
     keys the chosen fit does not use and options that only apply to another mode. The shape keys
     (degree, p, tau, ...) are added from the fit families' declarations (``RelexParameters``)."""
 
-    target_step: Union[StrictInt, list[StrictInt], None] = None
+    target_step: StrictInt | list[StrictInt] | None = None
     rank: StrictInt = Field(default=1, ge=1)  # directions fitted per tensor
     fit: str = Field(default="linear", description="a fit family (relex_merge.core.fits) or auto")
     window: StrictInt | None = Field(default=None, ge=2)  # fit on the last `window` checkpoints only
@@ -151,7 +160,7 @@ class RelexConfig(_Strict):
     ``models`` and ``trajectory`` are alternatives: planning expands a trajectory into models."""
 
     merge_method: Literal["relex"]
-    base_model: Union[str, BaseModelEntry]
+    base_model: str | BaseModelEntry
     models: list[ModelEntry] | None = None
     trajectory: TrajectorySpec | None = None
     parameters: RelexParameters = RelexParameters()
@@ -176,7 +185,7 @@ class RelexConfig(_Strict):
             data["parameters"] = {k: params[k] for k in order}
         return yaml.safe_dump(data, sort_keys=False)
 
-    def for_output(self, target: int, scale: float, fit: "FitSpec | None" = None) -> "RelexConfig":
+    def for_output(self, target: int, scale: float, fit: FitSpec | None = None) -> RelexConfig:
         """The config that reproduces one output on its own (written beside it): its target,
         scale and fit, with the shape the backtest chose written out."""
         update: dict[str, Any] = {"target_step": target, "scale": scale}
@@ -259,7 +268,7 @@ def _expected(error: dict) -> str:
     message = error["msg"]
     for prefix in ("Value error, ", "Input should be "):
         if message.startswith(prefix):
-            message = message[len(prefix):]
+            message = message[len(prefix) :]
     if kind.startswith(("greater", "less")):
         return f"a value {message}"
     return message
@@ -304,9 +313,7 @@ def parse_config(data: Any, source: str) -> RelexConfig:
         raise RelexError(f"{source}: expected a YAML mapping at the top level")
     method = data.get("merge_method")
     if method != "relex":
-        raise RelexError(
-            f"{source}: merge_method: expected 'relex', got {method!r}"
-        )
+        raise RelexError(f"{source}: merge_method: expected 'relex', got {method!r}")
     try:
         return RelexConfig.model_validate(data)
     except ValidationError as err:

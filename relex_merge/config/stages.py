@@ -4,9 +4,10 @@ document is the final output. Stages run in dependency order."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from relex_merge.common.errors import RelexError
 from relex_merge.config.schema import parse_config
@@ -74,9 +75,7 @@ def parse_stages(documents: list[Any], source: str, known_methods: Iterable[str]
         if not isinstance(method, str):
             raise RelexError(f"{where}: merge_method: required (relex or a mergekit method)")
         if method not in known:
-            raise RelexError(
-                f"{where}: merge_method: unknown method {method!r} (known: {', '.join(sorted(known))})"
-            )
+            raise RelexError(f"{where}: merge_method: unknown method {method!r} (known: {', '.join(sorted(known))})")
         name = doc.get("name")
         if name is not None and (not isinstance(name, str) or not name or "/" in name):
             raise RelexError(f"{where}: name: expected a short stage name without '/'")
@@ -100,9 +99,7 @@ def parse_stages(documents: list[Any], source: str, known_methods: Iterable[str]
                     raise RelexError(f"{source}: {stage.label} uses itself as an input")
                 deps.append(ref)
             elif len(stages) > 1 and not Path(ref).exists():
-                raise RelexError(
-                    f"{source}: {stage.label}: '{ref}' is neither a stage name nor an existing path"
-                )
+                raise RelexError(f"{source}: {stage.label}: '{ref}' is neither a stage name nor an existing path")
         resolved.append(Stage(stage.name, stage.number, stage.document, tuple(dict.fromkeys(deps))))
     return _topological(resolved, source)
 
@@ -133,7 +130,6 @@ def _topological(stages: list[Stage], source: str) -> list[Stage]:
 def expanded_yaml(documents: list[Any], source: str) -> str:
     """The config with every relex document's checkpoint list resolved (--print-config)."""
     import yaml
-
 
     texts = []
     for number, doc in enumerate(documents, 1):

@@ -8,8 +8,8 @@ import logging
 import re
 from pathlib import Path
 
-from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.common.errors import RelexError
+from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.io.formats import has_weights
 
 __all__ = ["discover_steps", "expand_trajectory"]
@@ -61,9 +61,7 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
             continue
         step = int(match.group(1))
         if step in found:
-            raise RelexError(
-                f"trajectory.run_dir: step {step} appears twice ({found[step].name}, {child.name})"
-            )
+            raise RelexError(f"trajectory.run_dir: step {step} appears twice ({found[step].name}, {child.name})")
         found[step] = child
     log.debug("%s: %d step folders, steps %s", run_dir, len(found), sorted(found))
     return found
@@ -75,16 +73,12 @@ def _select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
     elif isinstance(spec.steps, list):
         missing = [s for s in spec.steps if s not in available]
         if missing:
-            raise RelexError(
-                f"trajectory.steps: no checkpoint for step(s) {missing} in {spec.run_dir}"
-            )
+            raise RelexError(f"trajectory.steps: no checkpoint for step(s) {missing} in {spec.run_dir}")
         chosen = sorted(spec.steps)
     else:
         match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", spec.steps)
         if not match:
-            raise RelexError(
-                f"trajectory.steps: expected 'FIRST-LAST' (e.g. '1-75') or a list, got {spec.steps!r}"
-            )
+            raise RelexError(f"trajectory.steps: expected 'FIRST-LAST' (e.g. '1-75') or a list, got {spec.steps!r}")
         first, last = int(match.group(1)), int(match.group(2))
         if first > last:
             raise RelexError(f"trajectory.steps: range {spec.steps!r} is empty")
@@ -107,17 +101,12 @@ def expand_trajectory(config: RelexConfig) -> RelexConfig:
     spec = config.trajectory
     found = discover_steps(Path(spec.run_dir))
     if not found:
-        raise RelexError(
-            f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}"
-        )
+        raise RelexError(f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}")
     steps = _select_steps(spec, sorted(found))
     log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:
         _check_trainer_state(found[step], step)
-    models = [
-        ModelEntry(model=str(_weights_dir(found[s])), parameters=ModelParameters(step=s))
-        for s in steps
-    ]
+    models = [ModelEntry(model=str(_weights_dir(found[s])), parameters=ModelParameters(step=s)) for s in steps]
     for model in models:
         log.debug("step %d: weights in %s", model.parameters.step, model.model)
     return config.model_copy(update={"models": models, "trajectory": None})

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -16,10 +16,20 @@ from relex_merge.core.backtest import DEFAULT_TOLERANCE, STOP, Backtest, horizon
 from relex_merge.core.relex import FitSpec, RelexSpec, diagnostics, top_components, window_indices
 from relex_merge.core.verdict import assess
 
-__all__ = ["HORIZON_BINS", "Analysis", "TensorAnalysis", "HorizonPoint", "FamilyRow", "analyze_grams",
-           "backtest_reading", "representative_curves", "summary_rows"]
+__all__ = [
+    "HORIZON_BINS",
+    "Analysis",
+    "TensorAnalysis",
+    "HorizonPoint",
+    "FamilyRow",
+    "analyze_grams",
+    "backtest_reading",
+    "representative_curves",
+    "summary_rows",
+]
 
 HORIZON_BINS = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, math.inf)  # the family x horizon table's columns
+
 
 @dataclass(frozen=True)
 class TensorAnalysis:
@@ -99,8 +109,9 @@ def _finite_or_null(value):
 
 
 def _points(bt: Backtest, key) -> list[HorizonPoint]:
-    return [HorizonPoint(p.fit_count, p.step, p.horizon, s.relative_error, s.cosine, s.norm_ratio)
-            for p, s in bt.curve(key)]
+    return [
+        HorizonPoint(p.fit_count, p.step, p.horizon, s.relative_error, s.cosine, s.norm_ratio) for p, s in bt.curve(key)
+    ]
 
 
 def _bins(bt: Backtest) -> list[tuple[float, float]]:
@@ -116,8 +127,11 @@ def _family_rows(bt: Backtest, bins: list[tuple[float, float]], tolerance: float
         if not mine:
             continue
         best = min(mine, key=lambda c: bt.error(c, everything))
-        rows.append(FamilyRow(best.describe(), fam.name, best.shape, _binned(bt, best, bins),
-                              bt.supported_horizon(best, tolerance)))
+        rows.append(
+            FamilyRow(
+                best.describe(), fam.name, best.shape, _binned(bt, best, bins), bt.supported_horizon(best, tolerance)
+            )
+        )
     rows.append(FamilyRow(STOP, STOP, None, _binned(bt, STOP, bins), None))
     return rows
 
@@ -140,8 +154,9 @@ def analyze_grams(
     tolerance: float = DEFAULT_TOLERANCE,
 ) -> Analysis:
     """Everything `analyze` reports, from the Gram matrices alone (pure: no IO)."""
-    usable = [(n, k, g) for n, k, g in zip(names, numels, grams)
-              if bool(torch.isfinite(g).all()) and float(g.trace()) > 0]
+    usable = [
+        (n, k, g) for n, k, g in zip(names, numels, grams) if bool(torch.isfinite(g).all()) and float(g.trace()) > 0
+    ]
     used = window_steps(steps, spec)
     specs = [spec] * len(targets)
     assessment = assess([g for _, _, g in usable], steps, targets, specs, tolerance) if targets else None
@@ -155,8 +170,10 @@ def analyze_grams(
         farthest = max(range(len(targets)), key=lambda j: targets[j])
         main = assessment.fits[farthest]
     else:
-        main = bt.best(bt.tested_horizon, [c for c in bt.candidates if c.family == spec.fit.family]
-                       if spec.fit.family != fits.AUTO else None)
+        main = bt.best(
+            bt.tested_horizon,
+            [c for c in bt.candidates if c.family == spec.fit.family] if spec.fit.family != fits.AUTO else None,
+        )
     tensors = []
     for name, numel, gram in usable:
         d = diagnostics(gram, steps, spec)
@@ -165,16 +182,33 @@ def analyze_grams(
         curve = own.curve(main)
         worst = curve[-1][1].relative_error if curve else math.nan
         top = d.singular_values[0] if d.singular_values else 1.0
-        tensors.append(TensorAnalysis(name, numel, d.explained_variance_1, d.explained_variance_r, d.linear_r2,
-                                      [s / top for s in d.singular_values], worst))
+        tensors.append(
+            TensorAnalysis(
+                name,
+                numel,
+                d.explained_variance_1,
+                d.explained_variance_r,
+                d.linear_r2,
+                [s / top for s in d.singular_values],
+                worst,
+            )
+        )
     bins = _bins(bt)
     analysis = Analysis(
-        steps=list(used), targets=list(targets), spec=_spec_dict(spec), fit=main.describe(), tensors=tensors,
-        backtest=_points(bt, main), supported_horizon=bt.supported_horizon(main, tolerance),
-        tested_horizon=bt.tested_horizon, target_horizons={t: horizon(used, t) for t in targets},
-        horizon_bins=bins, families=_family_rows(bt, bins, tolerance),
+        steps=list(used),
+        targets=list(targets),
+        spec=_spec_dict(spec),
+        fit=main.describe(),
+        tensors=tensors,
+        backtest=_points(bt, main),
+        supported_horizon=bt.supported_horizon(main, tolerance),
+        tested_horizon=bt.tested_horizon,
+        target_horizons={t: horizon(used, t) for t in targets},
+        horizon_bins=bins,
+        families=_family_rows(bt, bins, tolerance),
         target_verdicts=[v.as_dict() for v in assessment.verdicts if v is not None] if assessment else [],
-        verdict=[], tolerance=tolerance,
+        verdict=[],
+        tolerance=tolerance,
     )
     analysis.verdict = backtest_reading(analysis, bt, main) + (
         [v.line() for v in assessment.verdicts if v is not None] if assessment else []
@@ -240,8 +274,9 @@ def backtest_reading(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
     return lines
 
 
-def _coefficients(gram: torch.Tensor, steps: Sequence[int], spec: RelexSpec, rows: Sequence[FamilyRow],
-                  targets: Sequence[int]) -> dict:
+def _coefficients(
+    gram: torch.Tensor, steps: Sequence[int], spec: RelexSpec, rows: Sequence[FamilyRow], targets: Sequence[int]
+) -> dict:
     """The rank-1 coefficient c_k = sigma_1 u_k1 (sign made positive at the end) and every
     family's fitted curve through it, carried to the farthest target."""
     idx = list(window_indices(gram.shape[0], spec.window))
@@ -284,6 +319,7 @@ def representative_curves(grams: dict[str, torch.Tensor], analysis: Analysis, st
 
 def summary_rows(a: Analysis) -> list[tuple[str, str]]:
     """(label, value) rows of the summary table the CLI prints first for ``analyze``."""
+
     def stat(values: list[float]) -> str:
         finite = sorted(v for v in values if not math.isnan(v))
         if not finite:
@@ -295,6 +331,9 @@ def summary_rows(a: Analysis) -> list[tuple[str, str]]:
         ("rank-1 explained variance", stat([t.explained_variance_1 for t in a.tensors])),
         ("linear R² (rank-1 coefficient)", stat([t.linear_r2 for t in a.tensors])),
         ("fit analysed", a.fit),
-        ("supported horizon", f"{a.supported_horizon:.2f}x the fit span" if a.supported_horizon is not None else "none"),
+        (
+            "supported horizon",
+            f"{a.supported_horizon:.2f}x the fit span" if a.supported_horizon is not None else "none",
+        ),
         ("longest horizon tested", f"{a.tested_horizon:.2f}x"),
     ]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterable, Sequence
 
 import torch
 
@@ -78,7 +78,7 @@ class HoldoutSums:
     pred2: float = 0.0  # ||pred||^2
     dot: float = 0.0  # <pred, true>
 
-    def add(self, other: "HoldoutSums") -> None:
+    def add(self, other: HoldoutSums) -> None:
         """Accumulate another tensor's (or group's) sums into these."""
         self.err2 += other.err2
         self.true2 += other.true2
@@ -166,12 +166,11 @@ class Backtest:
         # merge, `fit: auto` and analyze: enough points for every family `auto` knows
         self.min_points = max([self.spec.rank, FitSpec(fits.AUTO).min_points] + [c.min_points for c in self.candidates])
         self.points = holdouts(self.steps, self.min_points)
-        self._totals = {key: torch.zeros(len(self.points), 4, dtype=torch.float64)
-                        for key in [*self.candidates, STOP]}
+        self._totals = {key: torch.zeros(len(self.points), 4, dtype=torch.float64) for key in [*self.candidates, STOP]}
         self._cache = {}
 
     @classmethod
-    def for_fits(cls, steps: Sequence[int], spec: RelexSpec, wanted: Iterable[FitSpec]) -> "Backtest":
+    def for_fits(cls, steps: Sequence[int], spec: RelexSpec, wanted: Iterable[FitSpec]) -> Backtest:
         """A backtest over the candidates the given fits need (auto: every family and shape)."""
         candidates: list[FitSpec] = []
         for fit in wanted:

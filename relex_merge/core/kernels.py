@@ -9,8 +9,8 @@ the inputs (and writing the outputs).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -50,7 +50,9 @@ class Scratch:
         )
 
 
-def block_deltas(inputs: Sequence[torch.Tensor], lo: int, hi: int, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+def block_deltas(
+    inputs: Sequence[torch.Tensor], lo: int, hi: int, scratch: Scratch
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(base, deltas) of columns lo:hi in the compute dtype; deltas[k] = inputs[k+1] - base.
 
     Inputs in another dtype (bf16 checkpoints) are converted before subtracting: one RL

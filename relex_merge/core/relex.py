@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -79,7 +80,11 @@ class FitSpec:
         """Checkpoints the fit needs at least (for ``auto``: what every family in it needs)."""
         if self.family == fits.AUTO:
             return max(f.min_points(f.shape.default if f.shape else None) for f in fits.families() if f.in_auto)
-        shape = self.shape if self.shape is not None else (self.curve_family.shape.default if self.curve_family.shape else None)
+        shape = (
+            self.shape
+            if self.shape is not None
+            else (self.curve_family.shape.default if self.curve_family.shape else None)
+        )
         return self.curve_family.min_points(shape)
 
     def describe(self) -> str:
@@ -170,8 +175,9 @@ def window_indices(n_checkpoints: int, window: int | None) -> range:
     return range(n_checkpoints - w, n_checkpoints)
 
 
-def _autoregress(steps: torch.Tensor, values: torch.Tensor, targets: torch.Tensor, fit: FitSpec,
-                 every: int, keep: int | None) -> torch.Tensor:
+def _autoregress(
+    steps: torch.Tensor, values: torch.Tensor, targets: torch.Tensor, fit: FitSpec, every: int, keep: int | None
+) -> torch.Tensor:
     """The reference scripts' autoregressive re-fitting: fit on the last ``keep`` points, predict
     the next ``every`` checkpoints (spaced like the window: its median gap), append them, re-fit.
     A target between two predicted checkpoints is read off the fit in force there."""
@@ -194,8 +200,9 @@ def _autoregress(steps: torch.Tensor, values: torch.Tensor, targets: torch.Tenso
 
 
 @functools.lru_cache(maxsize=256)
-def _linear_map(steps: tuple[float, ...], targets: tuple[float, ...], fit: FitSpec,
-                every: int | None, keep: int | None) -> torch.Tensor | None:
+def _linear_map(
+    steps: tuple[float, ...], targets: tuple[float, ...], fit: FitSpec, every: int | None, keep: int | None
+) -> torch.Tensor | None:
     """P with predictions = P @ coefficients for families linear in the observed coefficients:
     it depends only on the steps, so one P serves every tensor of the model."""
     family = fit.curve_family
@@ -224,8 +231,9 @@ def linear_map(steps: Sequence[float], targets: Sequence[float], spec: RelexSpec
     return _linear_map(tuple(float(s) for s in steps), tuple(float(t) for t in targets), fit, every, keep)
 
 
-def predict_coefficients(steps: Sequence[float], coefficients: torch.Tensor, targets: Sequence[float],
-                         spec: RelexSpec) -> torch.Tensor:
+def predict_coefficients(
+    steps: Sequence[float], coefficients: torch.Tensor, targets: Sequence[float], spec: RelexSpec
+) -> torch.Tensor:
     """Predicted coefficients (n_targets x r) of every direction at the target steps."""
     fit, every, keep = _resolved(spec)
     key_steps, key_targets = tuple(float(s) for s in steps), tuple(float(t) for t in targets)

@@ -4,8 +4,8 @@ CLI's summary table and the model card show."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 __all__ = ["Distribution", "FitSummary", "summarize"]
 
@@ -59,11 +59,7 @@ def summarize(reports: Sequence) -> FitSummary:
         zero_delta=sum(1 for r in reports if r.zero_delta),
         copied=sum(1 for r in reports if r.diagnostics is None and not r.nonfinite),
         nonfinite=tuple(r.name for r in reports if r.nonfinite),
-        explained_variance_1=_distribution(
-            [(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]
-        ),
-        explained_variance_r=_distribution(
-            [(r.name, r.numel, r.diagnostics.explained_variance_r) for r in fitted]
-        ),
+        explained_variance_1=_distribution([(r.name, r.numel, r.diagnostics.explained_variance_1) for r in fitted]),
+        explained_variance_r=_distribution([(r.name, r.numel, r.diagnostics.explained_variance_r) for r in fitted]),
         linear_r2=_distribution([(r.name, r.numel, r.diagnostics.linear_r2) for r in fitted]),
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 
@@ -15,9 +15,9 @@ from relex_merge.core.backtest import (
     STOP,
     TIE,
     Backtest,
-    shape_candidates,
     hint_candidates,
     horizon,
+    shape_candidates,
     window_steps,
 )
 from relex_merge.core.relex import FitSpec, RelexSpec
@@ -61,30 +61,43 @@ class TargetVerdict:
         """The one-line verdict (``SUPPORTED: ...`` or ``NOT SUPPORTED: ...``) the CLI prints and
         the card and relex_config.yml record."""
         if math.isnan(self.error):
-            return (f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
-                    "checkpoints than the fit uses); evaluate the prediction before use.")
-        fit = self.fit.describe() + (f" at scale {self.scale:g}" if self.scale != 1.0 else "") + (
-            " (chosen by the backtest)" if self.chosen_by_backtest else "")
+            return (
+                f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
+                "checkpoints than the fit uses); evaluate the prediction before use."
+            )
+        fit = (
+            self.fit.describe()
+            + (f" at scale {self.scale:g}" if self.scale != 1.0 else "")
+            + (" (chosen by the backtest)" if self.chosen_by_backtest else "")
+        )
         where = f"step {self.target} is {self.horizon:.1f}x the window span past its end"
         # one decimal when whole percents would show the error equal to the tolerance it missed
         digits = 1 if _pct(self.error) == _pct(self.tolerance) and self.error != self.tolerance else 0
-        errors = (f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
-                  f"{_pct(self.stop_error, digits)} for stopping")
+        errors = (
+            f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
+            f"{_pct(self.stop_error, digits)} for stopping"
+        )
         if self.supported:
             return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
         within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
         if within:  # it holds there, yet stopping is at least as close
-            return (f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
-                    f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window.")
+            return (
+                f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
+                f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window."
+            )
         held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
         if held_everywhere:
             if self.error >= self.stop_error:  # held under the tolerance, yet stopping is closer
-                return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
-                        f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
-                        f"near the longest ({errors}): do not extrapolate from this window.")
-            return (f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
-                    f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
-                    f"before preferring it to the last window checkpoint (step {self.last_step}).")
+                return (
+                    f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
+                    f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
+                    f"near the longest ({errors}): do not extrapolate from this window."
+                )
+            return (
+                f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
+                f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
+                f"before preferring it to the last window checkpoint (step {self.last_step})."
+            )
         if self.supported_horizon is None:
             held = f"{fit} held at no horizon the window can test"
         else:
@@ -92,8 +105,10 @@ class TargetVerdict:
         if self.error >= self.stop_error:
             advice = f"stopping at step {self.last_step} is closer: do not extrapolate from this window"
         else:
-            advice = (f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
-                      f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use")
+            advice = (
+                f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
+                f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use"
+            )
         line = f"NOT SUPPORTED: {where}; {held} ({errors}); {advice}."
         if self.beyond_tested:
             line += f" The window can test horizons up to {self.tested_horizon:.1f}x only."
@@ -163,9 +178,13 @@ def assess(
     for gram in grams:
         backtest.add(gram)
     last = window_steps(steps, spec)[-1]
-    log.debug("backtest: %d candidate fit(s) and stopping scored at %d point(s) (fit counts %s, horizons up to %.2fx)",
-              len(backtest.candidates), len(backtest.points), sorted({p.fit_count for p in backtest.points}),
-              backtest.tested_horizon)
+    log.debug(
+        "backtest: %d candidate fit(s) and stopping scored at %d point(s) (fit counts %s, horizons up to %.2fx)",
+        len(backtest.candidates),
+        len(backtest.points),
+        sorted({p.fit_count for p in backtest.points}),
+        backtest.tested_horizon,
+    )
     chosen, verdicts = [], []
     for target, output in zip(targets, specs):
         fit = output.fit.resolved
@@ -176,18 +195,33 @@ def assess(
             fit = backtest.best(h, candidates, output.scale)
             if log.isEnabledFor(logging.DEBUG):
                 near = backtest.matched(h)
-                log.debug("step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
-                          "near there (stopping: %s)", target, h, fit.describe(), len(candidates),
-                          _pct(backtest.error(fit, near, output.scale)), _pct(backtest.error(STOP, near)))
+                log.debug(
+                    "step %d (%.2fx the window span): %s is the best of %d candidate(s), backtest error %s "
+                    "near there (stopping: %s)",
+                    target,
+                    h,
+                    fit.describe(),
+                    len(candidates),
+                    _pct(backtest.error(fit, near, output.scale)),
+                    _pct(backtest.error(STOP, near)),
+                )
         chosen.append(fit)
         extrapolating = output.mode == "extrapolate"
-        verdicts.append(judge(backtest, target, fit, by_backtest, last, tolerance, output.scale)
-                        if extrapolating else None)
+        verdicts.append(
+            judge(backtest, target, fit, by_backtest, last, tolerance, output.scale) if extrapolating else None
+        )
     return Assessment(backtest, chosen, verdicts)
 
 
-def judge(backtest: Backtest, target: int, fit: FitSpec, chosen_by_backtest: bool, last_step: int,
-          tolerance: float = DEFAULT_TOLERANCE, scale: float = 1.0) -> TargetVerdict:
+def judge(
+    backtest: Backtest,
+    target: int,
+    fit: FitSpec,
+    chosen_by_backtest: bool,
+    last_step: int,
+    tolerance: float = DEFAULT_TOLERANCE,
+    scale: float = 1.0,
+) -> TargetVerdict:
     """What the backtest says about predicting ``target`` with ``fit`` (already resolved)
     times ``scale``."""
     h = horizon(backtest.steps, target)

@@ -14,11 +14,19 @@ or srun with several ranks, ``threads`` otherwise.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 from relex_merge.engine.executors import Executor, default_executor, executor
 from relex_merge.engine.executors import executor as _executor
-from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport, default_threads
+from relex_merge.engine.job import (
+    ChunkSink,
+    EngineOptions,
+    EngineStats,
+    MergeJob,
+    ProgressFn,
+    TensorReport,
+    default_threads,
+)
 from relex_merge.engine.sharding import share_of
 from relex_merge.engine.tasks import chunk_rows, planned_read_bytes, row_ranges
 
@@ -53,6 +61,12 @@ def run_job(
     """Merge every tensor of the job into one sink per output (none: Gram matrices and
     diagnostics only). Every rank of a distributed run gets the whole job's reports."""
     chosen = executor or (_executor(options.executor) if options.executor else default_executor())
-    log.debug("executor %s: %d tensors, %d output(s), %d worker thread(s)%s", chosen.name, len(job.names()),
-              len(sinks), options.workers, " per rank" if chosen.name == "distributed" else "")
+    log.debug(
+        "executor %s: %d tensors, %d output(s), %d worker thread(s)%s",
+        chosen.name,
+        len(job.names()),
+        len(sinks),
+        options.workers,
+        " per rank" if chosen.name == "distributed" else "",
+    )
     return chosen.run(job, sinks, options, progress)

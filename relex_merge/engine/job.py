@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -139,5 +140,3 @@ class EngineStats:
 
 
 ProgressFn = Callable[[int, bool], None]  # (bytes just read, tensor finished)
-
-

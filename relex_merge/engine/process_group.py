@@ -22,8 +22,9 @@ import datetime
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from relex_merge.common.errors import RelexError, exit_code, one_line
 
@@ -91,8 +92,7 @@ class Group:
     def _agree(self, what: str, error: BaseException | None) -> None:
         if not self.distributed:
             return
-        status = _Status(self.rank, socket.gethostname(), None if error is None else one_line(error),
-                         exit_code(error))
+        status = _Status(self.rank, socket.gethostname(), None if error is None else one_line(error), exit_code(error))
         failed = [s for s in self.all_gather(status) if s.message is not None]
         if failed:
             log.debug("%s: failed on rank(s) %s", what, ", ".join(str(s.rank) for s in failed))
@@ -102,8 +102,9 @@ class Group:
             return
         first = failed[0]
         more = f" (and {len(failed) - 1} more rank(s))" if len(failed) > 1 else ""
-        raise RankFailure(f"rank {first.rank} of {self.world_size} ({first.host}): {first.message}{more}",
-                          first.exit_code or 1)
+        raise RankFailure(
+            f"rank {first.rank} of {self.world_size} ({first.host}): {first.message}{more}", first.exit_code or 1
+        )
 
     def describe_failure(self, error: BaseException) -> str:
         """The line rank 0 prints for its own failure (ranks are named in distributed runs)."""

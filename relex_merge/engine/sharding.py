@@ -3,7 +3,7 @@ over the ranks, balanced by bytes, the same way on every rank (no communication 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from relex_merge.engine import process_group
 from relex_merge.engine.job import MergeJob

@@ -20,24 +20,36 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Sequence
 
 import torch
 
-from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport
 from relex_merge.common.errors import RelexError
-from relex_merge.core.relex import RelexSpec, diagnostics, relex_weights
-from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
 from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.relex import RelexSpec, diagnostics, relex_weights
+from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport
+from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
 
-__all__ = ["Span", "SpanResult", "SpanRunner", "TensorTasks", "plan_spans", "planned_read_bytes", "row_ranges",
-           "chunk_rows", "SPAN_BYTES"]
+__all__ = [
+    "Span",
+    "SpanResult",
+    "SpanRunner",
+    "TensorTasks",
+    "plan_spans",
+    "planned_read_bytes",
+    "row_ranges",
+    "chunk_rows",
+    "SPAN_BYTES",
+]
 
 log = logging.getLogger(__name__)
 
-_FIRST_PASS = {"gram": "Gram matrix", "emit": "outputs (Gram matrix already known)",
-               "copy": "copy of the base (not a float tensor)"}  # what a tensor's spans do first, for the log
+_FIRST_PASS = {
+    "gram": "Gram matrix",
+    "emit": "outputs (Gram matrix already known)",
+    "copy": "copy of the base (not a float tensor)",
+}  # what a tensor's spans do first, for the log
 
 
 def row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
@@ -142,7 +154,7 @@ class SpanRunner:
 
     def prefetch(self, span: Span) -> None:
         """Announce the span's inputs to the readers (the OS starts reading them)."""
-        for reader in ([self.job.base] if span.phase == "copy" else self.job.readers):
+        for reader in [self.job.base] if span.phase == "copy" else self.job.readers:
             reader.prefetch(span.name, span.rows)
 
     def _read(self, reader: CheckpointReader, span: Span) -> torch.Tensor:
@@ -153,8 +165,9 @@ class SpanRunner:
         columns = min(self.columns, max(numel, 1))
         scratch = getattr(self._local, "scratch", None)
         if scratch is None or scratch.deltas.shape[1] < columns:
-            scratch = Scratch.allocate(len(self.job.checkpoints), len(self.sinks), columns,
-                                       self.job.compute_dtype, self.device)
+            scratch = Scratch.allocate(
+                len(self.job.checkpoints), len(self.sinks), columns, self.job.compute_dtype, self.device
+            )
             self._local.scratch = scratch
         return scratch
 
@@ -260,8 +273,14 @@ class TensorTasks:
     cached), the fit between the two, the reports at the end. Executors call ``next_span``, run
     the span with ``runner.run`` anywhere, and hand the result to ``finished``."""
 
-    def __init__(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions, stats: EngineStats,
-                 progress: ProgressFn):
+    def __init__(
+        self,
+        job: MergeJob,
+        sinks: Sequence[ChunkSink],
+        options: EngineOptions,
+        stats: EngineStats,
+        progress: ProgressFn,
+    ):
         self.job, self.options, self.stats, self.progress = job, options, stats, progress
         self.runner = SpanRunner(job, options, sinks)
         self.states: dict[str, _TensorState] = {}

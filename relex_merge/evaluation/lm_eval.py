@@ -7,13 +7,13 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from relex_merge.common.errors import RelexError
-from relex_merge.io.hf import is_hf_model
 from relex_merge.evaluation.offline import offline_if_local
+from relex_merge.io.hf import is_hf_model
 
 __all__ = ["RESULTS_NAME", "TaskScore", "EvalResult", "evaluate", "task_manager", "check_tasks"]
 

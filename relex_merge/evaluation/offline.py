@@ -20,8 +20,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 __all__ = ["LOCAL_BUILDERS", "offline_if_local", "tasks_are_local", "dataset_is_local"]
 

@@ -26,8 +26,8 @@ from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, 
 from mergekit.merge_methods.easy_define import merge_method
 
 from relex_merge.core import fits
-from relex_merge.core.relex import spec_from_parameters, relex_weights
 from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.relex import relex_weights, spec_from_parameters
 
 __all__ = ["METHOD_NAME", "RELEX_METHOD", "register", "relex_group"]
 
@@ -40,24 +40,32 @@ def _relex_group(
     target_step: int,
     rank: int = 1,
     fit: str = "linear",
-    window: Optional[int] = None,
+    window: int | None = None,
     scale: float = 1.0,
     mode: Literal["extrapolate", "reconstruct", "fit_reconstruct"] = "extrapolate",
-    refit_every: Optional[int] = None,
-    refit_window: Optional[int] = None,
+    refit_every: int | None = None,
+    refit_window: int | None = None,
     base_step: int = 0,
-    **shapes: Optional[float],
+    **shapes: float | None,
 ) -> torch.Tensor:
     """The RELEX prediction of one tensor at ``target_step`` from its base and window copies
     (mergekit's per-tensor call; the parameters are the config's). ValueError for a fit the
     backtest would have to choose, or duplicate steps."""
     spec = spec_from_parameters(
-        rank=rank, fit=fit, window=window, scale=scale, mode=mode, refit_every=refit_every,
-        refit_window=refit_window, base_step=base_step, **shapes,
+        rank=rank,
+        fit=fit,
+        window=window,
+        scale=scale,
+        mode=mode,
+        refit_every=refit_every,
+        refit_window=refit_window,
+        base_step=base_step,
+        **shapes,
     )
     if spec.fit.resolved is None:
         raise ValueError(
-            f"relex: fit {spec.fit.describe()} needs the whole model's backtest; give the shape (p or tau) or a fixed fit "
+            f"relex: fit {spec.fit.describe()} needs the whole model's backtest; give the shape (p or tau) or a "
+            "fixed fit "
             "(relex-merge analyze names the best one)"
         )
     base = group.base.tensor

@@ -12,8 +12,8 @@ from pathlib import Path
 import yaml
 
 from relex_merge.common.errors import RelexError
-from relex_merge.output.provenance import Provenance
 from relex_merge.output.folders import atomic_output_dir, check_output_path
+from relex_merge.output.provenance import Provenance
 
 __all__ = ["known_methods", "parse_mergekit_config", "run_mergekit", "readable"]
 
@@ -56,8 +56,15 @@ def _local_models(config) -> list[Path]:
 
 
 def _card(config_yaml: str, base: str | None, method: str) -> str:
-    front = ["---", f"base_model: {base}" if base else None, "library_name: transformers", "tags:",
-             "- merge", "- mergekit", "---"]
+    front = [
+        "---",
+        f"base_model: {base}" if base else None,
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- mergekit",
+        "---",
+    ]
     body = [
         "",
         f"# {method} merge",
@@ -115,7 +122,9 @@ def run_mergekit(
         if provenance is not None:
             config_yaml = provenance.config_header + provenance.restore_names(config_yaml)
             named_base = provenance.restore_names(base) if base else None
-            card = _card(provenance.restore_names(config_yaml), named_base, config.merge_method) + provenance.card_section
+            card = (
+                _card(provenance.restore_names(config_yaml), named_base, config.merge_method) + provenance.card_section
+            )
             (tmp / provenance.file_name).write_text(provenance.documents_yaml)
         (tmp / "mergekit_config.yml").write_text(config_yaml)
         (tmp / "README.md").write_text(card)

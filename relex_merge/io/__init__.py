@@ -1,13 +1,14 @@
 """Reading checkpoints and writing models.
 
-``registry.open_checkpoint`` opens any supported checkpoint; one module per format
-(``safetensors``, ``torch_bin``, ``fsdp``, ``dcp``, ``zero``) defines its reader and its
-``FORMAT``, and the registry finds them. ``base`` holds the reader interface and what the
-formats share, ``dtypes`` the one dtype table, ``hf`` Hugging Face folder helpers and
-``writer`` the streaming safetensors writer.
+    formats/        one file per checkpoint format (reader + FORMAT); ``formats.open_checkpoint``
+                    opens any supported checkpoint
+    writers/        one file per output format (an OutputSink + WRITER): safetensors
+    base.py         the reader interface and what the formats share
+    dtypes.py       the one dtype table
+    hf.py           Hugging Face folder helpers
+    fingerprints.py fingerprints of weight files (model cards, fit caches)
 
-This package imports nothing itself, so ``relex_merge.io.dtypes`` or ``writer`` load without
-every format.
+This package imports nothing itself, so ``relex_merge.io.dtypes`` loads without every format.
 """
 
 __all__: list[str] = []  # every name lives in a submodule; import it from there

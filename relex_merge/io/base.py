@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import pickle
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Sequence
+from typing import ClassVar
 
 import torch
 

@@ -5,9 +5,9 @@ byte with --full-hash."""
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 __all__ = ["InputRecord", "input_record"]
 

@@ -3,12 +3,12 @@ the window fits, and the verdict on its target."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from relex_merge.core.backtest import horizon, window_steps
-from relex_merge.core.verdict import TargetVerdict
 from relex_merge.config.schema import RelexConfig
+from relex_merge.core.backtest import horizon, window_steps
 from relex_merge.core.summary import Distribution, FitSummary
+from relex_merge.core.verdict import TargetVerdict
 from relex_merge.io.fingerprints import InputRecord
 
 __all__ = ["model_card"]
@@ -17,10 +17,7 @@ __all__ = ["model_card"]
 def _row(label: str, d: Distribution | None) -> str:
     if d is None:
         return f"| {label} | n/a | n/a | n/a | n/a |"
-    return (
-        f"| {label} | {d.weighted_mean:.4f} | {d.median:.4f} | {d.p05:.4f} | "
-        f"{d.minimum:.4f} (`{d.worst_tensor}`) |"
-    )
+    return f"| {label} | {d.weighted_mean:.4f} | {d.median:.4f} | {d.p05:.4f} | {d.minimum:.4f} (`{d.worst_tensor}`) |"
 
 
 _TITLES = {"extrapolate": "extrapolation", "reconstruct": "reconstruction", "fit_reconstruct": "fitted reconstruction"}
@@ -43,7 +40,9 @@ def model_card(
     if verdict is not None and verdict.chosen_by_backtest:
         fit += " (chosen by the backtest)"
     if spec.refit_every is not None:
-        fit += f"; re-fitted every {spec.refit_every} predicted checkpoints on the last {spec.refit_window or len(window)}"
+        fit += (
+            f"; re-fitted every {spec.refit_every} predicted checkpoints on the last {spec.refit_window or len(window)}"
+        )
     lines: list[str | None] = [
         "---",
         f"base_model: {config.base_path}",
@@ -67,7 +66,9 @@ def model_card(
         f"| window steps | {_steps_text(window)} ({len(window)} checkpoints) |",
         f"| mode | {p.mode} |",
         f"| target step | {target} |",
-        f"| horizon past the window | {horizon(window, target):.2f} x the window span |" if p.mode == "extrapolate" else None,
+        f"| horizon past the window | {horizon(window, target):.2f} x the window span |"
+        if p.mode == "extrapolate"
+        else None,
         f"| rank | {p.rank} |",
         f"| fit | {fit} |",
         f"| scale | {p.scale} |",
@@ -102,14 +103,15 @@ def model_card(
         "",
         "## Inputs",
         "",
-        "Fingerprints: `fast` hashes each file's size and three 1 MiB samples; `sha256` "
-        "(`--hash`) every byte.",
+        "Fingerprints: `fast` hashes each file's size and three 1 MiB samples; `sha256` (`--hash`) every byte.",
         "",
         "| checkpoint | step | weight bytes | fingerprint |",
         "|---|---|---|---|",
     ]
     for record in inputs:
-        lines.append(f"| `{record.path}` | {steps_by_path.get(record.path, '')} | {record.bytes} | `{record.fingerprint}` |")
+        lines.append(
+            f"| `{record.path}` | {steps_by_path.get(record.path, '')} | {record.bytes} | `{record.fingerprint}` |"
+        )
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 

@@ -7,8 +7,8 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from relex_merge.common.errors import RelexError
 from relex_merge.engine import process_group

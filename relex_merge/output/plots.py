@@ -70,8 +70,14 @@ def write_plots(analysis: Analysis, out: Path) -> list[Path]:
             ys = [100 * e for e in row.errors if e is not None]
             style = dict(color="black", ls="--") if row.family == "stop" else dict(ls="-")
             ax.plot(xs, ys, marker="o", ms=3, lw=1, label=row.fit if row.family != "stop" else "stopping", **style)
-        ax.plot([p.horizon for p in analysis.backtest], [100 * p.relative_error for p in analysis.backtest],
-                ".", ms=2, color="grey", label=f"{analysis.fit}: every point")
+        ax.plot(
+            [p.horizon for p in analysis.backtest],
+            [100 * p.relative_error for p in analysis.backtest],
+            ".",
+            ms=2,
+            color="grey",
+            label=f"{analysis.fit}: every point",
+        )
         ax.axhline(100 * analysis.tolerance, color="red", ls="--", lw=1, label="tolerance")
         for target, h in analysis.target_horizons.items():
             if h > 0:

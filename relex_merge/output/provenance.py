@@ -22,15 +22,22 @@ class Provenance:
     @property
     def config_header(self) -> str:
         """Comment lines that head the final output's config, pointing to the stages."""
-        return (f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
-                f"stage are that stage's output: see {self.file_name} and README.md\n")
+        return (
+            f"# stage {len(self.stage_lines) + 1} of a multi-stage merge ({self.source}); models named after a "
+            f"stage are that stage's output: see {self.file_name} and README.md\n"
+        )
 
     @property
     def card_section(self) -> str:
         """The model card's "Stages" section: one line per earlier stage."""
-        lines = ["", "## Stages", "",
-                 f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
-                 f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):", ""]
+        lines = [
+            "",
+            "## Stages",
+            "",
+            f"This model is the final stage of the multi-stage config `{self.source}`, copied here as "
+            f"`{self.file_name}`. Earlier stages (their outputs were intermediate folders):",
+            "",
+        ]
         return "\n".join(lines + [f"- {line}" for line in self.stage_lines]) + "\n"
 
     def restore_names(self, text: str) -> str:

@@ -12,8 +12,8 @@ index). Any failure aborts every sink; the caller's atomic folder removes the pa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from relex_merge.engine import process_group
 from relex_merge.io.writers import OutputSink, OutputTensor, output_format

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import json
 import string
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

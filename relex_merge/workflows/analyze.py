@@ -11,8 +11,7 @@ from relex_merge.config.options import Options
 from relex_merge.config.schema import load_config
 from relex_merge.core.analysis import Analysis, analyze_grams, representative_curves
 from relex_merge.core.backtest import DEFAULT_TOLERANCE
-from relex_merge.engine import EngineOptions, EngineStats, planned_read_bytes, run_job, share_of
-from relex_merge.engine import process_group
+from relex_merge.engine import EngineOptions, EngineStats, planned_read_bytes, process_group, run_job, share_of
 from relex_merge.output import plots
 from relex_merge.output.folders import atomic_output_dir, check_output_path
 from relex_merge.workflows.fit_cache import CACHE_NAME, write_fit_cache
@@ -52,8 +51,9 @@ def analyze(
     mine = share_of(plan.job)
     progress.start("analyze", planned_read_bytes(plan.job.gram_only().share(mine)), len(mine))
     # every rank reads its share; the Gram matrices of all are exchanged; rank 0 writes
-    analysis, stats = run_analysis(plan, engine, options.tolerance,
-                                   progress=lambda nbytes, finished: progress.advance(nbytes, int(finished)))
+    analysis, stats = run_analysis(
+        plan, engine, options.tolerance, progress=lambda nbytes, finished: progress.advance(nbytes, int(finished))
+    )
     progress.finish()
     written: list[Path] = []
     with group.step("writing the analysis"):
@@ -75,9 +75,15 @@ def run_analysis(
     stats = run_job(plan.job.gram_only(), [], options, progress)
     reports = [r for r in stats.tensors if r.gram is not None]
     analysis = analyze_grams(
-        [r.name for r in reports], [r.numel for r in reports], [r.gram for r in reports],
-        list(plan.job.steps), list(plan.job.targets), plan.job.spec, tolerance,
+        [r.name for r in reports],
+        [r.numel for r in reports],
+        [r.gram for r in reports],
+        list(plan.job.steps),
+        list(plan.job.targets),
+        plan.job.spec,
+        tolerance,
     )
-    analysis.coefficients = representative_curves({r.name: r.gram for r in reports}, analysis, plan.job.steps,
-                                                  plan.job.spec)
+    analysis.coefficients = representative_curves(
+        {r.name: r.gram for r in reports}, analysis, plan.job.steps, plan.job.spec
+    )
     return analysis, stats

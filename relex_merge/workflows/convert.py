@@ -7,23 +7,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from relex_merge.engine import chunk_rows, row_ranges
 from relex_merge.common.errors import RelexError
-from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
-from relex_merge.io.base import CheckpointReader, TensorMeta
-from relex_merge.io.hf import read_model_config
-from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.writers import OutputTensor
-from relex_merge.output.sinks import open_sinks, written_bytes
-from relex_merge.engine import process_group
-from relex_merge.engine.sharding import assign
-from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
-from relex_merge.config.options import Options
 from relex_merge.common.progress import NullProgress, Progress
 from relex_merge.common.units import default_max_memory
+from relex_merge.config.options import Options
+from relex_merge.engine import chunk_rows, process_group, row_ranges
+from relex_merge.engine.sharding import assign
+from relex_merge.io.base import CheckpointReader, TensorMeta
+from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
+from relex_merge.io.formats import open_checkpoint
+from relex_merge.io.hf import read_model_config
+from relex_merge.io.writers import OutputTensor
+from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
+from relex_merge.output.sinks import open_sinks, written_bytes
 
 __all__ = ["convert", "plan_convert", "write_converted", "ConvertPlan", "ConvertResult"]
-
 
 
 @dataclass(frozen=True)
@@ -101,12 +99,23 @@ def convert(
 ) -> ConvertResult:
     """Write checkpoint ``src`` (any readable format) as a Hugging Face safetensors folder ``out``."""
     with process_group.current().step("checking the input and the output folder"):
-        plan = plan_convert(Path(src), Path(out), dtype=dtype, config_from=Path(config_from) if config_from else None,
-                            overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle)
+        plan = plan_convert(
+            Path(src),
+            Path(out),
+            dtype=dtype,
+            config_from=Path(config_from) if config_from else None,
+            overwrite=options.overwrite,
+            allow_unsafe_pickle=options.allow_unsafe_pickle,
+        )
     for warning in plan.reader.warnings:
         progress.note(f"warning: {warning}")
-    return write_converted(plan, shard_size=options.shard_size, output_format=options.output_format, max_memory=options.max_memory or default_max_memory(),
-                           progress=progress)
+    return write_converted(
+        plan,
+        shard_size=options.shard_size,
+        output_format=options.output_format,
+        max_memory=options.max_memory or default_max_memory(),
+        progress=progress,
+    )
 
 
 def write_converted(
@@ -126,8 +135,9 @@ def write_converted(
     targets = {t.name: t for t in plan.tensors}
     progress.start("convert", sum(reader.meta(n).nbytes for n in mine), len(mine))
     with shared_output_dir(plan.out, group) as tmp:
-        with open_sinks([tmp], plan.tensors, mine, shard_size=shard_size, output_format_name=output_format,
-                        group=group) as (sink,):
+        with open_sinks(
+            [tmp], plan.tensors, mine, shard_size=shard_size, output_format_name=output_format, group=group
+        ) as (sink,):
             with group.step("converting the tensors"):
                 for name in mine:
                     meta = reader.meta(name)

@@ -5,18 +5,17 @@ Gram pass, and a cache made from other checkpoints or steps is refused."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
 from relex_merge.common.errors import RelexError
-from relex_merge.engine import TensorReport
+from relex_merge.engine import TensorReport, process_group
 from relex_merge.io.base import TensorMeta
 from relex_merge.io.formats.safetensors import read_safetensors_header
-from relex_merge.engine import process_group
-from relex_merge.output.sinks import open_sinks
 from relex_merge.io.writers import OutputTensor
+from relex_merge.output.sinks import open_sinks
 from relex_merge.workflows.plan import MergePlan
 
 __all__ = ["CACHE_NAME", "write_fit_cache", "load_fit_cache"]
@@ -35,8 +34,15 @@ def write_fit_cache(path: Path, plan: MergePlan, reports: Sequence[TensorReport]
     }
     n = len(plan.job.steps)
     layout = [OutputTensor(t.name, TensorMeta((n, n), torch.float64)) for t in tensors]
-    with open_sinks([path.parent], layout, [t.name for t in layout], shard_size=1 << 62, metadata=metadata,
-                    file_name=path.name, group=process_group.Group()) as (sink,):  # this process alone
+    with open_sinks(
+        [path.parent],
+        layout,
+        [t.name for t in layout],
+        shard_size=1 << 62,
+        metadata=metadata,
+        file_name=path.name,
+        group=process_group.Group(),
+    ) as (sink,):  # this process alone
         for t in tensors:
             sink.write(t.name, t.gram.to(torch.float64).contiguous())
 

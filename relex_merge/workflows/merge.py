@@ -7,28 +7,36 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from relex_merge.engine import process_group
-from relex_merge.core.backtest import DEFAULT_TOLERANCE
-from relex_merge.core.verdict import Assessment, assess
-from relex_merge.engine import EngineOptions, EngineStats, MergeJob, planned_read_bytes, run_job, share_of
 from relex_merge.common.errors import RelexError, UnsupportedTarget
-from relex_merge.config.options import Options
 from relex_merge.common.progress import NullProgress, Progress
-from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
-from relex_merge.workflows.plan import MergePlan, plan_merge
-from relex_merge.output.provenance import Provenance
-from relex_merge.output.sinks import open_sinks, written_bytes
+from relex_merge.config.options import Options
 from relex_merge.config.schema import load_documents, parse_config
 from relex_merge.config.stages import model_references, parse_stages, substitute
-from relex_merge.io.hf import is_hf_model
-from relex_merge.interop.mergekit_runner import known_methods, parse_mergekit_config, run_mergekit
-from relex_merge.workflows.fit_cache import load_fit_cache
-from relex_merge.output.card import model_card
+from relex_merge.core.backtest import DEFAULT_TOLERANCE
 from relex_merge.core.summary import FitSummary, summarize
+from relex_merge.core.verdict import Assessment, assess
+from relex_merge.engine import (
+    EngineOptions,
+    EngineStats,
+    MergeJob,
+    planned_read_bytes,
+    process_group,
+    run_job,
+    share_of,
+)
+from relex_merge.interop.mergekit_runner import known_methods, parse_mergekit_config, run_mergekit
+from relex_merge.io.hf import is_hf_model
+from relex_merge.output.card import model_card
+from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
+from relex_merge.output.provenance import Provenance
+from relex_merge.output.sinks import open_sinks, written_bytes
+from relex_merge.workflows.fit_cache import load_fit_cache
+from relex_merge.workflows.plan import MergePlan, plan_merge
 
 __all__ = ["run_merge", "execute_merge", "RunResult", "StageResult", "MergeResult"]
 
@@ -124,14 +132,16 @@ def execute_merge(
             first = assessment.unsupported[0]
             more = len(assessment.unsupported) - 1
             raise UnsupportedTarget(
-                f"--require-supported: {first.line()}" + (f" ({more} more target(s) unsupported)" if more else "")
+                f"--require-supported: {first.line()}"
+                + (f" ({more} more target(s) unsupported)" if more else "")
                 + " Nothing was written."
             )
         job = replace(job, fits=assessment.fits)
     with shared_output_dir(out, group) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
-        with open_sinks(folders, job.output_tensors(), mine, shard_size=shard_size,
-                        output_format_name=output_format, group=group) as sinks:
+        with open_sinks(
+            folders, job.output_tensors(), mine, shard_size=shard_size, output_format_name=output_format, group=group
+        ) as sinks:
             stats = run_job(job, sinks, options, _engine_progress(progress))
         if gram_stats is not None:
             stats = _combine(gram_stats, stats)
@@ -153,8 +163,15 @@ def execute_merge(
     return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
 
 
-def _write_side_files(plan: MergePlan, job: MergeJob, assessment: Assessment, summary: FitSummary,
-                      folders: list[Path], full_hash: bool, provenance: Provenance | None) -> None:
+def _write_side_files(
+    plan: MergePlan,
+    job: MergeJob,
+    assessment: Assessment,
+    summary: FitSummary,
+    folders: list[Path],
+    full_hash: bool,
+    provenance: Provenance | None,
+) -> None:
     """Each output's config.json, tokenizer, relex_config.yml and model card."""
     inputs = plan.fingerprints(full_hash)
     tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
@@ -222,12 +239,15 @@ def _stage_line(stage, result: StageResult) -> str:
         return f"{label}: {', '.join(models)}"
     steps = list(result.plan.job.steps)
     parts = []
-    for (target, scale, _), fit, verdict in zip(result.merge.outputs, result.merge.assessment.fits,
-                                                 result.merge.assessment.verdicts):
+    for (target, scale, _), fit, verdict in zip(
+        result.merge.outputs, result.merge.assessment.fits, result.merge.assessment.verdicts
+    ):
         text = f"target step {target}, scale {scale:g}, fit {fit.describe()}"
         parts.append(text + (f"; {verdict.line()}" if verdict is not None else ""))
-    return (f"{label}: base {result.plan.config.base_path}, window steps {steps[0]}..{steps[-1]} "
-            f"({len(steps)} checkpoints), mode {result.plan.job.spec.mode}; " + " | ".join(parts))
+    return (
+        f"{label}: base {result.plan.config.base_path}, window steps {steps[0]}..{steps[-1]} "
+        f"({len(steps)} checkpoints), mode {result.plan.job.spec.mode}; " + " | ".join(parts)
+    )
 
 
 def _model_names(document: dict) -> list[str]:
@@ -305,15 +325,24 @@ def run_merge(
                     if options.fit_cache is not None:
                         plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
                     if not final and len(plan.job.targets) != 1:
-                        raise RelexError(f"stage '{stage.name}': a stage used by later stages needs exactly one target_step")
+                        raise RelexError(
+                            f"stage '{stage.name}': a stage used by later stages needs exactly one target_step"
+                        )
                     check_output_path(target, plan.model_paths, overwrite)
                 for warning in plan.warnings:
                     progress.note(f"warning: {warning}")
                 merged = execute_merge(
-                    plan, target, engine, overwrite=overwrite, shard_size=options.shard_size,
+                    plan,
+                    target,
+                    engine,
+                    overwrite=overwrite,
+                    shard_size=options.shard_size,
                     output_format=options.output_format,
-                    full_hash=options.full_hash, require_supported=options.require_supported,
-                    tolerance=options.tolerance, provenance=provenance, progress=progress,
+                    full_hash=options.full_hash,
+                    require_supported=options.require_supported,
+                    tolerance=options.tolerance,
+                    provenance=provenance,
+                    progress=progress,
                 )
                 result.stages.append(StageResult(stage.name, "relex", target, merge=merged, plan=plan))
             else:
@@ -321,8 +350,16 @@ def run_merge(
                 shown = not isinstance(progress, NullProgress) and not getattr(progress, "quiet", False)
                 with group.step(f"running the {stage.method} stage"):
                     if group.main:
-                        run_mergekit(document, where, target, device=engine.device.type, shard_size=options.shard_size,
-                                     quiet=not shown, overwrite=overwrite, provenance=provenance)
+                        run_mergekit(
+                            document,
+                            where,
+                            target,
+                            device=engine.device.type,
+                            shard_size=options.shard_size,
+                            quiet=not shown,
+                            overwrite=overwrite,
+                            provenance=provenance,
+                        )
                 result.stages.append(StageResult(stage.name, stage.method, target))
             lines.append(_stage_line(stage, result.stages[-1]))
     finally:

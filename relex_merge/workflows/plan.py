@@ -9,19 +9,19 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.config.schema import RelexConfig, RelexParameters
-from relex_merge.core.backtest import Backtest
-from relex_merge.engine import MergeJob
 from relex_merge.common.errors import RelexError
-from relex_merge.core import fits
-from relex_merge.core.relex import window_indices
-from relex_merge.io.dtypes import CONFIG_DTYPES
-from relex_merge.io.base import CheckpointReader
-from relex_merge.io.hf import read_model_config
-from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.fingerprints import InputRecord, input_record
-from relex_merge.config.trajectory import expand_trajectory
 from relex_merge.common.units import human_bytes
+from relex_merge.config.schema import RelexConfig, RelexParameters
+from relex_merge.config.trajectory import expand_trajectory
+from relex_merge.core import fits
+from relex_merge.core.backtest import Backtest
+from relex_merge.core.relex import window_indices
+from relex_merge.engine import MergeJob
+from relex_merge.io.base import CheckpointReader
+from relex_merge.io.dtypes import CONFIG_DTYPES
+from relex_merge.io.fingerprints import InputRecord, input_record
+from relex_merge.io.formats import open_checkpoint
+from relex_merge.io.hf import read_model_config
 
 __all__ = ["MergePlan", "plan_merge", "check_targets"]
 
@@ -98,7 +98,10 @@ def _check_parameters(
 
 
 def check_targets(
-    targets: list[int], p: RelexParameters, steps: list[int], require_targets: bool = True,
+    targets: list[int],
+    p: RelexParameters,
+    steps: list[int],
+    require_targets: bool = True,
     where: str = "parameters.target_step",
 ) -> tuple[list[int], list[str]]:
     """The checks every target step gets, from the config's ``target_step`` or sweep's
@@ -152,7 +155,9 @@ def _check_points(spec, n_used: int) -> None:
         if spec.refit_window < need:
             raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
         if spec.refit_window > n_used:
-            raise RelexError(f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window")
+            raise RelexError(
+                f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window"
+            )
 
 
 def _check_backtest_can_choose(spec, steps: list[int]) -> None:
@@ -165,24 +170,23 @@ def _check_backtest_can_choose(spec, steps: list[int]) -> None:
         return
     got = f"needs at least {probe.min_points + 1} checkpoints in the window to choose (got {len(probe.steps)})"
     if spec.fit.family == fits.AUTO:
-        raise RelexError(f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe "
-                         "more checkpoints")
+        raise RelexError(
+            f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe more checkpoints"
+        )
     key = spec.fit.curve_family.shape.key
-    raise RelexError(f"parameters.{key}: {spec.fit.family}'s {key} is chosen by the backtest when not given, and the "
-                     f"backtest {got}; give {key}: or observe more checkpoints")
+    raise RelexError(
+        f"parameters.{key}: {spec.fit.family}'s {key} is chosen by the backtest when not given, and the "
+        f"backtest {got}; give {key}: or observe more checkpoints"
+    )
 
 
-def _open_all(
-    config: RelexConfig, allow_unsafe_pickle: bool
-) -> tuple[CheckpointReader, list[CheckpointReader]]:
+def _open_all(config: RelexConfig, allow_unsafe_pickle: bool) -> tuple[CheckpointReader, list[CheckpointReader]]:
     base = open_checkpoint(config.base_path, allow_unsafe_pickle)
     checkpoints = [open_checkpoint(m.model, allow_unsafe_pickle) for m in config.models or []]
     return base, checkpoints
 
 
-def _check_tensors(
-    base: CheckpointReader, checkpoints: list[CheckpointReader], tied_embeddings: bool
-) -> None:
+def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader], tied_embeddings: bool) -> None:
     names = base.names()
     expected = set(names)
     if not names:
@@ -200,9 +204,7 @@ def _check_tensors(
         for name in names:
             a, b = base.meta(name), reader.meta(name)
             if a.shape != b.shape:
-                raise RelexError(
-                    f"{reader.path}: tensor {name} has shape {list(b.shape)}, base has {list(a.shape)}"
-                )
+                raise RelexError(f"{reader.path}: tensor {name} has shape {list(b.shape)}, base has {list(a.shape)}")
             if a.dtype.is_floating_point != b.dtype.is_floating_point:
                 raise RelexError(f"{reader.path}: tensor {name} is {b.dtype}, base has {a.dtype}")
 
@@ -227,9 +229,7 @@ def _check_paths(config: RelexConfig) -> None:
         raise RelexError(f"tokenizer_source: {config.tokenizer_source} is not a directory")
 
 
-def plan_merge(
-    config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True
-) -> MergePlan:
+def plan_merge(config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True) -> MergePlan:
     """Validate everything (headers only) and return the job; ``require_targets=False`` for
     analyze, where targets only inform the verdict."""
     discovered = config.trajectory is not None
@@ -261,7 +261,17 @@ def plan_merge(
         out_dtype=out_dtype,
     )
     used = [steps[k] for k in window_indices(len(steps), job.spec.window)]
-    log.debug("window: %d checkpoints, steps %d..%d; the fit uses %d (steps %d..%d); targets %s; fit %s, rank %d, "
-              "mode %s", len(steps), steps[0], steps[-1], len(used), used[0], used[-1], targets,
-              job.spec.fit.describe(), job.spec.rank, job.spec.mode)
+    log.debug(
+        "window: %d checkpoints, steps %d..%d; the fit uses %d (steps %d..%d); targets %s; fit %s, rank %d, mode %s",
+        len(steps),
+        steps[0],
+        steps[-1],
+        len(used),
+        used[0],
+        used[-1],
+        targets,
+        job.spec.fit.describe(),
+        job.spec.rank,
+        job.spec.mode,
+    )
     return MergePlan(config=config, job=job, base_config=base_config, warnings=warnings)

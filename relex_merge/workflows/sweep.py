@@ -7,24 +7,23 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
 
-from relex_merge.engine import process_group
-from relex_merge.core import fits
-from relex_merge.config.schema import load_config
-from relex_merge.engine import EngineOptions
 from relex_merge.common.errors import RelexError
-from relex_merge.evaluation.lm_eval import EvalResult, check_tasks, evaluate, task_manager
-from relex_merge.core.relex import FitSpec
-from relex_merge.io.hf import is_hf_model
-from relex_merge.workflows.merge import execute_merge
-from relex_merge.output.folders import atomic_output_dir, check_output_path
-from relex_merge.config.options import Options
-from relex_merge.workflows.convert import plan_convert, write_converted
-from relex_merge.workflows.plan import MergePlan, check_targets, plan_merge
 from relex_merge.common.progress import NullProgress, Progress
+from relex_merge.config.options import Options
+from relex_merge.config.schema import load_config
+from relex_merge.core import fits
+from relex_merge.core.relex import FitSpec
+from relex_merge.engine import EngineOptions, process_group
+from relex_merge.evaluation.lm_eval import EvalResult, check_tasks, evaluate, task_manager
+from relex_merge.io.hf import is_hf_model
+from relex_merge.output.folders import atomic_output_dir, check_output_path
+from relex_merge.workflows.convert import plan_convert, write_converted
+from relex_merge.workflows.merge import execute_merge
+from relex_merge.workflows.plan import MergePlan, check_targets, plan_merge
 
 __all__ = ["sweep", "run_sweep", "parse_fits", "SweepResult", "Candidate"]
 
@@ -63,9 +62,19 @@ def sweep(
         fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
         engine = options.engine()
     return run_sweep(
-        plan, Path(out), targets, scales, tasks, engine, fits=fit_list,
-        include_path=Path(include_path) if include_path else None, limit=limit, keep_all=keep_all,
-        overwrite=options.overwrite, allow_unsafe_pickle=options.allow_unsafe_pickle, progress=progress,
+        plan,
+        Path(out),
+        targets,
+        scales,
+        tasks,
+        engine,
+        fits=fit_list,
+        include_path=Path(include_path) if include_path else None,
+        limit=limit,
+        keep_all=keep_all,
+        overwrite=options.overwrite,
+        allow_unsafe_pickle=options.allow_unsafe_pickle,
+        progress=progress,
     )
 
 
@@ -135,8 +144,9 @@ def run_sweep(
         check_output_path(out, plan.model_paths, overwrite)
     fits = list(fits or [plan.job.spec.fit])
     triples = [(t, s, f) for t in targets for s in scales for f in fits]
-    job = replace(plan.job, targets=[t for t, _, _ in triples], scales=[s for _, s, _ in triples],
-                  fits=[f for _, _, f in triples])
+    job = replace(
+        plan.job, targets=[t for t, _, _ in triples], scales=[s for _, s, _ in triples], fits=[f for _, _, f in triples]
+    )
     names = [f"step-{t}-scale-{s:g}" + (f"-fit-{f.family}" if len(fits) > 1 else "") for t, s, f in triples]
     # the build (and the baseline's conversion) are the distributed part: into hidden siblings,
     # moved into the output after
@@ -144,22 +154,27 @@ def run_sweep(
     converted = out.parent / f".{out.name}.relex-baseline"
     try:
         say(f"building {len(triples)} candidates from one read of the window")
-        built = execute_merge(replace(plan, job=job), staging, options, overwrite=True, names=names,
-                              progress=progress)
+        built = execute_merge(replace(plan, job=job), staging, options, overwrite=True, names=names, progress=progress)
         baseline = Path(plan.config.models[-1].model)
         if not is_hf_model(baseline):
             # lm-eval needs an HF folder; every rank converts its share (the converter's steps are
             # collectives, so rank 0 cannot convert alone after the others returned)
             say(f"converting the last window checkpoint {baseline} for scoring")
             with group.step("checking the last window checkpoint's conversion"):
-                conversion = plan_convert(baseline, converted, config_from=Path(plan.config.base_path),
-                                          overwrite=True, allow_unsafe_pickle=allow_unsafe_pickle)
+                conversion = plan_convert(
+                    baseline,
+                    converted,
+                    config_from=Path(plan.config.base_path),
+                    overwrite=True,
+                    allow_unsafe_pickle=allow_unsafe_pickle,
+                )
             write_converted(conversion, max_memory=options.max_memory)
             baseline = converted
         if not group.main:
             return None
-        return _score_candidates(built, plan, baseline, staging, out, tasks, manager, include_path, limit, keep_all,
-                                 str(options.device), say)
+        return _score_candidates(
+            built, plan, baseline, staging, out, tasks, manager, include_path, limit, keep_all, str(options.device), say
+        )
     finally:
         for folder in (staging, converted):
             if group.main and folder.exists():
@@ -170,8 +185,9 @@ def _check_grid(plan: MergePlan, targets: Sequence[int], scales: Sequence[float]
     """The sweep's targets and scales, each once, checked like the config's (one-line errors)."""
     mode = plan.job.spec.mode
     if mode != "extrapolate":
-        raise RelexError(f"sweep: the config's mode is {mode}; sweep chooses how far to extrapolate, so it needs "
-                         "mode: extrapolate")
+        raise RelexError(
+            f"sweep: the config's mode is {mode}; sweep chooses how far to extrapolate, so it needs mode: extrapolate"
+        )
     # a repeated value would build (and score) the same candidate twice, under one folder name
     targets, scales = list(dict.fromkeys(targets)), list(dict.fromkeys(scales))
     if not targets or not scales:
@@ -184,18 +200,22 @@ def _check_grid(plan: MergePlan, targets: Sequence[int], scales: Sequence[float]
     return targets, scales
 
 
-def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device,
-                      say) -> SweepResult:
+def _score_candidates(
+    built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device, say
+) -> SweepResult:
     baseline_step = plan.config.models[-1].parameters.step
     with atomic_output_dir(out) as tmp:
         staging.rename(tmp / "candidates")
         built = replace(built, outputs=[(t, s, tmp / "candidates" / f.name) for t, s, f in built.outputs])
         results = []
-        for (target, scale, folder), fit, verdict in zip(built.outputs, built.assessment.fits, built.assessment.verdicts):
+        for (target, scale, folder), fit, verdict in zip(
+            built.outputs, built.assessment.fits, built.assessment.verdicts
+        ):
             say(f"scoring {folder.name}")
             result = _score(folder, tasks, manager, include_path, limit, device)
-            results.append(Candidate(folder.name, target, scale, result, fit.describe(),
-                                     verdict.line() if verdict else None))
+            results.append(
+                Candidate(folder.name, target, scale, result, fit.describe(), verdict.line() if verdict else None)
+            )
         say(f"scoring the last window checkpoint (step {baseline_step})")
         baseline = Candidate(
             f"last window checkpoint (step {baseline_step})",
@@ -215,8 +235,15 @@ def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, i
             "best": best.label,
             "baseline": {"label": baseline.label, "score": baseline.result.mean, "stderr": baseline.result.mean_stderr},
             "candidates": [
-                {"label": c.label, "target_step": c.target, "scale": c.scale, "fit": c.fit, "score": c.result.mean,
-                 "stderr": c.result.mean_stderr, "verdict": c.verdict}
+                {
+                    "label": c.label,
+                    "target_step": c.target,
+                    "scale": c.scale,
+                    "fit": c.fit,
+                    "score": c.result.mean,
+                    "stderr": c.result.mean_stderr,
+                    "verdict": c.verdict,
+                }
                 for c in results
             ],
         }
@@ -224,7 +251,9 @@ def _score_candidates(built, plan, baseline_dir, staging, out, tasks, manager, i
     return SweepResult(results, baseline, best, out / "best")
 
 
-def _score(folder: Path, tasks, manager, include_path, limit, device: str,
-           results_file: Path | None = None) -> EvalResult:
-    return evaluate(folder, tasks, include_path=include_path, limit=limit, device=device, manager=manager,
-                    results_file=results_file)
+def _score(
+    folder: Path, tasks, manager, include_path, limit, device: str, results_file: Path | None = None
+) -> EvalResult:
+    return evaluate(
+        folder, tasks, include_path=include_path, limit=limit, device=device, manager=manager, results_file=results_file
+    )

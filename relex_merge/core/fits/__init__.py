@@ -10,8 +10,21 @@ from __future__ import annotations
 from relex_merge.common.registry import Registry
 from relex_merge.core.fits._base import BasisFamily, Curve, FitFamily, Shape, r_squared
 
-__all__ = ["AUTO", "FitFamily", "BasisFamily", "Curve", "Shape", "r_squared", "REGISTRY", "family", "names",
-           "families", "shape_keys", "shape_users", "shape_parameter"]
+__all__ = [
+    "AUTO",
+    "FitFamily",
+    "BasisFamily",
+    "Curve",
+    "Shape",
+    "r_squared",
+    "REGISTRY",
+    "family",
+    "names",
+    "families",
+    "shape_keys",
+    "shape_users",
+    "shape_parameter",
+]
 
 AUTO = "auto"  # not a family: the backtest picks one per target
 
@@ -22,8 +35,9 @@ def _not_auto(found: list[FitFamily], fam: FitFamily) -> None:
 
 
 # the order ties are broken in: simpler first, then by name
-REGISTRY: Registry[FitFamily] = Registry(__name__, "FAMILY", FitFamily, "fit family",
-                                         order=lambda fam: (fam.complexity, fam.name), check=_not_auto)
+REGISTRY: Registry[FitFamily] = Registry(
+    __name__, "FAMILY", FitFamily, "fit family", order=lambda fam: (fam.complexity, fam.name), check=_not_auto
+)
 
 
 def families() -> list[FitFamily]:

@@ -18,8 +18,14 @@ class Log(BasisFamily):
 
     name = "log"
     formula = "c = a + b·ln(s − s0 + tau)"
-    shape = Shape("tau", "offset in steps", low=0.0, high=math.inf,
-                  grid=tuple(2 ** (k / 4) for k in range(-16, 9)), grid_in_window_spans=True)
+    shape = Shape(
+        "tau",
+        "offset in steps",
+        low=0.0,
+        high=math.inf,
+        grid=tuple(2 ** (k / 4) for k in range(-16, 9)),
+        grid_in_window_spans=True,
+    )
     complexity = 3
 
     def basis(self, x, shape, origin, frame):

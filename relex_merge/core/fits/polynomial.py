@@ -16,8 +16,9 @@ class Polynomial(BasisFamily):
 
     name = "polynomial"
     formula = "c = a0 + a1·s + … + ad·s^d"
-    shape = Shape("degree", "polynomial degree", low=1, high=math.inf, low_inclusive=True, integer=True,
-                  default=2, grid=(2,))
+    shape = Shape(
+        "degree", "polynomial degree", low=1, high=math.inf, low_inclusive=True, integer=True, default=2, grid=(2,)
+    )
     complexity = 3
 
     def coefficients(self, shape):

@@ -17,8 +17,14 @@ class Saturating(BasisFamily):
 
     name = "saturating"
     formula = "c = a + b·(1 − exp(−(s − s0)/tau))"
-    shape = Shape("tau", "time constant in steps", low=0.0, high=math.inf,
-                  grid=tuple(2 ** (k / 4) for k in range(-8, 13)), grid_in_window_spans=True)
+    shape = Shape(
+        "tau",
+        "time constant in steps",
+        low=0.0,
+        high=math.inf,
+        grid=tuple(2 ** (k / 4) for k in range(-8, 13)),
+        grid_in_window_spans=True,
+    )
     complexity = 3
 
     def basis(self, x, shape, origin, frame):

@@ -86,9 +86,11 @@ class Sine(FitFamily):
             columns.append((f, torch.linalg.pinv(_design(x, torch.tensor([f], dtype=torch.float64))[0]) @ y))
 
         def evaluate(at: torch.Tensor) -> torch.Tensor:
-            return torch.stack(
-                [_design(at, torch.tensor([f], dtype=torch.float64))[0] @ coef for f, coef in columns], 1
-            ) if columns else torch.zeros(at.numel(), 0, dtype=torch.float64)
+            return (
+                torch.stack([_design(at, torch.tensor([f], dtype=torch.float64))[0] @ coef for f, coef in columns], 1)
+                if columns
+                else torch.zeros(at.numel(), 0, dtype=torch.float64)
+            )
 
         return Curve(evaluate, r_squared(values.to(torch.float64), evaluate(x)))
 

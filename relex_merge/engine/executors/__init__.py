@@ -4,7 +4,8 @@ EngineStats``); the registry below finds them, so a new executor (Ray, say) is o
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from relex_merge.common.registry import Registry
 from relex_merge.engine import process_group
@@ -19,8 +20,9 @@ class Executor(Protocol):
 
     name: str  # the registry key ("threads", "distributed")
 
-    def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
-            progress: ProgressFn) -> EngineStats:
+    def run(
+        self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions, progress: ProgressFn
+    ) -> EngineStats:
         """Run every span task of the job; return the reports of all its tensors."""
 
 

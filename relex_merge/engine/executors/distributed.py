@@ -7,13 +7,13 @@ output is byte for byte the single-process one."""
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
+from relex_merge.common.units import human_bytes
 from relex_merge.engine import process_group
 from relex_merge.engine.executors.threads import ThreadExecutor
-from relex_merge.engine.sharding import share
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn
-from relex_merge.common.units import human_bytes
+from relex_merge.engine.sharding import share
 
 __all__ = ["EXECUTOR", "DistributedExecutor"]
 
@@ -25,16 +25,23 @@ class DistributedExecutor:
 
     name = "distributed"
 
-    def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
-            progress: ProgressFn) -> EngineStats:
+    def run(
+        self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions, progress: ProgressFn
+    ) -> EngineStats:
         """Run this rank's share on its own threads, then gather every rank's reports; any rank's
         failure fails every rank. Every rank returns the same whole-job statistics."""
         group = process_group.current()
         mine = share(job, group)
         if log.isEnabledFor(logging.DEBUG):
             nbytes = sum(reader.meta(name).nbytes for name in mine for reader in job.readers)
-            log.debug("rank %d of %d: %d of %d tensors, %s of input", group.rank, group.world_size, len(mine),
-                      len(job.names()), human_bytes(nbytes))
+            log.debug(
+                "rank %d of %d: %d of %d tensors, %s of input",
+                group.rank,
+                group.world_size,
+                len(mine),
+                len(job.names()),
+                human_bytes(nbytes),
+            )
         with group.step("running the tensors"):
             stats = ThreadExecutor().run(job.share(mine), sinks, options, progress)
         everyone: list[EngineStats] = group.all_gather(stats)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import Sequence
 
 import torch
 
@@ -18,8 +18,9 @@ class ThreadExecutor:
 
     name = "threads"
 
-    def run(self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions,
-            progress: ProgressFn) -> EngineStats:
+    def run(
+        self, job: MergeJob, sinks: Sequence[ChunkSink], options: EngineOptions, progress: ProgressFn
+    ) -> EngineStats:
         """Run every span of the job; torch runs on one intra-op thread meanwhile (restored
         after). An error (a span's, or a check's in ``finished``) propagates once the pool has
         shut down."""

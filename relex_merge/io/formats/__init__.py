@@ -1,4 +1,4 @@
-"""The checkpoint formats, found by looking at the io package, and the one place that picks a
+"""The checkpoint formats, found by looking in this folder, and the one place that picks a
 reader for a path.
 
 Every module in this folder, ``relex_merge.io.formats``, is a format module and defines ``FORMAT``, a
@@ -45,8 +45,9 @@ def _free_priority(found: list[CheckpointFormat], fmt: CheckpointFormat) -> None
 
 
 # detection order: lowest priority first
-REGISTRY: Registry[CheckpointFormat] = Registry(__name__, "FORMAT", CheckpointFormat, "checkpoint format",
-                                                order=lambda fmt: fmt.priority, check=_free_priority)
+REGISTRY: Registry[CheckpointFormat] = Registry(
+    __name__, "FORMAT", CheckpointFormat, "checkpoint format", order=lambda fmt: fmt.priority, check=_free_priority
+)
 
 
 def formats() -> list[CheckpointFormat]:

@@ -2,8 +2,9 @@
 
 Each tensor is loaded on its own (no process group needed). DCP's reader loads a stored tensor
 (or each rank's stored piece) whole, even to fill a narrower destination, so the reader
-declares ``whole_tensor_reads``: the engine reads a DCP tensor in one span, once per pass. A save of ``{"model": ..., "optimizer": ...}`` is flattened by DCP to ``model.<name>``;
-in that case only the model's tensors are exposed, without the prefix.
+declares ``whole_tensor_reads``: the engine reads a DCP tensor in one span, once per pass. A
+save of ``{"model": ..., "optimizer": ...}`` is flattened by DCP to ``model.<name>``; in that
+case only the model's tensors are exposed, without the prefix.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ class DcpReader(CheckpointReader):
             metadata = FileSystemReader(str(path)).read_metadata()  # a pickle
         except UNREADABLE_PICKLE as exc:
             raise RelexError(f"{path}/.metadata: cannot read DCP metadata ({exc})") from None
-        stored = {
-            k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)
-        }
+        stored = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
         nested = any(not k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in stored)
         top = {k.split(".", 1)[0] for k in stored}
         self._prefix = "model." if nested and top - {"model"} <= {"optim", "optimizer", "extra", "lr_scheduler"} else ""

@@ -67,7 +67,9 @@ class FsdpShardReader(CheckpointReader):
             if m:
                 found.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
         if len(found) != 1:
-            raise RelexError(f"{self.path}: rank files of several world sizes {sorted(found)}; keep one save per folder")
+            raise RelexError(
+                f"{self.path}: rank files of several world sizes {sorted(found)}; keep one save per folder"
+            )
         world, ranks = next(iter(found.items()))
         missing = sorted(set(range(world)) - ranks)
         if missing:
@@ -136,7 +138,9 @@ class FsdpShardReader(CheckpointReader):
                 dim = placement.dim
                 rows = tuple(self._local(r, name).shape[dim] for r in self._ranks)
                 if sum(rows) != shape[dim]:
-                    raise RelexError(f"{self.path}: tensor {name} pieces add up to {sum(rows)} rows, expected {shape[dim]}")
+                    raise RelexError(
+                        f"{self.path}: tensor {name} pieces add up to {sum(rows)} rows, expected {shape[dim]}"
+                    )
                 self._layout[name] = _Layout(dim, rows)
             self._meta[name] = TensorMeta(shape, first._local_tensor.dtype)
         elif len(self._ranks) == 1 or first.dim() == 0:

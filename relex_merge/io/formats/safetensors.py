@@ -32,7 +32,9 @@ def read_safetensors_header(file: Path) -> tuple[int, dict[str, tuple[TensorMeta
             raise RelexError(f"{file}: not a safetensors file (shorter than 8 bytes); re-copy or re-save it")
         (length,) = struct.unpack("<Q", head)
         if length > _HEADER_LIMIT or 8 + length > size:
-            raise RelexError(f"{file}: truncated safetensors header ({size} bytes, header says {length}); re-copy or re-save it")
+            raise RelexError(
+                f"{file}: truncated safetensors header ({size} bytes, header says {length}); re-copy or re-save it"
+            )
         raw = f.read(length)
     try:
         header = json.loads(raw)

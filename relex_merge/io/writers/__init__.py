@@ -13,9 +13,10 @@ tensors are complete), ``finalize`` (every share together completes every tensor
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -72,8 +73,9 @@ class OutputFormat:
     create: Callable[..., OutputSink]  # (out_dir, tensors, shard_size, metadata=None, file_name=None)
 
 
-REGISTRY: Registry[OutputFormat] = Registry(__name__, "WRITER", OutputFormat, "output format",
-                                            order=lambda fmt: fmt.name)
+REGISTRY: Registry[OutputFormat] = Registry(
+    __name__, "WRITER", OutputFormat, "output format", order=lambda fmt: fmt.name
+)
 
 
 def output_format(name: str) -> OutputFormat:

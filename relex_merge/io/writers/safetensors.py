@@ -1,5 +1,7 @@
-"""The safetensors output format (what Hugging Face models use): a streaming writer where every tensor's name, shape and dtype is known before the
-merge starts, so each shard's header and every tensor's place in it are fixed up front, and
+"""The safetensors output format (what Hugging Face models use), written by streaming.
+
+Every tensor's name, shape and dtype is known before the merge starts, so each shard's header
+and every tensor's place in it are fixed up front, and
 tensor data is written span by span, from any thread and in any order, straight to its place.
 No output tensor is ever held whole."""
 
@@ -63,8 +65,9 @@ def _pwrite_all(fd: int, data: memoryview, position: int) -> None:
 
 
 class ShardedModelWriter:
-    """An OutputSink (relex_merge.io.writers). Receives tensor data as spans (``write_at``, thread-safe, any order) or front to back
-    (``write``, one tensor after the other); ``close`` checks that every byte arrived.
+    """An OutputSink (relex_merge.io.writers). Receives tensor data as spans (``write_at``,
+    thread-safe, any order) or front to back (``write``, one tensor after the other); ``close``
+    checks that every byte arrived.
 
     The layout is fixed at construction (no file is touched); ``prepare`` creates the shard
     files and writes their headers. In a distributed merge rank 0 prepares, every rank
@@ -181,9 +184,7 @@ class ShardedModelWriter:
             if done.get(name, 0) != meta.nbytes:
                 raise RuntimeError(f"writer: tensor {name} is incomplete ({done.get(name, 0)} of {meta.nbytes} bytes)")
         if len(self.shards) > 1:
-            weight_map = {
-                t.name: self.file_names[s] for s, shard in enumerate(self.shards) for t in shard
-            }
+            weight_map = {t.name: self.file_names[s] for s, shard in enumerate(self.shards) for t in shard}
             total = sum(t.meta.nbytes for shard in self.shards for t in shard)
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (self.out_dir / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
+from relex_merge.core.relex import RelexSpec
 from relex_merge.engine import EngineOptions, MergeJob
 from relex_merge.engine.tasks import SPAN_BYTES, _TensorState, chunk_rows, row_ranges
 from relex_merge.engine.tasks import plan_spans as _spans
-from relex_merge.core.relex import RelexSpec
 from relex_merge.io.base import CheckpointReader, TensorMeta
 
 
@@ -36,12 +36,20 @@ class MetaReader(CheckpointReader):
         raise AssertionError("no data is read")
 
 
-def job(shapes: dict[str, tuple], base_dtype=torch.float32, ckpt_dtype=torch.bfloat16, n_ckpt=3, targets=(20, 30),
-        out_dtype=None, compute=torch.float32):
+def job(
+    shapes: dict[str, tuple],
+    base_dtype=torch.float32,
+    ckpt_dtype=torch.bfloat16,
+    n_ckpt=3,
+    targets=(20, 30),
+    out_dtype=None,
+    compute=torch.float32,
+):
     base = MetaReader({n: TensorMeta(s, base_dtype) for n, s in shapes.items()})
     ckpts = [MetaReader({n: TensorMeta(s, ckpt_dtype) for n, s in shapes.items()}) for _ in range(n_ckpt)]
-    return MergeJob(base, ckpts, list(range(1, n_ckpt + 1)), list(targets), RelexSpec(), compute_dtype=compute,
-                    out_dtype=out_dtype)
+    return MergeJob(
+        base, ckpts, list(range(1, n_ckpt + 1)), list(targets), RelexSpec(), compute_dtype=compute, out_dtype=out_dtype
+    )
 
 
 def test_row_ranges_tile_the_rows():
@@ -74,7 +82,10 @@ def test_spans_split_a_tensor_into_row_ranges_within_the_memory_budget():
     # the outputs in bf16: 14 bytes an element, 64 elements, 8 rows a span
     j16 = job({"w": (20, 8)}, out_dtype=torch.bfloat16)
     assert _spans(j16, EngineOptions(max_memory=2 * 14 * 64, threads=2), "w") == [
-        ((0, 8), 0, 64), ((8, 16), 64, 64), ((16, 20), 128, 32)]
+        ((0, 8), 0, 64),
+        ((8, 16), 64, 64),
+        ((16, 20), 128, 32),
+    ]
     # one worker holds twice as much; no target still holds one output buffer's worth
     assert _spans(j, EngineOptions(max_memory=18 * 50, threads=1), "w")[0] == ((0, 6), 0, 48)
     jn = job({"w": (20, 8)}, targets=())

@@ -14,10 +14,9 @@ import torch
 import yaml
 
 from relex_merge.io.formats import open_checkpoint
-from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
-from tests.test_cli import generate, load_state
+from tests.helpers import assert_relex_output, assert_state_matches, generate, load_state, relex_expectation, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 STEPS = [1, 2, 3, 4]
 
 
@@ -53,7 +52,9 @@ def test_distributed_saves_read_back_unsharded(layout, shards, qwen_run):
     }[layout]
     step = 2 if layout == "fsdp2" else 1
     reader = open_checkpoint(folder)
-    assert type(reader).__name__ == {"fsdp2": "FsdpShardReader", "ddp-fsdp": "FsdpShardReader", "dcp": "DcpReader"}[layout]
+    assert (
+        type(reader).__name__ == {"fsdp2": "FsdpShardReader", "ddp-fsdp": "FsdpShardReader", "dcp": "DcpReader"}[layout]
+    )
     assert_same_as(reader, load_state(qwen_run / f"checkpoint-{step}"))
 
 
@@ -248,7 +249,10 @@ def test_convert_a_weight_file_into_a_folder_beside_it(qwen_run, tmp_path):
     for out in (".", "model.safetensors", str(tmp_path)):  # the file itself, or a folder that holds it
         refused = run_cli("convert", "model.safetensors", out, "--overwrite", cwd=folder)
         assert refused.exit_code == 2
-        assert refused.stderr.strip() == f"error: {out}: output overlaps the input model.safetensors; choose another output folder"
+        assert (
+            refused.stderr.strip()
+            == f"error: {out}: output overlaps the input model.safetensors; choose another output folder"
+        )
     assert (folder / "model.safetensors").read_bytes() == (qwen_run / "checkpoint-2" / "model.safetensors").read_bytes()
 
 
@@ -260,11 +264,10 @@ def test_a_dcp_tensor_is_read_once_per_pass_however_small_the_budget(tmp_path, m
 
     import torch.distributed.checkpoint as dcp
 
+    from relex_merge.core.relex import RelexSpec
     from relex_merge.engine import EngineOptions, MergeJob, run_job
     from relex_merge.engine.tasks import plan_spans
-    from relex_merge.core.relex import RelexSpec
-    from tests.helpers import DictReader, dense_relex
-    from tests.test_fit import CollectSink, assert_close, random_window
+    from tests.helpers import CollectSink, DictReader, assert_close, dense_relex, random_window
 
     base, checkpoints = random_window(n_ckpt=3, shapes={"w": (64, 8), "b": (8,)}, seed=5)
     folders = []

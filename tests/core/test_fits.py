@@ -5,79 +5,28 @@ squares on the real steps), independent of relex_merge.core.fits and relex_merge
 from __future__ import annotations
 
 import math
-from collections import deque
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from relex_merge.core import fits
-from relex_merge.core.verdict import assess
 from relex_merge.core.relex import FitSpec, RelexSpec, relex_weights
+from relex_merge.core.verdict import assess
 from relex_merge.testing.synthetic import make_planted_run
-from tests.helpers import run_cli
-from tests.test_cli import load_state, write_config
-from tests.test_fit import assert_close, engine_outputs, random_window
+from tests.helpers import (
+    assert_close,
+    dense_family,
+    dense_refit,
+    dense_svd,
+    engine_outputs,
+    load_state,
+    random_window,
+    run_cli,
+    write_config,
+)
 
 # ---- the dense reference -----------------------------------------------------------------
-
-
-def design(family: str, s: torch.Tensor, shape, s0: float) -> torch.Tensor:
-    one = torch.ones_like(s)
-    if family == "linear":
-        return torch.stack([one, s], 1)
-    if family == "linear_origin":
-        return (s - s0).unsqueeze(1)
-    if family == "polynomial":
-        return torch.stack([s**k for k in range(int(shape) + 1)], 1)
-    if family == "power":
-        return torch.stack([one, (s - s0) ** shape], 1)
-    if family == "log":
-        return torch.stack([one, torch.log(s - s0 + shape)], 1)
-    if family == "saturating":
-        return torch.stack([one, 1 - torch.exp(-(s - s0) / shape)], 1)
-    raise KeyError(family)
-
-
-def sine_fit(t: np.ndarray, y: np.ndarray):
-    """The reference scripts' fit_sin_fft: curve_fit from an FFT initial guess."""
-    from scipy.optimize import curve_fit
-
-    def f(x, a, freq, phi, c):
-        return a * np.sin(2 * np.pi * freq * x + phi) + c
-
-    guess_c = y.mean()
-    spectrum = np.fft.rfft(y - guess_c)
-    freqs = np.fft.rfftfreq(len(t), d=t[1] - t[0])
-    guess_f = freqs[np.argmax(np.abs(spectrum[1:])) + 1]
-    popt, _ = curve_fit(f, t, y, p0=[3 * y.std() / 2**0.5, guess_f, 0.0, guess_c], maxfev=10000)
-    return lambda x: f(np.asarray(x, dtype=np.float64), *popt)
-
-
-def fit_curve(family, steps, values, shape, s0):
-    """Per-column curves fitted on (steps, values): callables x -> (len(x), r)."""
-    s = torch.tensor(steps, dtype=torch.float64)
-    if family == "sine":
-        cols = [sine_fit(s.numpy(), values[:, i].numpy()) for i in range(values.shape[1])]
-        return lambda x: torch.tensor(np.stack([c(x) for c in cols], 1))
-    if family == "polynomial":  # numpy's polyfit: a route of its own
-        cols = [np.polyfit(s.numpy(), values[:, i].numpy(), int(shape)) for i in range(values.shape[1])]
-        return lambda x: torch.tensor(np.stack([np.polyval(c, np.asarray(x, float)) for c in cols], 1))
-    coef = torch.linalg.lstsq(design(family, s, shape, s0), values, driver="gelsd").solution
-    return lambda x: design(family, torch.as_tensor(x, dtype=torch.float64), shape, s0) @ coef
-
-
-def dense_svd(base, checkpoints, rank):
-    m = torch.stack([(c.double() - base.double()).reshape(-1) for c in checkpoints])
-    u, sigma, vh = torch.linalg.svd(m, full_matrices=False)
-    return (u * sigma)[:, :rank], vh[:rank]
-
-
-def dense_family(base, checkpoints, steps, targets, family, shape=None, rank=1, s0=0.0):
-    coefficients, directions = dense_svd(base, checkpoints, rank)
-    predicted = fit_curve(family, steps, coefficients, shape, s0)(targets)
-    return [(base.double().reshape(-1) + predicted[j] @ directions).reshape(base.shape) for j in range(len(targets))]
 
 
 def dense_autoregressive(base, checkpoints, steps, target, family, shape, every, keep, rank=1):
@@ -89,23 +38,14 @@ def dense_autoregressive(base, checkpoints, steps, target, family, shape, every,
     return (base.double().reshape(-1) + predicted @ directions).reshape(base.shape)
 
 
-def dense_refit(steps, coefficients, target, family, shape, every, keep, s0=0.0):
-    """The loop itself on coefficients (T x r): the predicted coefficients at ``target``."""
-    gap = steps[1] - steps[0]
-    xs, buf = deque(steps, maxlen=keep), deque(list(coefficients), maxlen=keep)
-    s = steps[-1]
-    while True:
-        curve = fit_curve(family, list(xs), torch.stack(list(buf)), shape, s0)
-        if target <= s + every * gap:
-            return curve([target])[0]
-        for k in range(1, every + 1):
-            xs.append(s + k * gap)
-            buf.append(curve([s + k * gap])[0])
-        s += every * gap
-
-
-FIXED = [("linear", None), ("linear_origin", None), ("polynomial", 2), ("power", 0.5), ("log", 4.0),
-         ("saturating", 6.0)]
+FIXED = [
+    ("linear", None),
+    ("linear_origin", None),
+    ("polynomial", 2),
+    ("power", 0.5),
+    ("log", 4.0),
+    ("saturating", 6.0),
+]
 
 
 # ---- every family through the engine ----------------------------------------------------
@@ -167,7 +107,9 @@ def test_mergekit_method_runs_every_fixed_family(qwen_run, tmp_path):
             "dtype": "float32",
         }
         out = tmp_path / family
-        run_merge(MergeConfiguration.model_validate(doc), str(out), options=MergeOptions(write_model_card=False, quiet=True))
+        run_merge(
+            MergeConfiguration.model_validate(doc), str(out), options=MergeOptions(write_model_card=False, quiet=True)
+        )
         merged = load_state(out)
         for name in ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "model.norm.weight"]:
             expected = dense_family(base[name], [c[name] for c in inputs], steps, [15], family, shape)[0]
@@ -208,8 +150,9 @@ def test_refit_every_equals_the_reference_loop(family, shape, every, keep):
     spec = RelexSpec(fit=FitSpec(family, shape), refit_every=every, refit_window=keep)
     sinks, _ = engine_outputs(base, checkpoints, steps, [target], spec)
     for name in base:
-        expected = dense_autoregressive(base[name], [c[name] for c in checkpoints], steps, target, family, shape,
-                                        every, keep or len(steps))
+        expected = dense_autoregressive(
+            base[name], [c[name] for c in checkpoints], steps, target, family, shape, every, keep or len(steps)
+        )
         assert_close(sinks[0].tensor(name), expected.reshape(-1))
     plain, _ = engine_outputs(base, checkpoints, steps, [target], RelexSpec(fit=FitSpec(family, shape)))
     if family != "linear" or keep is not None:  # a line re-fitted on its own extension is the same line
@@ -242,8 +185,9 @@ def planted(curve, steps, noise, seed=0, tensors=4, d=2000):
     for _ in range(tensors):
         v = torch.randn(d, generator=gen, dtype=torch.float64)
         v /= v.norm()
-        deltas = torch.stack([curve(s) * v + noise * torch.randn(d, generator=gen, dtype=torch.float64) / math.sqrt(d)
-                              for s in steps])
+        deltas = torch.stack(
+            [curve(s) * v + noise * torch.randn(d, generator=gen, dtype=torch.float64) / math.sqrt(d) for s in steps]
+        )
         out.append((v, deltas))
     return out
 
@@ -272,8 +216,10 @@ def test_auto_picks_a_family_that_predicts_far_ahead(name):
     assert assessment.verdicts[0].supported
     verdict = assessment.verdicts[0]
     assert verdict.chosen_by_backtest and verdict.fit == chosen
-    linear = [float((relex_weights(g, steps, [target], RelexSpec())[0] @ m - curve(target) * v).norm() / abs(curve(target)))
-              for (v, m), g in zip(tensors, grams)]
+    linear = [
+        float((relex_weights(g, steps, [target], RelexSpec())[0] @ m - curve(target) * v).norm() / abs(curve(target)))
+        for (v, m), g in zip(tensors, grams)
+    ]
     if name != "linear":
         assert max(linear) > 10 * max(errors)
     beyond = assess(grams, steps, [200], [spec]).verdicts[0]  # 9x: further than the window can test
@@ -321,8 +267,9 @@ def test_registry_finds_every_family_module():
 
 @pytest.fixture(scope="module")
 def sqrt_run(tmp_path_factory):
-    return make_planted_run(tmp_path_factory.mktemp("sqrtfit") / "run", steps=range(1, 13), rate=2e-3,
-                            noise=1e-6, curve=math.sqrt)
+    return make_planted_run(
+        tmp_path_factory.mktemp("sqrtfit") / "run", steps=range(1, 13), rate=2e-3, noise=1e-6, curve=math.sqrt
+    )
 
 
 def test_auto_end_to_end_writes_the_chosen_fit_and_its_verdict(sqrt_run, tmp_path):
@@ -332,12 +279,17 @@ def test_auto_end_to_end_writes_the_chosen_fit_and_its_verdict(sqrt_run, tmp_pat
     result = run_cli(str(cfg), str(out))
     assert result.exit_code == 0, result.output
     terminal = " ".join(result.stdout.split())
-    assert "verdict: SUPPORTED: step 24 is 1.1x the window span past its end; power (p=0.5) (chosen by the backtest)" in terminal
+    assert (
+        "verdict: SUPPORTED: step 24 is 1.1x the window span past its end; power (p=0.5) (chosen by the backtest)"
+        in terminal
+    )
     card = (out / "README.md").read_text()
     assert "## Verdict of the backtest" in card and "**SUPPORTED: step 24" in card
     assert "| fit | power (p=0.5): c = a + b·(s − s0)^p (chosen by the backtest) |" in card
     written = (out / "relex_config.yml").read_text()
-    assert written.startswith("# relex-merge verdict (from the backtest inside the window; see README.md):\n# SUPPORTED")
+    assert written.startswith(
+        "# relex-merge verdict (from the backtest inside the window; see README.md):\n# SUPPORTED"
+    )
     params = yaml.safe_load(written)["parameters"]
     assert params["fit"] == "power" and params["p"] == 0.5 and "tau" not in params
     # the written config reproduces the output without the backtest
@@ -372,7 +324,9 @@ def test_plain_merge_prints_and_writes_the_verdict(sqrt_run, tmp_path):
     assert result.exit_code == 0, result.output
     terminal = " ".join(result.stdout.split())
     assert "verdict: SUPPORTED: step 20 is 0.7x the window span past its end; linear holds up to 1.0x" in terminal
-    assert "verdict: NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up to 1.0x" in terminal
+    assert (
+        "verdict: NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up to 1.0x" in terminal
+    )
     near = (tmp_path / "out" / "step-20" / "README.md").read_text()
     far = (tmp_path / "out" / "step-40" / "README.md").read_text()
     assert "**SUPPORTED: step 20 is" in near and "| fit | linear: c = a + b·s |" in near

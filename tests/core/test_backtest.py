@@ -13,10 +13,20 @@ import pytest
 import torch
 
 from relex_merge.core import fits
-from relex_merge.core.backtest import STOP, Backtest, HoldoutSums, auto_candidates, fit_counts, hint_candidates, holdouts, horizon, window_steps
-from relex_merge.core.verdict import TargetVerdict, assess, config_hint, judge
+from relex_merge.core.backtest import (
+    STOP,
+    Backtest,
+    HoldoutSums,
+    auto_candidates,
+    fit_counts,
+    hint_candidates,
+    holdouts,
+    horizon,
+    window_steps,
+)
 from relex_merge.core.relex import FitSpec, RelexSpec
-from tests.test_fits import dense_refit, fit_curve
+from relex_merge.core.verdict import TargetVerdict, assess, config_hint, judge
+from tests.helpers import dense_refit, fit_curve
 
 F64 = torch.float64
 
@@ -126,14 +136,18 @@ def test_backtest_sums_equal_a_dense_backtest_on_the_deltas():
             k, j = point.fit_count, steps.index(point.step)
             expected = [sum(x) for x in zip(*(dense_point(m[2:], steps, k, j, key, 2) for m in tensors))]
             assert [got.err2, got.true2, got.pred2, got.dot] == pytest.approx(expected, rel=1e-8), (key, k, j)
-    assert backtest.order() == sorted(range(len(points)), key=lambda i: (backtest.points[i].horizon,
-                                                                         backtest.points[i].fit_count))
+    assert backtest.order() == sorted(
+        range(len(points)), key=lambda i: (backtest.points[i].horizon, backtest.points[i].fit_count)
+    )
 
 
-@pytest.mark.parametrize("rank", [
-    20,  # at least the fit count: the subspace is everything, and stopping is the checkpoint itself
-    1,  # below it: stopping is still the checkpoint itself, not its rank-1 projection
-])
+@pytest.mark.parametrize(
+    "rank",
+    [
+        20,  # at least the fit count: the subspace is everything, and stopping is the checkpoint itself
+        1,  # below it: stopping is still the checkpoint itself, not its rank-1 projection
+    ],
+)
 def test_stopping_is_scored_as_the_last_fitted_checkpoint(rank):
     all_steps = [1, 2, 3, 4, 6, 7, 9, 10, 12, 13, 15]
     tensors = [planted(all_steps, seed=s) for s in (0, 1)]
@@ -243,14 +257,17 @@ def test_best_prefers_the_simpler_family_within_the_tie():
     assert Backtest([1, 2, 3], RelexSpec(), keys).best(1.0) == keys[0]  # no point to judge by
 
 
-@pytest.mark.parametrize("errors,best", [
-    ((0.1009, 0.1, 0.05), 2),  # a clear winner
-    ((0.1009, 0.1, 0.2), 0),  # within 1% of the lowest: the simpler family
-    ((0.1013, 0.1, 0.2), 1),  # outside 1% + 0.0001
-    ((0.00019, 0.0001, 0.2), 0),  # within 0.01 percentage points
-    ((0.00021, 0.0001, 0.2), 1),
-    ((math.nan, 0.3, 0.2), 2),  # a candidate without a number loses
-])
+@pytest.mark.parametrize(
+    "errors,best",
+    [
+        ((0.1009, 0.1, 0.05), 2),  # a clear winner
+        ((0.1009, 0.1, 0.2), 0),  # within 1% of the lowest: the simpler family
+        ((0.1013, 0.1, 0.2), 1),  # outside 1% + 0.0001
+        ((0.00019, 0.0001, 0.2), 0),  # within 0.01 percentage points
+        ((0.00021, 0.0001, 0.2), 1),
+        ((math.nan, 0.3, 0.2), 2),  # a candidate without a number loses
+    ],
+)
 def test_ties_within_one_percent_or_a_hundredth_of_a_point_go_to_the_simpler(errors, best):
     keys = [FitSpec("linear"), FitSpec("polynomial", 2.0), FitSpec("power", 0.5)]
     bt = Backtest(list(range(1, 9)), RelexSpec(), keys)
@@ -272,33 +289,48 @@ def test_verdict_line_of_a_supported_target():
     assert v.supported and not v.beyond_tested and v.better_fit is None and v.fit == FitSpec("linear")
     ids = a.backtest.matched(6 / 11)
     assert v.at_horizon == pytest.approx(sum(a.backtest.points[i].horizon for i in ids) / len(ids))
-    assert v.line() == (f"SUPPORTED: step 18 is 0.5x the window span past its end; linear holds up to "
-                        f"{v.supported_horizon:.1f}x (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
-                        f"{v.stop_error:.0%} for stopping).")
-    assert v.as_dict() == {"target_step": 18, "horizon": round(6 / 11, 4), "fit": "linear", "scale": 1.0, "chosen_by_backtest": False,
-                           "supported": True, "supported_horizon": round(v.supported_horizon, 4),
-                           "tested_horizon": round(v.tested_horizon, 4), "backtest_error": round(v.error, 4),
-                           "stop_error": round(v.stop_error, 4), "tolerance": 0.2}
+    assert v.line() == (
+        f"SUPPORTED: step 18 is 0.5x the window span past its end; linear holds up to "
+        f"{v.supported_horizon:.1f}x (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
+        f"{v.stop_error:.0%} for stopping)."
+    )
+    assert v.as_dict() == {
+        "target_step": 18,
+        "horizon": round(6 / 11, 4),
+        "fit": "linear",
+        "scale": 1.0,
+        "chosen_by_backtest": False,
+        "supported": True,
+        "supported_horizon": round(v.supported_horizon, 4),
+        "tested_horizon": round(v.tested_horizon, 4),
+        "backtest_error": round(v.error, 4),
+        "stop_error": round(v.stop_error, 4),
+        "tolerance": 0.2,
+    }
 
 
 def test_verdict_line_beyond_the_tested_horizon():
     v = verdict_for(lambda s: 0.3 * s + 0.1, 60)
     assert not v.supported and v.beyond_tested
-    assert v.line() == (f"NOT SUPPORTED: step 60 is 4.4x the window span past its end, beyond the "
-                        f"{v.tested_horizon:.1f}x the window can test; linear held at every horizon tested (backtest "
-                        f"error {v.error:.0%} near {v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping). Treat it "
-                        f"as a guess: evaluate it (relex-merge sweep) before preferring it to the last window "
-                        f"checkpoint (step 12).")
+    assert v.line() == (
+        f"NOT SUPPORTED: step 60 is 4.4x the window span past its end, beyond the "
+        f"{v.tested_horizon:.1f}x the window can test; linear held at every horizon tested (backtest "
+        f"error {v.error:.0%} near {v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping). Treat it "
+        f"as a guess: evaluate it (relex-merge sweep) before preferring it to the last window "
+        f"checkpoint (step 12)."
+    )
 
 
 def test_verdict_line_of_a_fit_that_holds_only_part_of_the_way():
     v = verdict_for(lambda s: math.sqrt(s + 3), 30, tolerance=0.05)
     assert v.supported_horizon is not None and not v.supported and v.error < v.stop_error
-    assert v.line().startswith(f"NOT SUPPORTED: step 30 is 1.6x the window span past its end; linear holds only "
-                               f"up to {v.supported_horizon:.1f}x (backtest error {v.error:.0%} near "
-                               f"{v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping); closer than stopping there, but "
-                               f"beyond the 5% tolerance: an uncertain prediction; evaluate it against the last "
-                               f"window checkpoint (step 12) before use.")
+    assert v.line().startswith(
+        f"NOT SUPPORTED: step 30 is 1.6x the window span past its end; linear holds only "
+        f"up to {v.supported_horizon:.1f}x (backtest error {v.error:.0%} near "
+        f"{v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping); closer than stopping there, but "
+        f"beyond the 5% tolerance: an uncertain prediction; evaluate it against the last "
+        f"window checkpoint (step 12) before use."
+    )
     assert v.better_fit is not None and v.better_fit.family != "linear"
     assert v.line().endswith(f" {v.better_fit.describe()} holds here: {config_hint(v.better_fit)}.")
 
@@ -312,18 +344,22 @@ def test_verdict_line_when_stopping_is_closer():
         grams.append(walk @ walk.T)
     v = assess(grams, steps, [100], [RelexSpec()]).verdicts[0]
     assert v.supported_horizon is None and v.error >= v.stop_error and v.beyond_tested
-    assert v.line() == (f"NOT SUPPORTED: step 100 is 5.6x the window span past its end; linear held at no horizon "
-                        f"the window can test (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
-                        f"{v.stop_error:.0%} for stopping); stopping at step 16 is closer: do not extrapolate from "
-                        f"this window. The window can test horizons up to {v.tested_horizon:.1f}x only.")
+    assert v.line() == (
+        f"NOT SUPPORTED: step 100 is 5.6x the window span past its end; linear held at no horizon "
+        f"the window can test (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs "
+        f"{v.stop_error:.0%} for stopping); stopping at step 16 is closer: do not extrapolate from "
+        f"this window. The window can test horizons up to {v.tested_horizon:.1f}x only."
+    )
 
 
 def test_verdict_of_a_window_too_short_to_backtest():
     steps, grams = [1, 2, 3], [torch.eye(3, dtype=F64)]
     v = assess(grams, steps, [10], [RelexSpec()]).verdicts[0]
     assert math.isnan(v.error) and not v.supported
-    assert v.line() == ("NOT SUPPORTED: step 10: the window is too short to backtest (it needs more checkpoints "
-                        "than the fit uses); evaluate the prediction before use.")
+    assert v.line() == (
+        "NOT SUPPORTED: step 10: the window is too short to backtest (it needs more checkpoints "
+        "than the fit uses); evaluate the prediction before use."
+    )
     assert v.as_dict()["backtest_error"] != v.as_dict()["backtest_error"]  # NaN, written as such
 
 
@@ -335,8 +371,12 @@ def test_config_hint_names_the_family_and_its_shape():
 
 def test_assess_resolves_each_output_and_judges_only_extrapolation():
     steps, grams = line_backtest(curve=lambda s: math.sqrt(s), noise=1e-4)
-    specs = [RelexSpec(fit=FitSpec("auto")), RelexSpec(fit=FitSpec("log")), RelexSpec(fit=FitSpec("power", 0.5)),
-             RelexSpec(mode="fit_reconstruct")]
+    specs = [
+        RelexSpec(fit=FitSpec("auto")),
+        RelexSpec(fit=FitSpec("log")),
+        RelexSpec(fit=FitSpec("power", 0.5)),
+        RelexSpec(mode="fit_reconstruct"),
+    ]
     a = assess(grams, steps, [24, 24, 24, 6], specs)
     assert a.fits[0].family != "linear" and a.fits[0].resolved == a.fits[0]
     assert a.fits[1].family == "log" and a.fits[1].shape is not None  # the shape chosen on its grid
@@ -357,8 +397,9 @@ def test_verdict_line_of_support_short_of_the_tested_horizon():
     """Supported to 2.0x of the 2.7x tested: not 'held at every horizon tested'."""
     v = verdict_for(lambda s: math.sqrt(s + 3), 40, tolerance=0.1)
     assert v.supported_horizon == 2.0 and v.tested_horizon == pytest.approx(8 / 3) and not v.supported
-    assert v.line().startswith("NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up "
-                               "to 2.0x (backtest error")
+    assert v.line().startswith(
+        "NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up to 2.0x (backtest error"
+    )
 
 
 def test_assess_names_the_fit_the_backtest_chose():
@@ -380,13 +421,16 @@ def backtest_with_errors(errors: dict, stop: float, steps=tuple(range(1, 13))):
     return bt
 
 
-@pytest.mark.parametrize("linear,power,tolerance,better", [
-    (0.05, 0.3, 0.2, True),  # clearly better, and it holds
-    (0.1005, 0.1, 0.2, False),  # the simpler family is within 1%: no hint
-    (0.096, 0.1, 0.2, True),  # 4% better
-    (0.0992, 0.1, 0.2, False),  # less than 1% better: not named
-    (0.1, 0.3, 0.08, False),  # better, but does not hold under the tolerance
-])
+@pytest.mark.parametrize(
+    "linear,power,tolerance,better",
+    [
+        (0.05, 0.3, 0.2, True),  # clearly better, and it holds
+        (0.1005, 0.1, 0.2, False),  # the simpler family is within 1%: no hint
+        (0.096, 0.1, 0.2, True),  # 4% better
+        (0.0992, 0.1, 0.2, False),  # less than 1% better: not named
+        (0.1, 0.3, 0.08, False),  # better, but does not hold under the tolerance
+    ],
+)
 def test_verdict_names_a_better_fit_only_when_it_is_clearly_better_and_holds(linear, power, tolerance, better):
     linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
     bt = backtest_with_errors({linear_fit: linear, power_fit: power}, stop=0.5)
@@ -429,8 +473,9 @@ def test_backtest_of_a_sine_refit_uses_only_the_refit_window():
     so every point fitted on 12 or more checkpoints is predicted exactly."""
     steps = list(range(1, 25))
     v = torch.randn(200, generator=torch.Generator().manual_seed(4), dtype=F64)
-    c = torch.tensor([0.8 * math.sin(2 * math.pi * 0.13 * s + 0.4) + 1.2 + (1.5 if s <= 2 else 0.0) for s in steps],
-                     dtype=F64)
+    c = torch.tensor(
+        [0.8 * math.sin(2 * math.pi * 0.13 * s + 0.4) + 1.2 + (1.5 if s <= 2 else 0.0) for s in steps], dtype=F64
+    )
     m = c.unsqueeze(1) * v
     spec = RelexSpec(fit=FitSpec("sine"), refit_every=1, refit_window=10)
     bt = Backtest(steps, spec, [spec.fit])
@@ -481,28 +526,60 @@ def test_a_target_nearer_than_every_tested_horizon_is_judged_at_the_shortest():
 
 
 def test_held_everywhere_but_stopping_closer_says_do_not_extrapolate():
-    v = TargetVerdict(target=100, horizon=8.0, fit=FitSpec("linear"), chosen_by_backtest=False, error=0.15,
-                      stop_error=0.1, at_horizon=3.0, supported_horizon=4.0, tested_horizon=4.0, tolerance=0.2,
-                      last_step=12)
-    assert v.line() == ("NOT SUPPORTED: step 100 is 8.0x the window span past its end, beyond the 4.0x the window "
-                        "can test; linear held at every horizon tested, but stopping at step 12 is at least as close "
-                        "near the longest (backtest error 15% near 3.0x vs 10% for stopping): do not extrapolate "
-                        "from this window.")
+    v = TargetVerdict(
+        target=100,
+        horizon=8.0,
+        fit=FitSpec("linear"),
+        chosen_by_backtest=False,
+        error=0.15,
+        stop_error=0.1,
+        at_horizon=3.0,
+        supported_horizon=4.0,
+        tested_horizon=4.0,
+        tolerance=0.2,
+        last_step=12,
+    )
+    assert v.line() == (
+        "NOT SUPPORTED: step 100 is 8.0x the window span past its end, beyond the 4.0x the window "
+        "can test; linear held at every horizon tested, but stopping at step 12 is at least as close "
+        "near the longest (backtest error 15% near 3.0x vs 10% for stopping): do not extrapolate "
+        "from this window."
+    )
 
 
 def test_an_error_that_rounds_to_the_tolerance_is_printed_with_a_decimal():
-    v = TargetVerdict(target=30, horizon=1.5, fit=FitSpec("linear"), chosen_by_backtest=False, error=0.2031,
-                      stop_error=0.4, at_horizon=1.4, supported_horizon=None, tested_horizon=3.0, tolerance=0.2,
-                      last_step=12)
+    v = TargetVerdict(
+        target=30,
+        horizon=1.5,
+        fit=FitSpec("linear"),
+        chosen_by_backtest=False,
+        error=0.2031,
+        stop_error=0.4,
+        at_horizon=1.4,
+        supported_horizon=None,
+        tested_horizon=3.0,
+        tolerance=0.2,
+        last_step=12,
+    )
     assert "(backtest error 20.3% near 1.4x vs 40.0% for stopping)" in v.line()
     assert "beyond the 20% tolerance" in v.line()
     assert "(backtest error 25% near" in replace(v, error=0.25).line()
 
 
 def verdict_at(horizon, supported_horizon, tested, error, stop_error):
-    return TargetVerdict(target=40, horizon=horizon, fit=FitSpec("linear"), chosen_by_backtest=False, error=error,
-                         stop_error=stop_error, at_horizon=1.0, supported_horizon=supported_horizon,
-                         tested_horizon=tested, tolerance=0.2, last_step=12)
+    return TargetVerdict(
+        target=40,
+        horizon=horizon,
+        fit=FitSpec("linear"),
+        chosen_by_backtest=False,
+        error=error,
+        stop_error=stop_error,
+        at_horizon=1.0,
+        supported_horizon=supported_horizon,
+        tested_horizon=tested,
+        tolerance=0.2,
+        last_step=12,
+    )
 
 
 def test_verdict_boundaries_are_inclusive():
@@ -511,9 +588,11 @@ def test_verdict_boundaries_are_inclusive():
     assert holds.supported and holds.line().startswith("SUPPORTED")
     tie = verdict_at(horizon=2.0, supported_horizon=2.0, tested=3.0, error=0.3, stop_error=0.3)
     assert not tie.supported
-    assert tie.line() == ("NOT SUPPORTED: step 40 is 2.0x the window span past its end; linear holds up to 2.0x, "
-                          "but stopping at step 12 is at least as close there (backtest error 30% near 1.0x vs 30% "
-                          "for stopping): do not extrapolate from this window.")
+    assert tie.line() == (
+        "NOT SUPPORTED: step 40 is 2.0x the window span past its end; linear holds up to 2.0x, "
+        "but stopping at step 12 is at least as close there (backtest error 30% near 1.0x vs 30% "
+        "for stopping): do not extrapolate from this window."
+    )
     everywhere_tie = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.3, stop_error=0.3)
     assert "held at every horizon tested, but stopping at step 12 is at least as close" in everywhere_tie.line()
     everywhere = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3)

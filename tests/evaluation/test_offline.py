@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo" / "run"
 TASK = ["--tasks", "relex_demo_addition", "--include-path", "demo/tasks"]
 
 # Loaded by every Python started with this folder first on PYTHONPATH: DNS look-ups and
 # connects (other than Unix sockets) raise, and each attempt is appended to the log file with
 # where it came from.
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os, socket, traceback
 
 _LOG = os.environ["RELEX_TEST_NETWORK_LOG"]
@@ -57,7 +57,7 @@ socket.getaddrinfo = getaddrinfo
 socket.gethostbyname = gethostbyname
 socket.socket.connect = connect
 socket.socket.connect_ex = connect_ex
-'''
+"""
 
 
 def _env(tmp_path: Path) -> tuple[dict[str, str], Path]:
@@ -66,8 +66,11 @@ def _env(tmp_path: Path) -> tuple[dict[str, str], Path]:
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
     log = tmp_path / "network.log"
     log.write_text("")
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_UPDATE_DOWNLOAD_COUNTS")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(REPO)])
     env["RELEX_TEST_NETWORK_LOG"] = str(log)
     env["HF_HOME"] = str(tmp_path / "hf_home")  # a first run: nothing cached
@@ -76,8 +79,9 @@ def _env(tmp_path: Path) -> tuple[dict[str, str], Path]:
 
 def _relex(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     # a fresh interpreter: huggingface_hub and datasets read the offline switches on import
-    return subprocess.run([sys.executable, "-m", "relex_merge.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "relex_merge", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
 
 
 @pytest.mark.slow
@@ -85,10 +89,17 @@ def test_eval_and_sweep_on_local_data_make_no_network_access(tmp_path):
     env, log = _env(tmp_path)
     # the block works (and this checkout's relex_merge is the one imported)
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import socket, relex_merge; print(relex_merge.__file__)\n"
-         "try: socket.getaddrinfo('example.org', 443)\nexcept OSError: pass"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-c",
+            "import socket, relex_merge; print(relex_merge.__file__)\n"
+            "try: socket.getaddrinfo('example.org', 443)\nexcept OSError: pass",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert probe.returncode == 0, probe.stderr
     assert Path(probe.stdout.strip()).is_relative_to(REPO), probe.stdout
@@ -131,24 +142,42 @@ TASKS = {
     "hf_url": "task: hf_url\ndataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: hf://datasets/org/name/t.parquet\n",
     "json_no_files": "task: json_no_files\ndataset_path: json\n",
     "custom": LOCAL.replace("task: local", "task: custom") + "custom_dataset: !function utils.load\n",
-    "hf_metric": LOCAL.replace("task: local", "task: hf_metric") + "metric_list:\n  - metric: exact_match\n    hf_evaluate: true\n",
+    "hf_metric": LOCAL.replace("task: local", "task: hf_metric")
+    + "metric_list:\n  - metric: exact_match\n    hf_evaluate: true\n",
     "unknown_metric": LOCAL.replace("task: local", "task: unknown_metric") + "metric_list:\n  - metric: sacre_rouge\n",
-    "own_metric": LOCAL.replace("task: local", "task: own_metric") + "tag: local_tag\nmetric_list:\n  - metric: exact_match\n",
+    "own_metric": LOCAL.replace("task: local", "task: own_metric")
+    + "tag: local_tag\nmetric_list:\n  - metric: exact_match\n",
     "included": "include: local.yaml\ntask: included\n",
-    "group_local": "group: group_local\ntask: [local, local_list, {task: inline, dataset_path: text, dataset_kwargs: {data_files: x.txt}}]\n",
+    "group_local": "group: group_local\ntask: [local, local_list, {task: inline, dataset_path: text, "
+    "dataset_kwargs: {data_files: x.txt}}]\n",
     "group_hub": "group: group_hub\ntask: [local, hub]\n",
     "group_override": "group: group_override\ntask: [local]\ndataset_path: some-org/some-dataset\n",
     "group_of_groups": "group: group_of_groups\ntask: [group_local, {group: group_hub}]\n",
 }
 
 
-@pytest.mark.parametrize("task, local", [
-    ("local", True), ("local_list", True), ("local_dir", True), ("included", True), ("own_metric", True),
-    ("local_tag", True), ("group_local", True),
-    ("hub", False), ("json_url", False), ("hf_url", False), ("json_no_files", False), ("custom", False),
-    ("hf_metric", False), ("unknown_metric", False), ("group_hub", False), ("group_override", False),
-    ("group_of_groups", False),
-])
+@pytest.mark.parametrize(
+    "task, local",
+    [
+        ("local", True),
+        ("local_list", True),
+        ("local_dir", True),
+        ("included", True),
+        ("own_metric", True),
+        ("local_tag", True),
+        ("group_local", True),
+        ("hub", False),
+        ("json_url", False),
+        ("hf_url", False),
+        ("json_no_files", False),
+        ("custom", False),
+        ("hf_metric", False),
+        ("unknown_metric", False),
+        ("group_hub", False),
+        ("group_override", False),
+        ("group_of_groups", False),
+    ],
+)
 def test_a_task_is_local_when_its_data_is(tmp_path, task, local):
     from relex_merge.evaluation.offline import tasks_are_local
 
@@ -172,8 +201,13 @@ def test_offline_only_for_local_tasks_and_only_while_scoring(tmp_path, monkeypat
     monkeypatch.setattr(datasets_config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(datasets_config, "HF_DATASETS_OFFLINE", False)
     manager = _manager(tmp_path, {"local": TASKS["local"], "hub": TASKS["hub"]})
-    state = lambda: (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("HF_DATASETS_OFFLINE"),  # noqa: E731
-                     hub_constants.is_offline_mode(), datasets_config.HF_HUB_OFFLINE, datasets_config.HF_DATASETS_OFFLINE)
+    state = lambda: (
+        os.environ.get("HF_HUB_OFFLINE"),
+        os.environ.get("HF_DATASETS_OFFLINE"),  # noqa: E731
+        hub_constants.is_offline_mode(),
+        datasets_config.HF_HUB_OFFLINE,
+        datasets_config.HF_DATASETS_OFFLINE,
+    )
 
     with offline_if_local(["local", "hub"], manager) as switched:  # a Hub dataset: leave the network alone
         assert not switched and state() == (None, None, False, False, False)

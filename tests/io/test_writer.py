@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from relex_merge.io.writers import safetensors as writer_module
 from relex_merge.io.base import TensorMeta
-from relex_merge.io.writers.safetensors import ShardedModelWriter, plan_shards, shard_file_names
 from relex_merge.io.writers import OutputTensor
+from relex_merge.io.writers import safetensors as writer_module
+from relex_merge.io.writers.safetensors import ShardedModelWriter, plan_shards, shard_file_names
 
 
 def layout(tensors: dict[str, torch.Tensor]) -> list[OutputTensor]:
@@ -32,8 +32,12 @@ def raw_header(path) -> tuple[dict, int]:
 
 def sample(seed=0) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
-    return {"a": torch.randn(3, 5, generator=gen), "b": torch.randn(7, generator=gen).bfloat16(),
-            "c": torch.arange(6, dtype=torch.int64).reshape(2, 3), "d": torch.randn(2, 2, generator=gen).half()}
+    return {
+        "a": torch.randn(3, 5, generator=gen),
+        "b": torch.randn(7, generator=gen).bfloat16(),
+        "c": torch.arange(6, dtype=torch.int64).reshape(2, 3),
+        "d": torch.randn(2, 2, generator=gen).half(),
+    }
 
 
 def test_plan_shards_is_greedy_in_order_and_isolates_oversized_tensors():
@@ -71,8 +75,11 @@ def test_single_file_header_and_data_written_front_to_back(tmp_path):
     names = {torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64", torch.float16: "F16"}
     for name, t in tensors.items():  # in the given order, back to back
         nbytes = t.numel() * t.element_size()
-        assert header[name] == {"dtype": names[t.dtype], "shape": list(t.shape),
-                                "data_offsets": [offset, offset + nbytes]}
+        assert header[name] == {
+            "dtype": names[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     assert path.stat().st_size == data_start + offset
     with safe_open(str(path), "pt") as f:
@@ -174,8 +181,11 @@ def test_write_refuses_wrong_dtype_bytes_past_the_end_and_incomplete_tensors(tmp
 
 def test_close_and_abort_release_every_file(tmp_path):
     def open_fds():
-        return {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                if os.path.exists(f"/proc/self/fd/{fd}")}
+        return {
+            os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        }
 
     tensors = sample(3)
     before = open_fds()
@@ -215,13 +225,18 @@ def test_two_shards_get_an_index(tmp_path):
         w.write_at(name, 0, t)
     w.close()
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index == {"metadata": {"total_size": 80}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                                    "b": "model-00002-of-00002.safetensors"}}
+    assert index == {
+        "metadata": {"total_size": 80},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
 
 
 def test_one_byte_tensors_written_front_to_back(tmp_path):
-    tensors = {"u": torch.arange(10, dtype=torch.uint8), "q": torch.arange(-3, 4, dtype=torch.int8),
-               "f": torch.tensor([0.5, -1.0, 2.0]).to(torch.float8_e4m3fn)}
+    tensors = {
+        "u": torch.arange(10, dtype=torch.uint8),
+        "q": torch.arange(-3, 4, dtype=torch.int8),
+        "f": torch.tensor([0.5, -1.0, 2.0]).to(torch.float8_e4m3fn),
+    }
     w = ShardedModelWriter(tmp_path, layout(tensors), shard_size=1 << 30)
     w.prepare()
     for name, t in tensors.items():

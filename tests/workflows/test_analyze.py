@@ -14,8 +14,7 @@ from relex_merge.core.analysis import analyze_grams
 from relex_merge.core.backtest import Backtest
 from relex_merge.core.relex import FitSpec, RelexSpec
 from relex_merge.testing.synthetic import make_planted_run
-from tests.helpers import assert_relex_output, dense_relex, run_cli
-from tests.test_cli import load_state, write_config
+from tests.helpers import assert_relex_output, dense_relex, load_state, run_cli, write_config
 
 STEPS = list(range(1, 13))
 
@@ -44,8 +43,9 @@ def test_backtest_from_gram_equals_backtest_on_the_deltas(fit):
     assert len(backtest.points) > 10
     for point, got in backtest.curve(spec.fit):
         k = point.fit_count
-        pred = dense_relex(torch.zeros(m.shape[1], dtype=torch.float64), list(m[:k]), STEPS[:k], point.step,
-                           rank=2, fit=fit)
+        pred = dense_relex(
+            torch.zeros(m.shape[1], dtype=torch.float64), list(m[:k]), STEPS[:k], point.step, rank=2, fit=fit
+        )
         true = m[STEPS.index(point.step)]
         assert got.relative_error == pytest.approx(float((pred - true).norm() / true.norm()), rel=1e-6)
         assert got.cosine == pytest.approx(float(pred @ true / (pred.norm() * true.norm())), rel=1e-6)
@@ -60,8 +60,10 @@ def test_exactly_linear_trajectory_is_supported_everywhere():
     assert a.supported_horizon == a.tested_horizon
     assert a.verdict[0].startswith("linear held at every horizon the window can test")
     assert any(line.startswith("SUPPORTED: step 24 is 1.1x the window span") for line in a.verdict)
-    assert any(line.startswith("NOT SUPPORTED: step 400 is 35.3x") and "beyond the 2.7x the window can test" in line
-               for line in a.verdict)
+    assert any(
+        line.startswith("NOT SUPPORTED: step 400 is 35.3x") and "beyond the 2.7x the window can test" in line
+        for line in a.verdict
+    )
     assert "Over every backtest point the best fit is linear (" in " ".join(a.verdict)
 
 
@@ -84,8 +86,9 @@ def test_decelerating_trajectory_is_flagged():
     assert "does not follow linear" in text
     # linear misses by 6% already at the shortest horizon, and by more than the 20% tolerance past 1x
     assert a.supported_horizon == pytest.approx(1.0) and a.tested_horizon == pytest.approx(8 / 3)
-    assert a.verdict[0] == ("linear holds up to 1.0x the fit span (backtest error <= 20%); beyond that the error "
-                            "grows, to 35% at 2.7x.")
+    assert a.verdict[0] == (
+        "linear holds up to 1.0x the fit span (backtest error <= 20%); beyond that the error grows, to 35% at 2.7x."
+    )
 
 
 def test_analysis_json_writes_null_for_non_finite_numbers():
@@ -97,8 +100,9 @@ def test_analysis_json_writes_null_for_non_finite_numbers():
     finite = a.to_json()
     assert finite == json.dumps(dataclasses.asdict(a), indent=2)  # otherwise the file is unchanged
     tensors = [dataclasses.replace(a.tensors[0], linear_r2=float("nan")), *a.tensors[1:]]
-    odd = dataclasses.replace(a, supported_horizon=float("inf"), horizon_bins=[(0.0, 1.0), (8.0, float("inf"))],
-                              tensors=tensors)
+    odd = dataclasses.replace(
+        a, supported_horizon=float("inf"), horizon_bins=[(0.0, 1.0), (8.0, float("inf"))], tensors=tensors
+    )
 
     def strict(constant):
         raise AssertionError(f"{constant} in analysis.json")

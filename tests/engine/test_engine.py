@@ -11,16 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from relex_merge.engine import EngineOptions, MergeJob, run_job
 from relex_merge.common.errors import RelexError
+from relex_merge.core.kernels import Scratch, span_gram, span_outputs
 from relex_merge.core.relex import RelexSpec
+from relex_merge.engine import EngineOptions, MergeJob, run_job
 from relex_merge.io.base import TensorMeta
 from relex_merge.io.formats.safetensors import SafetensorsReader
-from relex_merge.io.writers.safetensors import ShardedModelWriter
 from relex_merge.io.writers import OutputTensor
-from relex_merge.core.kernels import Scratch, span_gram, span_outputs
-from tests.helpers import DictReader
-from tests.test_fit import CollectSink, random_window
+from relex_merge.io.writers.safetensors import ShardedModelWriter
+from tests.helpers import CollectSink, DictReader, random_window
 
 
 def _inputs(dtypes, n=1000, seed=0):
@@ -32,8 +31,9 @@ def _inputs(dtypes, n=1000, seed=0):
 
 
 @pytest.mark.parametrize("columns", [7, 256, 5000])
-@pytest.mark.parametrize("dtypes", [[torch.float32] * 4, [torch.bfloat16] * 4,
-                                    [torch.bfloat16, torch.float32, torch.float16, torch.float32]])
+@pytest.mark.parametrize(
+    "dtypes", [[torch.float32] * 4, [torch.bfloat16] * 4, [torch.bfloat16, torch.float32, torch.float16, torch.float32]]
+)
 def test_span_kernels_match_dense_math_across_block_boundaries(columns, dtypes):
     inputs = _inputs(dtypes)
     base = inputs[0].double()
@@ -59,8 +59,12 @@ def test_zero_weights_copy_the_base_even_over_nan_deltas():
 
 def test_mapped_view_equals_read_and_releases_its_mapping(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    tensors = {"a": torch.randn(33, 5, generator=gen), "b": torch.randn(7, generator=gen).bfloat16(),
-               "s": torch.tensor(3.5), "empty": torch.zeros(0, 4)}
+    tensors = {
+        "a": torch.randn(33, 5, generator=gen),
+        "b": torch.randn(7, generator=gen).bfloat16(),
+        "s": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+    }
     save_file(tensors, tmp_path / "m.safetensors")
     reader = SafetensorsReader(tmp_path / "m.safetensors")
     for name, rows in [("a", None), ("a", (3, 20)), ("b", None), ("s", None), ("empty", None)]:
@@ -86,15 +90,22 @@ def test_file_truncated_after_opening_is_an_error_not_a_crash(tmp_path):
 
 def test_writer_takes_spans_from_threads_in_any_order(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    tensors = {"x": torch.randn(64, 8, generator=gen), "y": torch.randn(10, generator=gen).bfloat16(),
-               "z": torch.arange(12)}
+    tensors = {
+        "x": torch.randn(64, 8, generator=gen),
+        "y": torch.randn(10, generator=gen).bfloat16(),
+        "z": torch.arange(12),
+    }
     layout = [OutputTensor(n, TensorMeta(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
     writer = ShardedModelWriter(tmp_path, layout, shard_size=1 << 30)
     writer.prepare()
-    spans = [(name, start, t.reshape(-1)[start : start + 5]) for name, t in tensors.items()
-             for start in range(0, t.numel(), 5)]
-    threads = [threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],))
-               for i in range(3)]
+    spans = [
+        (name, start, t.reshape(-1)[start : start + 5])
+        for name, t in tensors.items()
+        for start in range(0, t.numel(), 5)
+    ]
+    threads = [
+        threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],)) for i in range(3)
+    ]
     for thread in reversed(threads):
         thread.start()
     for thread in threads:
@@ -114,18 +125,34 @@ def test_sharded_writer_output_reads_back_shard_by_shard(tmp_path):
     from safetensors import safe_open
 
     gen = torch.Generator().manual_seed(1)
-    tensors = {f"t{i}": torch.randn(shape, generator=gen).to(dtype) for i, (shape, dtype) in enumerate(
-        [((16, 8), torch.float32), ((33,), torch.bfloat16), ((50, 4), torch.float32), ((7, 3), torch.float16),
-         ((64,), torch.float32), ((21, 5), torch.bfloat16), ((9,), torch.float32), ((30,), torch.float32)])}
+    tensors = {
+        f"t{i}": torch.randn(shape, generator=gen).to(dtype)
+        for i, (shape, dtype) in enumerate(
+            [
+                ((16, 8), torch.float32),
+                ((33,), torch.bfloat16),
+                ((50, 4), torch.float32),
+                ((7, 3), torch.float16),
+                ((64,), torch.float32),
+                ((21, 5), torch.bfloat16),
+                ((9,), torch.float32),
+                ((30,), torch.float32),
+            ]
+        )
+    }
     layout = [OutputTensor(n, TensorMeta(tuple(t.shape), t.dtype)) for n, t in tensors.items()]
     # 900 bytes a shard: t0 t1 | t2 t3 | t4 t5 t6 t7, every shard's first tensor followed by another
     writer = ShardedModelWriter(tmp_path, layout, shard_size=900)
     writer.prepare()
-    spans = [(name, start, t.reshape(-1)[start : start + 11]) for name, t in tensors.items()
-             for start in range(0, t.numel(), 11)]
+    spans = [
+        (name, start, t.reshape(-1)[start : start + 11])
+        for name, t in tensors.items()
+        for start in range(0, t.numel(), 11)
+    ]
     random.Random(0).shuffle(spans)
-    threads = [threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],))
-               for i in range(3)]
+    threads = [
+        threading.Thread(target=lambda part: [writer.write_at(*s) for s in part], args=(spans[i::3],)) for i in range(3)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -163,8 +190,9 @@ def test_output_bits_do_not_depend_on_the_number_of_threads():
     base, checkpoints = random_window(n_ckpt=6, shapes={"big": (300, 40), "v": (77,)}, seed=3)
     results = []
     for threads in (1, 2, 5):
-        job = MergeJob(DictReader(base), [DictReader(c) for c in checkpoints], [1, 2, 3, 4, 5, 6], [12, 30],
-                       RelexSpec(rank=2))
+        job = MergeJob(
+            DictReader(base), [DictReader(c) for c in checkpoints], [1, 2, 3, 4, 5, 6], [12, 30], RelexSpec(rank=2)
+        )
         sinks = [CollectSink(), CollectSink()]
         # the same budget per worker, so the same spans: only the order they finish in changes
         stats = run_job(job, sinks, EngineOptions(max_memory=threads * 20_000, threads=threads))

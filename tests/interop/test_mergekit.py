@@ -11,10 +11,17 @@ import yaml
 
 from relex_merge.interop.mergekit_method import RELEX_METHOD, register
 from relex_merge.testing.synthetic import make_finetune
-from tests.helpers import assert_state_matches, dense_task_arithmetic, dense_ties, relex_expectation, run_cli
-from tests.test_cli import generate, load_state
+from tests.helpers import (
+    assert_state_matches,
+    dense_task_arithmetic,
+    dense_ties,
+    generate,
+    load_state,
+    relex_expectation,
+    run_cli,
+)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def relex_doc(run: Path, steps, target, **params) -> dict:
@@ -35,8 +42,21 @@ def test_register_is_explicit_and_idempotent():
     assert [m for m in registry.registered_methods() if m.spec.name == "relex"] == [RELEX_METHOD]
     names = [p.name for p in RELEX_METHOD.spec.parameters]
     # the shape keys come from the fit families' declarations, after the fixed parameters
-    assert names == ["step", "target_step", "rank", "fit", "window", "scale", "mode", "refit_every", "refit_window",
-                     "base_step", "degree", "p", "tau"]
+    assert names == [
+        "step",
+        "target_step",
+        "rank",
+        "fit",
+        "window",
+        "scale",
+        "mode",
+        "refit_every",
+        "refit_window",
+        "base_step",
+        "degree",
+        "p",
+        "tau",
+    ]
 
 
 MERGEKIT_CASES = {
@@ -123,8 +143,9 @@ def two_stage(qwen_run: Path, tmp_path: Path, method: str) -> Path:
     return cfg
 
 
-def second_stage_expectation(method: str, base: dict, stage1: dict, other: dict, weights, density=None,
-                             **params) -> dict:
+def second_stage_expectation(
+    method: str, base: dict, stage1: dict, other: dict, weights, density=None, **params
+) -> dict:
     """Stage 2's arithmetic, densely, on stage 1's expected tensors (as stage 1 writes them: float32)."""
     expected = {}
     for name, b in base.items():
@@ -190,11 +211,19 @@ def test_shipped_multistage_configs_run(tmp_path):
     # what each shipped config says: stage 1 (relex over steps 1-8), then stage 2 with the domain fine-tune
     expected = {
         "relex-then-ties.yml": second_stage_expectation(
-            "ties", base, relex_expectation(base, checkpoints, range(1, 9), 16, scale=0.8), domain, [1.0, 0.5], 0.8,
+            "ties",
+            base,
+            relex_expectation(base, checkpoints, range(1, 9), 16, scale=0.8),
+            domain,
+            [1.0, 0.5],
+            0.8,
             normalize=True,
         ),
         "reconstruct-then-task-arithmetic.yml": second_stage_expectation(
-            "task_arithmetic", base, relex_expectation(base, checkpoints, range(1, 9), 8, mode="reconstruct"), domain,
+            "task_arithmetic",
+            base,
+            relex_expectation(base, checkpoints, range(1, 9), 8, mode="reconstruct"),
+            domain,
             [1.0, 0.5],
         ),
     }
@@ -218,7 +247,10 @@ def _write(tmp_path, docs) -> Path:
         ("unknown method", "{cfg}: document 2: merge_method: unknown method 'frankenmerge' (known: "),
         ("unknown stage", "{cfg}: document 2: 'rl-typo' is neither a stage name nor an existing path"),
         ("cycle", "{cfg}: stages form a cycle: "),
-        ("two finals", "{cfg}: a multi-document config needs exactly one document without 'name:' (the final output); found 2"),
+        (
+            "two finals",
+            "{cfg}: a multi-document config needs exactly one document without 'name:' (the final output); found 2",
+        ),
         ("duplicate name", "{cfg}: document 2: name: stage 'rl' is defined twice"),
     ],
 )
@@ -288,8 +320,11 @@ def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypat
 
     make_synthetic([str(tmp_path / "runs" / "synthetic")])
     monkeypatch.chdir(tmp_path)
-    result = run_merge(REPO / "merge_configs" / "reconstruct-then-task-arithmetic.yml", tmp_path / "out",
-                       Options(threads=1, intermediate_dir=tmp_path / "stages"))
+    result = run_merge(
+        REPO / "merge_configs" / "reconstruct-then-task-arithmetic.yml",
+        tmp_path / "out",
+        Options(threads=1, intermediate_dir=tmp_path / "stages"),
+    )
     assert [s.name for s in result.stages] == ["rl-denoised", None]
     assert result.stages[0].merge is not None and result.stages[0].out == tmp_path / "stages" / "rl-denoised"
     assert result.final.method == "task_arithmetic" and result.final.out == tmp_path / "out"
@@ -310,8 +345,12 @@ def test_a_typo_in_a_later_stage_stops_the_merge_before_any_stage_runs(method, q
         final["parameters"] = {**final["parameters"], "rnk": 2}
         expected = "{cfg}: document 2: unknown key 'parameters.rnk' (did you mean 'rank'?)"
     else:
-        final = {"merge_method": "task_arithmetic", "base_model": str(qwen_run / "base"),
-                 "models": [{"model": "rl", "parameters": {"weight": 1.0}}], "dtype": ["float32"]}
+        final = {
+            "merge_method": "task_arithmetic",
+            "base_model": str(qwen_run / "base"),
+            "models": [{"model": "rl", "parameters": {"weight": 1.0}}],
+            "dtype": ["float32"],
+        }
         expected = "{cfg}: document 2: dtype: Input should be a valid string"
     cfg = _write(tmp_path, [rl, final])
     out = tmp_path / "out"

@@ -1,11 +1,11 @@
-"""relex_merge.core.relex's edges, each against a dense float64 expectation written here or in
-tests/test_fits.py (never the code under test): degenerate Gram matrices, the diagnostics,
-autoregressive re-fitting (gaps other than 1, unsorted targets, steps past float32's integers,
-the re-fit window), and config parameters becoming a spec. Found by mutation testing
-(scripts/mutation.py); each test names what it guards."""
+"""The RELEX math (relex_merge.core.relex): planted trajectories, equality with a dense SVD
+reference, and its edges, each against a dense float64 expectation written here or in
+tests/helpers.py (never the code under test): degenerate Gram matrices, the diagnostics,
+autoregressive re-fitting, the fit registry."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from relex_merge.core import fits
+from relex_merge.core.kernels import Scratch, span_gram
 from relex_merge.core.relex import (
     FitSpec,
     RelexSpec,
@@ -24,7 +25,193 @@ from relex_merge.core.relex import (
     spec_from_parameters,
     top_components,
 )
-from tests.test_fits import dense_family, dense_refit, design, fit_curve
+from relex_merge.engine import EngineOptions, MergeJob, run_job
+from tests.helpers import (
+    CollectSink,
+    assert_close,
+    dense_family,
+    dense_refit,
+    dense_relex,
+    design,
+    engine_outputs,
+    fit_curve,
+    random_window,
+)
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 4, 7, 11, 16], [10, 20, 25, 60]],
+    ids=["even", "uneven", "gappy"],
+)
+def test_planted_linear_trajectory_is_predicted_far_ahead(steps):
+    gen = torch.Generator().manual_seed(1)
+    d = 4000
+    base = torch.randn(d, generator=gen)
+    v = torch.randn(d, generator=gen)
+    v /= v.norm()
+    a, b, noise = 0.5, 0.3, 1e-3
+
+    def truth(s):
+        return base + (a * s + b) * v
+
+    checkpoints = [{"x": truth(s) + noise * torch.randn(d, generator=gen)} for s in steps]
+    target = 10 * steps[-1]
+    sinks, _ = engine_outputs({"x": base}, checkpoints, steps, [target], RelexSpec())
+    predicted = sinks[0].tensor("x")
+    displacement = truth(target) - base
+    err = (predicted - truth(target)).norm() / displacement.norm()
+    # The direction estimate is off by about |noise| / ||M||_F radians; extrapolating the
+    # fitted coefficient keeps that relative error. Allow 2x.
+    signal = sum((a * s + b) ** 2 for s in steps) ** 0.5
+    assert err < 2 * noise * d**0.5 / signal
+    assert err < 0.02
+
+
+CASES = [
+    dict(rank=1, fit="linear"),
+    dict(rank=3, fit="linear"),
+    dict(rank=1, fit="linear_origin"),
+    dict(rank=3, fit="linear_origin", base_step=0.0),
+    dict(rank=1, fit="polynomial", degree=2),
+    dict(rank=3, fit="polynomial", degree=3),
+    dict(rank=1, fit="linear", window=4),
+    dict(rank=3, fit="linear", window=4, scale=0.5),
+    dict(rank=1, fit="linear", scale=1.7),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_engine_equals_dense_reference(case):
+    base, checkpoints = random_window(n_ckpt=6)
+    steps = [3, 5, 6, 9, 12, 14]
+    targets = [30, 50, 100]
+    spec = RelexSpec(
+        rank=case["rank"],
+        fit=FitSpec(
+            case["fit"], case.get("degree", 2) if case["fit"] == "polynomial" else None, case.get("base_step", 0.0)
+        ),
+        window=case.get("window"),
+        scale=case.get("scale", 1.0),
+    )
+    sinks, _ = engine_outputs(base, checkpoints, steps, targets, spec)
+    for j, target in enumerate(targets):
+        for name in base:
+            expected = dense_relex(base[name], [c[name] for c in checkpoints], steps, target, **case)
+            assert_close(sinks[j].tensor(name), expected.reshape(-1))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_reconstruct_mode_equals_dense_reference(rank):
+    base, checkpoints = random_window(n_ckpt=5, seed=3)
+    steps = [2, 4, 6, 8, 10]
+    targets = [4, 10]
+    spec = RelexSpec(rank=rank, mode="reconstruct")
+    sinks, _ = engine_outputs(base, checkpoints, steps, targets, spec)
+    for j, target in enumerate(targets):
+        for name in base:
+            expected = dense_relex(
+                base[name], [c[name] for c in checkpoints], steps, target, rank=rank, mode="reconstruct"
+            )
+            assert_close(sinks[j].tensor(name), expected.reshape(-1))
+
+
+def test_reconstruct_with_full_rank_returns_the_observed_checkpoint():
+    base, checkpoints = random_window(n_ckpt=4, seed=5)
+    spec = RelexSpec(rank=4, mode="reconstruct")
+    sinks, _ = engine_outputs(base, checkpoints, [1, 2, 3, 4], [3], spec)
+    assert_close(sinks[0].tensor("w"), checkpoints[2]["w"].reshape(-1))
+
+
+@pytest.mark.parametrize("rank,spec_kw", list(itertools.product([1, 3], [{}, {"window": 3}])))
+def test_chunked_equals_unchunked(rank, spec_kw):
+    base, checkpoints = random_window(n_ckpt=5, shapes={"big": (64, 32), "vec": (300,)}, seed=7)
+    spec = RelexSpec(rank=rank, **spec_kw)
+    steps, targets = [1, 2, 3, 5, 8], [20, 40]
+    whole, whole_stats = engine_outputs(base, checkpoints, steps, targets, spec)
+    # 2 KB cannot hold 5+1 copies of even one row of "big": one row per span, on two workers
+    chunked, chunked_stats = engine_outputs(base, checkpoints, steps, targets, spec, max_memory=2048)
+    assert all(len(c) == 1 for c in whole[0].chunks.values())
+    assert len(chunked[0].chunks["big"]) == 64
+    assert all(r.passes == 2 for r in whole_stats.tensors + chunked_stats.tensors)
+    for j in range(len(targets)):
+        for name in base:
+            assert_close(chunked[j].tensor(name), whole[j].tensor(name))
+
+
+def test_zero_deltas_copy_the_base_and_integers_are_copied():
+    base = {"w": torch.randn(5, 3), "ids": torch.arange(7)}
+    checkpoints = [{"w": base["w"].clone(), "ids": base["ids"] + 1} for _ in range(3)]
+    sinks, stats = engine_outputs(base, checkpoints, [1, 2, 3], [10], RelexSpec())
+    assert torch.equal(sinks[0].tensor("w"), base["w"].reshape(-1))
+    assert torch.equal(sinks[0].tensor("ids"), base["ids"])
+    reports = {r.name: r for r in stats.tensors}
+    assert reports["w"].zero_delta and reports["ids"].diagnostics is None
+
+
+def test_gram_accumulates_in_float64_across_blocks():
+    """An RL-like window: weights near 1, deltas a thousand times smaller along one direction
+    plus a little noise, over 8192 blocks of 8 columns. Each block's product is taken in float32;
+    summed across blocks in float32 the Gram matrix misses the dense float64 one by ~1e-6 and its
+    small eigenvalues (what rank > 1 and the diagnostics see) by ~1e-3; summed in float64 it
+    keeps ~1e-9 and ~1e-6."""
+    gen = torch.Generator().manual_seed(0)
+    n, columns, steps = 1 << 16, 8, [1, 2, 3, 4]
+    base = 1.0 + torch.randn(n, generator=gen)
+    v = torch.randn(n, generator=gen)
+    v *= n**0.5 / v.norm()
+    inputs = [base] + [base + 1e-3 * s * v + 1e-4 * torch.randn(n, generator=gen) for s in steps]
+    m = torch.stack([x.double() - base.double() for x in inputs[1:]])
+    dense = m @ m.T
+    gram = span_gram(inputs, Scratch.allocate(4, 1, columns, torch.float32, torch.device("cpu")), columns)
+    assert float((gram.double() - dense).norm() / dense.norm()) < 2e-8
+    eig, dense_eig = torch.linalg.eigvalsh(gram.double()), torch.linalg.eigvalsh(dense)
+    assert dense_eig[0] < 1e-3 * dense_eig[-1]  # three small eigenvalues: noise next to the trajectory
+    assert float(((eig - dense_eig) / dense_eig).abs().max()) < 5e-5
+    assert gram.dtype == torch.float64
+
+
+def test_small_components_are_dropped():
+    v = torch.randn(100, dtype=torch.float64)
+    m = torch.stack([v * k for k in (1.0, 2.0, 3.0)])
+    sigma, u = top_components(m @ m.T, rank=3)
+    assert sigma.numel() == 1
+
+
+def test_fit_uses_step_values_not_positions():
+    steps = [1.0, 2.0, 4.0, 8.0]
+    x = torch.tensor(steps, dtype=torch.float64)
+    values = (3.0 * x + 1.0).unsqueeze(1)
+    pred = predict_coefficients(steps, values, [16.0], RelexSpec(fit=FitSpec("linear")))
+    assert pred.item() == pytest.approx(49.0)
+    pred0 = predict_coefficients(steps, 2.0 * x.unsqueeze(1), [10.0], RelexSpec(fit=FitSpec("linear_origin")))
+    assert pred0.item() == pytest.approx(20.0)
+
+
+def test_mixed_input_dtypes_with_odd_sizes(tmp_path):
+    """A bf16 base with fp32 checkpoints (odd element counts): reads land on aligned buffers."""
+    from safetensors.torch import save_file
+
+    from relex_merge.io.formats.safetensors import SafetensorsReader
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"odd": torch.randn(7, 3, generator=gen).to(torch.bfloat16), "v": torch.randn(5, generator=gen).bfloat16()}
+    save_file(base, tmp_path / "base.safetensors")
+    checkpoints = []
+    for k in range(3):
+        state = {n: t.float() + 0.01 * (k + 1) * torch.randn(t.shape, generator=gen) for n, t in base.items()}
+        save_file(state, tmp_path / f"c{k}.safetensors")
+        checkpoints.append(SafetensorsReader(tmp_path / f"c{k}.safetensors"))
+    job = MergeJob(SafetensorsReader(tmp_path / "base.safetensors"), checkpoints, [1, 2, 3], [6], RelexSpec())
+    sinks = [CollectSink()]
+    run_job(job, sinks, EngineOptions(max_memory=1 << 20))
+    for name, t in base.items():
+        expected = dense_relex(t.float(), [c.read(name) for c in checkpoints], [1, 2, 3], 6)
+        assert_close(sinks[0].tensor(name).float(), expected.reshape(-1), rel=1e-2)  # output in base's bf16
+
+
+# ---- edges (first found by mutation testing) ----------------------------------------
+
 
 F64 = torch.float64
 
@@ -76,8 +263,10 @@ def test_float32_inputs_give_the_float64_answer():
     d32, d64 = diagnostics(gram32, steps, RelexSpec(rank=2)), diagnostics(gram64, steps, RelexSpec(rank=2))
     assert d32 == d64
     c = torch.tensor([[0.5], [1.0], [2.0], [3.5], [4.5]])
-    assert torch.equal(predict_coefficients(steps, c, [12.0], RelexSpec()),
-                       predict_coefficients(steps, c.double(), [12.0], RelexSpec()))
+    assert torch.equal(
+        predict_coefficients(steps, c, [12.0], RelexSpec()),
+        predict_coefficients(steps, c.double(), [12.0], RelexSpec()),
+    )
 
 
 # ---- diagnostics --------------------------------------------------------------------------
@@ -221,13 +410,41 @@ def test_spec_from_parameters_without_parameters_is_the_default_spec():
     assert spec_from_parameters() == RelexSpec() == RelexSpec(1, FitSpec("linear", None, 0.0), None, 1.0, "extrapolate")
 
 
-@pytest.mark.parametrize("fit,shape", [("power", 0.5), ("log", 7.0), ("saturating", 7.0), ("polynomial", 3.0),
-                                       ("linear", None), ("sine", None), ("auto", None)])
+@pytest.mark.parametrize(
+    "fit,shape",
+    [
+        ("power", 0.5),
+        ("log", 7.0),
+        ("saturating", 7.0),
+        ("polynomial", 3.0),
+        ("linear", None),
+        ("sine", None),
+        ("auto", None),
+    ],
+)
 def test_spec_from_parameters_takes_each_family_its_own_shape_key(fit, shape):
-    spec = spec_from_parameters(rank=3, fit=fit, degree=3, p=0.5, tau=7, window=5, scale=0.8,
-                                mode="fit_reconstruct", refit_every=2, refit_window=4, base_step=10)
-    assert spec == RelexSpec(rank=3, fit=FitSpec(fit, shape, 10.0), window=5, scale=0.8, mode="fit_reconstruct",
-                             refit_every=2, refit_window=4)
+    spec = spec_from_parameters(
+        rank=3,
+        fit=fit,
+        degree=3,
+        p=0.5,
+        tau=7,
+        window=5,
+        scale=0.8,
+        mode="fit_reconstruct",
+        refit_every=2,
+        refit_window=4,
+        base_step=10,
+    )
+    assert spec == RelexSpec(
+        rank=3,
+        fit=FitSpec(fit, shape, 10.0),
+        window=5,
+        scale=0.8,
+        mode="fit_reconstruct",
+        refit_every=2,
+        refit_window=4,
+    )
     assert spec.fit.shape is None or type(spec.fit.shape) is float
 
 
@@ -246,7 +463,7 @@ ORIGIN_FAMILIES = [("linear_origin", None), ("power", 0.5), ("power", 1.3), ("lo
 @pytest.mark.parametrize("family,shape", ORIGIN_FAMILIES)
 def test_families_measure_the_step_from_the_base_step(family, shape):
     """A base step s0 away from 0 (and a first checkpoint less than one step past it): each
-    family's least squares on its own basis of (s - s0), as tests/test_fits.design writes it."""
+    family's least squares on its own basis of (s - s0), as tests/helpers.design writes it."""
     s0 = 6.5
     steps = [7.0, 8.0, 10.0, 13.0, 15.0, 18.0]
     values = trend_deltas(steps, d=3, seed=4)  # three columns
@@ -258,15 +475,18 @@ def test_families_measure_the_step_from_the_base_step(family, shape):
     assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("family,shape", [("linear", None), ("polynomial", 2.0), ("polynomial", 3.0),
-                                          ("power", 0.5), ("log", 8.0), ("saturating", 30.0)])
+@pytest.mark.parametrize(
+    "family,shape",
+    [("linear", None), ("polynomial", 2.0), ("polynomial", 3.0), ("power", 0.5), ("log", 8.0), ("saturating", 30.0)],
+)
 def test_families_recover_an_exact_curve_at_large_steps(family, shape):
     """Steps around 3e7 (samples as the step), base step 3e7 - 10: a curve of the family itself is
     recovered to rounding, which needs the basis centred and scaled before the least squares."""
     s0 = 3e7 - 10
     steps = [s0 + k for k in (10.0, 11.0, 12.0, 14.0, 15.0, 17.0, 19.0)]
-    beta = torch.tensor([0.3, -0.2, 0.05, 0.01][: design(family, torch.zeros(1, dtype=F64), shape, 0.0).shape[1]],
-                        dtype=F64)
+    beta = torch.tensor(
+        [0.3, -0.2, 0.05, 0.01][: design(family, torch.zeros(1, dtype=F64), shape, 0.0).shape[1]], dtype=F64
+    )
 
     def truth(x):  # the family's curve in (s - s0), written out here
         x = torch.as_tensor(x, dtype=F64)
@@ -288,9 +508,14 @@ def test_families_recover_an_exact_curve_at_large_steps(family, shape):
 def test_r2_is_each_columns_coefficient_of_determination():
     steps = [1.0, 2.0, 3.0, 5.0, 8.0]
     s = torch.tensor(steps, dtype=F64)
-    noisy = 1e-3 * torch.stack([0.5 * s + torch.tensor([0.3, -0.2, 0.1, 0.4, -0.3], dtype=F64),
-                                torch.full_like(s, 2.0),  # constant: R^2 is 1 by convention
-                                s**2], 1)
+    noisy = 1e-3 * torch.stack(
+        [
+            0.5 * s + torch.tensor([0.3, -0.2, 0.1, 0.4, -0.3], dtype=F64),
+            torch.full_like(s, 2.0),  # constant: R^2 is 1 by convention
+            s**2,
+        ],
+        1,
+    )
     r2 = fits.family("linear").fit(s, noisy, None, 0.0).r2
     design_ = torch.stack([torch.ones_like(s), s], 1)
     for j in (0, 2):
@@ -301,9 +526,20 @@ def test_r2_is_each_columns_coefficient_of_determination():
     assert 0.5 < float(r2[0]) < 0.99 and 0.5 < float(r2[2]) < 0.99
 
 
-@pytest.mark.parametrize("fit,shape,points", [("linear", None, 2), ("linear_origin", None, 1), ("power", 0.5, 2),
-                                              ("log", 3.0, 2), ("saturating", 3.0, 2), ("polynomial", 2.0, 3),
-                                              ("polynomial", 4.0, 5), ("polynomial", None, 3), ("sine", None, 4)])
+@pytest.mark.parametrize(
+    "fit,shape,points",
+    [
+        ("linear", None, 2),
+        ("linear_origin", None, 1),
+        ("power", 0.5, 2),
+        ("log", 3.0, 2),
+        ("saturating", 3.0, 2),
+        ("polynomial", 2.0, 3),
+        ("polynomial", 4.0, 5),
+        ("polynomial", None, 3),
+        ("sine", None, 4),
+    ],
+)
 def test_min_points_is_the_number_of_free_coefficients(fit, shape, points):
     """A + B s: 2; B (s - s0): 1; a degree-d polynomial: d + 1 (default degree 2); sine A, f, phi,
     C: 4. Validation and the backtest's fit counts read it."""
@@ -325,12 +561,20 @@ def test_shape_grids_are_multiples_of_the_window_reach_from_the_base():
     assert power.candidates([20, 30, 50], 10.0) == list(power.grid)  # exponents: not in steps
 
 
-@pytest.mark.parametrize("fit,value,problem", [
-    ("power", 1.5, None), ("power", 0.01, None), ("power", 0.0, "expected a value in (0, 1.5], got 0"),
-    ("power", 2.0, "expected a value in (0, 1.5], got 2"), ("polynomial", 1.0, None),
-    ("polynomial", 0.0, "expected a value in [1, inf), got 0"), ("polynomial", 2.5, "expected an integer, got 2.5"),
-    ("log", 1e9, None), ("log", -1.0, "expected a value in (0, inf), got -1"),
-])
+@pytest.mark.parametrize(
+    "fit,value,problem",
+    [
+        ("power", 1.5, None),
+        ("power", 0.01, None),
+        ("power", 0.0, "expected a value in (0, 1.5], got 0"),
+        ("power", 2.0, "expected a value in (0, 1.5], got 2"),
+        ("polynomial", 1.0, None),
+        ("polynomial", 0.0, "expected a value in [1, inf), got 0"),
+        ("polynomial", 2.5, "expected an integer, got 2.5"),
+        ("log", 1e9, None),
+        ("log", -1.0, "expected a value in (0, inf), got -1"),
+    ],
+)
 def test_shape_problems_name_the_allowed_range(fit, value, problem):
     assert fits.family(fit).shape.problem(value) == problem
 
@@ -372,7 +616,8 @@ def test_sine_recovers_an_exact_sinusoid(case):
     assert got[:, 0].tolist() == pytest.approx([truth(t) for t in targets], abs=1e-6)
     assert got[:, 1].tolist() == pytest.approx([2 * truth(t) - 1.0 for t in targets], abs=1e-6)
     assert fits.family("sine").fit(torch.tensor(steps, dtype=F64), values, None, 0.0).r2.tolist() == pytest.approx(
-        [1.0, 1.0], abs=1e-9)
+        [1.0, 1.0], abs=1e-9
+    )
 
 
 def test_sine_of_no_direction_is_empty():
@@ -382,8 +627,10 @@ def test_sine_of_no_direction_is_empty():
 
 SINE_TRENDS = {
     "trend": ([float(s) for s in range(1, 21)], lambda s: 0.05 * s + 0.2 * math.sin(2 * math.pi * 0.23 * s + 1)),
-    "two tones": ([float(s) for s in range(1, 21)],
-                  lambda s: math.sin(2 * math.pi * 0.11 * s) + 0.5 * math.sin(2 * math.pi * 0.31 * s + 0.5)),
+    "two tones": (
+        [float(s) for s in range(1, 21)],
+        lambda s: math.sin(2 * math.pi * 0.11 * s) + 0.5 * math.sin(2 * math.pi * 0.31 * s + 0.5),
+    ),
     "gap 5": ([float(s) for s in range(10, 110, 5)], lambda s: 0.02 * s + 0.3 * math.sin(2 * math.pi * 0.043 * s)),
 }
 
@@ -410,8 +657,11 @@ def test_the_registry_orders_families_simplest_first_then_by_name():
     assert list(found) == ["linear_origin", "linear", "log", "polynomial", "power", "saturating", "sine"]
     assert all(found[name] is fits.family(name) for name in found)
     assert fits.shape_keys() == ["tau", "degree", "p"]
-    with pytest.raises(KeyError, match=r"unknown fit family 'cubic' \(known: linear_origin, linear, log, polynomial, "
-                                       r"power, saturating, sine, or auto\)"):
+    with pytest.raises(
+        KeyError,
+        match=r"unknown fit family 'cubic' \(known: linear_origin, linear, log, polynomial, "
+        r"power, saturating, sine, or auto\)",
+    ):
         fits.family("cubic")
 
 
@@ -423,13 +673,21 @@ def extra_family_module(tmp_path, monkeypatch):
     sys.modules.pop("relex_merge.core.fits.zz_extra", None)
 
 
-@pytest.mark.parametrize("source,problem", [
-    ("X = 1\n", "relex_merge.core.fits.zz_extra defines no FAMILY"),
-    ("from relex_merge.core.fits.linear import Linear\nclass Twin(Linear):\n    pass\nFAMILY = Twin()\n",
-     "fit family name 'linear' is taken"),
-    ("from relex_merge.core.fits.linear import Linear\nclass Auto(Linear):\n    name = 'auto'\nFAMILY = Auto()\n",
-     "fit family name 'auto' is taken"),
-])
+@pytest.mark.parametrize(
+    "source,problem",
+    [
+        ("X = 1\n", "relex_merge.core.fits.zz_extra defines no FAMILY"),
+        (
+            "from relex_merge.core.fits.linear import Linear\nclass Twin(Linear):\n    pass\nFAMILY = Twin()\n",
+            "fit family name 'linear' is taken",
+        ),
+        (
+            "from relex_merge.core.fits.linear import Linear\nclass Auto(Linear):\n    name = 'auto'\n"
+            "FAMILY = Auto()\n",
+            "fit family name 'auto' is taken",
+        ),
+    ],
+)
 def test_a_family_module_must_define_one_new_family(source, problem, extra_family_module):
     extra_family_module(source)
     with pytest.raises(TypeError, match=re.escape(problem)):
@@ -437,10 +695,20 @@ def test_a_family_module_must_define_one_new_family(source, problem, extra_famil
 
 
 def test_a_new_family_module_is_found(extra_family_module):
-    extra_family_module("from relex_merge.core.fits.linear import Linear\nclass Cubic(Linear):\n    name = 'aaa_cubic'\n"
-                        "    complexity = 3\nFAMILY = Cubic()\n")
-    assert list(fits.REGISTRY._discover()) == ["linear_origin", "linear", "aaa_cubic", "log", "polynomial", "power",
-                                      "saturating", "sine"]
+    extra_family_module(
+        "from relex_merge.core.fits.linear import Linear\nclass Cubic(Linear):\n    name = 'aaa_cubic'\n"
+        "    complexity = 3\nFAMILY = Cubic()\n"
+    )
+    assert list(fits.REGISTRY._discover()) == [
+        "linear_origin",
+        "linear",
+        "aaa_cubic",
+        "log",
+        "polynomial",
+        "power",
+        "saturating",
+        "sine",
+    ]
 
 
 @pytest.mark.parametrize("key", ["scale", "p", "tau", "degree"])

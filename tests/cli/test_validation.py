@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from relex_merge.interop.mergekit_runner import known_methods
-from tests.helpers import assert_relex_output, run_cli
+from tests.helpers import assert_relex_output, run_cli, snapshot
 
 
 def base_config(run: Path, steps=(1, 2, 3), target=9, **params) -> dict:
@@ -223,7 +223,8 @@ CASES = {
     ),
     "unknown fit": (
         lambda run, tmp: base_config(run, fit="cubic"),
-        "{cfg}: parameters.fit: unknown fit 'cubic'; choose linear_origin, linear, log, polynomial, power, saturating, sine or auto",
+        "{cfg}: parameters.fit: unknown fit 'cubic'; choose linear_origin, linear, log, polynomial, power, "
+        "saturating, sine or auto",
     ),
     "no target": (
         lambda run, tmp: base_config(run, target=None),
@@ -231,7 +232,8 @@ CASES = {
     ),
     "reconstruct unobserved": (
         lambda run, tmp: base_config(run, target=7, mode="reconstruct"),
-        "parameters.target_step: reconstruct mode works on observed checkpoints; step(s) [7] are not in the window 1..3",
+        "parameters.target_step: reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
+        "window 1..3",
     ),
     "missing tensor": (
         lambda run, tmp: with_model(base_config(run), 1, variant(run, tmp, _drop("model.norm.weight"))),
@@ -427,10 +429,6 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def snapshot(folder: Path) -> dict[str, float]:
-    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
-
-
 def test_every_case_expects_its_own_message():
     """Two cases expecting the same line would test one check twice and another not at all."""
     messages = [expected for _, expected in CASES.values()]
@@ -528,9 +526,12 @@ def test_verbose_shows_the_library_debug_log(qwen_run, tmp_path, caplog):
         assert record.levelno == logging.DEBUG, record.getMessage()
         debug[record.name].append(record.getMessage())
     assert debug["relex_merge.workflows.plan"] == [
-        "window: 3 checkpoints, steps 1..3; the fit uses 3 (steps 1..3); targets [9]; fit linear, rank 1, mode extrapolate"
+        "window: 3 checkpoints, steps 1..3; the fit uses 3 (steps 1..3); targets [9]; fit linear, rank 1, "
+        "mode extrapolate"
     ]
-    assert debug["relex_merge.workflows.merge"] == ["step 9: fit linear (as configured); NOT SUPPORTED"]  # 3 points: no backtest
+    assert debug["relex_merge.workflows.merge"] == [
+        "step 9: fit linear (as configured); NOT SUPPORTED"
+    ]  # 3 points: no backtest
 
 
 @pytest.mark.parametrize("state", [[7], {"global_step": "seven"}])
@@ -573,7 +574,15 @@ def test_sizes_read_decimal_and_binary_units():
     from relex_merge.common.units import parse_size
 
     assert [parse_size(t, "x") for t in ("8", "8b", "8k", "8KB", "8ki", "8KiB", "1.5g", "2TiB")] == [
-        8, 8, 8000, 8000, 8192, 8192, 1_500_000_000, 2 * 1024**4]
+        8,
+        8,
+        8000,
+        8000,
+        8192,
+        8192,
+        1_500_000_000,
+        2 * 1024**4,
+    ]
     for bad in ("8i", "8ib", "8bb", "GB", "8 x"):
         with pytest.raises(RelexError, match="cannot read size"):
             parse_size(bad, "x")
@@ -583,8 +592,8 @@ def test_non_finite_shapes_and_scales_are_refused_outside_the_config_too():
     """The library and mergekit's relex method build specs without the config schema."""
     import math
 
-    from relex_merge.core.relex import spec_from_parameters
     from relex_merge.core.fits import family
+    from relex_merge.core.relex import spec_from_parameters
 
     assert family("saturating").shape.problem(math.inf) == "expected a finite number, got inf"
     assert family("power").shape.problem(math.nan) == "expected a finite number, got nan"
@@ -597,9 +606,21 @@ def test_non_finite_shapes_and_scales_are_refused_outside_the_config_too():
 def test_sweep_refuses_non_finite_scales(scales, qwen_run, tmp_path):
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump(base_config(qwen_run)))
-    tasks = Path(__file__).resolve().parents[1] / "demo" / "tasks"
-    result = run_cli("sweep", str(cfg), str(tmp_path / "out"), "--targets", "9", "--scales", scales,
-                     "--tasks", "relex_demo_addition", "--include-path", str(tasks), "-q")
+    tasks = Path(__file__).resolve().parents[2] / "demo" / "tasks"
+    result = run_cli(
+        "sweep",
+        str(cfg),
+        str(tmp_path / "out"),
+        "--targets",
+        "9",
+        "--scales",
+        scales,
+        "--tasks",
+        "relex_demo_addition",
+        "--include-path",
+        str(tasks),
+        "-q",
+    )
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --scales: every scale must be a finite number > 0"
     assert not (tmp_path / "out").exists()

@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
+from relex_merge.common import errors
 from relex_merge.engine import process_group
 from relex_merge.engine.sharding import assign
-from relex_merge.common import errors
-from tests.helpers import run_cli
-from tests.test_cli import write_config
+from tests.helpers import run_cli, write_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -37,8 +36,16 @@ def torchrun(nproc: int, *args: str, timeout: float = 240, patches: str = "") ->
     patches of those names are applied in every rank first."""
     threads = [] if args[0] == "convert" else ["--threads", "1"]
     program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           *program, *args, *threads]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        *program,
+        *args,
+        *threads,
+    ]
     env = {**_env(), "RELEX_TEST_PATCHES": patches}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -79,8 +86,10 @@ def test_a_rank_failure_reads_like_the_single_process_line():
     exit code 2 in rank 0's line."""
     full = OSError(errno.ENOSPC, "No space left on device", "/out/model-00001-of-00002.safetensors")
     line = errors.one_line(full)
-    assert line == "/out/model-00001-of-00002.safetensors: no space left on the device; free space or choose " \
-                   "another output folder"
+    assert (
+        line == "/out/model-00001-of-00002.safetensors: no space left on the device; free space or choose "
+        "another output folder"
+    )
     rank1 = _FakeRanks(1, other=process_group._Status(0, "node0", None))  # rank 0 succeeded
     with pytest.raises(OSError):
         with rank1.step("writing"):
@@ -94,20 +103,45 @@ def test_a_rank_failure_reads_like_the_single_process_line():
     assert rank0.describe_failure(full) == f"rank 0 of 2 ({socket.gethostname()}): {line}"
 
 
-_BATCH_SCRIPT = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_PROCID": "0",
-                 "SLURM_LOCALID": "0"}  # what sbatch --ntasks=8 exports to its script
+_BATCH_SCRIPT = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_NTASKS": "8",
+    "SLURM_NPROCS": "8",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+}  # what sbatch --ntasks=8 exports to its script
 
 
-@pytest.mark.parametrize("env,found", [
-    ({}, None),
-    (_BATCH_SCRIPT, None),  # a plain relex-merge in the job script: one process, no peers to wait for
-    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun -n 1
-    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5",
-      "SLURM_LOCALID": "1"}, (5, 8, 1)),  # a task of srun's step
-    ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "1", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3",
-      "SLURM_LOCALID": "3"}, (3, 4, 3)),  # srun -n 4 inside an 8-task job: the step's size counts
-    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, (1, 2, 1)),  # torchrun
-], ids=["alone", "sbatch-script", "srun-one-task", "srun-task", "srun-smaller-step", "torchrun"])
+@pytest.mark.parametrize(
+    "env,found",
+    [
+        ({}, None),
+        (_BATCH_SCRIPT, None),  # a plain relex-merge in the job script: one process, no peers to wait for
+        ({**_BATCH_SCRIPT, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "1"}, None),  # srun -n 1
+        (
+            {
+                **_BATCH_SCRIPT,
+                "SLURM_STEP_ID": "0",
+                "SLURM_STEP_NUM_TASKS": "8",
+                "SLURM_PROCID": "5",
+                "SLURM_LOCALID": "1",
+            },
+            (5, 8, 1),
+        ),  # a task of srun's step
+        (
+            {
+                **_BATCH_SCRIPT,
+                "SLURM_STEP_ID": "1",
+                "SLURM_STEP_NUM_TASKS": "4",
+                "SLURM_PROCID": "3",
+                "SLURM_LOCALID": "3",
+            },
+            (3, 4, 3),
+        ),  # srun -n 4 inside an 8-task job: the step's size counts
+        ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, (1, 2, 1)),  # torchrun
+    ],
+    ids=["alone", "sbatch-script", "srun-one-task", "srun-task", "srun-smaller-step", "torchrun"],
+)
 def test_only_launched_tasks_join_a_group(monkeypatch, env, found):
     for name in list(os.environ):
         if name.startswith("SLURM_") or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
@@ -141,8 +175,9 @@ def test_torchrun_auto_fit_and_analyze_match_a_single_process(qwen_run, tmp_path
     alone = run_cli(str(cfg), str(tmp_path / "refused1"), "--threads", "1", "--require-supported")
     result = torchrun(2, str(cfg), str(tmp_path / "refused2"), "--require-supported")
     assert alone.exit_code == 3 and result.returncode != 0
-    assert error_lines(result) == [alone.stderr.strip().replace("error: ", "error: rank 0 of 2 (" + socket.gethostname()
-                                                                + "): ", 1)]
+    assert error_lines(result) == [
+        alone.stderr.strip().replace("error: ", "error: rank 0 of 2 (" + socket.gethostname() + "): ", 1)
+    ]
     assert not (tmp_path / "refused1").exists() and not (tmp_path / "refused2").exists()
     assert run_cli("analyze", str(cfg), "--out", str(tmp_path / "a1"), "-q", "--threads", "1").exit_code == 0
     result = torchrun(2, "analyze", str(cfg), "--out", str(tmp_path / "a2"), "-q")
@@ -174,8 +209,11 @@ def test_a_planning_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
     """analyze: only rank 1 fails to plan; rank 0 prints the one line naming it, every rank
     exits non-zero (2, the planning error's code), nothing is written."""
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
-    procs, results = two_ranks(["analyze", str(cfg), "--out", str(tmp_path / "a"), "-q", "--threads", "1"],
-                               [REPO, REPO], patches="fail_planning_on_rank_1")
+    procs, results = two_ranks(
+        ["analyze", str(cfg), "--out", str(tmp_path / "a"), "-q", "--threads", "1"],
+        [REPO, REPO],
+        patches="fail_planning_on_rank_1",
+    )
     assert [p.returncode for p in procs] == [2, 2], results[0][1][-3000:]
     assert results[0][1].strip() == f"error: rank 1 of 2 ({socket.gethostname()}): checkpoint-3: not found on this node"
     assert results[1][1].strip() == ""  # only rank 0 talks
@@ -192,9 +230,22 @@ def test_torchrun_sweep_converts_a_last_checkpoint_that_is_not_an_hf_folder(qwen
     config["models"][-1]["model"] += "/model.safetensors"
     cfg.write_text(yaml.safe_dump(config))
     args = ["--targets", "9,12", "--tasks", "fake_task", "-q", "--timeout", "60"]
-    single = subprocess.run([sys.executable, str(REPO / "tests" / "patched_cli.py"), "sweep", str(cfg),
-                             str(tmp_path / "single"), *args, "--threads", "1"], cwd=REPO,
-                            env={**_env(), "RELEX_TEST_PATCHES": "fake_lm_eval"}, capture_output=True, text=True)
+    single = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "patched_cli.py"),
+            "sweep",
+            str(cfg),
+            str(tmp_path / "single"),
+            *args,
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        env={**_env(), "RELEX_TEST_PATCHES": "fake_lm_eval"},
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-3000:]
     result = torchrun(2, "sweep", str(cfg), str(tmp_path / "multi"), *args, patches="fake_lm_eval")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -204,8 +255,10 @@ def test_torchrun_sweep_converts_a_last_checkpoint_that_is_not_an_hf_folder(qwen
 
 
 def test_torchrun_convert_matches_a_single_process(qwen_run, tmp_path):
-    assert run_cli("convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c1"), "-q",
-                   "--shard-size", "40KB").exit_code == 0
+    assert (
+        run_cli("convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c1"), "-q", "--shard-size", "40KB").exit_code
+        == 0
+    )
     result = torchrun(2, "convert", str(qwen_run / "checkpoint-2"), str(tmp_path / "c2"), "-q", "--shard-size", "40KB")
     assert result.returncode == 0, result.stderr[-3000:]
     assert files(tmp_path / "c1") == files(tmp_path / "c2")
@@ -223,9 +276,9 @@ def _copy_run(src: Path, dst: Path, steps) -> Path:
 def test_a_failure_on_one_rank_stops_every_rank(qwen_run, tmp_path):
     """NaN in a tensor that rank 1 reads: rank 1 fails in the middle of the merge; every rank
     exits non-zero, rank 0 prints one line naming rank 1, and no output is left."""
+    from relex_merge.config.schema import load_config
     from relex_merge.engine.executors.distributed import share
     from relex_merge.workflows.plan import plan_merge
-    from relex_merge.config.schema import load_config
 
     run = _copy_run(qwen_run, tmp_path / "run", [1, 2, 3])
     cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3], 9)
@@ -277,10 +330,25 @@ def two_ranks(args: list[str], cwds: list[Path], patches: str = "", timeout: flo
     program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
     procs = []
     for rank, cwd in enumerate(cwds):
-        env = {**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "RELEX_TEST_PATCHES": patches}
-        procs.append(subprocess.Popen([sys.executable, *program, *args], cwd=cwd, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **_env(),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RELEX_TEST_PATCHES": patches,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, *program, *args],
+                cwd=cwd,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs, [p.communicate(timeout=timeout) for p in procs]
 
 

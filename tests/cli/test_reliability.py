@@ -18,9 +18,15 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from relex_merge.testing.synthetic import make_planted_run
-from tests.helpers import assert_relex_output, assert_state_matches, relex_expectation, run_cli
-from tests.test_cli import load_state, write_config
-from tests.test_validation import snapshot
+from tests.helpers import (
+    assert_relex_output,
+    assert_state_matches,
+    load_state,
+    relex_expectation,
+    run_cli,
+    snapshot,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +139,10 @@ def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
     finite = {name: tensor for name, tensor in base.items() if name != "model.norm.weight"}
     del merged["model.norm.weight"]
     assert_state_matches(merged, relex_expectation(finite, checkpoints, [1, 2, 3], 9), base)
-    assert "had NaN or Inf values in the window and were copied from the base: model.norm.weight" in (
-        tmp_path / "out" / "README.md"
-    ).read_text()
+    assert (
+        "had NaN or Inf values in the window and were copied from the base: model.norm.weight"
+        in (tmp_path / "out" / "README.md").read_text()
+    )
 
 
 @pytest.mark.parametrize("command", ["analyze", "sweep"])
@@ -144,15 +151,27 @@ def test_the_nonfinite_error_names_a_flag_the_command_has(command, qwen_run, tmp
     cfg, copy, state = _config_with_a_nonfinite_value(qwen_run, tmp_path, float("nan"))
     assert "--allow-nonfinite" in run_cli(command, "--help").output
     if command == "sweep":  # scoring needs lm-eval; the merge step fails before it
-        tasks = Path(__file__).resolve().parents[1] / "demo" / "tasks"
-        args = ["sweep", str(cfg), str(tmp_path / "out"), "--targets", "9", "--tasks", "relex_demo_addition",
-                "--include-path", str(tasks), "-q"]
+        tasks = Path(__file__).resolve().parents[2] / "demo" / "tasks"
+        args = [
+            "sweep",
+            str(cfg),
+            str(tmp_path / "out"),
+            "--targets",
+            "9",
+            "--tasks",
+            "relex_demo_addition",
+            "--include-path",
+            str(tasks),
+            "-q",
+        ]
     else:
         args = ["analyze", str(cfg), "--out", str(tmp_path / "out"), "-q"]
     result = run_cli(*args)
     assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: {copy}: tensor model.norm.weight has NaN or Inf values; pass "
-                                     "--allow-nonfinite to merge anyway (such tensors are copied from the base)")
+    assert result.stderr.strip() == (
+        f"error: {copy}: tensor model.norm.weight has NaN or Inf values; pass "
+        "--allow-nonfinite to merge anyway (such tensors are copied from the base)"
+    )
     assert not (tmp_path / "out").exists()
     if command == "analyze":  # with the flag the tensor is left out of the analysis
         result = run_cli(*args, "--allow-nonfinite")
@@ -162,11 +181,37 @@ def test_the_nonfinite_error_names_a_flag_the_command_has(command, qwen_run, tmp
 
 
 # Fuzzing: random documents built from real and mistyped keys and odd values.
-KEYS = ["merge_method", "base_model", "models", "parameters", "trajectory", "dtype", "out_dtype", "name",
-        "model", "step", "target_step", "rank", "fit", "window", "scale", "mode", "degree", "run_dir",
-        "steps", "every", "tokenizer_source", "weight", "parametrs", "x"]
+KEYS = [
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "trajectory",
+    "dtype",
+    "out_dtype",
+    "name",
+    "model",
+    "step",
+    "target_step",
+    "rank",
+    "fit",
+    "window",
+    "scale",
+    "mode",
+    "degree",
+    "run_dir",
+    "steps",
+    "every",
+    "tokenizer_source",
+    "weight",
+    "parametrs",
+    "x",
+]
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 1000), st.floats(allow_nan=True, allow_infinity=True),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 1000),
+    st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from(["relex", "ties", "linear", "reconstruct", "1-8", "bfloat16", "", "runs/x", "polynomial"]),
     st.text(max_size=8),
 )

@@ -10,10 +10,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import assert_state_matches, load_state, relex_expectation, run_cli
-from tests.test_cli import generate
+from tests.helpers import assert_state_matches, generate, load_state, relex_expectation, run_cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "demo" / "run"
 TASK = ["--tasks", "relex_demo_addition", "--include-path", str(REPO / "demo" / "tasks")]
 
@@ -36,7 +35,7 @@ def test_second_demo_run_is_shipped_and_small():
 def test_second_demo_config_merges_with_the_fit_the_backtest_chose(tmp_path):
     """demo-lowlr.yml uses fit: auto; the output's relex_config.yml names the family and shape the
     backtest chose, and the tensors are that fit's dense reference."""
-    from tests.test_fits import dense_family
+    from tests.helpers import dense_family
 
     out = tmp_path / "out"
     result = run_cli(str(REPO / "merge_configs" / "demo-lowlr.yml"), str(out), "-q", cwd=REPO)
@@ -98,8 +97,18 @@ def test_eval_output_keeps_the_model_folder_untouched(tmp_path):
 def test_sweep_keeps_the_best_and_removes_the_rest(tmp_path):
     out = tmp_path / "sweep"
     result = run_cli(
-        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "30,60", "--scales", "1.0",
-        *TASK, "--limit", "30", "-q", cwd=REPO,
+        "sweep",
+        str(REPO / "merge_configs" / "demo.yml"),
+        str(out),
+        "--targets",
+        "30,60",
+        "--scales",
+        "1.0",
+        *TASK,
+        "--limit",
+        "30",
+        "-q",
+        cwd=REPO,
     )
     assert result.exit_code == 0, result.output
     assert "last window checkpoint (step 20)" in result.stdout
@@ -123,7 +132,15 @@ def test_sweep_with_one_candidate_keeps_it_as_best(tmp_path):
     model a plain merge to that target writes, and nothing else is left in OUT."""
     out = tmp_path / "sweep"
     result = run_cli(
-        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "40", *TASK, "--limit", "10", "-q",
+        "sweep",
+        str(REPO / "merge_configs" / "demo.yml"),
+        str(out),
+        "--targets",
+        "40",
+        *TASK,
+        "--limit",
+        "10",
+        "-q",
         cwd=REPO,
     )
     assert result.exit_code == 0, result.output
@@ -142,7 +159,9 @@ def test_sweep_with_one_candidate_keeps_it_as_best(tmp_path):
     assert result.exit_code == 0, result.output
 
     best = out / "best"
-    assert sorted(p.name for p in best.iterdir()) == sorted([p.name for p in plain.iterdir()] + ["lm_eval_results.json"])
+    assert sorted(p.name for p in best.iterdir()) == sorted(
+        [p.name for p in plain.iterdir()] + ["lm_eval_results.json"]
+    )
     weights = sorted(p.name for p in plain.glob("*.safetensors"))
     assert weights and weights == sorted(p.name for p in best.glob("*.safetensors"))
     for name in weights:
@@ -154,8 +173,16 @@ def test_sweep_with_one_candidate_keeps_it_as_best(tmp_path):
 def test_sweep_with_an_unknown_task_writes_nothing(tmp_path):
     out = tmp_path / "sweep"
     result = run_cli(
-        "sweep", str(REPO / "merge_configs" / "demo.yml"), str(out), "--targets", "30", "--tasks", "no_such_task",
-        "--include-path", str(REPO / "demo" / "tasks"), cwd=REPO,
+        "sweep",
+        str(REPO / "merge_configs" / "demo.yml"),
+        str(out),
+        "--targets",
+        "30",
+        "--tasks",
+        "no_such_task",
+        "--include-path",
+        str(REPO / "demo" / "tasks"),
+        cwd=REPO,
     )
     assert result.exit_code == 2
     assert result.stderr.strip() == (

@@ -1,5 +1,5 @@
 """sweep's checks and plumbing, with lm-eval replaced by tests/patched_cli.py's fake scoring (the
-real scoring is tested in tests/test_demo.py)."""
+real scoring is tested in tests/evaluation/test_demo.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, write_config
 from tests.patched_cli import fake_scoring
-from tests.test_cli import write_config
 
 TASKS = ("--tasks", "fake_task")
 
@@ -29,8 +28,20 @@ def scored(monkeypatch) -> list:
 def test_repeated_targets_and_scales_give_one_candidate_each(qwen_run, tmp_path, scored):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
     out = tmp_path / "sweep"
-    result = run_cli("sweep", str(cfg), str(out), "--targets", "9,12,9", "--scales", "1,0.5,1.0", *TASKS,
-                     "--keep-all", "-q", "--threads", "1")
+    result = run_cli(
+        "sweep",
+        str(cfg),
+        str(out),
+        "--targets",
+        "9,12,9",
+        "--scales",
+        "1,0.5,1.0",
+        *TASKS,
+        "--keep-all",
+        "-q",
+        "--threads",
+        "1",
+    )
     assert result.exit_code == 0, result.output
     labels = [c["label"] for c in json.loads((out / "sweep_results.json").read_text())["candidates"]]
     assert labels == ["step-9-scale-1", "step-9-scale-0.5", "step-12-scale-1", "step-12-scale-0.5"]
@@ -39,17 +50,31 @@ def test_repeated_targets_and_scales_give_one_candidate_each(qwen_run, tmp_path,
 
 def test_sweep_scores_on_the_resolved_device(qwen_run, tmp_path, scored):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
-    result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", "9,12", *TASKS, "-q", "--threads", "1",
-                     "--device", "cpu")
+    result = run_cli(
+        "sweep",
+        str(cfg),
+        str(tmp_path / "sweep"),
+        "--targets",
+        "9,12",
+        *TASKS,
+        "-q",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    )
     assert result.exit_code == 0, result.output
     assert [device for _, device in scored] == ["cpu"] * 3
 
 
-@pytest.mark.parametrize("targets,expected", [
-    ("0", "--targets: 0 is not after the base model's step (parameters.base_step = 0)"),
-    ("12,-4", "--targets: -4 is not after the base model's step (parameters.base_step = 0)"),
-    ("12,x", "--targets: expected comma-separated numbers, got '12,x'"),
-])
+@pytest.mark.parametrize(
+    "targets,expected",
+    [
+        ("0", "--targets: 0 is not after the base model's step (parameters.base_step = 0)"),
+        ("12,-4", "--targets: -4 is not after the base model's step (parameters.base_step = 0)"),
+        ("12,x", "--targets: expected comma-separated numbers, got '12,x'"),
+    ],
+)
 def test_invalid_targets_are_one_line_and_write_nothing(qwen_run, tmp_path, scored, targets, expected):
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
     result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", targets, *TASKS, "--threads", "1")
@@ -62,18 +87,34 @@ def test_a_reconstruct_config_is_refused_in_one_line(qwen_run, tmp_path, scored)
     cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], None, parameters={"mode": "reconstruct"})
     result = run_cli("sweep", str(cfg), str(tmp_path / "sweep"), "--targets", "16", *TASKS, "--threads", "1")
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: sweep: the config's mode is reconstruct; sweep chooses how far to "
-                                     "extrapolate, so it needs mode: extrapolate")
+    assert result.stderr.strip() == (
+        "error: sweep: the config's mode is reconstruct; sweep chooses how far to "
+        "extrapolate, so it needs mode: extrapolate"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yml"] and not scored
 
 
-@pytest.mark.parametrize("best,best_se,base,base_se,said", [
-    (0.50, 0.02, 0.40, 0.02, "beats (by 0.1000, more than two standard errors) the last window checkpoint "
-                             "(0.4000 ± 0.0200)"),
-    (0.50, 0.11, 0.45, 0.11, "scores 0.0500 above, within two standard errors (0.3111): not a clear win over the "
-                             "last window checkpoint (0.4500 ± 0.1100)"),
-    (0.40, 0.02, 0.40, 0.02, "does NOT beat the last window checkpoint (0.4000 ± 0.0200)"),
-])
+@pytest.mark.parametrize(
+    "best,best_se,base,base_se,said",
+    [
+        (
+            0.50,
+            0.02,
+            0.40,
+            0.02,
+            "beats (by 0.1000, more than two standard errors) the last window checkpoint (0.4000 ± 0.0200)",
+        ),
+        (
+            0.50,
+            0.11,
+            0.45,
+            0.11,
+            "scores 0.0500 above, within two standard errors (0.3111): not a clear win over the "
+            "last window checkpoint (0.4500 ± 0.1100)",
+        ),
+        (0.40, 0.02, 0.40, 0.02, "does NOT beat the last window checkpoint (0.4000 ± 0.0200)"),
+    ],
+)
 def test_the_outcome_line_counts_the_noise(best, best_se, base, base_se, said):
     from pathlib import Path
 
@@ -83,6 +124,7 @@ def test_the_outcome_line_counts_the_noise(best, best_se, base, base_se, said):
     def scored(label, mean, se):
         return Candidate(label, None, None, EvalResult(label, [TaskScore("t", "acc", mean, se)]))
 
-    result = SweepResult([scored("a", best, best_se)], scored("last", base, base_se), scored("a", best, best_se),
-                         Path("best"))
+    result = SweepResult(
+        [scored("a", best, best_se)], scored("last", base, base_se), scored("a", best, best_se), Path("best")
+    )
     assert result.outcome() == said

@@ -12,42 +12,20 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from relex_merge.config.schema import load_config
-from tests.helpers import assert_relex_output, assert_state_matches, dense_relex, relex_expectation, run_cli
+from tests.helpers import (
+    assert_relex_output,
+    assert_state_matches,
+    dense_relex,
+    generate,
+    load_state,
+    relex_expectation,
+    run_cli,
+    write_config,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(path: Path, run: Path, steps, targets, **extra) -> Path:
-    config = {
-        "merge_method": "relex",
-        "base_model": str(run / "base"),
-        "models": [{"model": str(run / f"checkpoint-{s}"), "parameters": {"step": s}} for s in steps],
-        "parameters": {"target_step": targets, **extra.pop("parameters", {})},
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
-def load_state(folder: Path) -> dict[str, torch.Tensor]:
-    state = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(file))
-    return state
-
-
-def generate(folder: Path) -> str:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    inputs = tokenizer("12+34=", return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert out.shape[1] == inputs["input_ids"].shape[1] + 5
-    return tokenizer.decode(out[0])
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_qwen2_merge_loads_generates_and_matches_reference(qwen_run, tmp_path):
@@ -112,7 +90,9 @@ def test_small_shard_size_writes_index_and_shards(qwen_run, tmp_path):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(out.glob("model-*-of-*.safetensors"))
     assert len(shards) > 2
-    assert [s.name for s in shards] == [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    assert [s.name for s in shards] == [
+        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)
+    ]
     assert sorted(set(index["weight_map"].values())) == [s.name for s in shards]
     base = load_state(qwen_run / "base")
     expected = relex_expectation(base, [load_state(qwen_run / f"checkpoint-{s}") for s in steps], steps, 9)
@@ -316,7 +296,9 @@ def test_console_script_in_a_subprocess(qwen_run, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert_relex_output(tmp_path / "out", qwen_run, [1, 2, 3], 9)
-    bad = subprocess.run([str(exe), str(tmp_path / "missing.yml"), str(tmp_path / "o2")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [str(exe), str(tmp_path / "missing.yml"), str(tmp_path / "o2")], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.yml'}: config file not found"]
     assert "Traceback" not in bad.stderr

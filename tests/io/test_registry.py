@@ -43,7 +43,7 @@ def test_safetensors_names_match_the_safetensors_library(dtype, tmp_path):
 
 # --- the format registry ---------------------------------------------------------------------
 
-FAKE_FORMAT = '''
+FAKE_FORMAT = """
 from pathlib import Path
 
 from relex_merge.io.base import CheckpointFormat, StateDictReader, glob_any
@@ -61,11 +61,10 @@ FORMAT = CheckpointFormat(
     name="fake", label="fake weights", description="a format that exists only in this test",
     priority=45, detect=detect, open=_open, weight_patterns=("*.fake",),
 )
-'''
+"""
 
 
 def _io_modules() -> dict[str, object]:
-    import relex_merge.io
 
     return {
         info.name: importlib.import_module(f"relex_merge.io.formats.{info.name}")
@@ -75,7 +74,9 @@ def _io_modules() -> dict[str, object]:
 
 def test_registry_holds_every_module_that_defines_a_format():
     modules = _io_modules()
-    defined = {name for name, module in modules.items() if isinstance(getattr(module, "FORMAT", None), CheckpointFormat)}
+    defined = {
+        name for name, module in modules.items() if isinstance(getattr(module, "FORMAT", None), CheckpointFormat)
+    }
     assert {fmt.name for fmt in registry.formats()} == defined
     assert set(modules) == defined
     # today's detection order: safetensors, .bin, verl FSDP, DCP, ZeRO
@@ -180,7 +181,9 @@ def dcp_folder(tmp_path):
     folder = tmp_path / "dcp"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dcp.save({"w": torch.arange(12.0).reshape(4, 3)}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True)
+        dcp.save(
+            {"w": torch.arange(12.0).reshape(4, 3)}, storage_writer=dcp.FileSystemWriter(str(folder)), no_dist=True
+        )
     return folder
 
 
@@ -294,11 +297,19 @@ def test_zero_inputs_are_held_whole_and_planning_says_so(fake_deepspeed, qwen_ru
     held = sum(t.nbytes for t in states[str(tmp_path / "zero-1")].values())
     assert reader.resident_bytes == held > 0
     cfg = tmp_path / "c.yml"
-    cfg.write_text(yaml.safe_dump({
-        "merge_method": "relex", "base_model": str(qwen_run / "base"),
-        "models": [{"model": str(tmp_path / f"zero-{s}" / "global_step1"), "parameters": {"step": s}} for s in (1, 2, 3)],
-        "parameters": {"target_step": 9},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "relex",
+                "base_model": str(qwen_run / "base"),
+                "models": [
+                    {"model": str(tmp_path / f"zero-{s}" / "global_step1"), "parameters": {"step": s}}
+                    for s in (1, 2, 3)
+                ],
+                "parameters": {"target_step": 9},
+            }
+        )
+    )
     result = run_cli(str(cfg), str(tmp_path / "out"), "-q", "--max-memory", "1MB")
     assert result.exit_code == 0, result.output
     from relex_merge.common.units import human_bytes
@@ -326,7 +337,7 @@ def _entry(shape, lo, hi, dtype="F32"):
 
 DAMAGED = {
     "shorter than 8 bytes": (
-        lambda p: (p.write_bytes(b"\x01\x02\x03") and p),
+        lambda p: p.write_bytes(b"\x01\x02\x03") and p,
         "{f}: not a safetensors file (shorter than 8 bytes); re-copy or re-save it",
     ),
     "header longer than the file": (
@@ -346,7 +357,7 @@ DAMAGED = {
         "{f}: truncated safetensors header ({size} bytes, header says 104857601); re-copy or re-save it",
     ),
     "not JSON": (
-        lambda p: (p.write_bytes(struct.pack("<Q", 4) + b"{x: " + b"\0" * 8) and p),
+        lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{x: " + b"\0" * 8) and p,
         "{f}: corrupt safetensors header (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
     ),
     "an entry without a dtype": (
@@ -408,8 +419,10 @@ def test_a_sharded_folder_whose_index_or_shards_disagree_is_refused(tmp_path):
     save_file({"a": torch.zeros(2)}, str(folder / "model-00002-of-00002.safetensors"))  # "a" twice
     with pytest.raises(RelexError) as caught:
         SafetensorsReader(folder)
-    assert str(caught.value) == (f"{folder / 'model-00002-of-00002.safetensors'}: tensor a is also in "
-                                 f"{folder / 'model-00001-of-00002.safetensors'}")
+    assert str(caught.value) == (
+        f"{folder / 'model-00002-of-00002.safetensors'}: tensor a is also in "
+        f"{folder / 'model-00001-of-00002.safetensors'}"
+    )
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(RelexError) as caught:
