@@ -34,11 +34,10 @@ import os
 import random
 import shutil
 import string
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -117,8 +116,15 @@ def write_data() -> None:
                 f.write(json.dumps({"question": question, "answer": answer}) + "\n")
         yaml = HERE / "tasks" / f"{task.lm_eval_task}.yaml"
         yaml.parent.mkdir(parents=True, exist_ok=True)
-        yaml.write_text(YAML.format(name=task.name, n=len(test), task=task.lm_eval_task,
-                                    data=task.test_file.relative_to(REPO), max_tokens=task.max_tokens))
+        yaml.write_text(
+            YAML.format(
+                name=task.name,
+                n=len(test),
+                task=task.lm_eval_task,
+                data=task.test_file.relative_to(REPO),
+                max_tokens=task.max_tokens,
+            )
+        )
         print(f"{task.test_file.relative_to(REPO)}: {len(test)} problems; {yaml.relative_to(REPO)}")
 
 
@@ -162,8 +168,13 @@ class Run:
 
     def describe(self) -> dict:
         d = asdict(self)
-        d.update(window=self.window, span=self.span, targets=self.targets,
-                 target_horizons=[round(self.horizon(t), 3) for t in self.targets], grpo_steps=self.steps)
+        d.update(
+            window=self.window,
+            span=self.span,
+            targets=self.targets,
+            target_horizons=[round(self.horizon(t), 3) for t in self.targets],
+            grpo_steps=self.steps,
+        )
         return d
 
 
@@ -213,18 +224,28 @@ def char_tokenizer():
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
 
 
 def tiny_config():
     """The demo's model: Qwen2, hidden 64, 2 layers, MLP 128, tied embeddings."""
     from transformers import Qwen2Config
 
-    return Qwen2Config(vocab_size=len(SPECIAL_TOKENS) + len(CHARS), hidden_size=64, intermediate_size=128,
-                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                       max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0, bos_token_id=1,
-                       eos_token_id=2)
+    return Qwen2Config(
+        vocab_size=len(SPECIAL_TOKENS) + len(CHARS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
 
 
 def accuracy(model, tokenizer, problems: list[tuple[str, str]], max_tokens: int) -> float:
@@ -238,8 +259,13 @@ def accuracy(model, tokenizer, problems: list[tuple[str, str]], max_tokens: int)
         for start in range(0, len(problems), 250):
             batch = problems[start : start + 250]
             enc = tokenizer([q for q, _ in batch], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
             texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             correct += sum(t.strip() == a for t, (_, a) in zip(texts, batch))
     return correct / len(problems)
@@ -314,8 +340,14 @@ def grpo(base: Path, work: Path, train: list[tuple[str, str]], run: Run, task: T
     )
     tokenizer = char_tokenizer()
     tokenizer.padding_side = "left"
-    trainer = GRPOTrainer(model=str(base), reward_funcs=exact_match, args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer, callbacks=[SaveOnly()])
+    trainer = GRPOTrainer(
+        model=str(base),
+        reward_funcs=exact_match,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[SaveOnly()],
+    )
     trainer.train()
 
 
@@ -357,15 +389,22 @@ def train(run: Run, root: Path = ROOT) -> dict:
     tokenizer = char_tokenizer()
     quick = {}
     for label, sub in [("base", "base"), ("last", f"checkpoint-{run.window[-1]}")] + [
-            (str(s), f"checkpoint-{s}") for s in run.targets]:
+        (str(s), f"checkpoint-{s}") for s in run.targets
+    ]:
         model = AutoModelForCausalLM.from_pretrained(work / sub)
         quick[label] = accuracy(model, tokenizer, test, task.max_tokens)
-    times["quick_accuracy_s"], times["quick_accuracy_cpu_s"] = round(time.time() - t, 1), round(time.process_time() - c, 1)
+    times["quick_accuracy_s"], times["quick_accuracy_cpu_s"] = (
+        round(time.time() - t, 1),
+        round(time.process_time() - c, 1),
+    )
     record = {
         "run": run.describe(),
         "quick_accuracy": quick,  # greedy exact match on the 1000 held-out problems
-        "train_reward": [{"step": e["step"], "reward": e.get("reward"), "kl": e.get("kl")}
-                         for e in last_state["log_history"] if "reward" in e],
+        "train_reward": [
+            {"step": e["step"], "reward": e.get("reward"), "kl": e.get("kl")}
+            for e in last_state["log_history"]
+            if "reward" in e
+        ],
         "seconds": times,  # wall (_s) and this process' CPU time (_cpu_s; one thread)
         "torch_threads": torch.get_num_threads(),
     }
@@ -392,9 +431,11 @@ def main(argv=None) -> None:
     runs = [BY_NAME[n] for n in wanted] if wanted else RUNS
     if args.list:
         for r in runs:
-            print(f"{r.name:26s} {r.task:14s} lr {r.lr:<6g} seed {r.seed} beta {r.beta:<4g} warm {r.warm_start:<4d} "
-                  f"window {r.window[0]}..{r.window[-1]} every {r.spacing} ({r.count}) targets {r.targets} "
-                  f"horizons {[round(r.horizon(t), 1) for t in r.targets]}")
+            print(
+                f"{r.name:26s} {r.task:14s} lr {r.lr:<6g} seed {r.seed} beta {r.beta:<4g} warm {r.warm_start:<4d} "
+                f"window {r.window[0]}..{r.window[-1]} every {r.spacing} ({r.count}) targets {r.targets} "
+                f"horizons {[round(r.horizon(t), 1) for t in r.targets]}"
+            )
         print(f"{len(runs)} runs, {sum(len(r.targets) for r in runs)} targets, {sum(r.steps for r in runs)} GRPO steps")
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -406,8 +447,12 @@ def main(argv=None) -> None:
         t = time.time()
         record = train(run, args.root)
         q = record["quick_accuracy"]
-        print(f"{run.name}: base {q['base']:.3f}, last {q['last']:.3f}, "
-              + ", ".join(f"@{s} {q[str(s)]:.3f}" for s in run.targets) + f" ({time.time() - t:.0f} s)", flush=True)
+        print(
+            f"{run.name}: base {q['base']:.3f}, last {q['last']:.3f}, "
+            + ", ".join(f"@{s} {q[str(s)]:.3f}" for s in run.targets)
+            + f" ({time.time() - t:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

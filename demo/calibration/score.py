@@ -41,7 +41,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -119,8 +119,10 @@ def write_config(run: corpus.Run, cand: Candidate, root: Path) -> Path:
 
     path = CONFIGS / f"{run.name}-{cand.label}.yml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    head = (f"# calibration run {run.name} ({run.task}, lr {run.lr:g}, seed {run.seed}, beta {run.beta:g}): "
-            f"candidate {cand.label}.\n# Written by demo/calibration/score.py prepare (runs under {root}).\n")
+    head = (
+        f"# calibration run {run.name} ({run.task}, lr {run.lr:g}, seed {run.seed}, beta {run.beta:g}): "
+        f"candidate {cand.label}.\n# Written by demo/calibration/score.py prepare (runs under {root}).\n"
+    )
     path.write_text(head + yaml.safe_dump(relex_config(run, cand, root), sort_keys=False, default_flow_style=None))
     return path
 
@@ -155,9 +157,25 @@ def prepare(runs: list[corpus.Run], root: Path, log) -> None:
                 continue
             out = root / run.name / f"analysis-{cand.label}"
             t, c = time.time(), _children_cpu()
-            proc = subprocess.run([sys.executable, "-m", "relex_merge", "analyze", str(config), "--out", str(out),
-                                   "--json", "--overwrite", "--threads", "1", "-q"],
-                                  capture_output=True, text=True, cwd=REPO)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "relex_merge",
+                    "analyze",
+                    str(config),
+                    "--out",
+                    str(out),
+                    "--json",
+                    "--overwrite",
+                    "--threads",
+                    "1",
+                    "-q",
+                ],
+                capture_output=True,
+                text=True,
+                cwd=REPO,
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"analyze {config} failed ({proc.returncode}):\n{proc.stderr}")
             dest.mkdir(parents=True, exist_ok=True)
@@ -190,8 +208,9 @@ class Scorer:
 
         self.model = AutoModelForCausalLM.from_pretrained(like, dtype=torch.float32)
         self.tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
-        self.lm = HFLM(pretrained=self.model, tokenizer=AutoTokenizer.from_pretrained(like),
-                       batch_size=BATCH_SIZE, device="cpu")
+        self.lm = HFLM(
+            pretrained=self.model, tokenizer=AutoTokenizer.from_pretrained(like), batch_size=BATCH_SIZE, device="cpu"
+        )
         self.manager = TaskManager(include_path=str(TASKS_DIR))
 
     def __call__(self, folder: Path, task: str) -> dict:
@@ -205,13 +224,18 @@ class Scorer:
         if set(missing) - self.tied or unexpected:
             raise SystemExit(f"{folder}: weights do not match the model (missing {missing}, unexpected {unexpected})")
         with contextlib.redirect_stderr(io.StringIO()):
-            out = simple_evaluate(model=self.lm, tasks=[task], task_manager=self.manager, log_samples=True,
-                                  verbosity="ERROR")
+            out = simple_evaluate(
+                model=self.lm, tasks=[task], task_manager=self.manager, log_samples=True, verbosity="ERROR"
+            )
         metrics = out["results"][task]
         samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
         bits = "".join("1" if s["exact_match"] else "0" for s in samples)
-        return {"accuracy": metrics["exact_match,none"], "stderr": metrics["exact_match_stderr,none"],
-                "n": len(samples), "correct_hex": f"{int(bits[::-1] or '0', 2):x}"}
+        return {
+            "accuracy": metrics["exact_match,none"],
+            "stderr": metrics["exact_match_stderr,none"],
+            "n": len(samples),
+            "correct_hex": f"{int(bits[::-1] or '0', 2):x}",
+        }
 
 
 def weight_error(model: Path, true: Path, base: Path) -> float:
@@ -234,9 +258,9 @@ def save_results(results: dict) -> None:
     results["notes"] = {
         "accuracy": "lm-eval exact_match (greedy) on the task's 1000 held-out problems; stderr: lm-eval's",
         "correct_hex": "per-problem correctness: bit i of int(correct_hex, 16) (LSB = line 0 of the test file) is 1 "
-                       "when problem i was answered exactly",
+        "when problem i was answered exactly",
         "weight_error": "||model - true|| / ||true - base|| over every tensor; weight_error_last: the last window "
-                        "checkpoint's",
+        "checkpoint's",
         "verdict": "TargetVerdict.as_dict() and .line() as run_merge returned them, before any evaluation",
         "seconds": "wall seconds (shared, niced machine); *_cpu: CPU seconds of the process (one thread)",
     }
@@ -257,14 +281,22 @@ def build_relex(cand: Candidate, run: corpus.Run, root: Path) -> dict[int, tuple
     from relex_merge import Options, run_merge
 
     config = write_config(run, cand, root)
-    result = run_merge(config, root / run.name / f"pred-{cand.label}",
-                       Options(threads=1, max_memory="2GB", overwrite=True))
+    result = run_merge(
+        config, root / run.name / f"pred-{cand.label}", Options(threads=1, max_memory="2GB", overwrite=True)
+    )
     merge = result.final.merge
     built = {}
     for (target, _, path), fit, verdict in zip(merge.outputs, merge.assessment.fits, merge.assessment.verdicts):
         said = verdict.as_dict()
-        built[target] = (path, {"fit": fit.describe(), "verdict": said, "verdict_line": verdict.line(),
-                                "verdict_word": verdict_word(said)})
+        built[target] = (
+            path,
+            {
+                "fit": fit.describe(),
+                "verdict": said,
+                "verdict_line": verdict.line(),
+                "verdict_word": verdict_word(said),
+            },
+        )
     return built
 
 
@@ -276,8 +308,13 @@ def score_run(run: corpus.Run, root: Path, results: dict, scorer: Scorer, redo: 
     record = json.loads((folder / "run.json").read_text())
     task = corpus.TASKS[run.task]
     entry = results["runs"].setdefault(run.name, {})
-    entry["meta"] = {**record["run"], "lm_eval_task": task.lm_eval_task, "train_seconds": record["seconds"],
-                     "quick_accuracy": record["quick_accuracy"], "train_reward": record["train_reward"]}
+    entry["meta"] = {
+        **record["run"],
+        "lm_eval_task": task.lm_eval_task,
+        "train_seconds": record["seconds"],
+        "quick_accuracy": record["quick_accuracy"],
+        "train_reward": record["train_reward"],
+    }
     timing = entry.setdefault("seconds", {})
     last = folder / f"checkpoint-{run.window[-1]}"
     base = folder / "base"
@@ -346,19 +383,41 @@ def check(root: Path, log) -> None:
     torch.set_num_threads(1)
     mine = Scorer(root / run.name / "base")(folder, task.lm_eval_task)
     out = root / "check-eval.json"
-    proc = subprocess.run([sys.executable, "-m", "relex_merge", "eval", str(folder), "--tasks", task.lm_eval_task,
-                           "--include-path", str(TASKS_DIR), "--output", str(out)], capture_output=True, text=True,
-                          cwd=REPO)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "relex_merge",
+            "eval",
+            str(folder),
+            "--tasks",
+            task.lm_eval_task,
+            "--include-path",
+            str(TASKS_DIR),
+            "--output",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"relex-merge eval failed:\n{proc.stderr}")
     theirs = json.loads(out.read_text())["scores"][0]
     same = theirs["value"] == mine["accuracy"] and theirs["stderr"] == mine["stderr"]
     results = load_results()
-    results["check"] = {"folder": str(folder), "task": task.lm_eval_task, "in_process": [mine["accuracy"], mine["stderr"]],
-                        "relex_merge_eval": [theirs["value"], theirs["stderr"]], "identical": same}
+    results["check"] = {
+        "folder": str(folder),
+        "task": task.lm_eval_task,
+        "in_process": [mine["accuracy"], mine["stderr"]],
+        "relex_merge_eval": [theirs["value"], theirs["stderr"]],
+        "identical": same,
+    }
     save_results(results)
-    log(f"check on {folder}: in-process {mine['accuracy']} ± {mine['stderr']}, relex-merge eval "
-        f"{theirs['value']} ± {theirs['stderr']}: {'identical' if same else 'DIFFERENT'}")
+    log(
+        f"check on {folder}: in-process {mine['accuracy']} ± {mine['stderr']}, relex-merge eval "
+        f"{theirs['value']} ± {theirs['stderr']}: {'identical' if same else 'DIFFERENT'}"
+    )
     if not same:
         raise SystemExit(1)
 
@@ -377,7 +436,7 @@ def report(results: dict) -> str:
     lines = [
         "# Calibration corpus: does extrapolating beat stopping at the last window checkpoint?",
         "",
-        "Rerun (from the repository root, `pip install \".[demo]\"`; ~1.5 h of one core to train, ~0.5 h to score):",
+        'Rerun (from the repository root, `pip install ".[demo]"`; ~1.5 h of one core to train, ~0.5 h to score):',
         "",
         "```bash",
         "export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1",
@@ -408,12 +467,18 @@ def report(results: dict) -> str:
         far = e["targets"][str(m["targets"][-1])].get("true", {}).get("accuracy")
         b = e["reference"]["base"]
         gain = "" if far is None else f" {(far - b['accuracy']) / b['stderr']:+.1f} stderr |"
-        lines.append(f"| {name} | {m['task']} | {m['lr']:g} | {m['seed']} | {m['beta']:g} | {m['warm_start']} | "
-                     f"{m['window'][0]}-{m['window'][-1]} ({m['spacing']}) | {', '.join(map(str, m['targets']))} | "
-                     f"{e['reference']['base']['accuracy']:.3f} | {e['reference']['last']['accuracy']:.3f} | "
-                     + (f"{far:.3f} |" if far is not None else " |") + gain)
-    head = "| run | task | target | horizon | last | true | " + " | ".join(
-        f"{c} | {c} verdict | {c} captured" for c in relex) + " |"
+        lines.append(
+            f"| {name} | {m['task']} | {m['lr']:g} | {m['seed']} | {m['beta']:g} | {m['warm_start']} | "
+            f"{m['window'][0]}-{m['window'][-1]} ({m['spacing']}) | {', '.join(map(str, m['targets']))} | "
+            f"{e['reference']['base']['accuracy']:.3f} | {e['reference']['last']['accuracy']:.3f} | "
+            + (f"{far:.3f} |" if far is not None else " |")
+            + gain
+        )
+    head = (
+        "| run | task | target | horizon | last | true | "
+        + " | ".join(f"{c} | {c} verdict | {c} captured" for c in relex)
+        + " |"
+    )
     lines += ["", "## Every (run, target)", "", head, "|---" * (6 + 3 * len(relex)) + "|"]
     pairs = []
     for name, e in runs.items():
@@ -424,8 +489,14 @@ def report(results: dict) -> str:
             if "true" not in row or not all(c in row for c in relex):
                 continue
             pairs.append((name, e, step, row))
-            cells = [name, e["meta"]["task"][:3], step, f"{row['horizon']:.1f}x", f"{last['accuracy']:.3f}",
-                     f"{row['true']['accuracy']:.3f}"]
+            cells = [
+                name,
+                e["meta"]["task"][:3],
+                step,
+                f"{row['horizon']:.1f}x",
+                f"{last['accuracy']:.3f}",
+                f"{row['true']['accuracy']:.3f}",
+            ]
             for c in relex:
                 p = row[c]
                 share = _share(p["accuracy"], last["accuracy"], row["true"]["accuracy"])
@@ -434,12 +505,15 @@ def report(results: dict) -> str:
             lines.append("| " + " | ".join(cells) + " |")
     # summary
     lines += ["", "## Summary", "", f"{len({p[0] for p in pairs})} runs, {len(pairs)} (run, target) pairs.", ""]
-    lines += ["Prediction minus the last window checkpoint, in units of the last's stderr; captured share over "
-              "every target, and over the targets whose true checkpoint beats the last by > 2 stderr (a real "
-              "future gain: elsewhere the share divides by noise).", "",
-              "| candidate | task | targets | beats last by > 1 stderr | > 2 stderr | within 1 stderr | "
-              "worse by > 1 stderr | captured: median [25%, 75%] | captured where true gains > 2 stderr |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "Prediction minus the last window checkpoint, in units of the last's stderr; captured share over "
+        "every target, and over the targets whose true checkpoint beats the last by > 2 stderr (a real "
+        "future gain: elsewhere the share divides by noise).",
+        "",
+        "| candidate | task | targets | beats last by > 1 stderr | > 2 stderr | within 1 stderr | "
+        "worse by > 1 stderr | captured: median [25%, 75%] | captured where true gains > 2 stderr |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def outcome(name, e, row, label):
         last = e["reference"]["last"]
@@ -447,8 +521,12 @@ def report(results: dict) -> str:
         return d / last["stderr"] if last["stderr"] else 0.0
 
     def shares_of(sel, c):
-        return [s for p in sel if (s := _share(p[3][c]["accuracy"], p[1]["reference"]["last"]["accuracy"],
-                                                p[3]["true"]["accuracy"])) is not None]
+        return [
+            s
+            for p in sel
+            if (s := _share(p[3][c]["accuracy"], p[1]["reference"]["last"]["accuracy"], p[3]["true"]["accuracy"]))
+            is not None
+        ]
 
     def spread(shares):
         if len(shares) < 2:
@@ -461,40 +539,66 @@ def report(results: dict) -> str:
             sel = [p for p in pairs if task == "all" or p[1]["meta"]["task"] == task]
             z = [outcome(*p[:2], p[3], c) for p in sel]
             gaining = [p for p in sel if outcome(*p[:2], p[3], "true") > 2]
-            lines.append(f"| {c} | {task} | {len(z)} | {sum(x > 1 for x in z)} | {sum(x > 2 for x in z)} | "
-                         f"{sum(abs(x) <= 1 for x in z)} | {sum(x < -1 for x in z)} | {spread(shares_of(sel, c))} | "
-                         f"{spread(shares_of(gaining, c))} (n={len(gaining)}) |")
-    lines += ["", "Outcome by verdict (prediction vs last window checkpoint, in units of the last's stderr):", "",
-              "| candidate | verdict | targets | better > 1 stderr | within 1 stderr | worse > 1 stderr |",
-              "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {c} | {task} | {len(z)} | {sum(x > 1 for x in z)} | {sum(x > 2 for x in z)} | "
+                f"{sum(abs(x) <= 1 for x in z)} | {sum(x < -1 for x in z)} | {spread(shares_of(sel, c))} | "
+                f"{spread(shares_of(gaining, c))} (n={len(gaining)}) |"
+            )
+    lines += [
+        "",
+        "Outcome by verdict (prediction vs last window checkpoint, in units of the last's stderr):",
+        "",
+        "| candidate | verdict | targets | better > 1 stderr | within 1 stderr | worse > 1 stderr |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in relex:
         for word in ("supported", "uncertain", "stop", "untestable"):
             z = [outcome(*p[:2], p[3], c) for p in pairs if p[3][c]["verdict_word"] == word]
             if z:
-                lines.append(f"| {c} | {word} | {len(z)} | {sum(x > 1 for x in z)} | "
-                             f"{sum(abs(x) <= 1 for x in z)} | {sum(x < -1 for x in z)} |")
-    lines += ["", "Horizon bins (median captured share; targets where the candidate beats last by > 1 stderr):", "",
-              "| horizon | targets | " + " | ".join(f"{c} captured | {c} > last" for c in relex) + " |",
-              "|---|---" + "|---|---" * len(relex) + "|"]
+                lines.append(
+                    f"| {c} | {word} | {len(z)} | {sum(x > 1 for x in z)} | "
+                    f"{sum(abs(x) <= 1 for x in z)} | {sum(x < -1 for x in z)} |"
+                )
+    lines += [
+        "",
+        "Horizon bins (median captured share; targets where the candidate beats last by > 1 stderr):",
+        "",
+        "| horizon | targets | " + " | ".join(f"{c} captured | {c} > last" for c in relex) + " |",
+        "|---|---" + "|---|---" * len(relex) + "|",
+    ]
     for lo, hi in ((0, 1.5), (1.5, 3), (3, 6), (6, 11), (11, 21)):
         sel = [p for p in pairs if lo <= p[3]["horizon"] < hi]
         if not sel:
             continue
         cells = [f"{lo:g}-{hi:g}x", str(len(sel))]
         for c in relex:
-            shares = [s for p in sel if (s := _share(p[3][c]["accuracy"], p[1]["reference"]["last"]["accuracy"],
-                                                        p[3]["true"]["accuracy"])) is not None]
-            cells += [f"{statistics.median(shares):+.2f}" if shares else "n/a",
-                      f"{sum(outcome(*p[:2], p[3], c) > 1 for p in sel)}/{len(sel)}"]
+            shares = [
+                s
+                for p in sel
+                if (s := _share(p[3][c]["accuracy"], p[1]["reference"]["last"]["accuracy"], p[3]["true"]["accuracy"]))
+                is not None
+            ]
+            cells += [
+                f"{statistics.median(shares):+.2f}" if shares else "n/a",
+                f"{sum(outcome(*p[:2], p[3], c) > 1 for p in sel)}/{len(sel)}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Time", "", "CPU seconds (one thread each; wall time was longer: the machine was shared):", "",
-              "| stage | CPU s |", "|---|---|"]
+    lines += [
+        "",
+        "## Time",
+        "",
+        "CPU seconds (one thread each; wall time was longer: the machine was shared):",
+        "",
+        "| stage | CPU s |",
+        "|---|---|",
+    ]
     totals: dict[str, float] = {}
     for e in runs.values():
         train = e.get("meta", {}).get("train_seconds", {})
         for key in ("warm_start_cpu_s", "grpo_cpu_s", "quick_accuracy_cpu_s"):
             totals["train: " + key[: -len("_cpu_s")].replace("_", " ")] = totals.get(
-                "train: " + key[: -len("_cpu_s")].replace("_", " "), 0.0) + train.get(key, 0.0)
+                "train: " + key[: -len("_cpu_s")].replace("_", " "), 0.0
+            ) + train.get(key, 0.0)
         for key, value in e.get("seconds", {}).items():
             if key.endswith("_cpu"):
                 stage = key[: -len("_cpu")].split("_")[0]
@@ -504,12 +608,18 @@ def report(results: dict) -> str:
     lines.append(f"| total | {sum(totals.values()):.0f} ({sum(totals.values()) / 3600:.2f} h) |")
     chk = results.get("check")
     if chk:
-        lines += ["", f"Scoring check: the in-process score of `{Path(chk['folder']).name}` of one run "
-                  f"({chk['in_process'][0]} ± {chk['in_process'][1]:.4f}) and `relex-merge eval`'s "
-                  f"({chk['relex_merge_eval'][0]} ± {chk['relex_merge_eval'][1]:.4f}) are "
-                  + ("identical." if chk["identical"] else "DIFFERENT.")]
-    lines += ["", "Every number, each verdict's data and line, per-problem correctness: "
-              "`demo/calibration/results.json`; each window's analysis and Gram matrices: `demo/calibration/data/`."]
+        lines += [
+            "",
+            f"Scoring check: the in-process score of `{Path(chk['folder']).name}` of one run "
+            f"({chk['in_process'][0]} ± {chk['in_process'][1]:.4f}) and `relex-merge eval`'s "
+            f"({chk['relex_merge_eval'][0]} ± {chk['relex_merge_eval'][1]:.4f}) are "
+            + ("identical." if chk["identical"] else "DIFFERENT."),
+        ]
+    lines += [
+        "",
+        "Every number, each verdict's data and line, per-problem correctness: "
+        "`demo/calibration/results.json`; each window's analysis and Gram matrices: `demo/calibration/data/`.",
+    ]
     return "\n".join(lines) + "\n"
 
 
