@@ -292,8 +292,8 @@ def _coefficients(
     grid = torch.linspace(used[0], last, 80, dtype=torch.float64)
     curves = {}
     for row in rows:
-        if row.family == STOP:
-            continue
+        if row.family == STOP or isinstance(fits.family(row.family), fits.DirectFamily):
+            continue  # stopping and the direct families have no coefficient curve
         fit = FitSpec(row.family, row.shape, spec.fit.origin_step)
         curve = fit.curve_family.fit(x, c.unsqueeze(1), row.shape, fit.origin_step)
         curves[row.fit] = {"x": grid.tolist(), "y": curve(grid)[:, 0].tolist()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -154,6 +154,7 @@ class Assessment:
     backtest: Backtest
     fits: list[FitSpec]  # per output, in the order of the targets
     verdicts: list[TargetVerdict | None]
+    notes: list[str] = field(default_factory=list)  # warnings about the choice (a shape on its grid's edge)
 
     @property
     def unsupported(self) -> list[TargetVerdict]:
@@ -185,7 +186,7 @@ def assess(
         sorted({p.fit_count for p in backtest.points}),
         backtest.tested_horizon,
     )
-    chosen, verdicts = [], []
+    chosen, verdicts, notes = [], [], []
     for target, output in zip(targets, specs):
         fit = output.fit.resolved
         by_backtest = fit is None
@@ -205,12 +206,18 @@ def assess(
                     _pct(backtest.error(fit, near, output.scale)),
                     _pct(backtest.error(STOP, near)),
                 )
+        if by_backtest and backtest.on_grid_edge(fit):
+            grid = sorted({c.shape for c in backtest.candidates if c.family == fit.family and c.shape is not None})
+            notes.append(
+                f"step {target}: the backtest chose {fit.describe()}, at the edge of the {fit.family} grid it tried "
+                f"({grid[0]:.4g} .. {grid[-1]:.4g}); the best {fit.curve_family.shape.key} may lie beyond it"
+            )
         chosen.append(fit)
         extrapolating = output.mode == "extrapolate"
         verdicts.append(
             judge(backtest, target, fit, by_backtest, last, tolerance, output.scale) if extrapolating else None
         )
-    return Assessment(backtest, chosen, verdicts)
+    return Assessment(backtest, chosen, verdicts, notes)
 
 
 def judge(

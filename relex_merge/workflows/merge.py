@@ -152,6 +152,9 @@ def execute_merge(
             how = "as configured" if spec.fit.resolved is not None else "chosen by the backtest"
             said = "" if verdict is None else "; SUPPORTED" if verdict.supported else "; NOT SUPPORTED"
             log.debug("step %d: fit %s (%s)%s", target, fit.describe(), how, said)
+        if group.main:
+            for note in assessment.notes:
+                progress.note(f"warning: {note}")
         summary = summarize(stats.tensors)
         with group.step("writing the model cards"):
             if group.main:

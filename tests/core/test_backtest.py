@@ -26,7 +26,7 @@ from relex_merge.core.backtest import (
 )
 from relex_merge.core.relex import FitSpec, RelexSpec
 from relex_merge.core.verdict import TargetVerdict, assess, config_hint, judge
-from tests.helpers import dense_refit, fit_curve
+from tests.helpers import dense_direct, dense_refit, fit_curve
 
 F64 = torch.float64
 
@@ -81,7 +81,18 @@ def test_candidates_cover_every_auto_family_and_its_grid_from_the_base_step():
                 scale = 8.0 if fam.shape.grid_in_window_spans else 1.0
                 expected += [FitSpec(fam.name, g * scale, 2.0) for g in fam.shape.grid]
     assert got == expected
-    assert {c.family for c in got} == {"linear_origin", "linear", "polynomial", "power", "log", "saturating", "sine"}
+    assert {c.family for c in got} == {
+        "linear_origin",
+        "linear",
+        "average",
+        "ema",
+        "expo",
+        "polynomial",
+        "power",
+        "log",
+        "saturating",
+        "sine",
+    }
     assert hint_candidates(spec, steps) == [c for c in expected if c.family != "sine"]
 
 
@@ -100,6 +111,8 @@ def dense_point(m, steps, k, j, fit: FitSpec | str, rank):
     """err2, true2, pred2, dot of predicting delta j from the first k deltas."""
     if fit == STOP:
         pred = m[k - 1]
+    elif fit.family in ("expo", "average", "ema"):  # the raw checkpoints, written out in tests/helpers.py
+        pred = dense_direct(None, list(m[:k]), steps[:k], steps[j], fit.family, fit.shape)
     else:
         u, sigma, vh = torch.linalg.svd(m[:k], full_matrices=False)
         r = min(rank, k)
@@ -115,7 +128,13 @@ def test_backtest_sums_equal_a_dense_backtest_on_the_deltas():
     power and stopping, each point's err2 / true2 / pred2 / dot summed over the tensors."""
     all_steps = [1, 2, 3, 4, 6, 7, 9, 10, 12, 13, 15]
     spec = RelexSpec(rank=2, window=9)
-    candidates = [FitSpec("linear", None, 0.5), FitSpec("power", 0.5, 0.5)]
+    candidates = [
+        FitSpec("linear", None, 0.5),
+        FitSpec("power", 0.5, 0.5),
+        FitSpec("expo", 0.7, 0.5),
+        FitSpec("average", 3, 0.5),
+        FitSpec("ema", 2.5, 0.5),
+    ]
     tensors = [planted(all_steps, seed=s) for s in (0, 1)]
     backtest = Backtest.for_fits(all_steps, spec, candidates)
     for m in tensors:

@@ -45,6 +45,9 @@ FIXED = [
     ("power", 0.5),
     ("log", 4.0),
     ("saturating", 6.0),
+    ("expo", 0.5),
+    ("average", 3),
+    ("ema", 4.0),
 ]
 
 
@@ -98,7 +101,14 @@ def test_mergekit_method_runs_every_fixed_family(qwen_run, tmp_path):
     steps = [2, 3, 5, 6]
     base = load_state(qwen_run / "base")
     inputs = [load_state(qwen_run / f"checkpoint-{s}") for s in steps]
-    for family, key, shape in [("log", "tau", 3.0), ("power", "p", 0.75), ("saturating", "tau", 5.0)]:
+    for family, key, shape in [
+        ("log", "tau", 3.0),
+        ("power", "p", 0.75),
+        ("saturating", "tau", 5.0),
+        ("expo", "alpha", 0.5),
+        ("average", "last", 3),
+        ("ema", "halflife", 2.0),
+    ]:
         doc = {
             "merge_method": "relex",
             "base_model": str(qwen_run / "base"),
@@ -257,7 +267,18 @@ def test_registry_finds_every_family_module():
     import relex_merge.core.fits as package
 
     modules = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"_base"}
-    assert set(fits.names()) == {"linear", "linear_origin", "polynomial", "power", "log", "saturating", "sine"}
+    assert set(fits.names()) == {
+        "linear",
+        "linear_origin",
+        "average",
+        "ema",
+        "expo",
+        "polynomial",
+        "power",
+        "log",
+        "saturating",
+        "sine",
+    }
     assert len(modules) == len(fits.names())
     assert fits.names()[:2] == ["linear_origin", "linear"]  # ties go to the simpler family
 
@@ -332,3 +353,44 @@ def test_plain_merge_prints_and_writes_the_verdict(sqrt_run, tmp_path):
     assert "**SUPPORTED: step 20 is" in near and "| fit | linear: c = a + b·s |" in near
     assert "**NOT SUPPORTED: step 40 is" in far and "| fit | linear: c = a + b·s |" in far
     assert "holds here: set `fit: power` and `p: 0.5` under parameters (or fit: auto)" in far
+
+
+# ---- the direct families (average, ema, expo) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"refit_every": 2},
+            "parameters.refit_every: fit: average weighs the window's checkpoints directly; it has no curve to re-fit",
+        ),
+        (
+            {"mode": "fit_reconstruct"},
+            "parameters.mode: fit: average weighs the window's checkpoints directly; "
+            "it has no curve to evaluate at observed steps (use mode: reconstruct, or another fit)",
+        ),
+    ],
+)
+def test_direct_families_refuse_refitting_and_fit_reconstruct(extra, message):
+    from relex_merge.common.errors import RelexError
+    from relex_merge.config.schema import parse_config
+
+    doc = {
+        "merge_method": "relex",
+        "base_model": "b",
+        "models": [],
+        "parameters": {"fit": "average", "last": 2, **extra},
+    }
+    with pytest.raises(RelexError) as caught:
+        parse_config(doc, "c.yml")
+    assert str(caught.value) == f"c.yml: {message}"
+
+
+def test_expo_at_alpha_1_is_the_line_through_the_first_and_last_checkpoints():
+    """At the window's last step it is the last checkpoint; at one span past it, 2 d_T - d_1."""
+    from relex_merge.core.relex import relex_weights
+
+    steps = [2, 4, 10]
+    w = relex_weights(torch.eye(3, dtype=torch.float64), steps, [10, 18], RelexSpec(fit=FitSpec("expo", 1.0)))
+    assert w.tolist() == [[0.0, 0.0, 1.0], [-1.0, 0.0, 2.0]]
