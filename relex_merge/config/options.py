@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from relex_merge.common.errors import RelexError
 from relex_merge.common.units import default_max_memory, parse_size
+from relex_merge.core.rule import DEFAULT_RULE
 
 if TYPE_CHECKING:
     from relex_merge.engine import EngineOptions
@@ -107,10 +108,11 @@ class Options(BaseModel):
         description="The same as --when-unsupported refuse.",
         json_schema_extra={},
     )
-    tolerance: float = Field(
-        0.2,
-        description="Backtest relative error under which a fit counts as holding.",
-        json_schema_extra={"shown_default": "0.2"},
+    tolerance: Optional[float] = Field(
+        None,
+        description="Backtest relative error under which a fit counts as holding (default: the calibrated verdict "
+        "rule's).",
+        json_schema_extra={"shown_default": str(DEFAULT_RULE.tolerance)},
     )
     profile: bool = Field(
         False, description="Print the split of time between reading, math and writing.", json_schema_extra={}
@@ -160,8 +162,8 @@ class Options(BaseModel):
 
     @field_validator("tolerance")
     @classmethod
-    def _tolerance(cls, value: float) -> float:
-        if not 0 < value < 10:
+    def _tolerance(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 10:
             raise RelexError("--tolerance: expected a relative error such as 0.2")
         return value
 
@@ -256,7 +258,7 @@ def _click_option(name: str):
         kwargs.update(default=None, metavar=extra.get("metavar", "TEXT"))
     elif annotation in (Optional[int], int):
         kwargs.update(type=int, default=None)
-    elif annotation is float:
+    elif annotation in (float, Optional[float]):
         kwargs.update(type=float, default=None)
     elif annotation == Optional[Path]:
         kwargs.update(type=click.Path(path_type=Path), default=None, metavar=extra.get("metavar", "DIR"))

@@ -32,6 +32,7 @@ from relex_merge.core.relex import (
     top_components,
     window_indices,
 )
+from relex_merge.core.rule import DEFAULT_TOLERANCE
 
 __all__ = [
     "STOP",
@@ -51,7 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STOP = "stop"  # the candidate that predicts the last fitted checkpoint
-DEFAULT_TOLERANCE = 0.2  # whole-model relative error under which a fit counts as holding
 TIE = 0.01  # errors within 1% of the best count as ties: the simpler family wins
 TIE_ABSOLUTE = 1e-4  # ... and so do differences below 0.01 percentage points
 

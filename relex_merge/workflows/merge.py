@@ -17,7 +17,6 @@ from relex_merge.common.progress import NullProgress, Progress
 from relex_merge.config.options import Options
 from relex_merge.config.schema import load_documents, parse_config
 from relex_merge.config.stages import model_references, parse_stages, substitute
-from relex_merge.core.backtest import DEFAULT_TOLERANCE
 from relex_merge.core.summary import FitSummary, summarize
 from relex_merge.core.verdict import Assessment, assess
 from relex_merge.engine import (
@@ -130,7 +129,7 @@ def execute_merge(
     output_format: str = "safetensors",
     full_hash: bool = False,
     when_unsupported: str = "write",
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     names: list[str] | None = None,
     provenance: Provenance | None = None,
     progress: Progress = NullProgress(),
