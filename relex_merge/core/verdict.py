@@ -103,10 +103,14 @@ class TargetVerdict:
         needed = min(self.horizon, self.tested_horizon)
         held = self.supported_horizon is not None and self.supported_horizon >= needed - 1e-9
         if held:  # it holds there, yet stopping is (nearly) as close
-            than = "at least as close" if self.margin == 1.0 else f"within {1 / self.margin:.2g}x of its error"
+            but = (
+                f"stopping at step {self.last_step} is at least as close there"
+                if self.margin == 1.0
+                else f"its error there is not below {self.margin:.2g}x that of stopping at step {self.last_step}"
+            )
             return (
-                f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
-                f"{self.last_step} is {than} there ({errors}): do not extrapolate from this window."
+                f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but {but} ({errors}): "
+                "do not extrapolate from this window."
             )
         if self.supported_horizon is None:
             held_text = f"{fit} held at no horizon the window can test"

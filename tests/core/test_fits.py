@@ -233,8 +233,8 @@ def test_auto_picks_a_family_that_predicts_far_ahead(name):
     if name != "linear":
         assert max(linear) > 10 * max(errors)
     beyond = assess(grams, steps, [200], [spec]).verdicts[0]  # 9x: further than the window can test
-    assert not beyond.supported
-    assert beyond.line().startswith("NOT SUPPORTED: step 200 is 9.5x the window span past its end")
+    assert not beyond.supported and beyond.word == "untested"
+    assert beyond.line().startswith("UNTESTED: step 200 is 9.5x the window span past its end")
 
 
 def test_auto_says_do_not_extrapolate_when_nothing_beats_stopping():
