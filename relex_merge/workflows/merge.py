@@ -183,34 +183,20 @@ def execute_merge(
     predicted = [j for j in range(len(targets)) if j not in stopped]
     with shared_output_dir(out, group) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
-        stats, written_sinks = gram_stats, []
-        if predicted:
-            with open_sinks(
-                [folders[j] for j in predicted],
-                job.output_tensors(),
-                mine,
-                shard_size=shard_size,
-                output_format_name=output_format,
-                group=group,
-            ) as sinks:
-                stats = run_job(_outputs(job, predicted), sinks, options, _engine_progress(progress))
-            written_sinks += sinks
-            if gram_stats is not None:
-                stats = _combine(gram_stats, stats)
-        if stopped:
-            log.debug(
-                "--when-unsupported stop: the last window checkpoint for step(s) %s", [targets[j] for j in stopped]
-            )
-            with open_sinks(
-                [folders[j] for j in stopped],
-                job.output_tensors(),
-                mine,
-                shard_size=shard_size,
-                output_format_name=output_format,
-                group=group,
-            ) as copies:
-                copy_last_checkpoint(job, mine, copies, options.max_memory, progress)
-            written_sinks += copies
+        stats = gram_stats
+        with open_sinks(
+            folders, job.output_tensors(), mine, shard_size=shard_size, output_format_name=output_format, group=group
+        ) as sinks:
+            if predicted:
+                chosen = [sinks[j] for j in predicted]
+                stats = run_job(_outputs(job, predicted), chosen, options, _engine_progress(progress))
+                if gram_stats is not None:
+                    stats = _combine(gram_stats, stats)
+            if stopped:
+                log.debug(
+                    "--when-unsupported stop: the last window checkpoint for step(s) %s", [targets[j] for j in stopped]
+                )
+                copy_last_checkpoint(job, mine, [sinks[j] for j in stopped], options.max_memory, progress)
         if assessment is None:  # the fits were fixed: the verdict needs only this pass's Gram matrices
             grams = [r.gram for r in stats.tensors if r.gram is not None]
             assessment = assess(grams, job.steps, targets, job.output_specs(), tolerance)
@@ -225,7 +211,7 @@ def execute_merge(
         with group.step("writing the model cards"):
             if group.main:
                 _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance, stopped)
-        written = written_bytes(written_sinks) if group.main else 0
+        written = written_bytes(sinks) if group.main else 0
     progress.finish()
     scales = [spec.scale for spec in job.output_specs()]
     final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
