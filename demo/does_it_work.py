@@ -1,4 +1,4 @@
-"""README's "Does it work?" tables, recomputed from the shipped demo runs.
+"""docs/results.md's "Does it work?" tables (demo/results.md), recomputed from the shipped demo runs.
 
     python demo/does_it_work.py [--limit N] [--out demo/results.md]     # from the repo root
 

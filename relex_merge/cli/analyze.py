@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from relex_merge.cli._app import ENGINE_FLAGS, RelexCommand, progress, rank0
+from relex_merge.common.units import horizon_text
 from relex_merge.config.options import flags
 
 __all__ = ["COMMAND"]
@@ -57,7 +58,7 @@ def analyze_command(config_path, out_dir, as_json, options, quiet, verbose):
         for row in analysis.families:
             cells = ["" if e is None else f"{e:.1%}" for e in row.errors]
             stop = row.family == "stop"
-            support = "" if stop else ("none" if row.supported_horizon is None else f"{row.supported_horizon:.2f}x")
+            support = "" if stop else ("none" if row.supported_horizon is None else horizon_text(row.supported_horizon))
             families.add_row("stopping (last fitted checkpoint)" if stop else row.fit, *cells, support)
         out.print(families)
     if verbose:

@@ -81,6 +81,8 @@ def sweep_command(
     out_console.print(
         escape(f"best: {result.best.label}, kept as {result.kept}; it {result.outcome()}"), soft_wrap=True
     )
+    if result.tied:
+        out_console.print(escape(f"the best score is {result.tie()}"), soft_wrap=True)
 
 
 COMMAND = sweep_command

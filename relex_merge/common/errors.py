@@ -5,8 +5,9 @@ whether it happened in a single process or on rank 3 of 8."""
 from __future__ import annotations
 
 import errno
+import os
 
-__all__ = ["RelexError", "UnsupportedTarget", "Terminated", "one_line", "exit_code"]
+__all__ = ["RelexError", "UnsupportedTarget", "Terminated", "one_line", "exit_code", "resolved_against"]
 
 
 class RelexError(Exception):
@@ -59,3 +60,14 @@ def exit_code(error: BaseException | None) -> int:
     if isinstance(error, Terminated):
         return 143
     return 2 if isinstance(error, OSError) else 1
+
+
+def resolved_against(path: str | os.PathLike) -> str:
+    """For a message about a missing relative path: where it was looked for. Relative paths in a
+    config are relative to the directory relex-merge runs in (as in mergekit), not to the config."""
+    if os.path.isabs(path):
+        return ""
+    return (
+        f" (relative paths are resolved against the current directory, {os.getcwd()}; run from the "
+        "directory the config expects, or give absolute paths)"
+    )

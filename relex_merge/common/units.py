@@ -6,7 +6,7 @@ import re
 
 from relex_merge.common.errors import RelexError
 
-__all__ = ["parse_size", "human_bytes", "default_max_memory"]
+__all__ = ["parse_size", "human_bytes", "default_max_memory", "horizon_text"]
 
 # the unit: an optional prefix (binary with an i), then an optional b; "i" alone is no unit
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
@@ -39,3 +39,9 @@ def default_max_memory() -> int:
     import psutil
 
     return max(256 * 1024**2, int(psutil.virtual_memory().available * 0.5))
+
+
+def horizon_text(h: float) -> str:
+    """A horizon (in window or fit spans) as every output prints it, the verdict line's way:
+    ``1.1x`` (one decimal, no space)."""
+    return f"{h:.1f}x"

@@ -8,7 +8,7 @@ import logging
 import re
 from pathlib import Path
 
-from relex_merge.common.errors import RelexError
+from relex_merge.common.errors import RelexError, resolved_against
 from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.io.formats import has_weights
 
@@ -53,7 +53,7 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
     """Step -> folder for every ``checkpoint-N``, ``global_step_N`` or ``step_N`` folder in
     ``run_dir``; RelexError when a step appears twice."""
     if not run_dir.is_dir():
-        raise RelexError(f"trajectory.run_dir: {run_dir} is not a directory")
+        raise RelexError(f"trajectory.run_dir: {run_dir} is not a directory{resolved_against(run_dir)}")
     found: dict[int, Path] = {}
     for child in sorted(run_dir.iterdir()):
         match = _STEP_DIR.match(child.name)
@@ -67,7 +67,14 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
     return found
 
 
-def _select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
+def _span(first: int, last: int) -> str:
+    return f"step {first}" if first == last else f"steps {first}-{last}"
+
+
+def _select_steps(spec: TrajectorySpec, available: list[int], warnings: list[str]) -> list[int]:
+    """The steps ``spec`` selects from those found. A list must be found exactly; a range is every
+    checkpoint found in it, and a range reaching past the first or last checkpoint found adds a
+    warning naming the steps that have none (the merge goes on with those found)."""
     if spec.steps is None:
         chosen = available
     elif isinstance(spec.steps, list):
@@ -83,6 +90,18 @@ def _select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
         if first > last:
             raise RelexError(f"trajectory.steps: range {spec.steps!r} is empty")
         chosen = [s for s in available if first <= s <= last]
+        if chosen:
+            missing = []
+            if chosen[0] > first:
+                missing.append(_span(first, chosen[0] - 1))
+            if chosen[-1] < last:
+                missing.append(_span(chosen[-1] + 1, last))
+            if missing:
+                warnings.append(
+                    f"trajectory.steps: {spec.steps!r} asks for steps {first}-{last}, but {spec.run_dir} has no "
+                    f"checkpoint for {' or '.join(missing)}; using the checkpoints found in steps "
+                    f"{chosen[0]}-{chosen[-1]}"
+                )
     if spec.every:
         if not chosen:
             return chosen
@@ -90,8 +109,10 @@ def _select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
     return chosen
 
 
-def expand_trajectory(config: RelexConfig) -> RelexConfig:
-    """Return a config whose ``models`` lists every window checkpoint explicitly."""
+def expand_trajectory(config: RelexConfig, warnings: list[str] | None = None) -> RelexConfig:
+    """Return a config whose ``models`` lists every window checkpoint explicitly; what the user
+    should know about the selection (a range reaching past the checkpoints found) is appended to
+    ``warnings``."""
     if config.trajectory is not None and config.models:
         raise RelexError("config: give either 'models' or 'trajectory', not both")
     if config.trajectory is None:
@@ -102,7 +123,7 @@ def expand_trajectory(config: RelexConfig) -> RelexConfig:
     found = discover_steps(Path(spec.run_dir))
     if not found:
         raise RelexError(f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}")
-    steps = _select_steps(spec, sorted(found))
+    steps = _select_steps(spec, sorted(found), warnings if warnings is not None else [])
     log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:
         _check_trainer_state(found[step], step)

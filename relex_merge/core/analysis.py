@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from relex_merge.common.units import horizon_text
 from relex_merge.core import fits
 from relex_merge.core.backtest import STOP, Backtest, horizon, window_steps
 from relex_merge.core.relex import FitSpec, RelexSpec, diagnostics, top_components, window_indices
@@ -234,24 +235,24 @@ def backtest_reading(a: Analysis, bt: Backtest, main: FitSpec) -> list[str]:
     near, far = a.backtest[0], a.backtest[-1]
     if a.supported_horizon is None:
         lines.append(
-            f"{name} does not hold even at the shortest horizon tested ({near.horizon:.2f}x the fit span: "
+            f"{name} does not hold even at the shortest horizon tested ({horizon_text(near.horizon)} the fit span: "
             f"error {near.relative_error:.0%}; tolerance {tol}). Extrapolation with it from this window is not "
             "supported."
         )
     elif a.supported_horizon >= a.tested_horizon:
         lines.append(
-            f"{name} held at every horizon the window can test, up to {a.tested_horizon:.1f}x the fit span "
+            f"{name} held at every horizon the window can test, up to {horizon_text(a.tested_horizon)} the fit span "
             f"(backtest error at most {max(p.relative_error for p in a.backtest):.1%}, tolerance {tol})."
         )
     else:
         lines.append(
-            f"{name} holds up to {a.supported_horizon:.1f}x the fit span (backtest error <= {tol}); beyond that "
-            f"the error grows, to {far.relative_error:.0%} at {far.horizon:.1f}x."
+            f"{name} holds up to {horizon_text(a.supported_horizon)} the fit span (backtest error <= {tol}); "
+            f"beyond that the error grows, to {far.relative_error:.0%} at {horizon_text(far.horizon)}."
         )
     if far.relative_error > 2 * max(near.relative_error, 1e-3) and far.relative_error > a.tolerance / 2:
         lines.append(
-            f"Backtest error grows with horizon ({near.relative_error:.1%} at {near.horizon:.1f}x, "
-            f"{far.relative_error:.1%} at {far.horizon:.1f}x): the trajectory does not follow {name}."
+            f"Backtest error grows with horizon ({near.relative_error:.1%} at {horizon_text(near.horizon)}, "
+            f"{far.relative_error:.1%} at {horizon_text(far.horizon)}): the trajectory does not follow {name}."
         )
     if far.norm_ratio > 1.1:
         lines.append(
@@ -335,7 +336,7 @@ def summary_rows(a: Analysis) -> list[tuple[str, str]]:
         ("fit analysed", a.fit),
         (
             "supported horizon",
-            f"{a.supported_horizon:.2f}x the fit span" if a.supported_horizon is not None else "none",
+            f"{horizon_text(a.supported_horizon)} the fit span" if a.supported_horizon is not None else "none",
         ),
-        ("longest horizon tested", f"{a.tested_horizon:.2f}x"),
+        ("longest horizon tested", horizon_text(a.tested_horizon)),
     ]

@@ -172,7 +172,7 @@ def join(timeout: float = DEFAULT_TIMEOUT) -> Group:
     if missing:
         raise RelexError(
             f"distributed run (rank {rank} of {world}): set {' and '.join(missing)} to rank 0's host and a free "
-            "port (torchrun sets them; under srun, export them in the job script: see README)"
+            "port (torchrun sets them; under srun, export them in the job script: see docs/distributed.md)"
         )
     import torch.distributed as dist
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from relex_merge.common.units import horizon_text
 from relex_merge.config.schema import RelexConfig
 from relex_merge.core.backtest import horizon, window_steps
 from relex_merge.core.summary import Distribution, FitSummary
@@ -76,7 +77,7 @@ def model_card(
         f"| window steps | {_steps_text(window)} ({len(window)} checkpoints) |",
         f"| mode | {p.mode} |",
         f"| target step | {target} |",
-        f"| horizon past the window | {horizon(window, target):.2f} x the window span |"
+        f"| horizon past the window | {horizon_text(horizon(window, target))} the window span |"
         if p.mode == "extrapolate"
         else None,
         f"| rank | {p.rank} |",
@@ -130,7 +131,7 @@ def _verdict_section(verdict: TargetVerdict | None) -> list[str]:
         return []
     stop = "n/a" if verdict.stop_error != verdict.stop_error else f"{verdict.stop_error:.1%}"
     error = "n/a" if verdict.error != verdict.error else f"{verdict.error:.1%}"
-    supported = "none" if verdict.supported_horizon is None else f"{verdict.supported_horizon:.2f} x"
+    supported = "none" if verdict.supported_horizon is None else horizon_text(verdict.supported_horizon)
     return [
         "",
         "## Verdict of the backtest",
@@ -145,9 +146,9 @@ def _verdict_section(verdict: TargetVerdict | None) -> list[str]:
         "",
         "| backtest | value |",
         "|---|---|",
-        f"| target horizon | {verdict.horizon:.2f} x the window span |",
+        f"| target horizon | {horizon_text(verdict.horizon)} the window span |",
         f"| supported up to | {supported} |",
-        f"| longest horizon the window can test | {verdict.tested_horizon:.2f} x |",
+        f"| longest horizon the window can test | {horizon_text(verdict.tested_horizon)} |",
         f"| error of this fit near the target's horizon | {error} |",
         f"| error of stopping (step {verdict.last_step}) there | {stop} |",
     ]

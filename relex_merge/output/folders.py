@@ -54,6 +54,15 @@ def _writable(folder: Path) -> bool:
     return os.access(folder, os.W_OK | os.X_OK)
 
 
+def _read_only_mount(folder: Path) -> bool:
+    """Whether ``folder`` lies on a file system mounted read-only (where access() says "no" for
+    every user, root included)."""
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):  # no statvfs (Windows): say "permission denied"
+        return False
+
+
 def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> None:
     """Refuse outputs that would clobber a file, an input or an existing model."""
     resolved = out.resolve()
@@ -73,6 +82,8 @@ def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
     ancestor = _existing_ancestor(out.parent)
     if not ancestor.is_dir():
         raise RelexError(f"{ancestor}: is a file, so the output folder {out} cannot be made")
+    if _read_only_mount(ancestor):
+        raise RelexError(f"{ancestor}: read-only file system; choose an output folder on a writable one")
     if not _writable(ancestor):
         raise RelexError(f"{ancestor}: permission denied; choose an output folder you can write to")
 

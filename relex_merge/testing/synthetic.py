@@ -1,4 +1,4 @@
-"""Tiny models and planted RL-like trajectories, for the README's first command and tests.
+"""Tiny models and planted RL-like trajectories, for the documentation's examples and tests.
 
     python -m relex_merge.testing.synthetic runs/synthetic
 

@@ -390,7 +390,7 @@ def run_merge(
             overwrite = options.overwrite if final else True
             if stage.method == "relex":
                 with group.step("planning the stage"):
-                    plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle)
+                    plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle, source=where)
                     if options.fit_cache is not None:
                         plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
                     if not final and len(plan.job.targets) != 1:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from relex_merge.common.errors import RelexError
+from relex_merge.common.errors import RelexError, resolved_against
 from relex_merge.common.units import human_bytes
 from relex_merge.config.schema import RelexConfig, RelexParameters
 from relex_merge.config.trajectory import expand_trajectory
@@ -224,19 +224,32 @@ def _check_paths(config: RelexConfig) -> None:
         (f"models[{i}].model", m.model) for i, m in enumerate(config.models or [])
     ]:
         if not Path(path).exists():
-            raise RelexError(f"{key}: {path} does not exist")
+            raise RelexError(f"{key}: {path} does not exist{resolved_against(path)}")
     if config.tokenizer_source is not None and not Path(config.tokenizer_source).is_dir():
-        raise RelexError(f"tokenizer_source: {config.tokenizer_source} is not a directory")
+        raise RelexError(
+            f"tokenizer_source: {config.tokenizer_source} is not a directory{resolved_against(config.tokenizer_source)}"
+        )
 
 
-def plan_merge(config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True) -> MergePlan:
+def plan_merge(
+    config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True, source: str | None = None
+) -> MergePlan:
     """Validate everything (headers only) and return the job; ``require_targets=False`` for
-    analyze, where targets only inform the verdict."""
+    analyze, where targets only inform the verdict. ``source`` (the config file, or ``FILE:
+    document N``) starts the errors about the config's keys, as the parser's errors do; errors
+    about a checkpoint's contents name that checkpoint."""
     discovered = config.trajectory is not None
-    config = expand_trajectory(config)
-    steps = _check_steps(config, discovered)
-    targets, warnings = _check_parameters(config, steps, require_targets)
-    _check_paths(config)
+    warnings: list[str] = []
+    try:
+        config = expand_trajectory(config, warnings)
+        steps = _check_steps(config, discovered)
+        targets, more = _check_parameters(config, steps, require_targets)
+        _check_paths(config)
+    except RelexError as exc:
+        if source is None or "/" in str(exc).split(": ", 1)[0]:
+            raise  # no config to name, or the message starts with the file it is about
+        raise type(exc)(f"{source}: {exc}") from None
+    warnings.extend(more)
     base_config = _check_architectures(config)
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))

@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from relex_merge.common.errors import RelexError
@@ -58,7 +58,7 @@ def sweep(
     """Every (target, scale, fit) candidate of a relex config from one read of the window,
     scored with lm-eval against the last window checkpoint; the best is kept as OUT/best."""
     with process_group.current().step("planning the sweep"):  # a failure on one rank stops all
-        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False)
+        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False, source=str(config))
         fit_list = parse_fits(fits, plan.job.spec.fit) if fits else None
         engine = options.engine()
     return run_sweep(
@@ -96,8 +96,19 @@ class SweepResult:
 
     candidates: list[Candidate]  # in build order
     baseline: Candidate  # the last window checkpoint
-    best: Candidate  # the highest-scoring candidate
+    best: Candidate  # the highest-scoring candidate (on a tie, the first built)
     kept: Path  # OUT/best
+    tied: list[Candidate] = field(default_factory=list)  # others with exactly the best score
+
+    def tie(self) -> str:
+        """How a tie for the best score was broken ("" when there was none)."""
+        if not self.tied:
+            return ""
+        others = ", ".join(c.label for c in self.tied)
+        return (
+            f"tied with {others} (same score, {self.best.result.mean:.4f}): a tie goes to the candidate built "
+            "first (targets in the order given, then scales, then fits)"
+        )
 
     def outcome(self) -> str:
         """How the best candidate compares with the last window checkpoint, noise included: a
@@ -224,7 +235,8 @@ def _score_candidates(
             # never write into the user's checkpoint: its results go beside the sweep's
             _score(baseline_dir, tasks, manager, include_path, limit, device, tmp / "baseline_lm_eval_results.json"),
         )
-        best = max(results, key=lambda c: c.result.mean)
+        best = max(results, key=lambda c: c.result.mean)  # the first of equals: build order breaks ties
+        tied = [c for c in results if c is not best and c.result.mean == best.result.mean]
         best_dir = tmp / "best"
         (tmp / "candidates" / best.label).rename(best_dir)
         if not keep_all:
@@ -233,6 +245,7 @@ def _score_candidates(
             "tasks": list(tasks),
             "limit": limit,
             "best": best.label,
+            "tied_with": [c.label for c in tied],
             "baseline": {"label": baseline.label, "score": baseline.result.mean, "stderr": baseline.result.mean_stderr},
             "candidates": [
                 {
@@ -248,7 +261,7 @@ def _score_candidates(
             ],
         }
         (tmp / "sweep_results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return SweepResult(results, baseline, best, out / "best")
+    return SweepResult(results, baseline, best, out / "best", tied)
 
 
 def _score(

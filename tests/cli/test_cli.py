@@ -302,3 +302,22 @@ def test_console_script_in_a_subprocess(qwen_run, tmp_path):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.yml'}: config file not found"]
     assert "Traceback" not in bad.stderr
+
+
+def test_the_horizon_is_printed_one_way_everywhere(qwen_run, tmp_path):
+    """1.2x in the verdict, the card, relex_config.yml and analyze alike (the card once said
+    "1.20 x")."""
+    import re
+
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5, 6], 12)  # (12 - 6) / 5 = 1.2 spans
+    merged = run_cli(str(cfg), str(tmp_path / "out"))
+    analysed = run_cli("analyze", str(cfg), "-v")
+    assert merged.exit_code == 0 and analysed.exit_code == 0, merged.output + analysed.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    written = (tmp_path / "out" / "relex_config.yml").read_text()
+    assert "| horizon past the window | 1.2x the window span |" in card
+    assert "| target horizon | 1.2x the window span |" in card
+    for text in (merged.stdout, card, written, analysed.stdout):
+        assert "step 12 is 1.2x the window span past its end" in text
+        # no other spelling of a horizon: "1.20 x", "1.20x", "1.2 x"
+        assert not re.findall(r"\d\.\d\d ?x\b|\d x\b", text.replace("x the true", "")), text

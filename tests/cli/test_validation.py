@@ -15,6 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from relex_merge.config.schema import load_config
 from relex_merge.interop.mergekit_runner import known_methods
 from tests.helpers import assert_relex_output, run_cli, snapshot
 
@@ -115,6 +116,43 @@ def _disk_full(run, tmp, mp):
     return base_config(run)
 
 
+def _read_only_fs(run, tmp, mp):
+    """``tmp`` as on a file system mounted read-only: statvfs says so, and access() says no to
+    everyone, root included (a real read-only mount needs privileges a test does not have)."""
+    import os
+
+    statvfs, access = os.statvfs, os.access
+
+    class ReadOnly:
+        def __init__(self, real):
+            self.real = real
+            self.f_flag = real.f_flag | os.ST_RDONLY
+
+    def fake_statvfs(path):
+        real = statvfs(path)
+        return ReadOnly(real) if Path(path).resolve().is_relative_to(tmp.resolve()) else real
+
+    def fake_access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and Path(path).resolve().is_relative_to(tmp.resolve()):
+            return False
+        return access(path, mode, *args, **kwargs)
+
+    mp.setattr(os, "statvfs", fake_statvfs)
+    mp.setattr(os, "access", fake_access)
+    return Case(base_config(run), out=tmp / "new" / "out")
+
+
+def _read_only_while_writing(run, tmp, mp):
+    """The file system turns read-only under a running merge (a remount after a disk error)."""
+    from relex_merge.io.writers import safetensors as writer
+
+    def pwrite_all(fd, data, position):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    mp.setattr(writer, "_pwrite_all", pwrite_all)
+    return base_config(run)
+
+
 def _no_permission(run, tmp, mp):
     mp.setattr("relex_merge.output.folders._writable", lambda folder: False)  # root ignores chmod
     return base_config(run)
@@ -143,27 +181,27 @@ CASES = {
     ),
     "missing base": (
         lambda run, tmp: {**base_config(run), "base_model": str(tmp / "nope")},
-        "base_model: {tmp}/nope does not exist",
+        "{cfg}: base_model: {tmp}/nope does not exist",
     ),
     "missing checkpoint": (
         lambda run, tmp: with_model(base_config(run), 1, tmp / "gone"),
-        "models[1].model: {tmp}/gone does not exist",
+        "{cfg}: models[1].model: {tmp}/gone does not exist",
     ),
     "duplicate steps": (
         lambda run, tmp: _set_step(base_config(run), 2, 2),
-        "models[2].parameters.step: step 2 is listed twice",
+        "{cfg}: models[2].parameters.step: step 2 is listed twice",
     ),
     "unsorted steps": (
         lambda run, tmp: _set_step(base_config(run), 1, 5),
-        "models[2].parameters.step: steps must increase (5 then 3); list the checkpoints in training order",
+        "{cfg}: models[2].parameters.step: steps must increase (5 then 3); list the checkpoints in training order",
     ),
     "one checkpoint": (
         lambda run, tmp: base_config(run, steps=(1,)),
-        "models: need at least 2 window checkpoints, got 1",
+        "{cfg}: models: need at least 2 window checkpoints, got 1",
     ),
     "rank above T": (
         lambda run, tmp: base_config(run, rank=4),
-        "parameters.rank: 4 exceeds the 3 checkpoints in the window",
+        "{cfg}: parameters.rank: 4 exceeds the 3 checkpoints in the window",
     ),
     "rank zero": (
         lambda run, tmp: base_config(run, rank=0),
@@ -171,11 +209,11 @@ CASES = {
     ),
     "rank above window": (
         lambda run, tmp: base_config(run, rank=3, window=2),
-        "parameters.rank: 3 exceeds the 2 checkpoints in the window",
+        "{cfg}: parameters.rank: 3 exceeds the 2 checkpoints in the window",
     ),
     "window above T": (
         lambda run, tmp: base_config(run, window=5),
-        "parameters.window: 5 is more than the 3 checkpoints given",
+        "{cfg}: parameters.window: 5 is more than the 3 checkpoints given",
     ),
     "window one": (
         lambda run, tmp: base_config(run, window=1),
@@ -219,7 +257,7 @@ CASES = {
     ),
     "degree too high": (
         lambda run, tmp: base_config(run, fit="polynomial", degree=3),
-        "parameters.degree: a degree-3 polynomial needs more than 3 checkpoints",
+        "{cfg}: parameters.degree: a degree-3 polynomial needs more than 3 checkpoints",
     ),
     "unknown fit": (
         lambda run, tmp: base_config(run, fit="cubic"),
@@ -228,11 +266,11 @@ CASES = {
     ),
     "no target": (
         lambda run, tmp: base_config(run, target=None),
-        "parameters.target_step: required in extrapolate mode (e.g. target_step: 500)",
+        "{cfg}: parameters.target_step: required in extrapolate mode (e.g. target_step: 500)",
     ),
     "reconstruct unobserved": (
         lambda run, tmp: base_config(run, target=7, mode="reconstruct"),
-        "parameters.target_step: reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
+        "{cfg}: parameters.target_step: reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
         "window 1..3",
     ),
     "missing tensor": (
@@ -253,19 +291,19 @@ CASES = {
     ),
     "models and trajectory": (
         lambda run, tmp: {**base_config(run), "trajectory": {"run_dir": str(run)}},
-        "config: give either 'models' or 'trajectory', not both",
+        "{cfg}: config: give either 'models' or 'trajectory', not both",
     ),
     "bad step range": (
         lambda run, tmp: _trajectory(run, steps="1..3"),
-        "trajectory.steps: expected 'FIRST-LAST' (e.g. '1-75') or a list, got '1..3'",
+        "{cfg}: trajectory.steps: expected 'FIRST-LAST' (e.g. '1-75') or a list, got '1..3'",
     ),
     "trajectory step not found": (
         lambda run, tmp: _trajectory(run, steps=[1, 40]),
-        "trajectory.steps: no checkpoint for step(s) [40] in {run}",
+        "{cfg}: trajectory.steps: no checkpoint for step(s) [40] in {run}",
     ),
     "empty run dir": (
         lambda run, tmp: _trajectory(_mkdir(tmp / "empty")),
-        "trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
+        "{cfg}: trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
     ),
     "target with a unit": (
         lambda run, tmp: base_config(run, target="10k"),
@@ -273,7 +311,7 @@ CASES = {
     ),
     "one discovered checkpoint": (
         lambda run, tmp: _trajectory(run, steps="2-2"),
-        "trajectory: need at least 2 window checkpoints, found 1 (step 2); widen trajectory.steps or save "
+        "{cfg}: trajectory: need at least 2 window checkpoints, found 1 (step 2); widen trajectory.steps or save "
         "checkpoints more often",
     ),
     "misspelt fit": (
@@ -299,21 +337,21 @@ CASES = {
     ),
     "sine on three checkpoints": (
         lambda run, tmp: base_config(run, fit="sine"),
-        "parameters.fit: sine needs at least 4 checkpoints in the window, got 3",
+        "{cfg}: parameters.fit: sine needs at least 4 checkpoints in the window, got 3",
     ),
     "auto on a window too short to backtest": (
         lambda run, tmp: base_config(run, fit="auto"),
-        "parameters.fit: auto: the backtest needs at least 5 checkpoints in the window to choose (got 3); name a "
-        "family (e.g. fit: linear) or observe more checkpoints",
+        "{cfg}: parameters.fit: auto: the backtest needs at least 5 checkpoints in the window to choose (got 3); "
+        "name a family (e.g. fit: linear) or observe more checkpoints",
     ),
     "open shape on a window too short to backtest": (
         lambda run, tmp: base_config(run, fit="log"),
-        "parameters.tau: log's tau is chosen by the backtest when not given, and the backtest needs at least 5 "
+        "{cfg}: parameters.tau: log's tau is chosen by the backtest when not given, and the backtest needs at least 5 "
         "checkpoints in the window to choose (got 3); give tau: or observe more checkpoints",
     ),
     "target before the window": (
         lambda run, tmp: base_config(run, steps=(4, 5, 6), target=2),
-        "parameters.target_step: 2 is before the window (4..6); extrapolate mode predicts steps after its first "
+        "{cfg}: parameters.target_step: 2 is before the window (4..6); extrapolate mode predicts steps after its first "
         "checkpoint: give a later step or a window that starts earlier",
     ),
     "refit window alone": (
@@ -322,7 +360,7 @@ CASES = {
     ),
     "refit window too long": (
         lambda run, tmp: base_config(run, refit_every=1, refit_window=5),
-        "parameters.refit_window: 5 is more than the 3 checkpoints in the window",
+        "{cfg}: parameters.refit_window: 5 is more than the 3 checkpoints in the window",
     ),
     "refit in reconstruct mode": (
         lambda run, tmp: base_config(run, target=2, mode="reconstruct", refit_every=2),
@@ -330,12 +368,12 @@ CASES = {
     ),
     "fit_reconstruct unobserved": (
         lambda run, tmp: base_config(run, target=7, mode="fit_reconstruct"),
-        "parameters.target_step: fit_reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
+        "{cfg}: parameters.target_step: fit_reconstruct mode works on observed checkpoints; step(s) [7] are not in the "
         "window 1..3",
     ),
     "target before the base": (
         lambda run, tmp: base_config(run, steps=(4, 5, 6), target=2, base_step=3),
-        "parameters.target_step: 2 is not after the base model's step (parameters.base_step = 3)",
+        "{cfg}: parameters.target_step: 2 is not after the base model's step (parameters.base_step = 3)",
     ),
     "wrong type": (
         lambda run, tmp: base_config(run, rank="two"),
@@ -384,6 +422,24 @@ CASES = {
     "disk full": (
         _disk_full,
         "{tmp}/out: no space left on the device; free space or choose another output folder",
+    ),
+    "read-only file system": (
+        _read_only_fs,
+        "{tmp}: read-only file system; choose an output folder on a writable one",
+    ),
+    "read-only while writing": (
+        _read_only_while_writing,
+        "{tmp}/out: read-only file system; choose another output folder",
+    ),
+    "relative run dir": (
+        lambda run, tmp: {**_trajectory(run), "trajectory": {"run_dir": "runs/nowhere"}},
+        "{cfg}: trajectory.run_dir: runs/nowhere is not a directory (relative paths are resolved against the "
+        "current directory, {cwd}; run from the directory the config expects, or give absolute paths)",
+    ),
+    "relative checkpoint": (
+        lambda run, tmp: with_model(base_config(run), 1, Path("runs/gone")),
+        "{cfg}: models[1].model: runs/gone does not exist (relative paths are resolved against the current "
+        "directory, {cwd}; run from the directory the config expects, or give absolute paths)",
     ),
     "permission denied": (
         _no_permission,
@@ -438,7 +494,8 @@ def test_every_case_expects_its_own_message():
 @pytest.mark.parametrize("case", list(CASES))
 def test_validation_error(case, qwen_run, tmp_path, monkeypatch):
     make, expected = CASES[case]
-    made = make(qwen_run, tmp_path, monkeypatch) if make in (_disk_full, _no_permission) else make(qwen_run, tmp_path)
+    patched = (_disk_full, _no_permission, _read_only_fs, _read_only_while_writing)
+    made = make(qwen_run, tmp_path, monkeypatch) if make in patched else make(qwen_run, tmp_path)
     made = made if isinstance(made, Case) else Case(made)
     cfg = tmp_path / "c.yml"
     cfg.write_text(yaml.safe_dump(made.config))
@@ -447,7 +504,8 @@ def test_validation_error(case, qwen_run, tmp_path, monkeypatch):
     existed = out.exists()
     result = run_cli(str(cfg), str(out), *made.args)
     known = ", ".join(sorted(known_methods()))
-    message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg, known=known, **_damage_facts(qwen_run, tmp_path))
+    facts = _damage_facts(qwen_run, tmp_path)
+    message = expected.format(tmp=tmp_path, run=qwen_run, cfg=cfg, known=known, cwd=Path.cwd(), **facts)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, lines
@@ -624,3 +682,34 @@ def test_sweep_refuses_non_finite_scales(scales, qwen_run, tmp_path):
     assert result.exit_code == 2
     assert result.stderr.strip() == "error: --scales: every scale must be a finite number > 0"
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "steps,said",
+    [
+        (
+            "1-9",
+            "'1-9' asks for steps 1-9, but {run} has no checkpoint for steps 7-9; using the checkpoints found in "
+            "steps 1-6",
+        ),
+        (
+            "0-4",
+            "'0-4' asks for steps 0-4, but {run} has no checkpoint for step 0; using the checkpoints found in "
+            "steps 1-4",
+        ),
+    ],
+)
+def test_a_step_range_past_the_checkpoints_found_says_which_are_missing(qwen_run, tmp_path, steps, said):
+    """A range is every checkpoint found in it; reaching past the first or last one found is a
+    warning naming the missing steps (docs/configuration.md), and the merge goes on."""
+    cfg = tmp_path / "c.yml"
+    cfg.write_text(yaml.safe_dump(_trajectory(qwen_run, steps=steps)))
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    assert result.stderr.strip() == f"warning: trajectory.steps: {said.format(run=qwen_run)}"
+    window = load_config(tmp_path / "out" / "relex_config.yml").models
+    assert [m.parameters.step for m in window] == list(range(1, 7) if steps == "1-9" else range(1, 5))
+    # inside the checkpoints found, a range says nothing
+    cfg.write_text(yaml.safe_dump(_trajectory(qwen_run, steps="2-5")))
+    quiet = run_cli(str(cfg), str(tmp_path / "out2"), "-q")
+    assert quiet.exit_code == 0 and quiet.stderr == ""

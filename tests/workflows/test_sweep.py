@@ -128,3 +128,32 @@ def test_the_outcome_line_counts_the_noise(best, best_se, base, base_se, said):
         [scored("a", best, best_se)], scored("last", base, base_se), scored("a", best, best_se), Path("best")
     )
     assert result.outcome() == said
+
+
+def test_a_tie_for_the_best_score_says_how_it_was_broken(qwen_run, tmp_path, monkeypatch):
+    import importlib
+    import json
+    from pathlib import Path
+
+    from relex_merge.evaluation.lm_eval import EvalResult, TaskScore
+
+    sweep = importlib.import_module("relex_merge.workflows.sweep")
+    for name, value in fake_scoring().items():
+        monkeypatch.setattr(sweep, name, value)
+
+    def evaluate(model_dir, tasks, *, device, results_file=None, **kwargs):  # every model scores 0.5
+        (results_file or Path(model_dir) / "lm_eval_results.json").write_text("{}")
+        return EvalResult(str(model_dir), [TaskScore(task, "acc", 0.5, 0.01) for task in tasks])
+
+    monkeypatch.setattr(sweep, "evaluate", evaluate)
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3], 9)
+    out = tmp_path / "sweep"
+    result = run_cli("sweep", str(cfg), str(out), "--targets", "12,9", *TASKS, "--threads", "1")
+    assert result.exit_code == 0, result.output
+    assert "best: step-12-scale-1, kept as" in result.stdout
+    assert (
+        "the best score is tied with step-9-scale-1 (same score, 0.5000): a tie goes to the candidate built first "
+        "(targets in the order given, then scales, then fits)"
+    ) in result.stdout
+    summary = json.loads((out / "sweep_results.json").read_text())
+    assert summary["best"] == "step-12-scale-1" and summary["tied_with"] == ["step-9-scale-1"]
