@@ -208,33 +208,14 @@ def test_unsafe_pickle_is_refused_unless_allowed(qwen_run, tmp_path):
     refused = run_cli(str(cfg), str(tmp_path / "out"))
     assert refused.exit_code == 2
     assert refused.stderr.strip() == (
-        f"error: {folder / 'pytorch_model.bin'}: this pickle holds more than tensors and could run code when "
-        "loaded; pass --allow-unsafe-pickle only if you trust where it came from"
+        f"error: {folder / 'pytorch_model.bin'}: this pickle holds more than tensors (fractions.Fraction) and "
+        "could run code when loaded; pass --allow-unsafe-pickle only if you trust where it came from"
     )
     allowed = run_cli(str(cfg), str(tmp_path / "out"), "--allow-unsafe-pickle", "-q")
     assert allowed.exit_code == 0, allowed.output
     base = load_state(qwen_run / "base")
     expected = relex_expectation(base, [load_state(qwen_run / "checkpoint-1"), state], [1, 2], 12, rank=2)
     assert_state_matches(load_state(tmp_path / "out"), expected, base, rel=2e-3)
-
-
-def test_zero_checkpoint_without_deepspeed_says_how(tmp_path):
-    pytest.importorskip("torch")
-    try:
-        import deepspeed  # noqa: F401
-
-        pytest.skip("deepspeed is installed here")
-    except ImportError:
-        pass
-    tag = tmp_path / "global_step10"
-    tag.mkdir()
-    (tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
-    result = run_cli("convert", str(tag), str(tmp_path / "o"))
-    assert result.exit_code == 2
-    assert result.stderr.strip() == (
-        f"error: {tag}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
-        "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
-    )
 
 
 def test_convert_a_weight_file_into_a_folder_beside_it(qwen_run, tmp_path):
