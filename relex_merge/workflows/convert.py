@@ -90,6 +90,8 @@ def plan_convert(
         reader.align_names(model.shapes)
         names = [n for n in reader.names() if n not in model.unsaved]  # buffers the model does not save
         check_model_tensors(reader, names, model)
+        if not config.get("architectures"):  # verl's huggingface/config.json has none; vLLM needs it
+            config = {**config, "architectures": [model.architecture]}
     if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
         names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
     target = None if dtype == "keep" else CONFIG_DTYPES[dtype]

@@ -152,7 +152,7 @@ class ZeroReader(CheckpointReader):
     def __init__(self, path: Path, allow_unsafe_pickle: bool = False):
         self.path = path
         self.tag = _tag_folder(path)
-        self.config_folders = [self.tag.parent] if self.tag != path else []
+        self.config_folders = [path.parent] if self.tag == path else []  # HF Trainer: checkpoint-N/config.json
         self._allow_unsafe = allow_unsafe_pickle
         self._optim_files = self._rank_files()
         states = [self._optimizer_state(f) for f in self._optim_files]
