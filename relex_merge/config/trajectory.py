@@ -45,7 +45,12 @@ def _weights_dir(step_dir: Path) -> Path:
     ``pytorch_model_fsdp_0/`` (never its ``optimizer_0/`` sibling); HF Trainer + DeepSpeed
     without model weights keeps the ZeRO save in the tag folder ``latest`` names.
     """
-    for candidate in (step_dir, step_dir / "actor", step_dir / "actor" / "huggingface", step_dir / "pytorch_model_fsdp_0"):
+    for candidate in (
+        step_dir,
+        step_dir / "actor",
+        step_dir / "actor" / "huggingface",
+        step_dir / "pytorch_model_fsdp_0",
+    ):
         if has_weights(candidate):
             return candidate
     latest = step_dir / "latest"
@@ -54,6 +59,8 @@ def _weights_dir(step_dir: Path) -> Path:
         if tag != step_dir and has_weights(tag):
             return tag
     return step_dir
+
+
 def _check_trainer_state(step_dir: Path, step: int) -> None:
     state_file = step_dir / "trainer_state.json"
     if not state_file.is_file():

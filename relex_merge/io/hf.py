@@ -43,7 +43,11 @@ def find_model_config(path: str | Path, also: Iterable[Path] = ()) -> Path | Non
     ``also`` (a reader's ``config_folders``: a DeepSpeed tag's parent)."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
-    for candidate in (folder / "config.json", folder / "huggingface" / "config.json", *(f / "config.json" for f in also)):
+    for candidate in (
+        folder / "config.json",
+        folder / "huggingface" / "config.json",
+        *(f / "config.json" for f in also),
+    ):
         if candidate.is_file():
             return candidate
     return None

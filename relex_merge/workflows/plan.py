@@ -21,7 +21,13 @@ from relex_merge.io.base import CheckpointReader
 from relex_merge.io.dtypes import CONFIG_DTYPES
 from relex_merge.io.fingerprints import InputRecord, input_record
 from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.hf import check_model_tensors, find_model_config, is_hf_model, model_tensors, read_model_config
+from relex_merge.io.hf import (
+    SAFETENSORS_INDEX,
+    check_model_tensors,
+    find_model_config,
+    model_tensors,
+    read_model_config,
+)
 
 __all__ = ["MergePlan", "plan_merge", "check_targets"]
 
@@ -186,13 +192,17 @@ def _open_all(config: RelexConfig, allow_unsafe_pickle: bool) -> tuple[Checkpoin
     return base, checkpoints
 
 
+SAFETENSORS_FILES = ("model.safetensors", SAFETENSORS_INDEX)
+
+
 def _check_base(config: RelexConfig, base: CheckpointReader) -> None:
-    """A base that is not a Hugging Face model folder (a trainer's checkpoint) is checked against
-    the model its config.json describes, as ``convert`` checks its input: the merge's outputs
-    take the base's names and shapes. (An HF folder is what from_pretrained loads: it is the
-    model.)"""
+    """The merge's outputs take the base's names and shapes, so a base that is a trainer's
+    checkpoint is checked against the model its config.json describes, as ``convert`` checks
+    its input. A safetensors model folder (what save_pretrained writes, hence no optimizer
+    state) is taken as the model itself: building the model to check it would cost every merge
+    the import of transformers."""
     path = Path(config.base_path)
-    if path.is_dir() and is_hf_model(path):
+    if path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in SAFETENSORS_FILES):
         return
     config_file = find_model_config(path, base.config_folders)
     model = model_tensors(config_file) if config_file is not None else None

@@ -141,7 +141,13 @@ def test_a_file_holding_more_than_deepspeeds_types_needs_consent(tmp_path):
     )
     assert not (tmp_path / "out").exists()
     allowed = run_cli(
-        "convert", str(tag), str(tmp_path / "out"), "--config-from", str(FIXTURES / "base"), "-q", "--allow-unsafe-pickle"
+        "convert",
+        str(tag),
+        str(tmp_path / "out"),
+        "--config-from",
+        str(FIXTURES / "base"),
+        "-q",
+        "--allow-unsafe-pickle",
     )
     assert allowed.exit_code == 0, allowed.output
     reference = _reference("deepspeed_zero3_bf16", 2)
@@ -176,8 +182,10 @@ def _mix_saves(tag: Path) -> str:
 
 
 def _model_parallel(tag: Path) -> str:
-    shutil.copy(tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", tag / "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt")
-    return f"{tag}: a tensor- or pipeline-parallel DeepSpeed save (mp_rank_01"
+    shutil.copy(
+        tag / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", tag / "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt"
+    )
+    return f"{tag}: a tensor- or pipeline-parallel DeepSpeed save (mp_rank_01); only data-parallel ZeRO saves"
 
 
 def _not_optimizer_states(tag: Path) -> str:
@@ -217,7 +225,9 @@ def test_damaged_saves_give_one_line_and_write_nothing(damage, tmp_path, monkeyp
     from relex_merge.io.formats import zero
 
     # the test's re-saved files pickle our stand-ins under our names: allow those too
-    known = zero.DEEPSPEED_TYPES + tuple((cls, f"{cls.__module__}.{cls.__qualname__}") for cls, _ in zero.DEEPSPEED_TYPES)
+    known = zero.DEEPSPEED_TYPES + tuple(
+        (cls, f"{cls.__module__}.{cls.__qualname__}") for cls, _ in zero.DEEPSPEED_TYPES
+    )
     monkeypatch.setattr(zero, "DEEPSPEED_TYPES", known)
     tag = _copy_save(tmp_path)
     expected = damage(tag)
@@ -244,10 +254,14 @@ def test_a_read_gives_back_the_pages_it_mapped(tmp_path, monkeypatch):
     tag = tmp_path / "global_step1"
     tag.mkdir()
     flat = torch.arange(rows * cols, dtype=torch.float32)
-    torch.save({"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1, "fp32_flat_groups": [flat]}},
-               tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
-    torch.save({"param_shapes": [OrderedDict(w=torch.Size([rows, cols]))], "module": {}, "buffer_names": []},
-               tag / "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    torch.save(
+        {"optimizer_state_dict": {"zero_stage": 3, "partition_count": 1, "fp32_flat_groups": [flat]}},
+        tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+    )
+    torch.save(
+        {"param_shapes": [OrderedDict(w=torch.Size([rows, cols]))], "module": {}, "buffer_names": []},
+        tag / "zero_pp_rank_0_mp_rank_00_model_states.pt",
+    )
     del flat
 
     def peak_growth(reader) -> int:

@@ -163,6 +163,7 @@ def test_a_trajectory_merge_equals_the_merge_of_the_references(writer, tmp_path,
     _assert_identical(load_state(tmp_path / "out"), reference_merges(writer))
 
 
+@pytest.mark.slow  # a few seconds a writer
 @pytest.mark.parametrize("writer", WRITERS)
 def test_analyze_of_the_saves_equals_analyze_of_the_references(writer, tmp_path):
     analyses = []
@@ -171,3 +172,20 @@ def test_analyze_of_the_saves_equals_analyze_of_the_references(writer, tmp_path)
         assert result.exit_code == 0, result.output
         analyses.append(json.loads(result.stdout))
     assert analyses[0] == analyses[1]
+
+
+def test_the_formats_table_in_the_docs_is_the_manifests():
+    """docs/formats.md's table (trainer -> layout -> trajectory: -> tested version) is generated
+    from manifest.json by scripts/formats_table.py, and the page holds the current one."""
+    import importlib.util
+
+    repo = FIXTURES.parents[2]
+    spec = importlib.util.spec_from_file_location("formats_table", repo / "scripts" / "formats_table.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    table = script.table()
+    assert script.TABLE.read_text() == table, "run python scripts/formats_table.py --write"
+    page = (repo / "docs" / "formats.md").read_text()
+    assert f"<!-- include: tests/fixtures/real_writers/formats_table.md -->\n{table}<!-- end include -->" in page
+    for writer in WRITERS:
+        assert f"(`{writer}`)" in table

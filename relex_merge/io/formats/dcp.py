@@ -35,7 +35,17 @@ __all__ = ["FORMAT", "DcpReader", "NON_MODEL_ROOTS"]
 log = logging.getLogger(__name__)
 
 NON_MODEL_ROOTS = frozenset(
-    {"optimizer", "optim", "optimizers", "lr_scheduler", "lr_schedulers", "scheduler", "dataloader", "train_state", "extra"}
+    {
+        "optimizer",
+        "optim",
+        "optimizers",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "dataloader",
+        "train_state",
+        "extra",
+    }
 )
 """Top-level keys of a trainer's DCP save that hold no model tensors (torchtitan's
 CheckpointManager, torch.distributed.checkpoint recipes, accelerate)."""

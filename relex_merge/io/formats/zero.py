@@ -193,7 +193,9 @@ class ZeroReader(CheckpointReader):
         for name in main.get("buffer_names") or []:
             if name in self._module:
                 t = self._module[name]
-                self._add(name, tuple(t.shape), torch.float32 if t.is_floating_point() else t.dtype, _Module(name, True))
+                self._add(
+                    name, tuple(t.shape), torch.float32 if t.is_floating_point() else t.dtype, _Module(name, True)
+                )
         self._index_frozen(main)
         if self.stage == 3:
             self._index_zero3(main["param_shapes"])
@@ -230,9 +232,10 @@ class ZeroReader(CheckpointReader):
             raise RelexError(f"{self.tag}: no *zero_pp_rank_*_optim_states.pt files: not a DeepSpeed ZeRO tag folder")
         model_parallel = sorted({m.group(3) for m in map(_OPTIM_FILE.match, (p.name for p in files))} - {"00"})
         if model_parallel or any(self.tag.glob("layer_*")):
+            found = f"mp_rank_{model_parallel[0]}" if model_parallel else "layer_* files"
             raise RelexError(
-                f"{self.tag}: a tensor- or pipeline-parallel DeepSpeed save (mp_rank_{model_parallel[0] if model_parallel else '00'}, "
-                "layer_* files); only data-parallel ZeRO saves can be read"
+                f"{self.tag}: a tensor- or pipeline-parallel DeepSpeed save ({found}); "
+                "only data-parallel ZeRO saves can be read"
             )
         if len({bool(_OPTIM_FILE.match(p.name).group(1)) for p in files}) > 1:
             raise RelexError(f"{self.tag}: both bf16_zero_pp_rank_* and zero_pp_rank_* files: two saves mixed")
@@ -323,7 +326,9 @@ class ZeroReader(CheckpointReader):
                 self._add(name, shape, torch.float32, _Partitioned(offset, part))
                 offset += part
         if offset != lengths[0]:
-            raise RelexError(f"{self.tag}: the parameters need {offset} elements per rank, each rank holds {lengths[0]}")
+            raise RelexError(
+                f"{self.tag}: the parameters need {offset} elements per rank, each rank holds {lengths[0]}"
+            )
 
     # --- the reader interface -----------------------------------------------------------------
 
