@@ -240,6 +240,7 @@ def zero_bench(args) -> str:
         "start-up (python -c 'import torch')": [sys.executable, "-c", "import torch"],
     }
     results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
+    load = os.getloadavg()[0]  # the machine may be shared: said in the header
     for rep in range(args.reps):
         for name, cmd in candidates.items():
             for path in outs.iterdir():  # each merge writes to a path that does not exist yet
@@ -282,7 +283,8 @@ def zero_bench(args) -> str:
         f"DeepSpeed ZeRO-3 window: {len(steps)} saves (steps {steps[0]}..{steps[-1]}) of a "
         f"{params / 1e6:.0f}M-parameter model ({tensors} tensors), {ranks} ranks, {on_disk / 1e9:.1f} GB of "
         f"DeepSpeed files (fp32 master weights and Adam moments); target step {target}; "
-        f"{args.reps} interleaved repetitions, page cache warm; {machine}. The two merges wrote the same bytes "
+        f"{args.reps} interleaved repetitions, page cache warm; {machine}; load average {load:.1f} when it "
+        f"started (1-minute, the machine's other jobs included). The two merges wrote the same bytes "
         f"({tensors} tensors, checked). "
         + (
             f"Before relex-merge read ZeRO files itself, each ZeRO input was consolidated in memory like the last row "
