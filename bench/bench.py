@@ -20,6 +20,12 @@ along one direction linearly in the step, plus noise), then measures, interleave
   relex (1 thread)      --threads 1: one process, one worker (the base of the scaling rows)
   relex (torchrun xN)   torchrun --nproc-per-node N -m relex_merge ... --threads 1 (--processes N)
 
+With --zero WORK (a DeepSpeed ZeRO-3 window that bench/make_zero_window.py wrote; DeepSpeed is
+needed to write it, not here), it measures instead a merge of that window read straight from
+DeepSpeed's files, within --max-memory, against the same merge of DeepSpeed's own
+consolidations of the same saves (zero_to_fp32, as safetensors), checks that both write the
+same bytes, and quotes what consolidating one save in memory costs DeepSpeed.
+
 With --cold (root only: `sync; echo 3 > /proc/sys/vm/drop_caches` before each command; the
 table says so when the machine refuses), the page cache is emptied before every command of the
 cold rows, so the disk, not memory, is the floor: cold read floor, cold relex-merge.
@@ -170,6 +176,128 @@ def input_files(run: Path, window: int) -> list[Path]:
     ]
 
 
+def _zero_steps(work: Path) -> list[int]:
+    steps = sorted(int(p.name[len("global_step") :]) for p in (work / "ckpt").glob("global_step*") if p.is_dir())
+    if len(steps) < 2:
+        raise SystemExit(f"{work}/ckpt: no DeepSpeed window (make one with bench/make_zero_window.py)")
+    return steps
+
+
+def _state(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    return state
+
+
+def zero_bench(args) -> str:
+    """The ZeRO rows: a merge of a DeepSpeed window, and of DeepSpeed's consolidations of it."""
+    import yaml
+
+    work = args.zero
+    steps = _zero_steps(work)
+    target = 4 * steps[-1]
+    configs = {}
+    for name, folder in (
+        ("zero", lambda s: work / "ckpt" / f"global_step{s}"),
+        ("consolidated", lambda s: work / "consolidated" / f"step_{s}"),
+    ):
+        configs[name] = work / f"{name}.yml"
+        models = [{"model": str(folder(s)), "parameters": {"step": s}} for s in steps]
+        relex = {
+            "merge_method": "relex",
+            "base_model": str(work / "base"),
+            "models": models,
+            "parameters": {"target_step": target},
+        }
+        configs[name].write_text(yaml.safe_dump(relex))
+    relex = str(Path(sys.executable).parent / "relex-merge")
+    outs = work / "out"
+    outs.mkdir(exist_ok=True)
+    window = f"T={len(steps)}"
+    candidates = {
+        f"relex-merge, ZeRO-3 window read from DeepSpeed's files ({window}, --max-memory {args.max_memory})": [
+            relex,
+            str(configs["zero"]),
+            str(outs / "zero"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+        ],
+        f"relex-merge, DeepSpeed's consolidations of the same saves ({window}, safetensors, "
+        f"--max-memory {args.max_memory})": [
+            relex,
+            str(configs["consolidated"]),
+            str(outs / "consolidated"),
+            "--overwrite",
+            "-q",
+            "--max-memory",
+            args.max_memory,
+        ],
+        "start-up (python -c 'import torch')": [sys.executable, "-c", "import torch"],
+    }
+    results: dict[str, list[tuple[float, int]]] = {k: [] for k in candidates}
+    load = os.getloadavg()[0]  # the machine may be shared: said in the header
+    for rep in range(args.reps):
+        for name, cmd in candidates.items():
+            for path in outs.iterdir():  # each merge writes to a path that does not exist yet
+                if path.name in cmd or str(path) in cmd:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+            os.sync()
+            results[name].append(measure(cmd))
+            print(f"rep {rep + 1}/{args.reps} {name}: {results[name][-1][0]:.2f} s", file=sys.stderr)
+        if rep == 0:  # the two merges wrote the same bytes?
+            a, b = _state(outs / "zero"), _state(outs / "consolidated")
+            same = bool(a) and sorted(a) == sorted(b)
+            same = same and all(a[k].dtype == b[k].dtype and bool((a[k] == b[k]).all()) for k in a)
+            if not same:
+                raise SystemExit("the merge of the ZeRO window differs from the merge of DeepSpeed's consolidations")
+            tensors, params = len(a), sum(t.numel() for t in a.values())
+    median = {k: statistics.median(w for w, _ in v) for k, v in results.items()}
+    peak = {k: max(r for _, r in v) for k, v in results.items()}
+    fp32 = params * 4
+    rows = [
+        "| run | median wall (s) | peak RSS (GB) | fp32 weights read (GB) |",
+        "|---|---|---|---|",
+    ]
+    for name in candidates:
+        reads = 0 if name.startswith("start-up") else fp32 * (len(steps) + 1) * 2  # base + T inputs, two passes
+        rows.append(f"| {name} | {median[name]:.2f} | {peak[name] / 1e9:.2f} | {reads / 1e9:.2f} |")
+    ds = json.loads((work / "deepspeed.json").read_text()) if (work / "deepspeed.json").is_file() else None
+    if ds:
+        one = ds["consolidate_one_save"]
+        rows.append(
+            f"| DeepSpeed `get_fp32_state_dict_from_zero_checkpoint` of one save, in memory (DeepSpeed "
+            f"{ds['deepspeed']}) | {one['wall_s']:.2f} | {one['peak_rss'] / 1e9:.2f} | {fp32 / 1e9:.2f} |"
+        )
+    on_disk = sum(f.stat().st_size for f in (work / "ckpt").rglob("*.pt"))
+    machine = (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM, torch {torch.__version__}"
+    )
+    ranks = len(list((work / "ckpt" / f"global_step{steps[0]}").glob("*_optim_states.pt")))
+    header = (
+        f"DeepSpeed ZeRO-3 window: {len(steps)} saves (steps {steps[0]}..{steps[-1]}) of a "
+        f"{params / 1e6:.0f}M-parameter model ({tensors} tensors), {ranks} ranks, {on_disk / 1e9:.1f} GB of "
+        f"DeepSpeed files (fp32 master weights and Adam moments); target step {target}; "
+        f"{args.reps} interleaved repetitions, page cache warm; {machine}; load average {load:.1f} when it "
+        f"started (1-minute, the machine's other jobs included). The two merges wrote the same bytes "
+        f"({tensors} tensors, checked). "
+        + (
+            f"Before relex-merge read ZeRO files itself, each ZeRO input was consolidated in memory like the last row "
+            f"and held for the whole merge: {len(steps)} inputs held {len(steps) * fp32 / 1e9:.1f} GB of fp32 weights."
+            if ds
+            else ""
+        )
+        + f"\n\nCommand: `python bench/bench.py --zero WORK --max-memory {args.max_memory} --reps {args.reps}` "
+        f"(WORK made by `bench/make_zero_window.py`)\n"
+    )
+    return header + "\n" + "\n".join(rows) + "\n"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
@@ -183,9 +311,18 @@ def main(argv=None) -> None:
     parser.add_argument("--table", type=Path, help="also write the markdown table here")
     parser.add_argument("--processes", type=int, default=2, help="ranks of the torchrun row (0: no such row)")
     parser.add_argument("--cold", action="store_true", help="also cold-page-cache rows (drops the page cache: root)")
+    parser.add_argument(
+        "--zero", type=Path, help="measure merging the DeepSpeed window bench/make_zero_window.py wrote"
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.zero is not None:
+        table = zero_bench(args)
+        print(table)
+        if args.table:
+            args.table.write_text(table)
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     dtype = getattr(torch, args.dtype)
     run = make_trajectory(args.work, args.size, dtype, args.window)

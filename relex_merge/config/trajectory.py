@@ -1,5 +1,8 @@
-"""Find and order the window's checkpoints: an explicit list, or a run directory's
-``checkpoint-N`` (HF Trainer / TRL), ``global_step_N`` (verl) or ``step_N`` folders."""
+"""Find and order the window's checkpoints: an explicit list, or a run directory's step folders,
+in the layout of the trainer that wrote them (``LAYOUTS``): HF Trainer / TRL ``checkpoint-N``
+(with DeepSpeed: ``checkpoint-N/global_stepN``), verl ``global_step_N/actor``, DeepSpeed
+``global_stepN`` (OpenRLHF: ``ckpt/_actor/global_stepN``), torchtitan ``checkpoint/step-N``,
+accelerate ``step_N/pytorch_model_fsdp_0`` and plain ``step_N`` folders."""
 
 from __future__ import annotations
 
@@ -12,22 +15,49 @@ from relex_merge.common.errors import RelexError, resolved_against
 from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.io.formats import has_weights
 
-__all__ = ["discover_steps", "expand_trajectory"]
+__all__ = ["discover_steps", "expand_trajectory", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
-_STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
+LAYOUTS = (
+    "checkpoint-N (HF Trainer, TRL; checkpoint-N/global_stepN with DeepSpeed)",
+    "global_step_N/actor (verl)",
+    "global_stepN (DeepSpeed; OpenRLHF: _actor/global_stepN, before global_stepN_hf)",
+    "checkpoint/step-N (torchtitan)",
+    "step_N, step_N/pytorch_model_fsdp_0 (accelerate, DCP)",
+)
+"""The layouts ``trajectory:`` looks for, as its errors list them."""
+
+# step folder names; DeepSpeed's OpenRLHF HF exports (global_stepN_hf) only where no _actor/ is
+_STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|global_step|step_|step-)(\d+)(_hf)?$")
+# where under run_dir the step folders may be: OpenRLHF's _actor/ (the fp32 ZeRO saves, before
+# its global_stepN_hf exports beside it), run_dir itself, torchtitan's checkpoint/
+_STEP_PARENTS = ("_actor", ".", "checkpoint")
+# accelerate's automatic checkpoint naming: checkpoints/checkpoint_K, K counting saves
+_SAVE_COUNTER = re.compile(r"^checkpoint_(\d+)$")
 
 
 def _weights_dir(step_dir: Path) -> Path:
     """The folder inside a step directory that holds loadable weights.
 
     verl's FSDP shards in ``actor/`` come before an ``actor/huggingface/`` export: the shards
-    keep the training precision, exports are often cast to bf16.
+    keep the training precision, exports are often cast to bf16. accelerate's model is in
+    ``pytorch_model_fsdp_0/`` (never its ``optimizer_0/`` sibling); HF Trainer + DeepSpeed
+    without model weights keeps the ZeRO save in the tag folder ``latest`` names.
     """
-    for candidate in (step_dir, step_dir / "actor", step_dir / "actor" / "huggingface"):
+    for candidate in (
+        step_dir,
+        step_dir / "actor",
+        step_dir / "actor" / "huggingface",
+        step_dir / "pytorch_model_fsdp_0",
+    ):
         if has_weights(candidate):
             return candidate
+    latest = step_dir / "latest"
+    if latest.is_file():
+        tag = step_dir / latest.read_text().strip()
+        if tag != step_dir and has_weights(tag):
+            return tag
     return step_dir
 
 
@@ -50,21 +80,44 @@ def _check_trainer_state(step_dir: Path, step: int) -> None:
 
 
 def discover_steps(run_dir: Path) -> dict[int, Path]:
-    """Step -> folder for every ``checkpoint-N``, ``global_step_N`` or ``step_N`` folder in
-    ``run_dir``; RelexError when a step appears twice."""
+    """Step -> folder for every step folder of one of the ``LAYOUTS`` in ``run_dir`` (or in its
+    ``_actor/`` or ``checkpoint/``); RelexError when a step appears twice."""
     if not run_dir.is_dir():
         raise RelexError(f"trajectory.run_dir: {run_dir} is not a directory{resolved_against(run_dir)}")
+    for parent in (run_dir / p for p in _STEP_PARENTS):
+        found = _step_folders(parent) if parent.is_dir() else {}
+        if found:
+            log.debug("%s: %d step folders, steps %s", parent, len(found), sorted(found))
+            return found
+    _refuse_save_counters(run_dir)
+    return {}
+
+
+def _step_folders(folder: Path) -> dict[int, Path]:
     found: dict[int, Path] = {}
-    for child in sorted(run_dir.iterdir()):
+    exports: dict[int, Path] = {}  # global_stepN_hf: only where no global_stepN is
+    for child in sorted(folder.iterdir()):
         match = _STEP_DIR.match(child.name)
         if not match or not child.is_dir():
             continue
         step = int(match.group(1))
-        if step in found:
-            raise RelexError(f"trajectory.run_dir: step {step} appears twice ({found[step].name}, {child.name})")
-        found[step] = child
-    log.debug("%s: %d step folders, steps %s", run_dir, len(found), sorted(found))
-    return found
+        into = exports if match.group(2) else found
+        if step in into:
+            raise RelexError(f"trajectory.run_dir: step {step} appears twice ({into[step].name}, {child.name})")
+        into[step] = child
+    return found or exports
+
+
+def _refuse_save_counters(run_dir: Path) -> None:
+    """accelerate's ``checkpoints/checkpoint_K``: K counts saves, not optimizer steps."""
+    for folder in (run_dir, run_dir / "checkpoints"):
+        counters = sorted(c.name for c in folder.glob("checkpoint_*") if c.is_dir() and _SAVE_COUNTER.match(c.name))
+        if counters:
+            raise RelexError(
+                f"trajectory.run_dir: {folder} holds accelerate's {', '.join(counters[:3])}"
+                f"{', ...' if len(counters) > 3 else ''} folders, numbered by save, not by optimizer step; "
+                "list them under models: with the step each was saved at"
+            )
 
 
 def _span(first: int, last: int) -> str:
@@ -122,7 +175,7 @@ def expand_trajectory(config: RelexConfig, warnings: list[str] | None = None) ->
     spec = config.trajectory
     found = discover_steps(Path(spec.run_dir))
     if not found:
-        raise RelexError(f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}")
+        raise RelexError(f"trajectory.run_dir: no step folders in {spec.run_dir}; looked for {'; '.join(LAYOUTS)}")
     steps = _select_steps(spec, sorted(found), warnings if warnings is not None else [])
     log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:

@@ -179,6 +179,7 @@ class SpanRunner:
             buffer = self._local.out = torch.empty(needed, dtype=dtype, device=self.device)
         return buffer[:needed].view(len(self.sinks), numel)
 
+    @torch.no_grad()  # a defence: readers return detached tensors, and nothing here needs autograd
     def run(self, span: Span) -> SpanResult:
         """Read the span from every input; in the gram phase return its Gram matrix, otherwise
         form the outputs (or copy the base) and write them to the sinks. Thread-safe."""

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import types
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -28,6 +29,7 @@ __all__ = [
     "read_span",
     "indexed_files",
     "load_torch_file",
+    "KnownType",
     "UNREADABLE_PICKLE",
     "UNREADABLE_TORCH_FILE",
     "first_line",
@@ -71,7 +73,11 @@ class CheckpointReader(ABC):
     can only read whole tensors sets ``whole_tensor_reads`` (the engine then reads each tensor
     in one span); one that holds its tensors in RAM sets ``resident_bytes`` (planning warns);
     one with something to tell the user sets ``warnings``; one holding open files implements
-    ``close``.
+    ``close``; one whose names can be read more than one way (a DCP save nested under
+    ``model.``) implements ``align_names``.
+
+    Every tensor a reader returns is the caller's, detached from autograd
+    (``requires_grad=False``), whatever the file stored.
     """
 
     path: Path  # the folder or file the user named; error messages start with it
@@ -89,6 +95,14 @@ class CheckpointReader(ABC):
     state dict, not a mapping of files): outside what ``--max-memory`` bounds."""
     warnings: Sequence[str] = ()
     """Notes for the user about this checkpoint (printed, and listed in the model card)."""
+    config_folders: Sequence[Path] = ()
+    """Folders besides the checkpoint's own (and its ``huggingface/``) where its ``config.json``
+    may be: a DeepSpeed tag folder's parent (HF Trainer's ``checkpoint-N/global_stepN``)."""
+
+    def align_names(self, expected: Collection[str]) -> None:
+        """Where the checkpoint's names can be read more than one way, take the reading that
+        matches ``expected`` (the model's names: the base's, or those config.json builds). A
+        hint: the caller still checks the names. The default does nothing."""
 
     def prefetch(self, name: str, rows: tuple[int, int] | None = None) -> None:
         """Hint that a span will be read soon, so the OS can start reading it from disk while
@@ -178,20 +192,62 @@ UNREADABLE_TORCH_FILE = (RuntimeError, *UNREADABLE_PICKLE)
 archive, a file not saved in the zip format)."""
 
 
-def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
-    """torch.load with mmap, weights-only unless the user trusts the file; one-line errors for
-    files that are not readable torch checkpoints (other exceptions propagate)."""
+KnownType = tuple[type, str]
+"""A class a format's pickles may hold beyond tensors and containers, with the name it is
+pickled under (``(LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler")``): an inert
+stand-in of ours, so that loading never imports (or runs) the library that wrote the file."""
+
+
+def load_torch_file(file: Path, allow_unsafe_pickle: bool = False, known_types: Sequence[KnownType] = ()):
+    """torch.load with mmap; one-line errors for files that are not readable torch checkpoints
+    (other exceptions propagate).
+
+    This is the one place relex-merge unpickles a checkpoint. Without the user's consent
+    (``--allow-unsafe-pickle``) the load is weights-only: tensors, containers and the
+    ``known_types`` a format declares (allow-listed under their pickled names, built as our
+    stand-ins); a file holding anything else is refused in one line naming what it holds. With
+    consent it is a full unpickle, with ``known_types`` still resolved to the stand-ins."""
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=not allow_unsafe_pickle)
+        if allow_unsafe_pickle:
+            module = _substituting_pickle(known_types) if known_types else pickle
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=False, pickle_module=module)
+        with torch.serialization.safe_globals(list(known_types)):
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
+            holds = _unknown_globals(file, known_types)
             raise RelexError(
-                f"{file}: this pickle holds more than tensors and could run code when loaded; "
-                "pass --allow-unsafe-pickle only if you trust where it came from"
+                f"{file}: this pickle holds more than tensors{f' ({holds})' if holds else ''} and could run code "
+                "when loaded; pass --allow-unsafe-pickle only if you trust where it came from"
             ) from None
         raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
     except UNREADABLE_TORCH_FILE as exc:
         raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None
+
+
+def _unknown_globals(file: Path, known_types: Sequence[KnownType]) -> str:
+    """The classes and functions a pickle names beyond the allowed ones, for the refusal."""
+    try:
+        found = set(torch.serialization.get_unsafe_globals_in_checkpoint(file))
+    except Exception:  # noqa: BLE001  (only for the message: the refusal stands without it)
+        return ""
+    unknown = sorted(found - {name for _, name in known_types})
+    return ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
+
+
+def _substituting_pickle(known_types: Sequence[KnownType]) -> types.ModuleType:
+    """A pickle module for torch.load whose Unpickler builds ``known_types`` as our stand-ins
+    (the library that wrote them need not be installed) and everything else as pickle does."""
+    by_name = {name: cls for cls, name in known_types}
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            return by_name.get(f"{module}.{name}") or super().find_class(module, name)
+
+    module = types.ModuleType("relex_merge_pickle")
+    module.__dict__.update({k: getattr(pickle, k) for k in ("load", "loads", "dump", "dumps", "Pickler")})
+    module.Unpickler = Unpickler
+    return module
 
 
 def first_line(exc: BaseException) -> str:
@@ -205,7 +261,9 @@ class StateDictReader(CheckpointReader):
 
     def __init__(self, path: Path, tensors: dict[str, torch.Tensor], files: list[Path]):
         self.path = path
-        self._tensors = tensors
+        # detached: a trainer's state dict may hold Parameters (requires_grad=True), which
+        # autograd then tracks through every read and refuses in the kernels' out= math
+        self._tensors = {name: t.detach() for name, t in tensors.items()}
         self._files = files
 
     def names(self) -> list[str]:

@@ -4,8 +4,10 @@ tensor (row chunks within the memory budget), dtype kept unless asked otherwise.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from relex_merge.common.errors import RelexError
 from relex_merge.common.progress import NullProgress, Progress
@@ -16,7 +18,7 @@ from relex_merge.engine.sharding import assign
 from relex_merge.io.base import CheckpointReader, TensorMeta
 from relex_merge.io.dtypes import CONFIG_DTYPES, CONFIG_NAMES
 from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.hf import read_model_config
+from relex_merge.io.hf import check_model_tensors, find_model_config, model_tensors, read_model_config
 from relex_merge.io.writers import OutputTensor
 from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
 from relex_merge.output.sinks import open_sinks, written_bytes
@@ -33,17 +35,18 @@ class ConvertResult:
     dtype: str  # the dtype written to config.json ("n/a" when there are no float tensors)
 
 
-def _config_folder(src: Path, config_from: Path | None) -> Path:
+def _config_file(src: Path, reader: CheckpointReader, config_from: Path | None) -> Path:
     if config_from is not None:
-        if read_model_config(config_from) is None:
+        found = find_model_config(config_from)
+        if found is None:
             raise RelexError(f"--config-from: no config.json in {config_from} or {config_from}/huggingface")
-        return config_from
-    folder = src if src.is_dir() else src.parent
-    if read_model_config(folder) is None:
-        raise RelexError(
-            f"{src}: no config.json here or in huggingface/; pass --config-from with the model's HF folder"
-        )
-    return folder
+        return found
+    found = find_model_config(src, reader.config_folders)
+    if found is None:
+        folders = ["huggingface/", *map(str, reader.config_folders)]
+        where = "here" + "".join(f", in {f}" for f in folders[:-1]) + f" or in {folders[-1]}"
+        raise RelexError(f"{src}: no config.json {where}; pass --config-from with the model's HF folder")
+    return found
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,7 @@ class ConvertPlan:
     config: dict  # config.json to write
     config_folder: Path  # where config.json and the tokenizer are copied from
     config_dtype: str | None  # the most common float dtype, for config.json
+    warnings: list[str] = field(default_factory=list)  # the reader's, and what was not checked
 
 
 def plan_convert(
@@ -70,10 +74,24 @@ def plan_convert(
 ) -> ConvertPlan:
     """Open and check everything (headers only); nothing is written."""
     reader = open_checkpoint(src, allow_unsafe_pickle)
-    config_folder = _config_folder(src, config_from)
+    config_file = _config_file(src, reader, config_from)
+    config_folder = config_file.parent
     config = read_model_config(config_folder) or {}
     check_output_path(out, [src], overwrite)
-    names = reader.names()
+    model = model_tensors(config_file)
+    warnings = list(reader.warnings)
+    if model is None:
+        warnings.append(
+            f"transformers cannot build the model {config_file} describes here (an architecture it does not "
+            "know); the tensors' names and shapes are not checked against it"
+        )
+        names = reader.names()
+    else:
+        reader.align_names(model.shapes)
+        names = [n for n in reader.names() if n not in model.unsaved]  # buffers the model does not save
+        check_model_tensors(reader, names, model)
+        if not config.get("architectures"):  # verl's huggingface/config.json has none; vLLM needs it
+            config = {**config, "architectures": [model.architecture]}
     if config.get("tie_word_embeddings") and "model.embed_tokens.weight" in names:
         names = [n for n in names if n != "lm_head.weight"]  # HF stores tied weights once
     target = None if dtype == "keep" else CONFIG_DTYPES[dtype]
@@ -85,7 +103,7 @@ def plan_convert(
     tensors = [OutputTensor(n, out_meta(n)) for n in names]
     float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
     config_dtype = CONFIG_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
-    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype)
+    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype, warnings)
 
 
 def convert(
@@ -107,7 +125,7 @@ def convert(
             overwrite=options.overwrite,
             allow_unsafe_pickle=options.allow_unsafe_pickle,
         )
-    for warning in plan.reader.warnings:
+    for warning in plan.warnings:
         progress.note(f"warning: {warning}")
     return write_converted(
         plan,
@@ -138,7 +156,7 @@ def write_converted(
         with open_sinks(
             [tmp], plan.tensors, mine, shard_size=shard_size, output_format_name=output_format, group=group
         ) as (sink,):
-            with group.step("converting the tensors"):
+            with group.step("converting the tensors"), torch.no_grad():
                 for name in mine:
                     meta = reader.meta(name)
                     rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)

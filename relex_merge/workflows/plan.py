@@ -21,7 +21,13 @@ from relex_merge.io.base import CheckpointReader
 from relex_merge.io.dtypes import CONFIG_DTYPES
 from relex_merge.io.fingerprints import InputRecord, input_record
 from relex_merge.io.formats import open_checkpoint
-from relex_merge.io.hf import read_model_config
+from relex_merge.io.hf import (
+    SAFETENSORS_INDEX,
+    check_model_tensors,
+    find_model_config,
+    model_tensors,
+    read_model_config,
+)
 
 __all__ = ["MergePlan", "plan_merge", "check_targets"]
 
@@ -186,6 +192,26 @@ def _open_all(config: RelexConfig, allow_unsafe_pickle: bool) -> tuple[Checkpoin
     return base, checkpoints
 
 
+SAFETENSORS_FILES = ("model.safetensors", SAFETENSORS_INDEX)
+
+
+def _check_base(config: RelexConfig, base: CheckpointReader) -> None:
+    """The merge's outputs take the base's names and shapes, so a base that is a trainer's
+    checkpoint is checked against the model its config.json describes, as ``convert`` checks
+    its input. A safetensors model folder (what save_pretrained writes, hence no optimizer
+    state) is taken as the model itself: building the model to check it would cost every merge
+    the import of transformers."""
+    path = Path(config.base_path)
+    if path.is_dir() and (path / "config.json").is_file() and any((path / f).is_file() for f in SAFETENSORS_FILES):
+        return
+    config_file = find_model_config(path, base.config_folders)
+    model = model_tensors(config_file) if config_file is not None else None
+    if model is None:
+        return
+    base.align_names(model.shapes)
+    check_model_tensors(base, [n for n in base.names() if n not in model.unsaved], model)
+
+
 def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader], tied_embeddings: bool) -> None:
     names = base.names()
     expected = set(names)
@@ -252,15 +278,18 @@ def plan_merge(
     warnings.extend(more)
     base_config = _check_architectures(config)
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
+    _check_base(config, base)
+    for reader in checkpoints:  # a DCP save nested under model.: the reading with the base's names
+        reader.align_names(base.names())
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
     for reader in [base, *checkpoints]:
         warnings.extend(reader.warnings)
     resident = [reader for reader in [base, *checkpoints] if reader.resident_bytes]
     if resident:  # --max-memory bounds the spans only; these are held whole for the whole run
         warnings.append(
-            f"{len(resident)} input(s), e.g. {resident[0].path}, are DeepSpeed ZeRO checkpoints, held whole in fp32 "
-            f"in RAM for the whole run ({human_bytes(sum(r.resident_bytes for r in resident))}), beyond "
-            "--max-memory; convert them first (relex-merge convert) to stay within it"
+            f"{len(resident)} input(s), e.g. {resident[0].path}, are held whole in RAM for the whole run "
+            f"({human_bytes(sum(r.resident_bytes for r in resident))}), beyond --max-memory; convert them first "
+            "(relex-merge convert) to stay within it"
         )
     out_dtype = CONFIG_DTYPES[config.out_dtype] if config.out_dtype else None
     compute = torch.float64 if config.dtype == "float64" else torch.float32  # math >= fp32

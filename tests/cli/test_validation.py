@@ -303,7 +303,10 @@ CASES = {
     ),
     "empty run dir": (
         lambda run, tmp: _trajectory(_mkdir(tmp / "empty")),
-        "{cfg}: trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {tmp}/empty",
+        "{cfg}: trajectory.run_dir: no step folders in {tmp}/empty; looked for checkpoint-N (HF Trainer, TRL; "
+        "checkpoint-N/global_stepN with DeepSpeed); global_step_N/actor (verl); global_stepN (DeepSpeed; "
+        "OpenRLHF: _actor/global_stepN, before global_stepN_hf); checkpoint/step-N (torchtitan); step_N, "
+        "step_N/pytorch_model_fsdp_0 (accelerate, DCP)",
     ),
     "target with a unit": (
         lambda run, tmp: base_config(run, target="10k"),

@@ -2,15 +2,27 @@
 
 Each tensor is loaded on its own (no process group needed). DCP's reader loads a stored tensor
 (or each rank's stored piece) whole, even to fill a narrower destination, so the reader
-declares ``whole_tensor_reads``: the engine reads a DCP tensor in one span, once per pass. A
-save of ``{"model": ..., "optimizer": ...}`` is flattened by DCP to ``model.<name>``; in that
-case only the model's tensors are exposed, without the prefix.
+declares ``whole_tensor_reads``: the engine reads a DCP tensor in one span, once per pass.
+
+Trainers save more than the model into one DCP folder, and DCP flattens what they save into
+dotted keys. Only the model's tensors are exposed:
+
+- keys under a root that is never the model's are dropped: ``optimizer``/``optim``,
+  ``lr_scheduler(s)``/``scheduler``, ``dataloader``, ``train_state``, ``extra`` (torchtitan
+  saves the model's tensors at the top level beside ``optimizer.state.*`` and ``train_state``);
+- a save of ``{"model": state_dict}`` (accelerate's ``pytorch_model_fsdp_0``, a plain
+  ``dcp.save({"model": ...})``) has every remaining key under ``model.``: the prefix is taken
+  off. How many ``model.`` levels are a wrapper cannot be told from the keys alone when the
+  model's own names start with ``model.`` too, so each reading is kept and ``align_names``
+  picks the one whose names are the model's (the base's, or config.json's); without it, one
+  level is taken off.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -18,9 +30,25 @@ import torch
 from relex_merge.common.errors import RelexError
 from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointReader, TensorMeta, first_line
 
-__all__ = ["FORMAT", "DcpReader"]
+__all__ = ["FORMAT", "DcpReader", "NON_MODEL_ROOTS"]
 
 log = logging.getLogger(__name__)
+
+NON_MODEL_ROOTS = frozenset(
+    {
+        "optimizer",
+        "optim",
+        "optimizers",
+        "lr_scheduler",
+        "lr_schedulers",
+        "scheduler",
+        "dataloader",
+        "train_state",
+        "extra",
+    }
+)
+"""Top-level keys of a trainer's DCP save that hold no model tensors (torchtitan's
+CheckpointManager, torch.distributed.checkpoint recipes, accelerate)."""
 
 
 def detect(folder: Path) -> bool:
@@ -44,19 +72,34 @@ class DcpReader(CheckpointReader):
         except UNREADABLE_PICKLE as exc:
             raise RelexError(f"{path}/.metadata: cannot read DCP metadata ({exc})") from None
         stored = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
-        nested = any(not k.startswith("model.") for k in stored) and any(k.startswith("model.") for k in stored)
-        top = {k.split(".", 1)[0] for k in stored}
-        self._prefix = "model." if nested and top - {"model"} <= {"optim", "optimizer", "extra", "lr_scheduler"} else ""
-        if self._prefix:
-            log.debug("%s: a nested save; exposing the %r tensors without the prefix", path, self._prefix)
-        self._stored: dict[str, str] = {}
-        self._meta: dict[str, TensorMeta] = {}
-        for key, info in stored.items():
-            if not key.startswith(self._prefix):
-                continue
-            name = key[len(self._prefix) :]
-            self._stored[name] = key
-            self._meta[name] = TensorMeta(tuple(info.size), info.properties.dtype)
+        dropped = sorted({k.split(".", 1)[0] for k in stored if k.split(".", 1)[0] in NON_MODEL_ROOTS})
+        if dropped:
+            log.debug("%s: leaving out the tensors under %s (not the model's)", path, ", ".join(dropped))
+        self._keys = {k: TensorMeta(tuple(v.size), v.properties.dtype) for k, v in stored.items()}
+        self._keys = {k: m for k, m in self._keys.items() if k.split(".", 1)[0] not in NON_MODEL_ROOTS}
+        # every number of leading "model." levels that all keys share is a possible reading
+        self.prefixes = [""]
+        while self._keys and all(k.startswith(self.prefixes[-1] + "model.") for k in self._keys):
+            self.prefixes.append(self.prefixes[-1] + "model.")
+        self._use(self.prefixes[min(1, len(self.prefixes) - 1)])
+
+    def _use(self, prefix: str) -> None:
+        if prefix:
+            log.debug("%s: a save of {'model': ...}: reading its keys without %r", self.path, prefix)
+        self.prefix = prefix
+        self._stored = {k[len(prefix) :]: k for k in self._keys}
+        self._meta = {k[len(prefix) :]: m for k, m in self._keys.items()}
+
+    def align_names(self, expected: Collection[str]) -> None:
+        """Of the readings with 0, 1, ... ``model.`` levels taken off, the one whose names are
+        ``expected`` (or share the most with them; the current one on a tie)."""
+        expected = set(expected)
+
+        def score(prefix: str) -> tuple[bool, int, bool]:
+            names = {k[len(prefix) :] for k in self._keys}
+            return names == expected, len(names & expected), prefix == self.prefix
+
+        self._use(max(self.prefixes, key=score))
 
     def names(self) -> list[str]:
         return list(self._meta)

@@ -158,7 +158,7 @@ class FsdpShardReader(CheckpointReader):
         if name not in state:
             raise RelexError(f"{self._files[rank]}: tensor {name} is missing (rank files disagree)")
         value = state[name]
-        return value._local_tensor if isinstance(value, DTensor) else value
+        return (value._local_tensor if isinstance(value, DTensor) else value).detach()
 
     def names(self) -> list[str]:
         return list(self._meta)
