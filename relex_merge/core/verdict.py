@@ -167,12 +167,15 @@ def assess(
     targets: Sequence[int],
     specs: Sequence[RelexSpec],
     tolerance: float = DEFAULT_TOLERANCE,
+    hints: bool = True,
 ) -> Assessment:
-    """Backtest every output's fit (its shape grid, or every family for auto; plus the cheap
-    families, to name a better one) from the Gram matrices, and give each output a verdict."""
+    """Backtest every output's fit (its shape grid, or every family for auto; plus, with
+    ``hints``, the cheap families, to name a better one) from the Gram matrices, and give each
+    output a verdict. The training callback passes ``hints=False``: it only needs the verdicts,
+    and the hint families are most of the backtest's cost."""
     spec = specs[0]  # rank, window, mode and re-fitting are shared by the outputs
     wanted = [s.fit for s in specs]
-    if any(fit.resolved is not None for fit in wanted):
+    if hints and any(fit.resolved is not None for fit in wanted):
         wanted += hint_candidates(spec, steps)
     backtest = Backtest.for_fits(steps, spec, wanted)
     for gram in grams:

@@ -339,7 +339,10 @@ class TensorTasks:
     def _start_outputs(self, name: str) -> None:
         state = self.states[name]
         start = time.perf_counter()
-        self.runner.weights[name] = _weights(state.gram, self.job)
+        given = self.job.weights
+        self.runner.weights[name] = (
+            given[name].to(torch.float64) if given is not None else _weights(state.gram, self.job)
+        )
         self.stats.fit_seconds += time.perf_counter() - start
         state.remaining = len(state.spans)
         for span in state.spans[:PREFETCH_SPANS]:
