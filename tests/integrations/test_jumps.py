@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from relex_merge.common.errors import RelexError
-from relex_merge.integrations.jumps import Jumper, JumpConfig, decide_jump
+from relex_merge.integrations.jumps import JumpConfig, Jumper, decide_jump
 from tests.helpers import dense_relex
 
 
