@@ -12,14 +12,14 @@ from relex_merge.common.errors import RelexError
 from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.io.formats import has_weights
 
-__all__ = ["discover_steps", "expand_trajectory"]
+__all__ = ["discover_steps", "expand_trajectory", "select_steps", "weights_dir"]
 
 log = logging.getLogger(__name__)
 
 _STEP_DIR = re.compile(r"^(?:checkpoint-|global_step_|step_)(\d+)$")
 
 
-def _weights_dir(step_dir: Path) -> Path:
+def weights_dir(step_dir: Path) -> Path:
     """The folder inside a step directory that holds loadable weights.
 
     verl's FSDP shards in ``actor/`` come before an ``actor/huggingface/`` export: the shards
@@ -67,7 +67,8 @@ def discover_steps(run_dir: Path) -> dict[int, Path]:
     return found
 
 
-def _select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
+def select_steps(spec: TrajectorySpec, available: list[int]) -> list[int]:
+    """The steps of ``available`` the trajectory's ``steps`` and ``every`` select."""
     if spec.steps is None:
         chosen = available
     elif isinstance(spec.steps, list):
@@ -102,11 +103,11 @@ def expand_trajectory(config: RelexConfig) -> RelexConfig:
     found = discover_steps(Path(spec.run_dir))
     if not found:
         raise RelexError(f"trajectory.run_dir: no checkpoint-N, global_step_N or step_N folders in {spec.run_dir}")
-    steps = _select_steps(spec, sorted(found))
+    steps = select_steps(spec, sorted(found))
     log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:
         _check_trainer_state(found[step], step)
-    models = [ModelEntry(model=str(_weights_dir(found[s])), parameters=ModelParameters(step=s)) for s in steps]
+    models = [ModelEntry(model=str(weights_dir(found[s])), parameters=ModelParameters(step=s)) for s in steps]
     for model in models:
         log.debug("step %d: weights in %s", model.parameters.step, model.model)
     return config.model_copy(update={"models": models, "trajectory": None})

@@ -44,6 +44,9 @@ class MergeJob:
     # explicit output weights per tensor (n_outputs x T, float64), decided outside from the whole
     # model's Gram matrices (the training callback's jumps): the fit is skipped, the kernels are the same
     weights: Mapping[str, torch.Tensor] | None = None
+    # the first gram_from checkpoints' Gram block is gram_cache's (gram_from x gram_from): the Gram
+    # pass computes only the later checkpoints' rows (watch: one new row per checkpoint)
+    gram_from: int = 0
 
     def names(self) -> list[str]:
         """The tensors this job runs, in the base's order."""
