@@ -4,7 +4,7 @@
 
 For each shipped run (its config in merge_configs/):
 1. analyze the window: every family's backtest, the verdict per target;
-2. build the linear (RELEX) and `fit: auto` predictions for every shipped true checkpoint past
+2. build the linear (RELEX), `fit: auto`, expo, average and ema predictions for every shipped true checkpoint past
    the window, from one read;
 3. score with lm-eval on the demo task: the base, the last window checkpoint, every prediction,
    and the TRUE GRPO checkpoint at the same steps;
@@ -28,7 +28,7 @@ RUNS = [  # (title, config, run folder)
     ("demo run (lr 1e-4, window 1-20)", "merge_configs/demo.yml", "demo/run"),
     ("second run (lr 3e-6, window: every 2nd step of 2-30)", "merge_configs/demo-lowlr.yml", "demo/run-lowlr"),
 ]
-FITS = ["linear", "auto"]
+FITS = ["linear", "auto", "expo", "average", "ema"]  # shapes left open: the backtest chooses them
 
 
 def weight_error(pred: Path, true: Path, base: Path) -> float:
@@ -97,14 +97,10 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
             )
             for requested, folder, fit, verdict in by_target[target]:
                 label = f"RELEX step {target}, fit: {requested.family}" + (
-                    f" → {fit.describe()}" if requested.family == "auto" else ""
+                    f" → {fit.describe()}" if requested.resolved is None else ""
                 )
                 backtest = f"{verdict.error:.0%} vs {verdict.stop_error:.0%}"
-                said = (
-                    "supported"
-                    if verdict.supported
-                    else ("stop" if verdict.error >= verdict.stop_error else "uncertain")
-                )
+                said = verdict.word
                 rows.append(
                     (
                         label,
@@ -125,8 +121,9 @@ def section(title: str, config: Path, run: Path, limit: int | None, manager) -> 
         f"in units of the window span ({steps[-1] - steps[0]} steps). Weight error = ||model - true checkpoint|| / "
         "||true checkpoint - base||. Backtest = the whole-model error of the fit near the target's horizon "
         "inside the window, against that of stopping at the last fitted checkpoint; the verdict is what the "
-        "merge printed before any evaluation: supported; uncertain (NOT SUPPORTED, but closer than stopping); "
-        "stop (NOT SUPPORTED: stopping is closer, do not extrapolate).",
+        "merge printed before any evaluation: supported, not supported, or untested (beyond what the window "
+        "can test). expo: two-point extrapolation through the first and last window checkpoints; average / "
+        "ema: checkpoint averaging over the window (they do not extrapolate).",
         "",
         "| model | horizon | exact match (± stderr) | weight error vs truth | backtest: fit vs stopping | verdict |",
         "|---|---|---|---|---|---|",

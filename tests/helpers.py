@@ -276,7 +276,25 @@ def fit_curve(family, steps, values, shape, s0):
     return lambda x: design(family, torch.as_tensor(x, dtype=torch.float64), shape, s0) @ coef
 
 
+def dense_direct(base, checkpoints, steps, target, family, shape):
+    """The direct families written out on whole tensors: two-point extrapolation through the
+    first and last checkpoints, the mean of the last ``shape`` ones, or their exponential average."""
+    thetas = [c.double() for c in checkpoints]
+    if family == "expo":
+        h = (target - steps[-1]) / (steps[-1] - steps[0])
+        return thetas[-1] + shape * h * (thetas[-1] - thetas[0])
+    if family == "average":
+        last = thetas[-min(int(shape), len(thetas)) :]
+        return sum(last) / len(last)
+    if family == "ema":
+        weights = [0.5 ** ((steps[-1] - s) / shape) for s in steps]
+        return sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
+    raise KeyError(family)
+
+
 def dense_family(base, checkpoints, steps, targets, family, shape=None, rank=1, s0=0.0):
+    if family in ("expo", "average", "ema"):
+        return [dense_direct(base, checkpoints, steps, t, family, shape) for t in targets]
     coefficients, directions = dense_svd(base, checkpoints, rank)
     predicted = fit_curve(family, steps, coefficients, shape, s0)(targets)
     return [(base.double().reshape(-1) + predicted[j] @ directions).reshape(base.shape) for j in range(len(targets))]

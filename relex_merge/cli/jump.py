@@ -37,7 +37,7 @@ __all__ = ["COMMAND"]
 )
 @click.option("--keep-hf", is_flag=True, help="verl: keep the jump as a HF folder too (OUT/hf).")
 @quiet_and_verbose
-@flags("overwrite", *ENGINE_FLAGS, "shard_size", "full_hash", "require_supported", "tolerance")
+@flags("overwrite", *ENGINE_FLAGS, "shard_size", "full_hash", "when_unsupported", "require_supported", "tolerance")
 def jump_command(config_path, out, resume_layout, resume_step, keep_hf, options, quiet, verbose):
     """Jump: merge to one target step, in the layout the trainer resumes from."""
     from relex_merge.workflows.jump import jump

@@ -80,6 +80,7 @@ def _summary_table(plan, result, profile: bool = False) -> Table:
     "full_hash",
     "profile",
     "fit_cache",
+    "when_unsupported",
     "require_supported",
     "tolerance",
 )
@@ -94,19 +95,31 @@ def merge_command(config_path, out, print_config, options, quiet, verbose):
         return
     if out is None:
         raise RelexError("OUT: give an output folder (or --print-config)")
-    quiet = quiet or not rank0()
-    result = run_merge(config_path, out, options, progress=progress(quiet))
-    if quiet:
+    main = rank0()
+    result = run_merge(config_path, out, options, progress=progress(quiet or not main))
+    if not main:
         return
-    console = Console()
+    console, err = Console(), Console(stderr=True, soft_wrap=True)
     for stage in result.stages:
-        if stage.merge is not None:
+        if stage.merge is None:
+            continue
+        if not quiet:
             console.print(_summary_table(stage.plan, stage.merge, options.profile))
-            for verdict in stage.merge.assessment.verdicts:
-                if verdict is not None:
-                    colour = "green" if verdict.supported else "yellow"
-                    console.print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}", soft_wrap=True)
-    if result.final.merge is None:
+        # the verdicts reach stderr whatever -q says: a user must not miss an unsupported target
+        last = stage.plan.job.steps[-1]
+        for (target, _, folder), verdict in zip(stage.merge.outputs, stage.merge.assessment.verdicts):
+            if verdict is None:
+                continue
+            colour = "green" if verdict.supported else "yellow"
+            err.print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}")
+            if target in stage.merge.stopped:
+                err.print(
+                    escape(
+                        f"--when-unsupported stop: {folder} holds the last window checkpoint (step {last}), "
+                        f"not the prediction for step {target}"
+                    )
+                )
+    if result.final.merge is None and not quiet:
         console.print(escape(f"{result.final.method} merge written to {result.out}"))
 
 

@@ -58,11 +58,13 @@ def sweep_command(
     table.add_column("candidate", overflow="fold")
     for column in ("target", "scale", "fit"):
         table.add_column(column, justify="right", overflow="fold")
-    for column in ("score", "stderr", "supported"):
+    for column in ("score", "stderr", "verdict"):
         table.add_column(column, justify="right", no_wrap=True, min_width=len(column) + 1)
     for c in [result.baseline, *result.candidates]:
         mark = " (best)" if c is result.best else ""
-        supported = "" if c.verdict is None else ("yes" if c.verdict.startswith("SUPPORTED") else "no")
+        supported = (
+            "" if c.verdict is None else c.verdict.split(":", 1)[0].lower()
+        )  # supported, not supported, untested
         table.add_row(
             c.label + mark,
             str(c.target),

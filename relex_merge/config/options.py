@@ -12,12 +12,13 @@ import functools
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from relex_merge.common.errors import RelexError
 from relex_merge.common.units import default_max_memory, parse_size
+from relex_merge.core.rule import DEFAULT_RULE
 
 if TYPE_CHECKING:
     from relex_merge.engine import EngineOptions
@@ -95,15 +96,23 @@ class Options(BaseModel):
         description="Gram matrices saved by `analyze --out`: skips the Gram pass (single-stage relex configs).",
         json_schema_extra={"metavar": "FILE"},
     )
+    when_unsupported: Literal["write", "stop", "refuse"] = Field(
+        "write",
+        description="A target the backtest's verdict does not support: write the prediction anyway (with its "
+        "verdict), stop (write the last window checkpoint in its place, with a card that says why), or refuse "
+        "(exit 3, nothing written).",
+        json_schema_extra={"shown_default": "write"},
+    )
     require_supported: bool = Field(
         False,
-        description="Refuse (exit 3, nothing written) a target the backtest does not support.",
+        description="The same as --when-unsupported refuse.",
         json_schema_extra={},
     )
-    tolerance: float = Field(
-        0.2,
-        description="Backtest relative error under which a fit counts as holding.",
-        json_schema_extra={"shown_default": "0.2"},
+    tolerance: Optional[float] = Field(
+        None,
+        description="Backtest relative error under which a fit counts as holding (default: the calibrated verdict "
+        "rule's).",
+        json_schema_extra={"shown_default": str(DEFAULT_RULE.tolerance)},
     )
     profile: bool = Field(
         False, description="Print the split of time between reading, math and writing.", json_schema_extra={}
@@ -153,8 +162,8 @@ class Options(BaseModel):
 
     @field_validator("tolerance")
     @classmethod
-    def _tolerance(cls, value: float) -> float:
-        if not 0 < value < 10:
+    def _tolerance(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 10:
             raise RelexError("--tolerance: expected a relative error such as 0.2")
         return value
 
@@ -171,6 +180,19 @@ class Options(BaseModel):
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
             raise RelexError(f"--device: expected auto, cpu, cuda or cuda:N, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _one_policy(self):
+        if self.require_supported and self.when_unsupported not in ("write", "refuse"):
+            raise RelexError(
+                f"--require-supported and --when-unsupported {self.when_unsupported} contradict each other; give one"
+            )
+        return self
+
+    @property
+    def unsupported_policy(self) -> str:
+        """--when-unsupported, with --require-supported read as ``refuse``."""
+        return "refuse" if self.require_supported else self.when_unsupported
 
     @classmethod
     def build(cls, **values: Any) -> Options:
@@ -230,11 +252,13 @@ def _click_option(name: str):
         kwargs["is_flag"] = True
     elif name in _SIZES:
         kwargs.update(default=None, metavar=extra.get("metavar", "SIZE"))
+    elif get_origin(annotation) is Literal:
+        kwargs.update(type=click.Choice(get_args(annotation)), default=None)
     elif annotation in (Optional[str], str) and name != "device":
         kwargs.update(default=None, metavar=extra.get("metavar", "TEXT"))
     elif annotation in (Optional[int], int):
         kwargs.update(type=int, default=None)
-    elif annotation is float:
+    elif annotation in (float, Optional[float]):
         kwargs.update(type=float, default=None)
     elif annotation == Optional[Path]:
         kwargs.update(type=click.Path(path_type=Path), default=None, metavar=extra.get("metavar", "DIR"))

@@ -115,6 +115,16 @@ class _Parameters(_Strict):
             problem = used.problem(value)
             if problem:
                 raise ValueError(f"{key}: {problem}")
+        if self.fit != fits.AUTO and isinstance(fits.family(self.fit), fits.DirectFamily):
+            if self.refit_every is not None:
+                raise ValueError(
+                    f"refit_every: fit: {self.fit} weighs the window's checkpoints directly; it has no curve to re-fit"
+                )
+            if self.mode == "fit_reconstruct":
+                raise ValueError(
+                    f"mode: fit: {self.fit} weighs the window's checkpoints directly; it has no curve to "
+                    "evaluate at observed steps (use mode: reconstruct, or another fit)"
+                )
         if self.refit_window is not None and self.refit_every is None:
             raise ValueError("refit_window: only used with refit_every")
         if self.refit_every is not None and self.mode != "extrapolate":

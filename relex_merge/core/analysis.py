@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from relex_merge.core import fits
-from relex_merge.core.backtest import DEFAULT_TOLERANCE, STOP, Backtest, horizon, window_steps
+from relex_merge.core.backtest import STOP, Backtest, horizon, window_steps
 from relex_merge.core.relex import FitSpec, RelexSpec, diagnostics, top_components, window_indices
+from relex_merge.core.rule import DEFAULT_RULE
 from relex_merge.core.verdict import assess
 
 __all__ = [
@@ -151,9 +152,10 @@ def analyze_grams(
     steps: Sequence[int],
     targets: Sequence[int],
     spec: RelexSpec,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
 ) -> Analysis:
     """Everything `analyze` reports, from the Gram matrices alone (pure: no IO)."""
+    tolerance = DEFAULT_RULE.with_tolerance(tolerance).tolerance
     usable = [
         (n, k, g) for n, k, g in zip(names, numels, grams) if bool(torch.isfinite(g).all()) and float(g.trace()) > 0
     ]
@@ -292,8 +294,8 @@ def _coefficients(
     grid = torch.linspace(used[0], last, 80, dtype=torch.float64)
     curves = {}
     for row in rows:
-        if row.family == STOP:
-            continue
+        if row.family == STOP or isinstance(fits.family(row.family), fits.DirectFamily):
+            continue  # stopping and the direct families have no coefficient curve
         fit = FitSpec(row.family, row.shape, spec.fit.origin_step)
         curve = fit.curve_family.fit(x, c.unsqueeze(1), row.shape, fit.origin_step)
         curves[row.fit] = {"x": grid.tolist(), "y": curve(grid)[:, 0].tolist()}

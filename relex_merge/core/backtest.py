@@ -23,7 +23,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from relex_merge.core import fits
-from relex_merge.core.relex import FitSpec, RelexSpec, linear_map, predict_coefficients, top_components, window_indices
+from relex_merge.core.relex import (
+    FitSpec,
+    RelexSpec,
+    direct_weights,
+    linear_map,
+    predict_coefficients,
+    top_components,
+    window_indices,
+)
+from relex_merge.core.rule import DEFAULT_TOLERANCE
 
 __all__ = [
     "STOP",
@@ -43,7 +52,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STOP = "stop"  # the candidate that predicts the last fitted checkpoint
-DEFAULT_TOLERANCE = 0.2  # whole-model relative error under which a fit counts as holding
 TIE = 0.01  # errors within 1% of the best count as ties: the simpler family wins
 TIE_ABSOLUTE = 1e-4  # ... and so do differences below 0.01 percentage points
 
@@ -189,37 +197,48 @@ class Backtest:
             fitted, ahead = g[:k, :k], g[k:, :k]  # ahead[j, :] = <delta_{k+j}, delta_i>, i < k
             true2 = torch.diagonal(g)[k:]
             sigma, u = top_components(fitted, min(self.spec.rank, k))
-            keys, maps, others = self._maps(k)
+            keys, maps, direct_keys, direct, others = self._maps(k)
             stop = torch.zeros(1, held, k, dtype=torch.float64)
             stop[0, :, k - 1] = 1.0  # the last fitted checkpoint itself, not its rank-r projection
-            weights = [stop, maps @ (u @ u.T)]  # linear families: W = P U U^T, all at once
+            weights = [stop, maps @ (u @ u.T), direct]  # linear families: W = P U U^T, all at once
             weights += [self._weights(key, k, sigma, u).unsqueeze(0) for key in others]
             w = torch.cat(weights)  # candidates x held x k
             pred2 = ((w @ fitted) * w).sum(2)
             dot = (w * ahead).sum(2)
             err2 = (pred2 - 2 * dot + true2).clamp_min(0.0)
             rows = torch.stack([err2, true2.expand_as(err2), pred2, dot], 2)
-            for key, row in zip([STOP, *keys, *others], rows):
+            for key, row in zip([STOP, *keys, *direct_keys, *others], rows):
                 self._totals[key][offset : offset + held] += row
             offset += held
 
-    def _maps(self, k: int) -> tuple[list, torch.Tensor, list]:
+    def _maps(self, k: int) -> tuple[list, torch.Tensor, list, torch.Tensor, list]:
         """For fit count k: the candidate fits whose prediction is a fixed linear map of the
-        coefficients, their maps stacked, and the other fits (stopping is not among either)."""
+        coefficients and their maps stacked; the fits that weigh the checkpoints directly and
+        their weights stacked; and the other fits (stopping is not among any)."""
         if k not in self._cache:
-            keys, maps, others = [], [], []
+            keys, maps, direct_keys, direct, others = [], [], [], [], []
             held = len(self.steps) - k
             for key in self.candidates:
                 spec = replace(self.spec, fit=key, window=None, scale=1.0, mode="extrapolate")
-                m = linear_map(self.steps[:k], self.steps[k:], spec)
-                if m is None:
+                w = direct_weights(self.steps[:k], self.steps[k:], spec)
+                m = linear_map(self.steps[:k], self.steps[k:], spec) if w is None else None
+                if w is not None:
+                    direct_keys.append(key)
+                    direct.append(w)
+                elif m is None:
                     others.append(key)
                 else:
                     keys.append(key)
                     maps.append(m)
-            self._cache[k] = (keys, torch.stack(maps) if maps else torch.zeros(0, held, k, dtype=torch.float64), others)
-        keys, maps, others = self._cache[k]
-        return keys, maps, others
+            empty = torch.zeros(0, held, k, dtype=torch.float64)
+            self._cache[k] = (
+                keys,
+                torch.stack(maps) if maps else empty,
+                direct_keys,
+                torch.stack(direct) if direct else empty,
+                others,
+            )
+        return self._cache[k]
 
     def _weights(self, key, k: int, sigma: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         held = len(self.steps) - k
@@ -290,12 +309,25 @@ class Backtest:
         return self.best_over(self.matched(target_horizon), keys, scale)
 
     def best_over(self, ids: Sequence[int], keys: Sequence[FitSpec] | None = None, scale: float = 1.0) -> FitSpec:
-        """The candidate with the lowest error pooled over the points ``ids``; errors within
-        TIE of the lowest count as ties, won by the earliest key (simplest first)."""
+        """The candidate with the lowest error pooled over the points ``ids``: inside each family
+        the strict minimum over its shapes; across families, errors within TIE of the lowest count
+        as ties, won by the family listed first (simplest first)."""
         keys = list(keys or self.candidates)
         errors = {key: self.error(key, ids, scale) for key in keys}
-        finite = [e for e in errors.values() if not math.isnan(e)]
-        if not finite:
+        best: dict[str, FitSpec] = {}  # family -> its lowest-error shape, families in the order given
+        for key in keys:
+            if math.isnan(errors[key]):
+                continue
+            family = key.family if isinstance(key, FitSpec) else str(key)
+            if family not in best or errors[key] < errors[best[family]]:
+                best[family] = key
+        if not best:
             return keys[0]
-        lowest = min(finite)
-        return next(key for key in keys if errors[key] <= lowest * (1 + TIE) + TIE_ABSOLUTE)
+        lowest = min(errors[key] for key in best.values())
+        return next(key for key in best.values() if errors[key] <= lowest * (1 + TIE) + TIE_ABSOLUTE)
+
+    def on_grid_edge(self, fit: FitSpec) -> bool:
+        """Whether ``fit``'s shape is the first or last value its family's grid offered here (the
+        best shape may lie beyond the grid)."""
+        shapes = sorted({c.shape for c in self.candidates if c.family == fit.family and c.shape is not None})
+        return len(shapes) > 2 and fit.shape in (shapes[0], shapes[-1])

@@ -34,6 +34,7 @@ __all__ = [
     "predict_coefficients",
     "linear_map",
     "relex_weights",
+    "direct_weights",
     "diagnostics",
     "window_indices",
 ]
@@ -263,6 +264,10 @@ def relex_weights(
     sub_gram = gram.to(torch.float64)[idx][:, idx]
     sub_steps = [float(steps[k]) for k in idx]
     weights = torch.zeros(len(targets), n_ckpt, dtype=torch.float64)
+    direct = direct_weights(sub_steps, targets, spec)
+    if direct is not None:  # a fixed weight vector over the window: no projection
+        weights[:, idx] = direct * spec.scale
+        return weights
     sigma, u = top_components(sub_gram, spec.rank)
     if sigma.numel() == 0:
         return weights  # all deltas zero: the output is the base tensor
@@ -274,6 +279,20 @@ def relex_weights(
         sub_weights = (predicted / sigma) @ u.T
     weights[:, idx] = sub_weights * spec.scale
     return weights
+
+
+def direct_weights(steps: Sequence[float], targets: Sequence[float], spec: RelexSpec) -> torch.Tensor | None:
+    """W (n_targets x T) of a family that weighs the window's checkpoints directly (average,
+    ema, expo), in extrapolate mode; None for every other family and mode."""
+    if spec.mode != "extrapolate" or spec.fit.family == fits.AUTO:
+        return None
+    family = spec.fit.curve_family
+    if not isinstance(family, fits.DirectFamily):
+        return None
+    fit, _, _ = _resolved(spec)
+    x = torch.tensor([float(s) for s in steps], dtype=torch.float64)
+    t = torch.tensor([float(s) for s in targets], dtype=torch.float64)
+    return family.window_weights(x, t, fit.shape)
 
 
 def diagnostics(gram: torch.Tensor, steps: Sequence[float], spec: RelexSpec) -> TensorDiagnostics:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from relex_merge.core.backtest import (
-    DEFAULT_TOLERANCE,
     STOP,
     TIE,
     Backtest,
@@ -21,8 +20,9 @@ from relex_merge.core.backtest import (
     window_steps,
 )
 from relex_merge.core.relex import FitSpec, RelexSpec
+from relex_merge.core.rule import DEFAULT_RULE, WORDS, VerdictRule
 
-__all__ = ["TargetVerdict", "Assessment", "assess", "judge", "config_hint"]
+__all__ = ["VerdictRule", "DEFAULT_RULE", "WORDS", "TargetVerdict", "Assessment", "assess", "judge", "config_hint"]
 
 log = logging.getLogger(__name__)
 
@@ -44,13 +44,22 @@ class TargetVerdict:
     last_step: int  # the window's last step (what "stopping" means for the user)
     better_fit: FitSpec | None = None  # another family that holds where this one fails
     scale: float = 1.0  # the config's scale, part of what was judged
+    margin: float = 1.0  # see VerdictRule
+    reach: float = 1.0
+
+    @property
+    def word(self) -> str:
+        """supported, not supported or untested (see VerdictRule)."""
+        if math.isnan(self.error) or self.horizon > self.reach * self.tested_horizon + 1e-9:
+            return "untested"
+        needed = min(self.horizon, self.tested_horizon)
+        held = self.supported_horizon is not None and self.supported_horizon >= needed - 1e-9
+        return "supported" if held and self.error < self.margin * self.stop_error else "not supported"
 
     @property
     def supported(self) -> bool:
-        """The target's horizon is within the fit's supported horizon, and near it the fit
-        beats stopping at the last fitted checkpoint."""
-        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
-        return within and self.error < self.stop_error
+        """The verdict is "supported": go."""
+        return self.word == "supported"
 
     @property
     def beyond_tested(self) -> bool:
@@ -58,11 +67,11 @@ class TargetVerdict:
         return self.horizon > self.tested_horizon + 1e-9
 
     def line(self) -> str:
-        """The one-line verdict (``SUPPORTED: ...`` or ``NOT SUPPORTED: ...``) the CLI prints and
-        the card and relex_config.yml record."""
+        """The one-line verdict (``SUPPORTED: ...``, ``NOT SUPPORTED: ...`` or ``UNTESTED: ...``)
+        the CLI prints and the card and relex_config.yml record."""
         if math.isnan(self.error):
             return (
-                f"NOT SUPPORTED: step {self.target}: the window is too short to backtest (it needs more "
+                f"UNTESTED: step {self.target}: the window is too short to backtest (it needs more "
                 "checkpoints than the fit uses); evaluate the prediction before use."
             )
         fit = (
@@ -77,39 +86,44 @@ class TargetVerdict:
             f"backtest error {_pct(self.error, digits)} near {self.at_horizon:.1f}x vs "
             f"{_pct(self.stop_error, digits)} for stopping"
         )
-        if self.supported:
-            return f"SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x ({errors})."
-        within = self.supported_horizon is not None and self.horizon <= self.supported_horizon + 1e-9
-        if within:  # it holds there, yet stopping is at least as close
+        word = self.word
+        if word == "untested":
             return (
-                f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but stopping at step "
-                f"{self.last_step} is at least as close there ({errors}): do not extrapolate from this window."
+                f"UNTESTED: {where}, beyond the {self.reach * self.tested_horizon:.1f}x this window can test "
+                f"({errors}); nothing here says whether {fit} beats stopping at step {self.last_step}: evaluate it "
+                "(relex-merge sweep) before use."
             )
-        held_everywhere = self.supported_horizon is not None and self.supported_horizon >= self.tested_horizon - 1e-9
-        if held_everywhere:
-            if self.error >= self.stop_error:  # held under the tolerance, yet stopping is closer
-                return (
-                    f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} "
-                    f"held at every horizon tested, but stopping at step {self.last_step} is at least as close "
-                    f"near the longest ({errors}): do not extrapolate from this window."
-                )
+        if word == "supported":
+            reach = (
+                f"holds up to {self.supported_horizon:.1f}x"
+                if not self.beyond_tested
+                else (f"held at every horizon tested, up to {self.tested_horizon:.1f}x")
+            )
+            return f"SUPPORTED: {where}; {fit} {reach} ({errors})."
+        needed = min(self.horizon, self.tested_horizon)
+        held = self.supported_horizon is not None and self.supported_horizon >= needed - 1e-9
+        if held:  # it holds there, yet stopping is (nearly) as close
+            but = (
+                f"stopping at step {self.last_step} is at least as close there"
+                if self.margin == 1.0
+                else f"its error there is not below {self.margin:.2g}x that of stopping at step {self.last_step}"
+            )
             return (
-                f"NOT SUPPORTED: {where}, beyond the {self.tested_horizon:.1f}x the window can test; {fit} held "
-                f"at every horizon tested ({errors}). Treat it as a guess: evaluate it (relex-merge sweep) "
-                f"before preferring it to the last window checkpoint (step {self.last_step})."
+                f"NOT SUPPORTED: {where}; {fit} holds up to {self.supported_horizon:.1f}x, but {but} ({errors}): "
+                "do not extrapolate from this window."
             )
         if self.supported_horizon is None:
-            held = f"{fit} held at no horizon the window can test"
+            held_text = f"{fit} held at no horizon the window can test"
         else:
-            held = f"{fit} holds only up to {self.supported_horizon:.1f}x"
+            held_text = f"{fit} holds only up to {self.supported_horizon:.1f}x"
         if self.error >= self.stop_error:
             advice = f"stopping at step {self.last_step} is closer: do not extrapolate from this window"
         else:
             advice = (
-                f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: an uncertain "
-                f"prediction; evaluate it against the last window checkpoint (step {self.last_step}) before use"
+                f"closer than stopping there, but beyond the {self.tolerance:.0%} tolerance: do not rely on it; "
+                f"evaluate it against the last window checkpoint (step {self.last_step}) before use"
             )
-        line = f"NOT SUPPORTED: {where}; {held} ({errors}); {advice}."
+        line = f"NOT SUPPORTED: {where}; {held_text} ({errors}); {advice}."
         if self.beyond_tested:
             line += f" The window can test horizons up to {self.tested_horizon:.1f}x only."
         if self.better_fit is not None:
@@ -124,12 +138,15 @@ class TargetVerdict:
             "fit": self.fit.describe(),
             "scale": self.scale,
             "chosen_by_backtest": self.chosen_by_backtest,
+            "verdict": self.word,
             "supported": self.supported,
             "supported_horizon": None if self.supported_horizon is None else round(self.supported_horizon, 4),
             "tested_horizon": round(self.tested_horizon, 4),
             "backtest_error": round(self.error, 4),
             "stop_error": round(self.stop_error, 4),
             "tolerance": self.tolerance,
+            "margin": self.margin,
+            "reach": self.reach,
         }
 
 
@@ -154,6 +171,7 @@ class Assessment:
     backtest: Backtest
     fits: list[FitSpec]  # per output, in the order of the targets
     verdicts: list[TargetVerdict | None]
+    notes: list[str] = field(default_factory=list)  # warnings about the choice (a shape on its grid's edge)
 
     @property
     def unsupported(self) -> list[TargetVerdict]:
@@ -166,13 +184,16 @@ def assess(
     steps: Sequence[int],
     targets: Sequence[int],
     specs: Sequence[RelexSpec],
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
+    rule: VerdictRule = DEFAULT_RULE,
     hints: bool = True,
 ) -> Assessment:
     """Backtest every output's fit (its shape grid, or every family for auto; plus, with
     ``hints``, the cheap families, to name a better one) from the Gram matrices, and give each
-    output a verdict. The training callback passes ``hints=False``: it only needs the verdicts,
-    and the hint families are most of the backtest's cost."""
+    output a verdict by ``rule`` (its tolerance replaced by ``tolerance`` when given). The
+    training callback passes ``hints=False``: it only needs the verdicts, and the hint
+    families are most of the backtest's cost."""
+    rule = rule.with_tolerance(tolerance)
     spec = specs[0]  # rank, window, mode and re-fitting are shared by the outputs
     wanted = [s.fit for s in specs]
     if hints and any(fit.resolved is not None for fit in wanted):
@@ -188,7 +209,7 @@ def assess(
         sorted({p.fit_count for p in backtest.points}),
         backtest.tested_horizon,
     )
-    chosen, verdicts = [], []
+    chosen, verdicts, notes = [], [], []
     for target, output in zip(targets, specs):
         fit = output.fit.resolved
         by_backtest = fit is None
@@ -208,12 +229,16 @@ def assess(
                     _pct(backtest.error(fit, near, output.scale)),
                     _pct(backtest.error(STOP, near)),
                 )
+        if by_backtest and backtest.on_grid_edge(fit):
+            grid = sorted({c.shape for c in backtest.candidates if c.family == fit.family and c.shape is not None})
+            notes.append(
+                f"step {target}: the backtest chose {fit.describe()}, at the edge of the {fit.family} grid it tried "
+                f"({grid[0]:.4g} .. {grid[-1]:.4g}); the best {fit.curve_family.shape.key} may lie beyond it"
+            )
         chosen.append(fit)
         extrapolating = output.mode == "extrapolate"
-        verdicts.append(
-            judge(backtest, target, fit, by_backtest, last, tolerance, output.scale) if extrapolating else None
-        )
-    return Assessment(backtest, chosen, verdicts)
+        verdicts.append(judge(backtest, target, fit, by_backtest, last, rule, output.scale) if extrapolating else None)
+    return Assessment(backtest, chosen, verdicts, notes)
 
 
 def judge(
@@ -222,11 +247,14 @@ def judge(
     fit: FitSpec,
     chosen_by_backtest: bool,
     last_step: int,
-    tolerance: float = DEFAULT_TOLERANCE,
+    rule: VerdictRule | float = DEFAULT_RULE,
     scale: float = 1.0,
 ) -> TargetVerdict:
     """What the backtest says about predicting ``target`` with ``fit`` (already resolved)
-    times ``scale``."""
+    times ``scale``, by ``rule`` (a number: the default rule with that tolerance)."""
+    if not isinstance(rule, VerdictRule):
+        rule = DEFAULT_RULE.with_tolerance(rule)
+    tolerance = rule.tolerance
     h = horizon(backtest.steps, target)
     ids = backtest.matched(h)
     supported = backtest.supported_horizon(fit, tolerance, scale)
@@ -251,4 +279,6 @@ def judge(
         last_step=last_step,
         better_fit=better,
         scale=scale,
+        margin=rule.margin,
+        reach=rule.reach,
     )

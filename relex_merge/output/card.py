@@ -31,8 +31,11 @@ def model_card(
     inputs: Sequence[InputRecord],
     warnings: Sequence[str],
     verdict: TargetVerdict | None = None,
+    stopped_at: int | None = None,
 ) -> str:
-    """The output's README.md. ``config`` is the output's own config (its fit resolved)."""
+    """The output's README.md. ``config`` is the output's own config (its fit resolved).
+    ``stopped_at``: the folder holds the window's last checkpoint (that step) instead of the
+    prediction, which its verdict did not support (--when-unsupported stop)."""
     p = config.parameters
     spec = p.spec()
     window = window_steps(steps, spec)
@@ -53,12 +56,19 @@ def model_card(
         "- mergekit",
         "---",
         "",
-        f"# RELEX {_TITLES[p.mode]} to step {target}",
+        f"# RELEX {_TITLES[p.mode]} to step {target}"
+        if stopped_at is None
+        else f"# The last window checkpoint (step {stopped_at}), kept instead of a prediction for step {target}",
         "",
         "Made with [relex-merge](https://github.com/relex-merge/relex-merge) from a window of RL "
         "checkpoints (RELEX, arXiv 2605.21468): each tensor's displacement from the base was "
         "projected onto its top singular directions and the coefficients were fitted against the "
-        "training step. This model was not trained; it is a prediction.",
+        "training step. This model was not trained; it is a prediction."
+        if stopped_at is None
+        else f"relex-merge was asked for step {target} with `--when-unsupported stop`, and the backtest did not "
+        f"support that prediction (verdict below), so this folder holds the window's last checkpoint, step "
+        f"{stopped_at}, unchanged (in the output dtype): stopping is the safe choice. The settings below describe "
+        "the prediction that was not written; `relex_config.yml` reproduces it.",
         "",
         "| setting | value |",
         "|---|---|",

@@ -10,7 +10,6 @@ from relex_merge.common.progress import NullProgress, Progress
 from relex_merge.config.options import Options
 from relex_merge.config.schema import load_config
 from relex_merge.core.analysis import Analysis, analyze_grams, representative_curves
-from relex_merge.core.backtest import DEFAULT_TOLERANCE
 from relex_merge.engine import EngineOptions, EngineStats, planned_read_bytes, process_group, run_job, share_of
 from relex_merge.output import plots
 from relex_merge.output.folders import atomic_output_dir, check_output_path
@@ -69,7 +68,7 @@ def analyze(
 
 
 def run_analysis(
-    plan: MergePlan, options: EngineOptions, tolerance: float = DEFAULT_TOLERANCE, progress=lambda n, d: None
+    plan: MergePlan, options: EngineOptions, tolerance: float | None = None, progress=lambda n, d: None
 ) -> tuple[Analysis, EngineStats]:
     """Read the window once (Gram matrices only) and analyse."""
     stats = run_job(plan.job.gram_only(), [], options, progress)

@@ -104,7 +104,7 @@ def jump(
     merge_args = dict(
         shard_size=options.shard_size,
         full_hash=options.full_hash,
-        require_supported=options.require_supported,
+        when_unsupported=options.unsupported_policy,
         tolerance=options.tolerance,
         progress=progress,
     )

@@ -17,15 +17,16 @@ from relex_merge.common.progress import NullProgress, Progress
 from relex_merge.config.options import Options
 from relex_merge.config.schema import load_documents, parse_config
 from relex_merge.config.stages import model_references, parse_stages, substitute
-from relex_merge.core.backtest import DEFAULT_TOLERANCE
 from relex_merge.core.summary import FitSummary, summarize
 from relex_merge.core.verdict import Assessment, assess
 from relex_merge.engine import (
     EngineOptions,
     EngineStats,
     MergeJob,
+    chunk_rows,
     planned_read_bytes,
     process_group,
+    row_ranges,
     run_job,
     share_of,
 )
@@ -53,6 +54,7 @@ class MergeResult:
     seconds: float  # wall time of the merge
     bytes_written: int  # safetensors bytes (0 on ranks other than 0)
     assessment: Assessment  # each output's fit and the backtest's verdict on it
+    stopped: list[int] = field(default_factory=list)  # targets written as the last window checkpoint (stop)
 
 
 def output_names(targets: list[int]) -> list[str]:
@@ -65,12 +67,41 @@ def target_folders(root: Path, names: list[str]) -> list[Path]:
     return [root] if len(names) == 1 else [root / name for name in names]
 
 
-def decides_first(plan: MergePlan, require_supported: bool) -> bool:
+WHEN_UNSUPPORTED = ("write", "stop", "refuse")  # what a merge does with a target its verdict does not support
+
+
+def decides_first(plan: MergePlan, when_unsupported: str) -> bool:
     """Whether the whole model's Gram matrices are needed before any output is written: a fit
-    the backtest chooses (auto, or a shape not given), or --require-supported."""
+    the backtest chooses (auto, or a shape not given), or a verdict that decides what is written
+    (--when-unsupported stop or refuse)."""
     if plan.job.gram_cache is not None:
         return False  # already known
-    return require_supported or any(spec.fit.resolved is None for spec in plan.job.output_specs())
+    return when_unsupported != "write" or any(spec.fit.resolved is None for spec in plan.job.output_specs())
+
+
+def _outputs(job: MergeJob, chosen: Sequence[int]) -> MergeJob:
+    """The job restricted to some of its outputs (by position), each with its own fit and scale."""
+    specs = job.output_specs()
+    return replace(
+        job,
+        targets=[job.targets[j] for j in chosen],
+        fits=[specs[j].fit for j in chosen],
+        scales=[specs[j].scale for j in chosen],
+    )
+
+
+def copy_last_checkpoint(job: MergeJob, mine: Sequence[str], sinks, max_memory: int, progress: Progress) -> None:
+    """Write the window's last checkpoint, as it is (in the outputs' dtypes), into every sink: what
+    --when-unsupported stop leaves in place of a prediction its verdict does not support."""
+    last = job.checkpoints[-1]
+    for name in mine:
+        meta = job.output_meta(name)
+        rows = chunk_rows(meta, 2 * max(meta.dtype.itemsize, 4), max_memory)
+        for span in row_ranges(meta.rows, rows):
+            chunk = last.read(name, span if meta.shape else None).to(meta.dtype)
+            progress.advance(chunk.nbytes)
+            for sink in sinks:
+                sink.write(name, chunk)
 
 
 def _combine(first: EngineStats, second: EngineStats) -> EngineStats:
@@ -97,16 +128,21 @@ def execute_merge(
     shard_size: int = 5 * 1000**3,
     output_format: str = "safetensors",
     full_hash: bool = False,
-    require_supported: bool = False,
-    tolerance: float = DEFAULT_TOLERANCE,
+    when_unsupported: str = "write",
+    tolerance: float | None = None,
     names: list[str] | None = None,
     provenance: Provenance | None = None,
     progress: Progress = NullProgress(),
 ) -> MergeResult:
     """Merge ``plan`` into ``out`` (one folder per output when several; with ``names``, one
     folder per output by those names, however many). The reads are the same whether the Gram
-    pass runs first (a fit the backtest chooses, --require-supported) or interleaved with the
-    outputs: every input twice, or once with a fit cache.
+    pass runs first (a fit the backtest chooses, --when-unsupported stop/refuse) or interleaved
+    with the outputs: every input twice, or once with a fit cache.
+
+    ``when_unsupported``: ``write`` every prediction whatever its verdict (the verdict is printed
+    and recorded); ``refuse`` to write anything when a target is not supported (UnsupportedTarget,
+    exit 3); ``stop``: write the window's last checkpoint in place of each unsupported prediction,
+    so an output is never a prediction its verdict rejects.
 
     Under torchrun/srun every rank calls this with the same plan: each runs its share of the
     tensors and writes it into the shared output files, rank 0 writes the rest (index, configs,
@@ -121,30 +157,60 @@ def execute_merge(
     assessment = None
     mine = share_of(job)
     progress.start("merge", planned_read_bytes(job.share(mine)), len(mine))
-    if decides_first(plan, require_supported):
+    if when_unsupported not in WHEN_UNSUPPORTED:
+        raise ValueError(f"when_unsupported: expected one of {', '.join(WHEN_UNSUPPORTED)}, got {when_unsupported!r}")
+    if decides_first(plan, when_unsupported):
         log.debug("Gram pass first: the backtest chooses the fit or gates the outputs")
         gram_stats = run_job(job.gram_only(), [], options, _engine_progress(progress, items=False))
         job = replace(job, gram_cache={r.name: r.gram for r in gram_stats.tensors if r.gram is not None})
     if job.gram_cache is not None:
         # every rank has every Gram matrix, and the same arithmetic gives every rank the same answer
         assessment = assess(job.gram_cache.values(), job.steps, targets, job.output_specs(), tolerance)
-        if require_supported and assessment.unsupported:
+        if when_unsupported == "refuse" and assessment.unsupported:
             first = assessment.unsupported[0]
             more = len(assessment.unsupported) - 1
             raise UnsupportedTarget(
-                f"--require-supported: {first.line()}"
+                f"--when-unsupported refuse: {first.line()}"
                 + (f" ({more} more target(s) unsupported)" if more else "")
                 + " Nothing was written."
             )
         job = replace(job, fits=assessment.fits)
+    stopped = (
+        []
+        if assessment is None or when_unsupported != "stop"
+        else [j for j, verdict in enumerate(assessment.verdicts) if verdict is not None and not verdict.supported]
+    )
+    predicted = [j for j in range(len(targets)) if j not in stopped]
     with shared_output_dir(out, group) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
-        with open_sinks(
-            folders, job.output_tensors(), mine, shard_size=shard_size, output_format_name=output_format, group=group
-        ) as sinks:
-            stats = run_job(job, sinks, options, _engine_progress(progress))
-        if gram_stats is not None:
-            stats = _combine(gram_stats, stats)
+        stats, written_sinks = gram_stats, []
+        if predicted:
+            with open_sinks(
+                [folders[j] for j in predicted],
+                job.output_tensors(),
+                mine,
+                shard_size=shard_size,
+                output_format_name=output_format,
+                group=group,
+            ) as sinks:
+                stats = run_job(_outputs(job, predicted), sinks, options, _engine_progress(progress))
+            written_sinks += sinks
+            if gram_stats is not None:
+                stats = _combine(gram_stats, stats)
+        if stopped:
+            log.debug(
+                "--when-unsupported stop: the last window checkpoint for step(s) %s", [targets[j] for j in stopped]
+            )
+            with open_sinks(
+                [folders[j] for j in stopped],
+                job.output_tensors(),
+                mine,
+                shard_size=shard_size,
+                output_format_name=output_format,
+                group=group,
+            ) as copies:
+                copy_last_checkpoint(job, mine, copies, options.max_memory, progress)
+            written_sinks += copies
         if assessment is None:  # the fits were fixed: the verdict needs only this pass's Gram matrices
             grams = [r.gram for r in stats.tensors if r.gram is not None]
             assessment = assess(grams, job.steps, targets, job.output_specs(), tolerance)
@@ -152,15 +218,20 @@ def execute_merge(
             how = "as configured" if spec.fit.resolved is not None else "chosen by the backtest"
             said = "" if verdict is None else "; SUPPORTED" if verdict.supported else "; NOT SUPPORTED"
             log.debug("step %d: fit %s (%s)%s", target, fit.describe(), how, said)
+        if group.main:
+            for note in assessment.notes:
+                progress.note(f"warning: {note}")
         summary = summarize(stats.tensors)
         with group.step("writing the model cards"):
             if group.main:
-                _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance)
-        written = written_bytes(sinks) if group.main else 0
+                _write_side_files(plan, job, assessment, summary, folders, full_hash, provenance, stopped)
+        written = written_bytes(written_sinks) if group.main else 0
     progress.finish()
     scales = [spec.scale for spec in job.output_specs()]
     final = [(t, s, out / f.relative_to(tmp)) for t, s, f in zip(targets, scales, folders)]
-    return MergeResult(final, stats, summary, time.perf_counter() - start, written, assessment)
+    return MergeResult(
+        final, stats, summary, time.perf_counter() - start, written, assessment, [targets[j] for j in stopped]
+    )
 
 
 def _write_side_files(
@@ -171,17 +242,23 @@ def _write_side_files(
     folders: list[Path],
     full_hash: bool,
     provenance: Provenance | None,
+    stopped: Sequence[int] = (),
 ) -> None:
-    """Each output's config.json, tokenizer, relex_config.yml and model card."""
+    """Each output's config.json, tokenizer, relex_config.yml and model card (``stopped``: the
+    positions of the outputs that hold the last window checkpoint instead of a prediction)."""
     inputs = plan.fingerprints(full_hash)
     tokenizer_source = Path(plan.config.tokenizer_source) if plan.config.tokenizer_source else None
-    for spec, target, verdict, folder in zip(job.output_specs(), job.targets, assessment.verdicts, folders):
+    last = int(job.steps[-1])
+    for j, (spec, target, verdict, folder) in enumerate(
+        zip(job.output_specs(), job.targets, assessment.verdicts, folders)
+    ):
         config = plan.config.for_output(target, spec.scale, spec.fit)
         write_model_config(plan.base_config, folder, config.out_dtype)
         copy_side_files(Path(config.base_path), tokenizer_source, folder)
-        header = "".join(f"# {line}\n" for line in _verdict_comment(verdict))
+        stop = last if j in stopped else None
+        header = "".join(f"# {line}\n" for line in _verdict_comment(verdict, stop))
         config_text = config.to_yaml()
-        card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict)
+        card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict, stopped_at=stop)
         if provenance is not None:
             header += provenance.config_header
             config_text = provenance.restore_names(config_text)
@@ -196,10 +273,16 @@ def _engine_progress(progress: Progress, items: bool = True):
     return lambda nbytes, finished: progress.advance(nbytes, int(finished and items))
 
 
-def _verdict_comment(verdict) -> list[str]:
+def _verdict_comment(verdict, stopped_at: int | None = None) -> list[str]:
     if verdict is None:
         return []
-    return ["relex-merge verdict (from the backtest inside the window; see README.md):", verdict.line()]
+    lines = ["relex-merge verdict (from the backtest inside the window; see README.md):", verdict.line()]
+    if stopped_at is not None:
+        lines.append(
+            f"--when-unsupported stop: this folder holds the last window checkpoint (step {stopped_at}), not the "
+            "prediction this config describes; rerun without --when-unsupported stop to write the prediction."
+        )
+    return lines
 
 
 # ---- any config: relex, mergekit methods, several stages ---------------------------------
@@ -339,7 +422,7 @@ def run_merge(
                     shard_size=options.shard_size,
                     output_format=options.output_format,
                     full_hash=options.full_hash,
-                    require_supported=options.require_supported,
+                    when_unsupported=options.unsupported_policy,
                     tolerance=options.tolerance,
                     provenance=provenance,
                     progress=progress,

@@ -223,8 +223,8 @@ CASES = {
     ),
     "unknown fit": (
         lambda run, tmp: base_config(run, fit="cubic"),
-        "{cfg}: parameters.fit: unknown fit 'cubic'; choose linear_origin, linear, log, polynomial, power, "
-        "saturating, sine or auto",
+        "{cfg}: parameters.fit: unknown fit 'cubic'; choose linear_origin, linear, average, ema, expo, log, "
+        "polynomial, power, saturating, sine or auto",
     ),
     "no target": (
         lambda run, tmp: base_config(run, target=None),
@@ -278,8 +278,8 @@ CASES = {
     ),
     "misspelt fit": (
         lambda run, tmp: base_config(run, fit="sqrt"),
-        "{cfg}: parameters.fit: unknown fit 'sqrt'; choose linear_origin, linear, log, polynomial, power, saturating, "
-        "sine or auto",
+        "{cfg}: parameters.fit: unknown fit 'sqrt'; choose linear_origin, linear, average, ema, expo, log, "
+        "polynomial, power, saturating, sine or auto",
     ),
     "shape of another family": (
         lambda run, tmp: base_config(run, fit="log", p=0.5),

@@ -25,8 +25,9 @@ from relex_merge.core.backtest import (
     window_steps,
 )
 from relex_merge.core.relex import FitSpec, RelexSpec
+from relex_merge.core.rule import VerdictRule
 from relex_merge.core.verdict import TargetVerdict, assess, config_hint, judge
-from tests.helpers import dense_refit, fit_curve
+from tests.helpers import dense_direct, dense_refit, fit_curve
 
 F64 = torch.float64
 
@@ -81,8 +82,20 @@ def test_candidates_cover_every_auto_family_and_its_grid_from_the_base_step():
                 scale = 8.0 if fam.shape.grid_in_window_spans else 1.0
                 expected += [FitSpec(fam.name, g * scale, 2.0) for g in fam.shape.grid]
     assert got == expected
-    assert {c.family for c in got} == {"linear_origin", "linear", "polynomial", "power", "log", "saturating", "sine"}
-    assert hint_candidates(spec, steps) == [c for c in expected if c.family != "sine"]
+    assert {c.family for c in got} == {
+        "linear_origin",
+        "linear",
+        "average",
+        "ema",
+        "expo",
+        "polynomial",
+        "power",
+        "log",
+        "saturating",
+        "sine",
+    }
+    # the hints are the cheap curve families (a fixed linear map of the coefficients)
+    assert hint_candidates(spec, steps) == [c for c in expected if c.family not in ("sine", "average", "ema", "expo")]
 
 
 # ---- the sums against a dense backtest --------------------------------------------------------
@@ -100,6 +113,8 @@ def dense_point(m, steps, k, j, fit: FitSpec | str, rank):
     """err2, true2, pred2, dot of predicting delta j from the first k deltas."""
     if fit == STOP:
         pred = m[k - 1]
+    elif fit.family in ("expo", "average", "ema"):  # the raw checkpoints, written out in tests/helpers.py
+        pred = dense_direct(None, list(m[:k]), steps[:k], steps[j], fit.family, fit.shape)
     else:
         u, sigma, vh = torch.linalg.svd(m[:k], full_matrices=False)
         r = min(rank, k)
@@ -115,7 +130,13 @@ def test_backtest_sums_equal_a_dense_backtest_on_the_deltas():
     power and stopping, each point's err2 / true2 / pred2 / dot summed over the tensors."""
     all_steps = [1, 2, 3, 4, 6, 7, 9, 10, 12, 13, 15]
     spec = RelexSpec(rank=2, window=9)
-    candidates = [FitSpec("linear", None, 0.5), FitSpec("power", 0.5, 0.5)]
+    candidates = [
+        FitSpec("linear", None, 0.5),
+        FitSpec("power", 0.5, 0.5),
+        FitSpec("expo", 0.7, 0.5),
+        FitSpec("average", 3, 0.5),
+        FitSpec("ema", 2.5, 0.5),
+    ]
     tensors = [planted(all_steps, seed=s) for s in (0, 1)]
     backtest = Backtest.for_fits(all_steps, spec, candidates)
     for m in tensors:
@@ -300,24 +321,32 @@ def test_verdict_line_of_a_supported_target():
         "fit": "linear",
         "scale": 1.0,
         "chosen_by_backtest": False,
+        "verdict": "supported",
         "supported": True,
         "supported_horizon": round(v.supported_horizon, 4),
         "tested_horizon": round(v.tested_horizon, 4),
         "backtest_error": round(v.error, 4),
         "stop_error": round(v.stop_error, 4),
         "tolerance": 0.2,
+        "margin": 1.0,
+        "reach": 1.0,
     }
 
 
 def test_verdict_line_beyond_the_tested_horizon():
     v = verdict_for(lambda s: 0.3 * s + 0.1, 60)
-    assert not v.supported and v.beyond_tested
+    assert not v.supported and v.beyond_tested and v.word == "untested"
     assert v.line() == (
-        f"NOT SUPPORTED: step 60 is 4.4x the window span past its end, beyond the "
-        f"{v.tested_horizon:.1f}x the window can test; linear held at every horizon tested (backtest "
-        f"error {v.error:.0%} near {v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping). Treat it "
-        f"as a guess: evaluate it (relex-merge sweep) before preferring it to the last window "
-        f"checkpoint (step 12)."
+        f"UNTESTED: step 60 is 4.4x the window span past its end, beyond the {v.tested_horizon:.1f}x this "
+        f"window can test (backtest error {v.error:.0%} near {v.at_horizon:.1f}x vs {v.stop_error:.0%} for "
+        "stopping); nothing here says whether linear beats stopping at step 12: evaluate it (relex-merge sweep) "
+        "before use."
+    )
+    # a rule that reaches twice as far judges it, and the line held everywhere
+    far = replace(v, reach=2.0)
+    assert far.word == "supported" and far.line().startswith(
+        f"SUPPORTED: step 60 is 4.4x the window span past its end; linear held at every horizon tested, up to "
+        f"{v.tested_horizon:.1f}x ("
     )
 
 
@@ -328,7 +357,7 @@ def test_verdict_line_of_a_fit_that_holds_only_part_of_the_way():
         f"NOT SUPPORTED: step 30 is 1.6x the window span past its end; linear holds only "
         f"up to {v.supported_horizon:.1f}x (backtest error {v.error:.0%} near "
         f"{v.at_horizon:.1f}x vs {v.stop_error:.0%} for stopping); closer than stopping there, but "
-        f"beyond the 5% tolerance: an uncertain prediction; evaluate it against the last "
+        f"beyond the 5% tolerance: do not rely on it; evaluate it against the last "
         f"window checkpoint (step 12) before use."
     )
     assert v.better_fit is not None and v.better_fit.family != "linear"
@@ -342,7 +371,15 @@ def test_verdict_line_when_stopping_is_closer():
     for _ in range(2):
         walk = torch.cumsum(torch.randn(len(steps), 500, generator=gen, dtype=F64), 0)
         grams.append(walk @ walk.T)
-    v = assess(grams, steps, [100], [RelexSpec()]).verdicts[0]
+    v = assess(
+        grams,
+        steps,
+        [100],
+        [
+            RelexSpec(),
+        ],
+        rule=VerdictRule(reach=math.inf),
+    ).verdicts[0]
     assert v.supported_horizon is None and v.error >= v.stop_error and v.beyond_tested
     assert v.line() == (
         f"NOT SUPPORTED: step 100 is 5.6x the window span past its end; linear held at no horizon "
@@ -350,14 +387,15 @@ def test_verdict_line_when_stopping_is_closer():
         f"{v.stop_error:.0%} for stopping); stopping at step 16 is closer: do not extrapolate from "
         f"this window. The window can test horizons up to {v.tested_horizon:.1f}x only."
     )
+    assert assess(grams, steps, [100], [RelexSpec()]).verdicts[0].word == "untested"  # the default reach
 
 
 def test_verdict_of_a_window_too_short_to_backtest():
     steps, grams = [1, 2, 3], [torch.eye(3, dtype=F64)]
     v = assess(grams, steps, [10], [RelexSpec()]).verdicts[0]
-    assert math.isnan(v.error) and not v.supported
+    assert math.isnan(v.error) and not v.supported and v.word == "untested"
     assert v.line() == (
-        "NOT SUPPORTED: step 10: the window is too short to backtest (it needs more checkpoints "
+        "UNTESTED: step 10: the window is too short to backtest (it needs more checkpoints "
         "than the fit uses); evaluate the prediction before use."
     )
     assert v.as_dict()["backtest_error"] != v.as_dict()["backtest_error"]  # NaN, written as such
@@ -435,7 +473,7 @@ def test_verdict_names_a_better_fit_only_when_it_is_clearly_better_and_holds(lin
     linear_fit, power_fit = FitSpec("linear"), FitSpec("power", 0.5)
     bt = backtest_with_errors({linear_fit: linear, power_fit: power}, stop=0.5)
     for target in (18, 60):  # inside the tested horizon, and beyond it
-        v = judge(bt, target, power_fit, chosen_by_backtest=False, last_step=12, tolerance=tolerance)
+        v = judge(bt, target, power_fit, chosen_by_backtest=False, last_step=12, rule=tolerance)
         assert v.better_fit == (linear_fit if better else None), target
         assert v.supported_horizon == (bt.tested_horizon if power <= tolerance else None)
 
@@ -538,12 +576,12 @@ def test_held_everywhere_but_stopping_closer_says_do_not_extrapolate():
         tested_horizon=4.0,
         tolerance=0.2,
         last_step=12,
+        reach=math.inf,
     )
     assert v.line() == (
-        "NOT SUPPORTED: step 100 is 8.0x the window span past its end, beyond the 4.0x the window "
-        "can test; linear held at every horizon tested, but stopping at step 12 is at least as close "
-        "near the longest (backtest error 15% near 3.0x vs 10% for stopping): do not extrapolate "
-        "from this window."
+        "NOT SUPPORTED: step 100 is 8.0x the window span past its end; linear holds up to 4.0x, but stopping at "
+        "step 12 is at least as close there (backtest error 15% near 3.0x vs 10% for stopping): do not "
+        "extrapolate from this window."
     )
 
 
@@ -593,12 +631,23 @@ def test_verdict_boundaries_are_inclusive():
         "but stopping at step 12 is at least as close there (backtest error 30% near 1.0x vs 30% "
         "for stopping): do not extrapolate from this window."
     )
-    everywhere_tie = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.3, stop_error=0.3)
-    assert "held at every horizon tested, but stopping at step 12 is at least as close" in everywhere_tie.line()
-    everywhere = verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3)
-    assert "held at every horizon tested (backtest error 10%" in everywhere.line()
-    partway_tie = verdict_at(horizon=5.0, supported_horizon=1.0, tested=3.0, error=0.3, stop_error=0.3)
+    beyond = verdict_at(horizon=3.0001, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3)
+    assert beyond.word == "untested"  # past the longest horizon tested (reach 1)
+    at_edge = verdict_at(horizon=3.0, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3)
+    assert at_edge.word == "supported"
+    everywhere_tie = replace(verdict_at(5.0, 3.0, 3.0, error=0.3, stop_error=0.3), reach=2.0)
+    assert "linear holds up to 3.0x, but stopping at step 12 is at least as close" in everywhere_tie.line()
+    everywhere = replace(
+        verdict_at(horizon=5.0, supported_horizon=3.0, tested=3.0, error=0.1, stop_error=0.3), reach=2.0
+    )
+    assert everywhere.supported and "held at every horizon tested, up to 3.0x (backtest error 10%" in everywhere.line()
+    partway_tie = replace(
+        verdict_at(horizon=5.0, supported_horizon=1.0, tested=3.0, error=0.3, stop_error=0.3), reach=2
+    )
     assert "stopping at step 12 is closer: do not extrapolate" in partway_tie.line()
+    margin = replace(holds, margin=0.3)  # error 0.1 vs 0.3 x 0.3 = 0.09: not enough below stopping
+    assert margin.word == "not supported"
+    assert "but its error there is not below 0.3x that of stopping at step 12" in margin.line()
 
 
 def test_the_better_fit_hint_is_judged_at_the_outputs_scale():

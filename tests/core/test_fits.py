@@ -45,6 +45,9 @@ FIXED = [
     ("power", 0.5),
     ("log", 4.0),
     ("saturating", 6.0),
+    ("expo", 0.5),
+    ("average", 3),
+    ("ema", 4.0),
 ]
 
 
@@ -98,7 +101,14 @@ def test_mergekit_method_runs_every_fixed_family(qwen_run, tmp_path):
     steps = [2, 3, 5, 6]
     base = load_state(qwen_run / "base")
     inputs = [load_state(qwen_run / f"checkpoint-{s}") for s in steps]
-    for family, key, shape in [("log", "tau", 3.0), ("power", "p", 0.75), ("saturating", "tau", 5.0)]:
+    for family, key, shape in [
+        ("log", "tau", 3.0),
+        ("power", "p", 0.75),
+        ("saturating", "tau", 5.0),
+        ("expo", "alpha", 0.5),
+        ("average", "last", 3),
+        ("ema", "halflife", 2.0),
+    ]:
         doc = {
             "merge_method": "relex",
             "base_model": str(qwen_run / "base"),
@@ -223,8 +233,8 @@ def test_auto_picks_a_family_that_predicts_far_ahead(name):
     if name != "linear":
         assert max(linear) > 10 * max(errors)
     beyond = assess(grams, steps, [200], [spec]).verdicts[0]  # 9x: further than the window can test
-    assert not beyond.supported
-    assert beyond.line().startswith("NOT SUPPORTED: step 200 is 9.5x the window span past its end")
+    assert not beyond.supported and beyond.word == "untested"
+    assert beyond.line().startswith("UNTESTED: step 200 is 9.5x the window span past its end")
 
 
 def test_auto_says_do_not_extrapolate_when_nothing_beats_stopping():
@@ -257,7 +267,18 @@ def test_registry_finds_every_family_module():
     import relex_merge.core.fits as package
 
     modules = {m.name for m in pkgutil.iter_modules(package.__path__)} - {"_base"}
-    assert set(fits.names()) == {"linear", "linear_origin", "polynomial", "power", "log", "saturating", "sine"}
+    assert set(fits.names()) == {
+        "linear",
+        "linear_origin",
+        "average",
+        "ema",
+        "expo",
+        "polynomial",
+        "power",
+        "log",
+        "saturating",
+        "sine",
+    }
     assert len(modules) == len(fits.names())
     assert fits.names()[:2] == ["linear_origin", "linear"]  # ties go to the simpler family
 
@@ -278,7 +299,7 @@ def test_auto_end_to_end_writes_the_chosen_fit_and_its_verdict(sqrt_run, tmp_pat
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out))
     assert result.exit_code == 0, result.output
-    terminal = " ".join(result.stdout.split())
+    terminal = " ".join(result.stderr.split())  # verdicts go to stderr
     assert (
         "verdict: SUPPORTED: step 24 is 1.1x the window span past its end; power (p=0.5) (chosen by the backtest)"
         in terminal
@@ -310,7 +331,7 @@ def test_require_supported_refuses_with_exit_3_and_writes_nothing(sqrt_run, tmp_
     result = run_cli(str(cfg), str(out), "--require-supported")
     assert result.exit_code == 3
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --require-supported: NOT SUPPORTED: step 40 is 2.5x")
+    assert len(lines) == 1 and lines[0].startswith("error: --when-unsupported refuse: NOT SUPPORTED: step 40 is 2.5x")
     assert lines[0].endswith("Nothing was written.")
     assert not out.exists() and not list(tmp_path.glob(".out*"))
     supported = write_config(tmp_path / "s.yml", sqrt_run, list(range(1, 13)), 20, parameters=dict(fit="power", p=0.5))
@@ -322,7 +343,7 @@ def test_plain_merge_prints_and_writes_the_verdict(sqrt_run, tmp_path):
     cfg = write_config(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), [20, 40])
     result = run_cli(str(cfg), str(tmp_path / "out"))
     assert result.exit_code == 0, result.output
-    terminal = " ".join(result.stdout.split())
+    terminal = " ".join(result.stderr.split())  # verdicts go to stderr
     assert "verdict: SUPPORTED: step 20 is 0.7x the window span past its end; linear holds up to 1.0x" in terminal
     assert (
         "verdict: NOT SUPPORTED: step 40 is 2.5x the window span past its end; linear holds only up to 1.0x" in terminal
@@ -332,3 +353,97 @@ def test_plain_merge_prints_and_writes_the_verdict(sqrt_run, tmp_path):
     assert "**SUPPORTED: step 20 is" in near and "| fit | linear: c = a + b·s |" in near
     assert "**NOT SUPPORTED: step 40 is" in far and "| fit | linear: c = a + b·s |" in far
     assert "holds here: set `fit: power` and `p: 0.5` under parameters (or fit: auto)" in far
+
+
+def test_quiet_still_prints_every_verdict_on_stderr(sqrt_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), [20, 40])
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0 and result.stdout == ""
+    verdicts = [line for line in result.stderr.splitlines() if line.startswith("verdict: ")]
+    assert [v.split(":")[1].strip() for v in verdicts] == ["SUPPORTED", "NOT SUPPORTED"]
+
+
+def test_when_unsupported_stop_writes_the_last_window_checkpoint_in_place_of_the_rejected_prediction(
+    sqrt_run, tmp_path
+):
+    """Linear on a square root: step 20 is supported (a prediction), step 40 is not (the last
+    window checkpoint, byte for byte in fp32, with a card and config that say so)."""
+    steps = list(range(1, 13))
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, steps, [20, 40])
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "--when-unsupported", "stop")
+    assert result.exit_code == 0, result.output
+    err = " ".join(result.stderr.split())
+    assert (
+        f"--when-unsupported stop: {out / 'step-40'} holds the last window checkpoint (step 12), not the "
+        "prediction for step 40" in err
+    )
+    last, far, near = load_state(sqrt_run / "checkpoint-12"), load_state(out / "step-40"), load_state(out / "step-20")
+    assert far.keys() == load_state(sqrt_run / "base").keys()
+    assert all(torch.equal(far[n], last[n]) for n in far)
+    base = load_state(sqrt_run / "base")
+    inputs = [load_state(sqrt_run / f"checkpoint-{s}") for s in steps]
+    for name in ["model.embed_tokens.weight", "model.norm.weight"]:
+        assert_close(near[name], dense_family(base[name], [c[name] for c in inputs], steps, [20], "linear")[0])
+    card = (out / "step-40" / "README.md").read_text()
+    assert "# The last window checkpoint (step 12), kept instead of a prediction for step 40" in card
+    assert "**NOT SUPPORTED: step 40" in card
+    config = (out / "step-40" / "relex_config.yml").read_text()
+    assert "# --when-unsupported stop: this folder holds the last window checkpoint (step 12)" in config
+    assert "# RELEX extrapolation to step 20" in (out / "step-20" / "README.md").read_text()
+    # every target unsupported: one pass copies, nothing is predicted
+    only = write_config(tmp_path / "far.yml", sqrt_run, steps, 40)
+    assert run_cli(str(only), str(tmp_path / "only"), "--when-unsupported", "stop", "-q").exit_code == 0
+    copied = load_state(tmp_path / "only")
+    assert all(torch.equal(copied[n], last[n]) for n in copied)
+
+
+def test_require_supported_and_when_unsupported_stop_contradict(sqrt_run, tmp_path):
+    cfg = write_config(tmp_path / "c.yml", sqrt_run, list(range(1, 13)), 40)
+    result = run_cli(str(cfg), str(tmp_path / "out"), "--require-supported", "--when-unsupported", "stop")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "error: --require-supported and --when-unsupported stop contradict each other; give one"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the direct families (average, ema, expo) ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            {"refit_every": 2},
+            "parameters.refit_every: fit: average weighs the window's checkpoints directly; it has no curve to re-fit",
+        ),
+        (
+            {"mode": "fit_reconstruct"},
+            "parameters.mode: fit: average weighs the window's checkpoints directly; "
+            "it has no curve to evaluate at observed steps (use mode: reconstruct, or another fit)",
+        ),
+    ],
+)
+def test_direct_families_refuse_refitting_and_fit_reconstruct(extra, message):
+    from relex_merge.common.errors import RelexError
+    from relex_merge.config.schema import parse_config
+
+    doc = {
+        "merge_method": "relex",
+        "base_model": "b",
+        "models": [],
+        "parameters": {"fit": "average", "last": 2, **extra},
+    }
+    with pytest.raises(RelexError) as caught:
+        parse_config(doc, "c.yml")
+    assert str(caught.value) == f"c.yml: {message}"
+
+
+def test_expo_at_alpha_1_is_the_line_through_the_first_and_last_checkpoints():
+    """At the window's last step it is the last checkpoint; at one span past it, 2 d_T - d_1."""
+    from relex_merge.core.relex import relex_weights
+
+    steps = [2, 4, 10]
+    w = relex_weights(torch.eye(3, dtype=torch.float64), steps, [10, 18], RelexSpec(fit=FitSpec("expo", 1.0)))
+    assert w.tolist() == [[0.0, 0.0, 1.0], [-1.0, 0.0, 2.0]]

@@ -654,12 +654,23 @@ def test_sine_on_curves_that_are_not_sinusoids_matches_the_reference_scripts(cas
 
 def test_the_registry_orders_families_simplest_first_then_by_name():
     found = fits.REGISTRY._discover()  # the scan the package runs at import, run again
-    assert list(found) == ["linear_origin", "linear", "log", "polynomial", "power", "saturating", "sine"]
+    assert list(found) == [
+        "linear_origin",
+        "linear",
+        "average",
+        "ema",
+        "expo",
+        "log",
+        "polynomial",
+        "power",
+        "saturating",
+        "sine",
+    ]
     assert all(found[name] is fits.family(name) for name in found)
-    assert fits.shape_keys() == ["tau", "degree", "p"]
+    assert fits.shape_keys() == ["last", "halflife", "alpha", "tau", "degree", "p"]
     with pytest.raises(
         KeyError,
-        match=r"unknown fit family 'cubic' \(known: linear_origin, linear, log, polynomial, "
+        match=r"unknown fit family 'cubic' \(known: linear_origin, linear, average, ema, expo, log, polynomial, "
         r"power, saturating, sine, or auto\)",
     ):
         fits.family("cubic")
@@ -703,6 +714,9 @@ def test_a_new_family_module_is_found(extra_family_module):
         "linear_origin",
         "linear",
         "aaa_cubic",
+        "average",
+        "ema",
+        "expo",
         "log",
         "polynomial",
         "power",

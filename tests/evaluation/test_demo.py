@@ -35,6 +35,7 @@ def test_second_demo_run_is_shipped_and_small():
 def test_second_demo_config_merges_with_the_fit_the_backtest_chose(tmp_path):
     """demo-lowlr.yml uses fit: auto; the output's relex_config.yml names the family and shape the
     backtest chose, and the tensors are that fit's dense reference."""
+    from relex_merge.core import fits
     from tests.helpers import dense_family
 
     out = tmp_path / "out"
@@ -42,7 +43,8 @@ def test_second_demo_config_merges_with_the_fit_the_backtest_chose(tmp_path):
     assert result.exit_code == 0, result.output
     params = yaml.safe_load((out / "relex_config.yml").read_text())["parameters"]
     assert params["fit"] != "auto" and params["target_step"] == 400
-    shape = params.get({"power": "p", "log": "tau", "saturating": "tau", "polynomial": "degree"}.get(params["fit"], ""))
+    family = fits.family(params["fit"])
+    shape = params.get(family.shape.key) if family.shape is not None else None
     run = REPO / "demo" / "run-lowlr"
     steps = list(range(2, 31, 2))
     base = load_state(run / "base")

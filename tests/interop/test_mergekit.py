@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from relex_merge.core import fits
 from relex_merge.interop.mergekit_method import RELEX_METHOD, register
 from relex_merge.testing.synthetic import make_finetune
 from tests.helpers import (
@@ -53,9 +54,7 @@ def test_register_is_explicit_and_idempotent():
         "refit_every",
         "refit_window",
         "base_step",
-        "degree",
-        "p",
-        "tau",
+        *sorted(fits.shape_keys()),  # alpha, degree, halflife, last, p, tau
     ]
 
 

@@ -8,12 +8,13 @@ method, the engine, backtests, ``fit: auto``, the model card and the plots all a
 from __future__ import annotations
 
 from relex_merge.common.registry import Registry
-from relex_merge.core.fits._base import BasisFamily, Curve, FitFamily, Shape, r_squared
+from relex_merge.core.fits._base import BasisFamily, Curve, DirectFamily, FitFamily, Shape, r_squared
 
 __all__ = [
     "AUTO",
     "FitFamily",
     "BasisFamily",
+    "DirectFamily",
     "Curve",
     "Shape",
     "r_squared",

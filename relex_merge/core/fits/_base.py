@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Shape", "Curve", "FitFamily", "BasisFamily", "r_squared"]
+__all__ = ["Shape", "Curve", "FitFamily", "BasisFamily", "DirectFamily", "r_squared"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,22 @@ class BasisFamily(FitFamily):
         hat = self.predictor(steps, steps, shape, origin)
         r2 = r_squared(values, hat @ values)
         return Curve(lambda x: self.predictor(steps, x, shape, origin) @ values, r2)
+
+
+class DirectFamily(FitFamily):
+    """A prediction that is a fixed weight vector over the window's own checkpoints, with no
+    rank-r projection and no coefficient curve: checkpoint averaging (LAWA, EMA) or two-point
+    extrapolation (ExPO). Its weights depend on the steps only, so like a ``BasisFamily`` it costs
+    nothing to backtest, and ``fit: auto``, the verdict and the engine treat it like any family.
+    Extrapolate mode only (no autoregressive re-fitting, no fit_reconstruct)."""
+
+    @abstractmethod
+    def window_weights(self, steps: torch.Tensor, targets: torch.Tensor, shape: float | None) -> torch.Tensor:
+        """W (n_targets x T, float64): the prediction at each target is sum_k W[j, k] * delta_k,
+        with delta_k the displacement of the checkpoint at ``steps[k]`` from the base."""
+
+    def coefficients(self, shape):
+        return 1
+
+    def fit(self, steps, values, shape, origin):
+        raise TypeError(f"fit: {self.name} weighs the window's checkpoints directly: it fits no coefficient curve")

@@ -23,7 +23,7 @@ class Log(BasisFamily):
         "offset in steps",
         low=0.0,
         high=math.inf,
-        grid=tuple(2 ** (k / 4) for k in range(-16, 9)),
+        grid=tuple(2 ** (k / 4) for k in range(-24, 13)),
         grid_in_window_spans=True,
     )
     complexity = 3

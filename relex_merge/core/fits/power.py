@@ -16,7 +16,7 @@ class Power(BasisFamily):
     name = "power"
     formula = "c = a + b·(s − s0)^p"
     shape = Shape(
-        "p", "exponent", low=0.0, high=1.5, grid=tuple(k / 20 for k in range(2, 31) if k != 20)
+        "p", "exponent", low=0.0, high=1.5, grid=(0.025, 0.05, *(k / 20 for k in range(2, 31) if k != 20))
     )  # p = 1 is the line
     complexity = 3
 

@@ -22,7 +22,7 @@ class Saturating(BasisFamily):
         "time constant in steps",
         low=0.0,
         high=math.inf,
-        grid=tuple(2 ** (k / 4) for k in range(-8, 13)),
+        grid=tuple(2 ** (k / 4) for k in range(-16, 17)),
         grid_in_window_spans=True,
     )
     complexity = 3
