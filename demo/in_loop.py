@@ -408,10 +408,75 @@ def report(args) -> None:
             "plain_steps_needed": reach,
             "base": base_score,
         }
-    lines += _overhead(results)
+    overhead = _overhead(results)
+    lines += overhead
     (HERE / "in_loop.md").write_text("\n".join(lines) + "\n")
+    _readme_block(summary, overhead)
     (HERE / "in_loop.json").write_text(json.dumps(summary, indent=1) + "\n")
     print("\n".join(lines))
+
+
+README_BEGIN = "<!-- in_loop:begin (written by python demo/in_loop.py --report) -->"
+README_END = "<!-- in_loop:end -->"
+
+
+def _readme_block(summary: dict, overhead: list[str]) -> None:
+    """README's compact table (means over seeds; in parentheses: seeds above plain 1x)."""
+    names = [v.name for v in VARIANTS if not v.jumps] + [v.name for v in VARIANTS if v.jumps]
+    head = {
+        "plain-1x": "plain 1x",
+        "plain-2x": "plain 2x",
+        "plain-4x": "plain 4x",
+    }
+    for v in VARIANTS:
+        if v.jumps:
+            head[v.name] = f"J={v.ahead} {'guard' if v.guard else 'no guard'}"
+    plain = [n for n in names if n.startswith("plain")]
+    jumped = [n for n in names if n not in plain]
+    rows = ["| setting (K=10) | " + " | ".join(head[n] for n in plain) + " | best plain (per seed) | "]
+    rows[0] += " | ".join(f"jumps {head[n]}" for n in jumped) + " |"
+    rows.append("|---" * (len(names) + 2) + "|")
+    verdicts = []
+    for name, entry in summary["settings"].items():
+        cells = []
+        for n in names:
+            row = entry["rows"].get(n)
+            if row is None:
+                cells.append("")
+                continue
+            wins = row["minus_plain_1x"]
+            extra = f" ({sum(d > 0 for d in wins)}/{len(wins)})" if wins and n != "plain-1x" else ""
+            cells.append(f"{row['mean']:.3f}{extra}")
+        best = entry["best_plain"]
+        best_mean = sum(best.values()) / len(best) if best else None
+        best_cell = "" if best_mean is None else f"{best_mean:.3f}"
+        rows.append(
+            f"| {name} | "
+            + " | ".join(cells[: len(plain)])
+            + f" | {best_cell} | "
+            + " | ".join(cells[len(plain) :])
+            + " |"
+        )
+        jumps = {n: r for n, r in entry["rows"].items() if n.startswith("jumps")}
+        if jumps and best:
+            top = max(jumps, key=lambda n: jumps[n]["mean"])
+            d = jumps[top]["minus_best_plain"]
+            above = sum(x > 0 for x in d)
+            verdicts.append(
+                f"{name}: the best jumps ({head[top]}) {'beat' if above == len(d) and d else 'did not beat'} the "
+                f"best plain lr on every seed ({above}/{len(d)} seeds above, mean {sum(d) / len(d):+.3f})."
+            )
+    block = rows + [""] + [f"- {v}" for v in verdicts]
+    if overhead:
+        block += ["", overhead[2]]
+    readme = HERE.parent / "README.md"
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        print(f"{readme}: no {README_BEGIN} ... {README_END} block; README not updated")
+        return
+    before, rest = text.split(README_BEGIN, 1)
+    _, after = rest.split(README_END, 1)
+    readme.write_text(before + README_BEGIN + "\n" + "\n".join(block) + "\n" + README_END + after)
 
 
 def _label(variant: Variant, setting: Setting) -> str:
