@@ -144,6 +144,13 @@ class LiveTensor:
     param: torch.nn.Parameter
     local: torch.Tensor  # the slice this rank holds and moves (shares the parameter's storage)
     counted: bool  # whether this rank's slice enters the Gram sum (each element counted once)
+    numel: int = 0  # elements of the whole tensor (all ranks)
+    mirror: torch.Tensor | None = None  # a low-precision copy the trainer computes with (ZeRO-3 bf16)
+
+    def sync(self) -> None:
+        """Copy a move of the master slice to the copy the model computes with."""
+        if self.mirror is not None:
+            self.mirror.copy_(self.local)
 
 
 def _is_dtensor(p) -> bool:
@@ -154,11 +161,62 @@ def _is_dtensor(p) -> bool:
     return isinstance(p, DTensor)
 
 
-def live_tensors(model: torch.nn.Module) -> tuple[list[LiveTensor], bool]:
-    """Every trainable parameter's local slice, and whether the parameters are sharded (any
-    DTensor). Refuses layouts where moving the parameters would not move the training."""
+def _zero3_optimizer(optimizer):
+    """DeepSpeed's ZeRO-3 optimizer inside whatever wraps it (accelerate, the engine), or None."""
+    opt = optimizer
+    for _ in range(4):
+        if opt is None:
+            return None
+        if hasattr(opt, "fp32_partitioned_groups_flat") and hasattr(opt, "fp16_partitioned_groups"):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def _zero3_tensor(name: str, p, index: dict, opt) -> LiveTensor:
+    """A ZeRO-3 parameter: this rank's partition of the optimizer's fp32 master weights (what the
+    next step starts from), with the model's partition as a mirror when it is another copy."""
+    if getattr(p, "ds_secondary_tensor", None) is not None:
+        raise RelexError(f"RelexCallback: parameter {name} has a ZeRO++ secondary partition (hpZ; not supported)")
+    part = p.ds_tensor
+    if id(part) not in index:
+        raise RelexError(f"RelexCallback: parameter {name} is not in the ZeRO-3 optimizer's groups (is it trained?)")
+    group, offset = index[id(part)]
+    flat = opt.fp32_partitioned_groups_flat[group]
+    if flat.numel() < offset + part.numel():
+        raise RelexError(
+            f"RelexCallback: parameter {name}: the ZeRO-3 master weights are swapped out (NVMe offload; not supported)"
+        )
+    master = flat.narrow(0, offset, part.numel())
+    rank = torch.distributed.get_rank(group=p.ds_process_group)
+    valid = max(0, min(part.numel(), p.ds_numel - rank * part.numel()))  # the last partitions are padded
+    shared = master.data_ptr() == part.data_ptr() and master.dtype == part.dtype
+    mirror = None if shared else part.detach().narrow(0, 0, valid)
+    return LiveTensor(name, p, master.detach().narrow(0, 0, valid), True, int(p.ds_numel), mirror)
+
+
+def live_tensors(model: torch.nn.Module, optimizer=None) -> tuple[list[LiveTensor], bool]:
+    """Every trainable parameter's local slice, and whether the parameters are sharded (DTensor,
+    DeepSpeed ZeRO-3). Refuses layouts where moving the parameters would not move the training."""
     out: list[LiveTensor] = []
     sharded = False
+    zero3 = _zero3_optimizer(optimizer)
+    wrapped = optimizer
+    for _ in range(4):
+        if wrapped is not None and hasattr(wrapped, "single_partition_of_fp32_groups"):
+            raise RelexError(
+                "RelexCallback: DeepSpeed ZeRO-1/2 keeps the weights each step starts from in its optimizer's flat "
+                "fp32 partitions: a move of the model's parameters would be undone (not supported; ZeRO-3, FSDP2 "
+                "and FSDP1 with use_orig_params=True are)"
+            )
+        wrapped = getattr(wrapped, "optimizer", None)
+    index: dict[int, tuple[int, int]] = {}
+    if zero3 is not None:
+        for group, parts in enumerate(zero3.fp16_partitioned_groups):
+            offset = 0
+            for part in parts:
+                index[id(part)] = (group, offset)
+                offset += part.numel()
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -167,30 +225,34 @@ def live_tensors(model: torch.nn.Module) -> tuple[list[LiveTensor], bool]:
                 f"RelexCallback: parameter {name} is an FSDP1 flat parameter; wrap the model with "
                 "use_orig_params=True (or use FSDP2) so each tensor keeps its own direction"
             )
+        if getattr(p, "ds_tensor", None) is not None and zero3 is not None:
+            sharded = True
+            out.append(_zero3_tensor(name, p, index, zero3))
+            continue
         if hasattr(p, "ds_tensor") or hasattr(p, "ds_id"):
             raise RelexError(
-                f"RelexCallback: parameter {name} is partitioned by DeepSpeed ZeRO, whose optimizer keeps its own "
-                "fp32 master weights: a move of the model's parameters would be undone at the next step "
-                "(not supported yet; FSDP2 or FSDP1 with use_orig_params=True are)"
+                f"RelexCallback: parameter {name} is partitioned by DeepSpeed ZeRO-3, whose optimizer keeps the "
+                "weights each step starts from: give the optimizer (begin(model, step, optimizer); the callback "
+                "takes the trainer's)"
             )
         if _is_dtensor(p):
             sharded = True
             with torch.no_grad():
-                local = p.to_local()
+                local = p.to_local().detach()  # the engine writes from worker threads, where no_grad is off
             placements = tuple(p.placements)
             if any(pl.is_partial() for pl in placements):
                 raise RelexError(f"RelexCallback: parameter {name} has a Partial placement (not a stored slice)")
             coordinate = p.device_mesh.get_coordinate() or [0] * len(placements)
             counted = all(c == 0 for c, pl in zip(coordinate, placements) if pl.is_replicate())
-            out.append(LiveTensor(name, p, local, counted))
+            out.append(LiveTensor(name, p, local, counted, p.numel()))
         else:
-            out.append(LiveTensor(name, p, p.data, True))
+            out.append(LiveTensor(name, p, p.data, True, p.numel()))
     if not out:
         raise RelexError("RelexCallback: the model has no trainable parameters")
     if sharded:
         rank = _Comm().rank
         for t in out:
-            if not _is_dtensor(t.param):
+            if not _is_dtensor(t.param) and t.mirror is None and getattr(t.param, "ds_tensor", None) is None:
                 t.counted = rank == 0  # a plain tensor beside sharded ones is replicated: count it once
     return out, sharded
 
@@ -442,6 +504,7 @@ class Jumper:
         self.config = config if config is not None else JumpConfig(**kwargs)
         self.tensors: list[LiveTensor] = []
         self.sharded = False
+        self.optimizer = None
         self.comm = _Comm()
         self.store: _Snapshots | None = None
         self.anchor_step: int | None = None
@@ -458,10 +521,12 @@ class Jumper:
 
     # -- lifecycle
 
-    def begin(self, model: torch.nn.Module, step: int = 0) -> None:
-        """Find the trainable tensors (this rank's slices) and anchor the first window."""
+    def begin(self, model: torch.nn.Module, step: int = 0, optimizer=None) -> None:
+        """Find the trainable tensors (this rank's slices) and anchor the first window. DeepSpeed
+        ZeRO-3 needs the ``optimizer``: its fp32 partitions are the weights that move."""
         c = self.config
-        self.tensors, self.sharded = live_tensors(model)
+        self.tensors, self.sharded = live_tensors(model, optimizer)
+        self.optimizer = optimizer
         self.comm = _Comm()
         scratch = Path(c.scratch_dir) if c.scratch_dir is not None else None
         self.store = _Snapshots(self.tensors, parse_size(c.memory_budget, "memory_budget"), scratch, self.comm.rank)
@@ -572,7 +637,7 @@ class Jumper:
             [by_name[n] if t.counted else torch.zeros_like(by_name[n]) for n, t in zip(names, self.tensors)]
         )
         grams = self.comm.sum(local) if self.sharded else local
-        numels = [t.param.numel() for t in self.tensors]  # full tensors' sizes (DTensor: global)
+        numels = [t.numel for t in self.tensors]  # full tensors' sizes (all ranks)
         decision = None
         if self.comm.rank == 0:  # every rank has the same Gram matrices; rank 0 decides for all
             decision = decide_jump(names, numels, list(grams), steps, self.anchor_step, requested, c)
@@ -591,6 +656,7 @@ class Jumper:
             with torch.no_grad():
                 run_job(move.share(moved), [sink], self._engine(), executor=executor("threads"))
                 sink.finish()
+                self._moved()
                 if c.reward_guard:
                     self._remember_delta(steps[-1])
             self.jumps += 1
@@ -600,6 +666,18 @@ class Jumper:
         metrics.update(jumps=self.jumps, virtual_step=step + self.virtual_offset, snapshots_spilled=self.store.spilled)
         self._anchor(step)
         return metrics
+
+    def _moved(self) -> None:
+        """After the master slices moved: the copies the model computes with follow (ZeRO-3 bf16
+        partitions; then the parameters ZeRO-3 keeps whole on every rank, gathered again as
+        DeepSpeed does after a step). Every rank runs it."""
+        for t in self.tensors:
+            t.sync()
+        zero3 = _zero3_optimizer(self.optimizer)
+        persistent = getattr(zero3, "persistent_parameters", None) if zero3 is not None else None
+        if persistent:  # release their stale whole copies, then gather the moved partitions
+            persistent[0].partition(persistent)
+            persistent[0].all_gather(persistent)
 
     # -- the reward guard
 
@@ -646,6 +724,7 @@ class Jumper:
             with torch.no_grad():
                 for t in self.tensors:
                     t.local.sub_(delta.read(t.name).to(t.local.device, t.local.dtype).view(t.local.shape))
+                self._moved()
             self.reverted += 1
             self.virtual_offset -= check.ahead
             log.info(

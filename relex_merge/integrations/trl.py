@@ -64,10 +64,10 @@ class RelexCallback(TrainerCallback):
 
     # -- TrainerCallback events
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None:
             raise ValueError("RelexCallback: the trainer passed no model to on_train_begin")
-        self.jumper.begin(model, state.global_step)
+        self.jumper.begin(model, state.global_step, optimizer)
         self._begun = True
         reporters = [r for r in (getattr(args, "report_to", None) or []) if r not in ("none", None)]
         if reporters and not self._attached:

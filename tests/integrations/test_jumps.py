@@ -217,3 +217,10 @@ def test_refuses_parameters_it_cannot_move():
         Jumper(every=4).begin(model)
     with pytest.raises(RelexError, match="begin"):
         Jumper(every=4).after_step(1)
+
+    class ZeroOneTwo:  # DeepSpeed ZeRO-1/2's optimizer, as accelerate wraps it
+        def __init__(self):
+            self.optimizer = type("Inner", (), {"single_partition_of_fp32_groups": []})()
+
+    with pytest.raises(RelexError, match="ZeRO-1/2"):
+        Jumper(every=4).begin(Net(), 0, ZeroOneTwo())
