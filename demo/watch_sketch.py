@@ -82,6 +82,7 @@ def error(work: Path) -> list[dict]:
     from relex_merge.workflows.watch import Watcher
 
     rows = []
+    work.mkdir(parents=True, exist_ok=True)
     for record_file in sorted(CALIBRATION.glob("*/run.json")):
         record = json.loads(record_file.read_text())["run"]
         folder = record_file.parent

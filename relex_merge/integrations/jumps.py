@@ -663,6 +663,8 @@ class Jumper:
             self.virtual_offset += decision.ahead
             if c.reward_guard:
                 self._arm_reward_guard(step, decision.ahead)
+        for reader in job.readers:
+            reader.close()  # spilled snapshots are open files
         metrics.update(jumps=self.jumps, virtual_step=step + self.virtual_offset, snapshots_spilled=self.store.spilled)
         self._anchor(step)
         return metrics
@@ -688,6 +690,7 @@ class Jumper:
         for t in self.tensors:
             dtype = torch.float64 if t.local.dtype == torch.float64 else torch.float32
             delta[t.name] = t.local.detach().to("cpu", dtype) - before.read(t.name).to(dtype)
+        before.close()
         self.store.put("delta", delta)
 
     def _arm_reward_guard(self, step: int, ahead: int) -> None:
@@ -725,6 +728,7 @@ class Jumper:
                 for t in self.tensors:
                     t.local.sub_(delta.read(t.name).to(t.local.device, t.local.dtype).view(t.local.shape))
                 self._moved()
+            delta.close()
             self.reverted += 1
             self.virtual_offset -= check.ahead
             log.info(
