@@ -15,7 +15,7 @@ from relex_merge.common.errors import RelexError, resolved_against
 from relex_merge.config.schema import ModelEntry, ModelParameters, RelexConfig, TrajectorySpec
 from relex_merge.io.formats import has_weights
 
-__all__ = ["discover_steps", "expand_trajectory", "LAYOUTS"]
+__all__ = ["discover_steps", "expand_trajectory", "select_steps", "weights_dir", "LAYOUTS"]
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ _STEP_PARENTS = ("_actor", ".", "checkpoint")
 _SAVE_COUNTER = re.compile(r"^checkpoint_(\d+)$")
 
 
-def _weights_dir(step_dir: Path) -> Path:
+def weights_dir(step_dir: Path) -> Path:
     """The folder inside a step directory that holds loadable weights.
 
     verl's FSDP shards in ``actor/`` come before an ``actor/huggingface/`` export: the shards
@@ -124,10 +124,11 @@ def _span(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
 
-def _select_steps(spec: TrajectorySpec, available: list[int], warnings: list[str]) -> list[int]:
+def select_steps(spec: TrajectorySpec, available: list[int], warnings: list[str] | None = None) -> list[int]:
     """The steps ``spec`` selects from those found. A list must be found exactly; a range is every
     checkpoint found in it, and a range reaching past the first or last checkpoint found adds a
     warning naming the steps that have none (the merge goes on with those found)."""
+    warnings = [] if warnings is None else warnings
     if spec.steps is None:
         chosen = available
     elif isinstance(spec.steps, list):
@@ -176,11 +177,11 @@ def expand_trajectory(config: RelexConfig, warnings: list[str] | None = None) ->
     found = discover_steps(Path(spec.run_dir))
     if not found:
         raise RelexError(f"trajectory.run_dir: no step folders in {spec.run_dir}; looked for {'; '.join(LAYOUTS)}")
-    steps = _select_steps(spec, sorted(found), warnings if warnings is not None else [])
+    steps = select_steps(spec, sorted(found), warnings)
     log.debug("trajectory: %d of them selected (steps %s, every %s)", len(steps), spec.steps or "all", spec.every or 1)
     for step in steps:
         _check_trainer_state(found[step], step)
-    models = [ModelEntry(model=str(_weights_dir(found[s])), parameters=ModelParameters(step=s)) for s in steps]
+    models = [ModelEntry(model=str(weights_dir(found[s])), parameters=ModelParameters(step=s)) for s in steps]
     for model in models:
         log.debug("step %d: weights in %s", model.parameters.step, model.model)
     return config.model_copy(update={"models": models, "trajectory": None})

@@ -72,15 +72,22 @@ def block_deltas(
     return base, deltas
 
 
-def span_gram(inputs: Sequence[torch.Tensor], scratch: Scratch, columns: int) -> torch.Tensor:
+def span_gram(inputs: Sequence[torch.Tensor], scratch: Scratch, columns: int, first: int = 0) -> torch.Tensor:
     """T x T float64 Gram matrix of the span's deltas: each block's product in the compute
-    dtype (fast BLAS), summed across blocks in float64."""
+    dtype (fast BLAS), summed across blocks in float64. With ``first`` > 0 only the entries of
+    deltas ``first``.. with every delta (rows and, mirrored, columns); the block of the earlier
+    ones stays zero (a caller that knows it adds it: watch's one new row per checkpoint)."""
     n = inputs[0].numel()
     t = scratch.deltas.shape[0]
     gram = torch.zeros(t, t, dtype=torch.float64, device=scratch.deltas.device)
     for lo in range(0, n, columns):
         _, deltas = block_deltas(inputs, lo, min(n, lo + columns), scratch)
-        gram += (deltas @ deltas.T).to(torch.float64)
+        if first:
+            gram[first:] += (deltas[first:] @ deltas.T).to(torch.float64)
+        else:
+            gram += (deltas @ deltas.T).to(torch.float64)
+    if first:
+        gram[:first, first:] = gram[first:, :first].T
     return gram
 
 

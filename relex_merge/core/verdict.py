@@ -186,14 +186,17 @@ def assess(
     specs: Sequence[RelexSpec],
     tolerance: float | None = None,
     rule: VerdictRule = DEFAULT_RULE,
+    hints: bool = True,
 ) -> Assessment:
-    """Backtest every output's fit (its shape grid, or every family for auto; plus the cheap
-    families, to name a better one) from the Gram matrices, and give each output a verdict by
-    ``rule`` (its tolerance replaced by ``tolerance`` when given)."""
+    """Backtest every output's fit (its shape grid, or every family for auto; plus, with
+    ``hints``, the cheap families, to name a better one) from the Gram matrices, and give each
+    output a verdict by ``rule`` (its tolerance replaced by ``tolerance`` when given). The
+    training callback passes ``hints=False``: it only needs the verdicts, and the hint
+    families are most of the backtest's cost."""
     rule = rule.with_tolerance(tolerance)
     spec = specs[0]  # rank, window, mode and re-fitting are shared by the outputs
     wanted = [s.fit for s in specs]
-    if any(fit.resolved is not None for fit in wanted):
+    if hints and any(fit.resolved is not None for fit in wanted):
         wanted += hint_candidates(spec, steps)
     backtest = Backtest.for_fits(steps, spec, wanted)
     for gram in grams:

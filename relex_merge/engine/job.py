@@ -41,6 +41,12 @@ class MergeJob:
     scales: Sequence[float] | None = None  # per-output scale (sweep); else spec.scale for all
     fits: Sequence[FitSpec] | None = None  # per-output fit (auto, sweep); else spec.fit for all
     tensors: Sequence[str] | None = None  # this process's share of the tensors (distributed); None: all
+    # explicit output weights per tensor (n_outputs x T, float64), decided outside from the whole
+    # model's Gram matrices (the training callback's jumps): the fit is skipped, the kernels are the same
+    weights: Mapping[str, torch.Tensor] | None = None
+    # the first gram_from checkpoints' Gram block is gram_cache's (gram_from x gram_from): the Gram
+    # pass computes only the later checkpoints' rows (watch: one new row per checkpoint)
+    gram_from: int = 0
 
     def names(self) -> list[str]:
         """The tensors this job runs, in the base's order."""
@@ -80,7 +86,7 @@ class MergeJob:
 
     def gram_only(self) -> MergeJob:
         """The same window without targets: Gram matrices and diagnostics only (analyze)."""
-        return replace(self, targets=[], scales=None, fits=None)
+        return replace(self, targets=[], scales=None, fits=None, weights=None)
 
     def share(self, tensors: Sequence[str]) -> MergeJob:
         """The same job restricted to some tensors (one process's share of a distributed run)."""

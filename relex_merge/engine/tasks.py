@@ -119,7 +119,7 @@ def planned_read_bytes(job: MergeJob) -> int:
             total += meta.nbytes if job.targets else 0
             continue
         window = sum(r.meta(name).nbytes for r in job.readers)
-        cached = bool(job.gram_cache and name in job.gram_cache)
+        cached = bool(job.gram_cache and name in job.gram_cache) and not job.gram_from
         total += window * ((0 if cached else 1) + (1 if job.targets else 0))
     return total
 
@@ -193,7 +193,7 @@ class SpanRunner:
         result.read_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if span.phase == "gram":
-            result.gram = span_gram(inputs, self._scratch(span.numel), self.columns).cpu()
+            result.gram = span_gram(inputs, self._scratch(span.numel), self.columns, self.job.gram_from).cpu()
             result.math_seconds = time.perf_counter() - start
             return result
         if span.phase == "copy":
@@ -301,13 +301,22 @@ class TensorTasks:
             cached = job.gram_cache.get(name) if job.gram_cache else None
             if not meta.dtype.is_floating_point:
                 phase = "copy"
-            elif cached is not None:
+            elif cached is not None and not job.gram_from:
                 phase = "emit"
             else:
                 phase = "gram"
             pieces = [Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
             log.debug("%s: %d span(s); first pass: %s", name, len(pieces), _FIRST_PASS[phase])
-            gram = torch.zeros(n, n, dtype=torch.float64) if cached is None else cached.to("cpu", torch.float64)
+            if cached is None:
+                gram = torch.zeros(n, n, dtype=torch.float64)
+            elif job.gram_from:  # the earlier block is known; the spans add the new rows
+                k = job.gram_from
+                if tuple(cached.shape) != (k, k):
+                    raise RelexError(f"tensor {name}: a known Gram block of {tuple(cached.shape)}, expected {(k, k)}")
+                gram = torch.zeros(n, n, dtype=torch.float64)
+                gram[:k, :k] = cached.to("cpu", torch.float64)
+            else:
+                gram = cached.to("cpu", torch.float64)
             passes = (1 if phase == "gram" else 0) + (1 if job.targets else 0)
             self.states[name] = _TensorState(pieces, len(pieces), gram, passes)
             if phase == "emit":
@@ -340,7 +349,10 @@ class TensorTasks:
     def _start_outputs(self, name: str) -> None:
         state = self.states[name]
         start = time.perf_counter()
-        self.runner.weights[name] = _weights(state.gram, self.job)
+        given = self.job.weights
+        self.runner.weights[name] = (
+            given[name].to(torch.float64) if given is not None else _weights(state.gram, self.job)
+        )
         self.stats.fit_seconds += time.perf_counter() - start
         state.remaining = len(state.spans)
         for span in state.spans[:PREFETCH_SPANS]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relex_merge.common.errors import RelexError
-from relex_merge.config.trajectory import _weights_dir, discover_steps
+from relex_merge.config.trajectory import weights_dir, discover_steps
 
 
 def _save(folder: Path, file: str = "model.safetensors") -> Path:
@@ -49,7 +49,7 @@ def test_each_layouts_step_folder_and_weights(tmp_path):
             _save(run / "step_7" / "optimizer_0", "__0_0.distcp")  # never the optimizer's DCP
         found = discover_steps(run)
         assert list(found) == [7], name
-        assert _weights_dir(found[7]) == run / weights, name
+        assert weights_dir(found[7]) == run / weights, name
 
 
 def test_a_step_twice_is_refused(tmp_path):

@@ -130,21 +130,21 @@ def test_unknown_weight_file_type(tmp_path):
 
 def test_trajectory_finds_zero_shards_before_an_hf_export(tmp_path):
     """trajectory: asks the registry for weight patterns, so a ZeRO actor/ is found like verl shards."""
-    from relex_merge.config.trajectory import _weights_dir
+    from relex_merge.config.trajectory import weights_dir
 
     actor = tmp_path / "global_step_10" / "actor"
     (actor / "huggingface").mkdir(parents=True)
     (actor / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     (actor / "huggingface" / "model.safetensors").write_bytes(b"")
-    assert _weights_dir(tmp_path / "global_step_10") == actor
+    assert weights_dir(tmp_path / "global_step_10") == actor
     # HF Trainer + DeepSpeed: checkpoint-N holds `latest` and the tag folder it names
     step = tmp_path / "checkpoint-10"
     (step / "global_step10").mkdir(parents=True)
     (step / "global_step10" / "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"")
     (step / "latest").write_text("global_step10")
-    assert _weights_dir(step) == step / "global_step10"
+    assert weights_dir(step) == step / "global_step10"
     (step / "model.safetensors").write_bytes(b"")  # its own HF weights come first
-    assert _weights_dir(step) == step
+    assert weights_dir(step) == step
 
 
 # --- damaged files: one-line errors; anything else propagates -----------------------------------
