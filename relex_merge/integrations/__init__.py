@@ -9,3 +9,5 @@
 The math is core's (relex_weights, Backtest, assess/judge) and the passes over the weights are the
 engine's, so a jump is exactly what ``relex-merge merge`` would write for the same window.
 """
+
+__all__: list[str] = []  # the integrations are imported from their modules (they need a trainer library)

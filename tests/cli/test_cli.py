@@ -317,7 +317,7 @@ def test_the_horizon_is_printed_one_way_everywhere(qwen_run, tmp_path):
     written = (tmp_path / "out" / "relex_config.yml").read_text()
     assert "| horizon past the window | 1.2x the window span |" in card
     assert "| target horizon | 1.2x the window span |" in card
-    for text in (merged.stdout, card, written, analysed.stdout):
+    for text in (merged.stderr, card, written, analysed.stdout):  # a merge's verdict goes to stderr
         assert "step 12 is 1.2x the window span past its end" in text
         # no other spelling of a horizon: "1.20 x", "1.20x", "1.2 x"
         assert not re.findall(r"\d\.\d\d ?x\b|\d x\b", text.replace("x the true", "")), text
