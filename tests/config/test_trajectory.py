@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from relex_merge.common.errors import RelexError
-from relex_merge.config.trajectory import weights_dir, discover_steps
+from relex_merge.config.trajectory import discover_steps, weights_dir
 
 
 def _save(folder: Path, file: str = "model.safetensors") -> Path:

@@ -147,9 +147,9 @@ def test_a_trajectory_merge_equals_the_merge_of_the_references(writer, tmp_path,
         refused = run_cli(str(cfg), str(tmp_path / "out"))
         assert refused.exit_code == 2
         assert refused.stderr.strip() == (
-            f"error: {cfg}: trajectory.run_dir: {counted / 'checkpoints'} holds accelerate's checkpoint_0, checkpoint_1, "
-            "checkpoint_2 folders, numbered by save, not by optimizer step; list them under models: with the "
-            "step each was saved at"
+            f"error: {cfg}: trajectory.run_dir: {counted / 'checkpoints'} holds accelerate's checkpoint_0, "
+            "checkpoint_1, checkpoint_2 folders, numbered by save, not by optimizer step; list them under models: "
+            "with the step each was saved at"
         )
         assert not (tmp_path / "out").exists()
         return
