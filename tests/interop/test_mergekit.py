@@ -233,7 +233,7 @@ def test_shipped_multistage_configs_run(tmp_path):
         assert_state_matches(load_state(out), want, base)
         generate(out)
         # an example does not contradict itself: its relex stage's own verdict supports it
-        verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict: ")]
+        verdicts = [line for line in result.stderr.splitlines() if line.startswith("verdict: ")]
         if name == "relex-then-ties.yml":
             assert len(verdicts) == 1 and verdicts[0].startswith("verdict: SUPPORTED: step 16 is 1.1x"), verdicts
 
