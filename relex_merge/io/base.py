@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 
 from relex_merge.common.errors import RelexError
+from relex_merge.io.pickles import restricted_torch_load
 
 __all__ = [
     "TensorMeta",
@@ -182,13 +183,10 @@ def load_torch_file(file: Path, allow_unsafe_pickle: bool = False):
     """torch.load with mmap, weights-only unless the user trusts the file; one-line errors for
     files that are not readable torch checkpoints (other exceptions propagate)."""
     try:
-        return torch.load(file, map_location="cpu", mmap=True, weights_only=not allow_unsafe_pickle)
+        if allow_unsafe_pickle:
+            return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+        return restricted_torch_load(file)  # a refusal: one RelexError line
     except pickle.UnpicklingError as exc:
-        if "Weights only load failed" in str(exc):
-            raise RelexError(
-                f"{file}: this pickle holds more than tensors and could run code when loaded; "
-                "pass --allow-unsafe-pickle only if you trust where it came from"
-            ) from None
         raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
     except UNREADABLE_TORCH_FILE as exc:
         raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None

@@ -209,8 +209,8 @@ def test_unsafe_pickle_is_refused_unless_allowed(qwen_run, tmp_path):
     refused = run_cli(str(cfg), str(tmp_path / "out"))
     assert refused.exit_code == 2
     assert refused.stderr.strip() == (
-        f"error: {folder / 'pytorch_model.bin'}: this pickle holds more than tensors and could run code when "
-        "loaded; pass --allow-unsafe-pickle only if you trust where it came from"
+        f"error: {folder / 'pytorch_model.bin'}: refusing to unpickle fractions.Fraction, which this format never "
+        "holds (it could run code); pass --allow-unsafe-pickle only if you trust where it came from"
     )
     allowed = run_cli(str(cfg), str(tmp_path / "out"), "--allow-unsafe-pickle", "-q")
     assert allowed.exit_code == 0, allowed.output

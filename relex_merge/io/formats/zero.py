@@ -11,11 +11,13 @@ planning warns). ``relex-merge convert`` (one checkpoint at a time) avoids it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
 from relex_merge.common.errors import RelexError
 from relex_merge.io.base import UNREADABLE_TORCH_FILE, CheckpointFormat, StateDictReader, glob_any
+from relex_merge.io.pickles import check_zero_files, forced_weights_only, refused, weights_only_refusal, zero_classes
 
 __all__ = ["FORMAT", "zero_reader"]
 
@@ -30,7 +32,8 @@ def detect(folder: Path) -> bool:
 
 
 def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictReader:
-    """The model's fp32 weights, consolidated by DeepSpeed (which loads its own pickles)."""
+    """The model's fp32 weights, consolidated by DeepSpeed (which loads its own pickles: every
+    file is checked weights-only first, and DeepSpeed's loads run weights-only, unless trusted)."""
     try:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     except ImportError:
@@ -38,6 +41,8 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
             f"{folder}: a DeepSpeed ZeRO checkpoint; reading it needs DeepSpeed: pip install deepspeed "
             "(or run the zero_to_fp32.py script DeepSpeed saved beside it)"
         ) from None
+    if not allow_unsafe_pickle:
+        check_zero_files(folder)
     # A folder with `latest` holds tags (global_stepN/); a tag folder is read directly.
     if (folder / "latest").is_file():
         root, tag = folder, None
@@ -45,8 +50,11 @@ def zero_reader(folder: Path, allow_unsafe_pickle: bool = False) -> StateDictRea
         root, tag = folder.parent, folder.name
     log.debug("%s: consolidating with DeepSpeed (checkpoint dir %s, tag %s)", folder, root, tag or "from latest")
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
-    except UNREADABLE_TORCH_FILE as exc:  # DeepSpeed's own: OSError, ValueError, KeyError
+        with contextlib.nullcontext() if allow_unsafe_pickle else forced_weights_only(zero_classes()):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    except UNREADABLE_TORCH_FILE as exc:
+        if weights_only_refusal(exc):
+            raise refused(folder, weights_only_refusal(exc)) from None  # DeepSpeed's own: OSError, ValueError, KeyError
         raise RelexError(f"{folder}: cannot consolidate the ZeRO checkpoint ({exc})") from None
     files = sorted(p for pattern in _PATTERNS for p in folder.glob(pattern))
     reader = StateDictReader(folder, dict(state), files)
