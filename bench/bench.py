@@ -19,6 +19,8 @@ along one direction linearly in the step, plus noise), then measures, interleave
                         is interpreter and library loading, not merging
   relex (1 thread)      --threads 1: one process, one worker (the base of the scaling rows)
   relex (torchrun xN)   torchrun --nproc-per-node N -m relex_merge ... --threads 1 (--processes N)
+  baseline: ...         with --baseline DIR: the relex rows above run from another checkout
+                        (PYTHONPATH=DIR), interleaved: what a change costs
 
 With --zero WORK (a DeepSpeed ZeRO-3 window that bench/make_zero_window.py wrote; DeepSpeed is
 needed to write it, not here), it measures instead a merge of that window read straight from
@@ -314,6 +316,12 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--zero", type=Path, help="measure merging the DeepSpeed window bench/make_zero_window.py wrote"
     )
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of relex-merge: its merge, small-budget and analyze rows too (PYTHONPATH=DIR), "
+        "interleaved, to measure a change (e.g. the deterministic kernels against the commit before them)",
+    )
     args = parser.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -431,6 +439,16 @@ def main(argv=None) -> None:
             "--threads",
             "1",
         ]
+    if args.baseline:
+        for name in list(candidates):
+            if (
+                name.startswith("relex-merge (1 target)")
+                or name.startswith("relex-merge (--max-memory")
+                or (name.startswith("relex-merge analyze"))
+            ):
+                cmd = [a.replace(f"{outs}/", f"{outs}/baseline-") for a in candidates[name]]
+                cmd = [sys.executable, "-m", "relex_merge", *cmd[1:]]
+                candidates[f"baseline: {name}"] = ["env", f"PYTHONPATH={args.baseline.resolve()}", *cmd]
     cold = {}
     if args.cold:
         cold = {f"cold cache: {name}": candidates[name] for name in ("read floor", "relex-merge (1 target)")}
@@ -494,6 +512,7 @@ def main(argv=None) -> None:
         + (f" --skip {args.skip}" if args.skip else "")
         + (" --cold" if args.cold else "")
         + (f" --processes {args.processes}" if args.processes != 2 else "")
+        + (f" --baseline {args.baseline}" if args.baseline else "")
         + "`\n"
     )
     table = header + "\n" + "\n".join(rows) + "\n"

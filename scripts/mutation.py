@@ -71,7 +71,7 @@ MODULES: dict[str, tuple[list[str], list[str] | None]] = {
     # the engine's span/row bookkeeping and the Gram summation, not the scheduler's threading
     "relex_merge/engine/tasks.py": (
         _ENGINE_TESTS,
-        ["plan_spans", "row_ranges", "chunk_rows", "ǁ_TensorStateǁcomplete_gram"],
+        ["plan_spans", "row_ranges", "chunk_rows", "ǁ_TensorStateǁadd_gram"],
     ),
     # the reader every merge of HF checkpoints uses: header parsing, size checks, row spans
     "relex_merge/io/formats/safetensors.py": (

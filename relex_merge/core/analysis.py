@@ -14,6 +14,7 @@ import torch
 from relex_merge.common.units import horizon_text
 from relex_merge.core import fits
 from relex_merge.core.backtest import STOP, Backtest, horizon, window_steps
+from relex_merge.core.kernels import single_threaded
 from relex_merge.core.relex import FitSpec, RelexSpec, diagnostics, top_components, window_indices
 from relex_merge.core.rule import DEFAULT_RULE
 from relex_merge.core.verdict import assess
@@ -146,6 +147,7 @@ def _binned(bt: Backtest, key, bins) -> list[float | None]:
     return out
 
 
+@single_threaded
 def analyze_grams(
     names: Sequence[str],
     numels: Sequence[int],

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from relex_merge.core import fits
+from relex_merge.core.kernels import single_threaded
 from relex_merge.core.relex import (
     FitSpec,
     RelexSpec,
@@ -185,6 +186,7 @@ class Backtest:
             candidates += [c for c in shape_candidates(fit, steps, spec) if c not in candidates]
         return cls(window_steps(steps, spec), spec, candidates)
 
+    @single_threaded
     def add(self, gram: torch.Tensor) -> None:
         """One tensor's Gram matrix (over all the checkpoints; the window is taken here)."""
         if not bool(torch.isfinite(gram).all()):

@@ -1,59 +1,147 @@
 """Per-span kernels of the engine: deltas, Gram products and weighted sums over one span of
-one tensor, taken in blocks that stay in the CPU cache.
+one tensor, in an order fixed by the tensor's shape alone.
 
 The inputs of a span (base first, then the window's checkpoints) are flat tensors, usually
 views of the memory-mapped files. Each block's deltas are formed in a scratch buffer and used
 at once, so the T x n deltas of a tensor never exist in memory: the traffic to RAM is reading
 the inputs (and writing the outputs).
+
+Same bytes whatever the threads, processes, memory budget or alignment (docs/performance.md):
+
+* The Gram matrix of a tensor is a sum over fixed *chunks*: whole rows, about CHUNK_ELEMENTS
+  elements (``gram_chunk(shape)``). The engine's spans are whole numbers of chunks, so a chunk
+  never depends on the span size; ``span_gram`` returns one float64 Gram matrix per chunk and
+  ``fold_grams`` adds them in chunk order, whoever computed them and whenever.
+* Inside a chunk, blocks of the scratch's width (``block_columns``: fixed by T and the compute
+  dtype) go through one GEMM each on one BLAS thread (``one_thread``), from a scratch buffer that
+  is always that wide (the same leading dimension and alignment), added in block order in float64.
+  A BLAS (MKL) splits and vectorises a product by thread count and alignment; here neither varies.
+* Outputs are elementwise: each product w_jk * delta_k rounded once, summed over k by a pairwise
+  tree whose shape depends on T only, then added to the base (no GEMM, no FMA, no reduction whose
+  order depends on the vector width or the threads). Given the same weights, the output bytes are
+  the same on every IEEE-754 machine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
-__all__ = ["BLOCK_BYTES", "Scratch", "block_columns", "block_deltas", "span_gram", "span_outputs"]
+__all__ = [
+    "BLOCK_BYTES",
+    "CHUNK_ELEMENTS",
+    "Scratch",
+    "block_columns",
+    "block_deltas",
+    "fold_grams",
+    "gram_chunk",
+    "gram_chunk_rows",
+    "one_thread",
+    "single_threaded",
+    "span_gram",
+    "span_outputs",
+    "tree_sum_rows",
+]
+
+# The Gram reduction unit: whole rows, about this many elements (at least one row). A constant:
+# it must not depend on the memory budget, the worker count or the machine.
+CHUNK_ELEMENTS = 1 << 16
 
 # A block's deltas (T x block in the compute dtype) should stay in cache. One worker alone is
 # fastest with blocks in L2 (1 MB on the 2-core bench machine), but the workers share the GIL
 # for the few Python steps per block: with two workers 4-16 MB blocks (in L3) measured 30-40%
-# faster than 1 MB ones, 512 kB slower again.
+# faster than 1 MB ones, 512 kB slower again. The width is a multiple of 16 elements, so every
+# scratch row starts 64-byte aligned.
 BLOCK_BYTES = 4 << 20
 MIN_BLOCK, MAX_BLOCK = 4096, 1 << 20
 
 
-def block_columns(n_checkpoints: int, compute_dtype: torch.dtype, device: torch.device) -> int:
-    """Columns per block: cache-sized on the CPU; on an accelerator a whole span is one block."""
-    if device.type != "cpu":
-        return 1 << 62
+def block_columns(n_checkpoints: int, compute_dtype: torch.dtype) -> int:
+    """Columns per block: fixed by T and the compute dtype only (never the device, span or budget)."""
     columns = BLOCK_BYTES // max(1, n_checkpoints * compute_dtype.itemsize)
-    return max(MIN_BLOCK, min(MAX_BLOCK, columns))
+    return max(MIN_BLOCK, min(MAX_BLOCK, columns)) // 16 * 16
+
+
+def gram_chunk_rows(shape: Sequence[int]) -> int:
+    """Rows per Gram chunk of a tensor of this shape: about CHUNK_ELEMENTS elements, at least one row."""
+    if not shape:
+        return 1
+    row_elements = math.prod(shape[1:])
+    return max(1, min(shape[0], CHUNK_ELEMENTS // max(row_elements, 1)))
+
+
+def gram_chunk(shape: Sequence[int]) -> int:
+    """Elements per Gram chunk of a tensor of this shape (its last chunk may be shorter)."""
+    return max(1, gram_chunk_rows(shape) * math.prod(shape[1:]))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch (OpenMP, and MKL on this thread) on one intra-op thread in the body, restored after.
+    ``torch.set_num_threads`` also sets MKL's thread-local count, which a fresh thread would
+    otherwise take from OMP_NUM_THREADS or the core count."""
+    previous = torch.get_num_threads()
+    if previous != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if previous != 1:
+            torch.set_num_threads(previous)
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def single_threaded(function: F) -> F:
+    """``function`` run under ``one_thread``: for the fit math (eigh, pinv, small products) whose
+    LAPACK/BLAS results may depend on the thread count."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with one_thread():
+            return function(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass
 class Scratch:
-    """One worker's reusable block buffers (fresh allocations would page-fault every time)."""
+    """One worker's reusable block buffers, all as wide as a block (fresh allocations would
+    page-fault every time; a fixed width keeps every GEMM's leading dimension and alignment)."""
 
-    base: torch.Tensor  # block, compute dtype
-    deltas: torch.Tensor  # T x block
-    outputs: torch.Tensor  # n_outputs x block
+    base: torch.Tensor  # columns, compute dtype
+    deltas: torch.Tensor  # T x columns
+    products: torch.Tensor  # T x columns: w_jk * delta_k of an output
+    gram: torch.Tensor  # T x T, compute dtype: one block's product
 
     @classmethod
-    def allocate(cls, n_checkpoints: int, n_outputs: int, columns: int, dtype: torch.dtype, device: torch.device):
-        """Uninitialised buffers for blocks of ``columns`` elements (at least one output row)."""
+    def allocate(cls, n_checkpoints: int, columns: int, dtype: torch.dtype, device: torch.device):
+        """Uninitialised buffers for blocks of ``columns`` elements (``block_columns`` in the engine)."""
         return cls(
             torch.empty(columns, dtype=dtype, device=device),
             torch.empty(n_checkpoints, columns, dtype=dtype, device=device),
-            torch.empty(max(n_outputs, 1), columns, dtype=dtype, device=device),
+            torch.empty(n_checkpoints, columns, dtype=dtype, device=device),
+            torch.empty(n_checkpoints, n_checkpoints, dtype=dtype, device=device),
         )
+
+    @property
+    def columns(self) -> int:
+        """The block width."""
+        return self.deltas.shape[1]
 
 
 def block_deltas(
     inputs: Sequence[torch.Tensor], lo: int, hi: int, scratch: Scratch
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(base, deltas) of columns lo:hi in the compute dtype; deltas[k] = inputs[k+1] - base.
+    """(base, deltas) of columns lo:hi in the compute dtype; deltas[k] = inputs[k+1] - base, at
+    the start of the scratch's rows.
 
     Inputs in another dtype (bf16 checkpoints) are converted before subtracting: one RL
     step's delta is often below one bf16 ulp of the weight."""
@@ -72,29 +160,59 @@ def block_deltas(
     return base, deltas
 
 
-def span_gram(inputs: Sequence[torch.Tensor], scratch: Scratch, columns: int, first: int = 0) -> torch.Tensor:
-    """T x T float64 Gram matrix of the span's deltas: each block's product in the compute
-    dtype (fast BLAS), summed across blocks in float64. With ``first`` > 0 only the entries of
-    deltas ``first``.. with every delta (rows and, mirrored, columns); the block of the earlier
-    ones stays zero (a caller that knows it adds it: watch's one new row per checkpoint)."""
+def span_gram(inputs: Sequence[torch.Tensor], scratch: Scratch, chunk: int, first: int = 0) -> torch.Tensor:
+    """One T x T float64 Gram matrix of the deltas per chunk of ``chunk`` elements of the span
+    (n_chunks x T x T, on the compute device). The span starts on a chunk boundary; only the tensor's last
+    chunk is shorter. Each block's product in the compute dtype (one GEMM on one thread), added
+    in block order in float64. Sum the chunks with ``fold_grams``. With ``first`` > 0 only the
+    entries of deltas ``first``.. with every delta (rows and, mirrored, columns); the block of the
+    earlier ones stays zero (a caller that knows it adds it: watch's one new row per checkpoint)."""
     n = inputs[0].numel()
     t = scratch.deltas.shape[0]
-    gram = torch.zeros(t, t, dtype=torch.float64, device=scratch.deltas.device)
-    for lo in range(0, n, columns):
-        _, deltas = block_deltas(inputs, lo, min(n, lo + columns), scratch)
-        if first:
-            gram[first:] += (deltas[first:] @ deltas.T).to(torch.float64)
-        else:
-            gram += (deltas @ deltas.T).to(torch.float64)
+    n_chunks = max(1, -(-n // chunk))
+    grams = torch.zeros(n_chunks, t, t, dtype=torch.float64, device=scratch.deltas.device)
+    width = scratch.columns
+    with one_thread():
+        for c in range(n_chunks):
+            lo_c, hi_c = c * chunk, min(n, (c + 1) * chunk)
+            acc = grams[c]
+            for lo in range(lo_c, hi_c, width):
+                _, deltas = block_deltas(inputs, lo, min(hi_c, lo + width), scratch)
+                if first:
+                    acc[first:] += deltas[first:] @ deltas.T
+                else:
+                    torch.mm(deltas, deltas.T, out=scratch.gram)
+                    acc += scratch.gram  # float64 += compute dtype: converted exactly, one rounding
     if first:
-        gram[:first, first:] = gram[first:, :first].T
-    return gram
+        grams[:, :first, first:] = grams[:, first:, :first].transpose(1, 2)
+    return grams
 
 
-def span_outputs(
-    inputs: Sequence[torch.Tensor], weights: torch.Tensor, scratch: Scratch, columns: int, out: torch.Tensor
-) -> None:
-    """out[j] = base + sum_k weights[j, k] * delta_k over the span (out: n_outputs x n, any dtype).
+def fold_grams(grams: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """``total`` (zeros when None) plus each chunk's Gram matrix, one after another in chunk
+    order: float64 addition is not associative, so the order is part of the result."""
+    if total is None:
+        total = torch.zeros(grams.shape[1:], dtype=torch.float64)
+    for gram in grams:
+        total += gram
+    return total
+
+
+def tree_sum_rows(x: torch.Tensor) -> torch.Tensor:
+    """The sum of the rows of x (m x k), in place, by a pairwise tree fixed by m: rows i and
+    m - h + i are added for i < h = m // 2, then m -= h, until one row is left (row 0, returned)."""
+    m = x.shape[0]
+    while m > 1:
+        h = m // 2
+        x[:h].add_(x[m - h : m])
+        m -= h
+    return x[0]
+
+
+def span_outputs(inputs: Sequence[torch.Tensor], weights: torch.Tensor, scratch: Scratch, out: torch.Tensor) -> None:
+    """out[j] = base + sum_k weights[j, k] * delta_k over the span (out: n_outputs x n, any
+    dtype), elementwise: each product rounded once to the compute dtype, the sum over k a fixed
+    pairwise tree, the base added, then one rounding to the output dtype.
 
     All-zero weights (unchanged tensors, and non-finite ones under --allow-nonfinite) copy the
     base, so NaN deltas never meet a zero weight (0 * NaN is NaN)."""
@@ -102,10 +220,16 @@ def span_outputs(
     if not bool(weights.any()):
         out.copy_(inputs[0].to(out.device).unsqueeze(0).expand_as(out))
         return
-    w = weights.to(scratch.deltas.device, scratch.deltas.dtype)
-    for lo in range(0, n, columns):
-        hi = min(n, lo + columns)
+    w = weights.to(scratch.deltas.device, scratch.deltas.dtype).unsqueeze(2)  # n_out x T x 1
+    width = scratch.columns
+    last = w.shape[0] - 1
+    for lo in range(0, n, width):
+        hi = min(n, lo + width)
         base, deltas = block_deltas(inputs, lo, hi, scratch)
-        block = scratch.outputs[: w.shape[0], : hi - lo]
-        torch.addmm(base.unsqueeze(0).expand_as(block), w, deltas, out=block)
-        out[:, lo:hi].copy_(block)
+        for j in range(w.shape[0]):
+            # the last output works in place in the deltas (one output: no second buffer)
+            if j == last:
+                products = deltas.mul_(w[j])
+            else:
+                products = torch.mul(deltas, w[j], out=scratch.products[:, : hi - lo])
+            torch.add(base, tree_sum_rows(products), out=out[j, lo:hi])

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 
 from relex_merge.core import fits
+from relex_merge.core.kernels import single_threaded
 
 __all__ = [
     "FitSpec",
@@ -249,6 +250,7 @@ def predict_coefficients(
     return fit.curve_family.fit(x, values, fit.shape, fit.origin_step)(t)
 
 
+@single_threaded
 def relex_weights(
     gram: torch.Tensor, steps: Sequence[float], targets: Sequence[float], spec: RelexSpec
 ) -> torch.Tensor:
@@ -295,6 +297,7 @@ def direct_weights(steps: Sequence[float], targets: Sequence[float], spec: Relex
     return family.window_weights(x, t, fit.shape)
 
 
+@single_threaded
 def diagnostics(gram: torch.Tensor, steps: Sequence[float], spec: RelexSpec) -> TensorDiagnostics:
     """Explained variance and linear R^2 of the window used by ``spec``."""
     idx = list(window_indices(gram.shape[0], spec.window))

@@ -19,6 +19,7 @@ from relex_merge.core.backtest import (
     shape_candidates,
     window_steps,
 )
+from relex_merge.core.kernels import single_threaded
 from relex_merge.core.relex import FitSpec, RelexSpec
 from relex_merge.core.rule import DEFAULT_RULE, WORDS, VerdictRule
 
@@ -179,6 +180,7 @@ class Assessment:
         return [v for v in self.verdicts if v is not None and not v.supported]
 
 
+@single_threaded
 def assess(
     grams: Iterable[torch.Tensor],
     steps: Sequence[int],

@@ -1,7 +1,9 @@
 """The engine's span tasks, apart from who runs them: every tensor of the job in spans of rows,
-from every input; per tensor a Gram pass over its spans (deltas and their T x T Gram matrix,
-summed in float64 in span order), the fit (weights for every output), then an output pass over
-the same spans that forms base + W @ deltas and writes each span to its place in the outputs.
+from every input; per tensor a Gram pass over its spans (deltas and their T x T Gram matrix per
+fixed chunk of rows, summed in float64 in chunk order), the fit (weights for every output), then
+an output pass over the same spans that forms base + W @ deltas elementwise and writes each span
+to its place in the outputs. Spans are whole numbers of Gram chunks, so no result depends on the
+memory budget, the threads or the processes (relex_merge.core.kernels).
 
 ``TensorTasks`` hands out spans and takes their results (the scheduling state of every tensor);
 ``SpanRunner`` runs one span (read, math, write; it is thread-safe). An executor
@@ -26,7 +28,16 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from relex_merge.common.errors import RelexError
-from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.kernels import (
+    Scratch,
+    block_columns,
+    fold_grams,
+    gram_chunk,
+    gram_chunk_rows,
+    single_threaded,
+    span_gram,
+    span_outputs,
+)
 from relex_merge.core.relex import RelexSpec, diagnostics, relex_weights
 from relex_merge.engine.job import ChunkSink, EngineOptions, EngineStats, MergeJob, ProgressFn, TensorReport
 from relex_merge.io.base import CheckpointReader, TensorMeta, read_span
@@ -88,7 +99,8 @@ class Span:
 
 
 def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[tuple[int, int] | None, int, int]]:
-    """(rows, first element, elements) of each span of a tensor, within the memory budget."""
+    """(rows, first element, elements) of each span of a tensor, within the memory budget: a
+    whole number of Gram chunks (``gram_chunk_rows``), at least one, whatever the budget."""
     meta = job.base.meta(name)
     input_bytes = sum(max(reader.meta(name).dtype.itemsize, 1) for reader in job.readers)
     # what a running span holds per element: its inputs (mapped or read) and its outputs
@@ -104,7 +116,8 @@ def plan_spans(job: MergeJob, options: EngineOptions, name: str) -> list[tuple[t
         log.debug("%s: one span (an input reads whole tensors), over the memory budget", name)
         return [(None, 0, meta.numel)]
     row_elements = meta.numel // meta.rows
-    ranges = row_ranges(meta.rows, max(1, elements // row_elements))
+    per_chunk = gram_chunk_rows(meta.shape)
+    ranges = row_ranges(meta.rows, max(1, elements // row_elements // per_chunk) * per_chunk)
     if len(ranges) == 1:
         return [(None, 0, meta.numel)]
     return [((lo, hi), lo * row_elements, (hi - lo) * row_elements) for lo, hi in ranges]
@@ -130,7 +143,7 @@ class SpanResult:
 
     span: Span
     bytes_read: int
-    gram: torch.Tensor | None = None  # the span's T x T float64 Gram matrix (gram phase only)
+    gram: torch.Tensor | None = None  # n_chunks x T x T float64: its chunks' Gram matrices (gram phase only)
     read_seconds: float = 0.0
     math_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -145,7 +158,7 @@ class SpanRunner:
     def __init__(self, job: MergeJob, options: EngineOptions, sinks: Sequence[ChunkSink]):
         self.job, self.options, self.sinks = job, options, sinks
         self.device = options.device
-        self.columns = block_columns(len(job.checkpoints), job.compute_dtype, self.device)
+        self.columns = block_columns(len(job.checkpoints), job.compute_dtype)
         self._local = threading.local()
         self.weights: dict[str, torch.Tensor] = {}  # set by the main thread before a tensor's outputs
         # readers that declare thread-safe reads (safetensors) share the workers; others
@@ -161,13 +174,12 @@ class SpanRunner:
         with self._read_locks.get(id(reader), _NO_LOCK):
             return read_span(reader, span.name, span.rows).reshape(-1)
 
-    def _scratch(self, numel: int) -> Scratch:
-        columns = min(self.columns, max(numel, 1))
+    def _scratch(self) -> Scratch:
+        """This thread's scratch: always ``block_columns`` wide (the kernels' blocks, hence their
+        results, depend on the width)."""
         scratch = getattr(self._local, "scratch", None)
-        if scratch is None or scratch.deltas.shape[1] < columns:
-            scratch = Scratch.allocate(
-                len(self.job.checkpoints), len(self.sinks), columns, self.job.compute_dtype, self.device
-            )
+        if scratch is None:
+            scratch = Scratch.allocate(len(self.job.checkpoints), self.columns, self.job.compute_dtype, self.device)
             self._local.scratch = scratch
         return scratch
 
@@ -193,14 +205,15 @@ class SpanRunner:
         result.read_seconds = time.perf_counter() - start
         start = time.perf_counter()
         if span.phase == "gram":
-            result.gram = span_gram(inputs, self._scratch(span.numel), self.columns, self.job.gram_from).cpu()
+            chunk = gram_chunk(job.base.meta(span.name).shape)
+            result.gram = span_gram(inputs, self._scratch(), chunk, job.gram_from).cpu()
             result.math_seconds = time.perf_counter() - start
             return result
         if span.phase == "copy":
             outputs = inputs[0].unsqueeze(0).expand(len(self.sinks), -1)
         else:
             outputs = self._output_buffer(span.numel, job.output_meta(span.name).dtype)
-            span_outputs(inputs, self.weights[span.name], self._scratch(span.numel), self.columns, outputs)
+            span_outputs(inputs, self.weights[span.name], self._scratch(), outputs)
             outputs = outputs.cpu()
         del inputs  # unmaps the span's inputs
         result.math_seconds = time.perf_counter() - start
@@ -227,6 +240,7 @@ def _check_finite(job: MergeJob, options: EngineOptions, name: str, gram: torch.
     raise RelexError(f"tensor {name}: the deltas overflow the compute dtype; use dtype: float64")
 
 
+@single_threaded
 def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
     weights = torch.zeros(len(job.targets), gram.shape[0], dtype=torch.float64)
     if not bool(torch.isfinite(gram).all()):  # only reachable with --allow-nonfinite
@@ -239,6 +253,7 @@ def _weights(gram: torch.Tensor, job: MergeJob) -> torch.Tensor:
     return weights
 
 
+@single_threaded
 def _report(name: str, job: MergeJob, gram: torch.Tensor, passes: int) -> TensorReport:
     finite = bool(torch.isfinite(gram).all())
     return TensorReport(
@@ -258,14 +273,18 @@ class _TensorState:
     remaining: int
     gram: torch.Tensor
     passes: int
-    partial_grams: dict[int, torch.Tensor] = field(default_factory=dict)  # span index: its Gram
+    partial_grams: dict[int, torch.Tensor] = field(default_factory=dict)  # span index: its chunks' Grams
+    folded: int = 0  # spans whose chunks are in ``gram``
 
-    def complete_gram(self) -> None:
-        """Sum the spans' Gram matrices in span order, not in the order the workers finished:
-        float64 addition is not associative, and the output must not depend on the timing."""
-        for index in sorted(self.partial_grams):
-            self.gram += self.partial_grams[index]
-        self.partial_grams.clear()
+    def add_gram(self, index: int, grams: torch.Tensor) -> None:
+        """Take span ``index``'s chunk Gram matrices; add every span's that can be added in
+        span order (then chunk order), not in the order the workers finished: float64 addition
+        is not associative, and the output must not depend on the timing. Spans waiting for an
+        earlier one are held (a few KB each)."""
+        self.partial_grams[index] = grams
+        while self.folded in self.partial_grams:
+            fold_grams(self.partial_grams.pop(self.folded), self.gram)
+            self.folded += 1
 
 
 class TensorTasks:
@@ -371,12 +390,11 @@ class TensorTasks:
         self.progress(result.bytes_read, False)
         state = self.states[span.name]
         if result.gram is not None:
-            state.partial_grams[span.index] = result.gram
+            state.add_gram(span.index, result.gram)
         state.remaining -= 1
         if state.remaining:
             return
         if span.phase == "gram":
-            state.complete_gram()
             if not self.options.allow_nonfinite:
                 _check_finite(self.job, self.options, span.name, state.gram)
             if self.job.targets:

@@ -26,7 +26,7 @@ from mergekit.merge_methods.base import BasePolicy, InputContract, MergeMethod, 
 from mergekit.merge_methods.easy_define import merge_method
 
 from relex_merge.core import fits
-from relex_merge.core.kernels import Scratch, block_columns, span_gram, span_outputs
+from relex_merge.core.kernels import Scratch, block_columns, fold_grams, gram_chunk, span_gram, span_outputs
 from relex_merge.core.relex import relex_weights, spec_from_parameters
 
 __all__ = ["METHOD_NAME", "RELEX_METHOD", "register", "relex_group"]
@@ -77,11 +77,11 @@ def _relex_group(
     # the streaming engine's kernels, over the whole tensor as one span
     compute = torch.float64 if base.dtype == torch.float64 else torch.float32
     inputs = [base.reshape(-1)] + [entry.tensor.reshape(-1) for entry in entries]
-    columns = block_columns(len(entries), compute, base.device)
-    scratch = Scratch.allocate(len(entries), 1, min(columns, max(base.numel(), 1)), compute, base.device)
-    weights = relex_weights(span_gram(inputs, scratch, columns).cpu(), steps, [target_step], spec)
+    scratch = Scratch.allocate(len(entries), block_columns(len(entries), compute), compute, base.device)
+    gram = fold_grams(span_gram(inputs, scratch, gram_chunk(base.shape)).cpu())
+    weights = relex_weights(gram, steps, [target_step], spec)
     out = torch.empty(1, base.numel(), dtype=base.dtype, device=base.device)
-    span_outputs(inputs, weights, scratch, columns, out)
+    span_outputs(inputs, weights, scratch, out)
     return out.reshape(base.shape)
 
 

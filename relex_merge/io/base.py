@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from relex_merge.common.errors import RelexError
+from relex_merge.io.pickles import dtensor_safe_globals, refused
 
 __all__ = [
     "TensorMeta",
@@ -211,15 +212,12 @@ def load_torch_file(file: Path, allow_unsafe_pickle: bool = False, known_types: 
         if allow_unsafe_pickle:
             module = _substituting_pickle(known_types) if known_types else pickle
             return torch.load(file, map_location="cpu", mmap=True, weights_only=False, pickle_module=module)
-        with torch.serialization.safe_globals(list(known_types)):
+        with torch.serialization.safe_globals([*dtensor_safe_globals(), *known_types]):
             return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             holds = _unknown_globals(file, known_types)
-            raise RelexError(
-                f"{file}: this pickle holds more than tensors{f' ({holds})' if holds else ''} and could run code "
-                "when loaded; pass --allow-unsafe-pickle only if you trust where it came from"
-            ) from None
+            raise refused(file, holds or "something other than tensors") from None
         raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
     except UNREADABLE_TORCH_FILE as exc:
         raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None

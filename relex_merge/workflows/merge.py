@@ -4,10 +4,11 @@ written atomically, each with the backtest's verdict on its target."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from relex_merge.engine import (
     share_of,
 )
 from relex_merge.interop.mergekit_runner import known_methods, parse_mergekit_config, run_mergekit
+from relex_merge.io.fingerprints import input_record
 from relex_merge.io.hf import is_hf_model
 from relex_merge.output.card import model_card
 from relex_merge.output.folders import check_output_path, copy_side_files, shared_output_dir, write_model_config
@@ -374,11 +376,16 @@ def run_merge(
             where = f"{source}: {stage.label}" if multi else source
             if not final:
                 paths[stage.name] = str(target)
+                stamp = stage_fingerprint(substitute(stage.document, paths), source)
                 if options.lazy and is_hf_model(target):  # stage outputs appear only when complete
-                    progress.note(f"stage '{stage.name}': reusing {target}")
-                    result.stages.append(StageResult(stage.name, stage.method, target, reused=True))
-                    lines.append(_stage_line(stage, result.stages[-1]))
-                    continue
+                    if _read_stamp(target) == stamp:
+                        progress.note(f"stage '{stage.name}': reusing {target}")
+                        result.stages.append(StageResult(stage.name, stage.method, target, reused=True))
+                        lines.append(_stage_line(stage, result.stages[-1]))
+                        continue
+                    progress.note(
+                        f"stage '{stage.name}': {target} was made from another config or other inputs; rebuilding it"
+                    )
                 with group.step("creating the stage folder"):
                     if group.main:
                         stage_root.mkdir(parents=True, exist_ok=True)
@@ -430,11 +437,54 @@ def run_merge(
                             provenance=provenance,
                         )
                 result.stages.append(StageResult(stage.name, stage.method, target))
+            if not final and group.main:  # what --lazy compares before reusing the folder
+                (target / STAMP).write_text(stamp + "\n")
             lines.append(_stage_line(stage, result.stages[-1]))
     finally:
         if multi and options.intermediate_dir is None and stage_root.exists() and group.main:
             shutil.rmtree(stage_root, ignore_errors=True)
     return result
+
+
+STAMP = ".relex-stage"  # in a finished stage's folder: the fingerprint of what made it
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", ".json")
+
+
+def _paths_in(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _paths_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _paths_in(item)
+
+
+def stage_fingerprint(document: Any, source: str) -> str:
+    """A stage's config (its document, earlier stages' folders substituted) and the fast
+    fingerprints of the weight and config files under every path it names: ``--lazy`` reuses a
+    stage folder only when this matches the one stored in it."""
+    import yaml
+
+    digest = hashlib.sha256(yaml.safe_dump(document, sort_keys=True).encode())
+    here = Path(source).parent if source and Path(source).is_file() else Path.cwd()
+    for value in sorted(set(_paths_in(document))):
+        path = Path(value) if Path(value).is_absolute() else here / value
+        if not (path.is_file() or path.is_dir()):
+            continue
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHTS)
+        files = [f for f in files if f.name != STAMP]
+        digest.update(value.encode())
+        digest.update(input_record(value, files, full_hash=False).fingerprint.encode())
+    return digest.hexdigest()
+
+
+def _read_stamp(folder: Path) -> str | None:
+    try:
+        return (folder / STAMP).read_text().strip()
+    except OSError:
+        return None
 
 
 def yaml_dump(document: Any) -> str:

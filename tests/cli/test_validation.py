@@ -399,8 +399,8 @@ CASES = {
     ),
     "unsafe pickle": (
         lambda run, tmp: with_model(base_config(run), 1, _unsafe_pickle(run, tmp)),
-        "{tmp}/pickled/pytorch_model.bin: this pickle holds more than tensors (fractions.Fraction) and could run "
-        "code when loaded; pass --allow-unsafe-pickle only if you trust where it came from",
+        "{tmp}/pickled/pytorch_model.bin: refusing to unpickle fractions.Fraction, which this format never holds "
+        "(it could run code); pass --allow-unsafe-pickle only if you trust where it came from",
     ),
     "output is a file": (
         lambda run, tmp: Case(base_config(run), out=_touch(tmp / "file")),

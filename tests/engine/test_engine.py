@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from relex_merge.common.errors import RelexError
-from relex_merge.core.kernels import Scratch, span_gram, span_outputs
+from relex_merge.core import kernels
+from relex_merge.core.kernels import Scratch, fold_grams, span_gram, span_outputs
 from relex_merge.core.relex import RelexSpec
 from relex_merge.engine import EngineOptions, MergeJob, run_job
 from relex_merge.io.base import TensorMeta
@@ -38,22 +39,25 @@ def test_span_kernels_match_dense_math_across_block_boundaries(columns, dtypes):
     inputs = _inputs(dtypes)
     base = inputs[0].double()
     deltas = torch.stack([x.double() - base for x in inputs[1:]])
-    scratch = Scratch.allocate(3, 2, min(columns, 1000), torch.float32, torch.device("cpu"))
-    gram = span_gram(inputs, scratch, columns)
-    assert gram.dtype == torch.float64
-    assert torch.allclose(gram, deltas @ deltas.T, rtol=1e-5)
+    scratch = Scratch.allocate(3, min(columns, 1000), torch.float32, torch.device("cpu"))
+    grams = span_gram(inputs, scratch, 300)  # chunks of 300: 3 whole, one of 100
+    assert grams.dtype == torch.float64 and grams.shape == (4, 3, 3)
+    for c in range(4):
+        part = deltas[:, 300 * c : 300 * (c + 1)]
+        assert torch.allclose(grams[c], part @ part.T, rtol=1e-5)
+    assert torch.allclose(fold_grams(grams), deltas @ deltas.T, rtol=1e-5)
     weights = torch.tensor([[0.5, -1.0, 2.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
     out = torch.empty(2, 1000, dtype=torch.float32)
-    span_outputs(inputs, weights, scratch, columns, out)
+    span_outputs(inputs, weights, scratch, out)
     assert torch.allclose(out.double(), base + weights @ deltas, atol=1e-5)
 
 
 def test_zero_weights_copy_the_base_even_over_nan_deltas():
     inputs = _inputs([torch.float32] * 3, n=50)
     inputs[2][7] = float("nan")
-    scratch = Scratch.allocate(2, 1, 16, torch.float32, torch.device("cpu"))
+    scratch = Scratch.allocate(2, 16, torch.float32, torch.device("cpu"))
     out = torch.empty(1, 50, dtype=torch.bfloat16)
-    span_outputs(inputs, torch.zeros(1, 2, dtype=torch.float64), scratch, 16, out)
+    span_outputs(inputs, torch.zeros(1, 2, dtype=torch.float64), scratch, out)
     assert torch.equal(out[0], inputs[0].bfloat16())
 
 
@@ -186,17 +190,18 @@ def test_writer_refuses_to_close_with_a_missing_span(tmp_path):
     writer.abort()
 
 
-def test_output_bits_do_not_depend_on_the_number_of_threads():
+def test_output_bits_do_not_depend_on_the_number_of_threads_or_the_budget(monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 80)  # Gram chunks of 2 rows: many spans
     base, checkpoints = random_window(n_ckpt=6, shapes={"big": (300, 40), "v": (77,)}, seed=3)
     results = []
-    for threads in (1, 2, 5):
+    for threads, budget in ((1, 20_000), (2, 40_000), (5, 100_000), (2, 1 << 30), (3, 9_000)):
         job = MergeJob(
             DictReader(base), [DictReader(c) for c in checkpoints], [1, 2, 3, 4, 5, 6], [12, 30], RelexSpec(rank=2)
         )
         sinks = [CollectSink(), CollectSink()]
-        # the same budget per worker, so the same spans: only the order they finish in changes
-        stats = run_job(job, sinks, EngineOptions(max_memory=threads * 20_000, threads=threads))
-        assert len(sinks[0].chunks["big"]) > 10
+        # other spans, other orders they finish in: the same chunks, added in the same order
+        stats = run_job(job, sinks, EngineOptions(max_memory=budget, threads=threads))
+        assert len(sinks[0].chunks["big"]) > 10 or budget == 1 << 30
         results.append(([s.tensor(n) for s in sinks for n in base], [r.gram for r in stats.tensors]))
     for outputs, grams in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(outputs, results[0][0]))
@@ -245,7 +250,8 @@ class _CountingReader(DictReader):
 
 
 @pytest.mark.parametrize("thread_safe", [False, True])
-def test_engine_uses_the_declared_reader_capabilities(thread_safe):
+def test_engine_uses_the_declared_reader_capabilities(thread_safe, monkeypatch):
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 30)  # Gram chunks of one row: many spans
     base, checkpoints = random_window(n_ckpt=3, shapes={"w": (400, 30)}, seed=2)
     readers = [_CountingReader(state, thread_safe, views=thread_safe) for state in [base, *checkpoints]]
     job = MergeJob(readers[0], readers[1:], [1, 2, 3], [9], RelexSpec())

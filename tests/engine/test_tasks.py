@@ -7,13 +7,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
 import torch
 
+from relex_merge.core import kernels
 from relex_merge.core.relex import RelexSpec
 from relex_merge.engine import EngineOptions, MergeJob
 from relex_merge.engine.tasks import SPAN_BYTES, _TensorState, chunk_rows, row_ranges
 from relex_merge.engine.tasks import plan_spans as _spans
 from relex_merge.io.base import CheckpointReader, TensorMeta
+
+
+@pytest.fixture(autouse=True)
+def row_chunks(monkeypatch):
+    """Gram chunks of one row, so that spans of a few rows show the budget's arithmetic (the real
+    chunks are about 64 Ki elements: test_spans_are_whole_gram_chunks)."""
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1)
 
 
 class MetaReader(CheckpointReader):
@@ -92,6 +101,22 @@ def test_spans_split_a_tensor_into_row_ranges_within_the_memory_budget():
     assert _spans(jn, EngineOptions(max_memory=2 * 14 * 50, threads=2), "w")[0] == ((0, 6), 0, 48)
 
 
+def test_spans_are_whole_gram_chunks(monkeypatch):
+    """A span is a whole number of Gram chunks whatever the budget (at least one, over it if
+    need be), so the chunks (and the order their Gram matrices are added in) are the same for
+    every budget, thread count and rank."""
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 40)  # 5 rows of 8
+    j = job({"w": (23, 8)})
+    options = EngineOptions(max_memory=2 * 18 * 100, threads=2)  # 100 elements: 12 rows, down to 10
+    assert _spans(j, options, "w") == [((0, 10), 0, 80), ((10, 20), 80, 80), ((20, 23), 160, 24)]
+    tiny = EngineOptions(max_memory=2 * 18 * 8, threads=2)  # one row's budget: still a whole chunk
+    assert _spans(j, tiny, "w")[:2] == [((0, 5), 0, 40), ((5, 10), 40, 40)]
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 1 << 16)
+    big = job({"w": (1000, 768)})  # 85 rows a chunk
+    spans = _spans(big, EngineOptions(max_memory=2 * 18 * 200_000, threads=2), "w")
+    assert [rows for rows, _, _ in spans][:2] == [(0, 255), (255, 510)] and spans[-1][0] == (765, 1000)
+
+
 def test_spans_on_an_accelerator_count_the_device_copies():
     # + (4 inputs + 2 outputs) x 8 bytes (float64 compute) = 66 bytes an element, 33 a span: 4 rows
     j = job({"w": (20, 8)}, compute=torch.float64)
@@ -131,18 +156,21 @@ def test_a_span_reads_at_most_span_bytes_of_input():
     assert spans[-1][0][1] == rows and len(spans) == -(-rows // per_span)
 
 
-def test_partial_grams_are_added_in_span_order_whatever_order_they_finished():
-    """float64 addition is not associative: 1e16 + 1 - 1e16 is 0 in span order, 1 in others."""
-    parts = {0: 1e16, 1: 1.0, 2: -1e16, 3: 0.25}
+def test_partial_grams_are_added_in_span_then_chunk_order_whatever_order_they_finished():
+    """float64 addition is not associative: 1e16 + 1 - 1e16 is 0 in span order, 1 in others.
+    Each span brings its chunks' Gram matrices; a span waits (held) until every earlier one is in."""
+    parts = {0: [1e16], 1: [1.0, 0.125], 2: [-1e16], 3: [0.25, 3.0]}
     state = _TensorState(spans=[], remaining=0, gram=torch.full((2, 2), 0.5, dtype=torch.float64), passes=2)
+    held = []
     for index in (2, 3, 0, 1):  # the order the workers finished in
-        state.partial_grams[index] = torch.full((2, 2), parts[index], dtype=torch.float64)
-    state.complete_gram()
+        state.add_gram(index, torch.stack([torch.full((2, 2), v, dtype=torch.float64) for v in parts[index]]))
+        held.append(sorted(state.partial_grams))
+    assert held == [[2], [2, 3], [2, 3], []]  # span 0 is added at once, then 1 lets 2 and 3 in
     expected = 0.5
     for index in range(4):
-        expected += parts[index]
-    assert expected == 0.25 and state.gram.tolist() == [[expected] * 2] * 2
-    assert state.partial_grams == {}
+        for value in parts[index]:
+            expected += value
+    assert expected == 3.25 and state.gram.tolist() == [[expected] * 2] * 2 and state.folded == 4
 
 
 def test_a_reader_of_whole_tensors_gets_one_span_per_tensor_whatever_the_budget(caplog):

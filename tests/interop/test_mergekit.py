@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from relex_merge.core import fits
 from relex_merge.interop.mergekit_method import RELEX_METHOD, register
@@ -197,6 +199,28 @@ def test_lazy_reuses_a_finished_stage(qwen_run, tmp_path):
     # without --lazy the stage is rebuilt
     third = run_cli(str(cfg), str(tmp_path / "out3"), "--intermediate-dir", str(inter), "-q")
     assert third.exit_code == 0 and stage_file.stat().st_mtime_ns != stamp
+    # a changed stage config is not reused (it was, issue 23): the stage is rebuilt for the new target
+    documents = list(yaml.safe_load_all(cfg.read_text()))
+    documents[0]["parameters"]["target_step"] = 20
+    cfg.write_text(yaml.safe_dump_all(documents))
+    stamp = stage_file.stat().st_mtime_ns
+    fourth = run_cli(str(cfg), str(tmp_path / "out4"), "--intermediate-dir", str(inter), "--lazy")
+    assert fourth.exit_code == 0, fourth.output
+    assert "reusing" not in fourth.stderr and "rebuilding it" in fourth.stderr
+    assert stage_file.stat().st_mtime_ns != stamp
+    rl20 = relex_expectation(base, [load_state(qwen_run / f"checkpoint-{s}") for s in (1, 2, 3, 4)], [1, 2, 3, 4], 20)
+    assert_state_matches(load_state(inter / "rl"), rl20, base)
+    # and a changed input is not reused either
+    stamp = stage_file.stat().st_mtime_ns
+    state = load_state(qwen_run / "checkpoint-4")
+    fifth_run = tmp_path / "changed-run"
+    shutil.copytree(qwen_run, fifth_run)
+    state["model.norm.weight"][0] += 1.0
+    save_file(state, fifth_run / "checkpoint-4" / "model.safetensors")
+    documents[0] = yaml.safe_load(yaml.safe_dump(documents[0]).replace(str(qwen_run), str(fifth_run)))
+    cfg.write_text(yaml.safe_dump_all(documents))
+    sixth = run_cli(str(cfg), str(tmp_path / "out5"), "--intermediate-dir", str(inter), "--lazy")
+    assert sixth.exit_code == 0 and "rebuilding it" in sixth.stderr and stage_file.stat().st_mtime_ns != stamp
 
 
 def test_shipped_multistage_configs_run(tmp_path):
@@ -233,7 +257,7 @@ def test_shipped_multistage_configs_run(tmp_path):
         assert_state_matches(load_state(out), want, base)
         generate(out)
         # an example does not contradict itself: its relex stage's own verdict supports it
-        verdicts = [line for line in result.stdout.splitlines() if line.startswith("verdict: ")]
+        verdicts = [line for line in result.stderr.splitlines() if line.startswith("verdict: ")]
         if name == "relex-then-ties.yml":
             assert len(verdicts) == 1 and verdicts[0].startswith("verdict: SUPPORTED: step 16 is 1.1x"), verdicts
 

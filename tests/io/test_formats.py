@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from relex_merge.core import kernels
 from relex_merge.io.formats import open_checkpoint
 from tests.helpers import assert_relex_output, assert_state_matches, generate, load_state, relex_expectation, run_cli
 
@@ -208,8 +209,8 @@ def test_unsafe_pickle_is_refused_unless_allowed(qwen_run, tmp_path):
     refused = run_cli(str(cfg), str(tmp_path / "out"))
     assert refused.exit_code == 2
     assert refused.stderr.strip() == (
-        f"error: {folder / 'pytorch_model.bin'}: this pickle holds more than tensors (fractions.Fraction) and "
-        "could run code when loaded; pass --allow-unsafe-pickle only if you trust where it came from"
+        f"error: {folder / 'pytorch_model.bin'}: refusing to unpickle fractions.Fraction, which this format never "
+        "holds (it could run code); pass --allow-unsafe-pickle only if you trust where it came from"
     )
     allowed = run_cli(str(cfg), str(tmp_path / "out"), "--allow-unsafe-pickle", "-q")
     assert allowed.exit_code == 0, allowed.output
@@ -260,6 +261,7 @@ def test_a_dcp_tensor_is_read_once_per_pass_however_small_the_budget(tmp_path, m
     readers = [open_checkpoint(f) for f in folders]
     steps, spec = [1, 2, 3], RelexSpec(rank=2)
     job = MergeJob(readers[0], readers[1:], steps, [9], spec)
+    monkeypatch.setattr(kernels, "CHUNK_ELEMENTS", 8)  # Gram chunks of one row
     options = EngineOptions(max_memory=20 * 64, threads=1)  # 64 elements (8 rows of w) a span
     dense = MergeJob(DictReader(base), [DictReader(c) for c in checkpoints], steps, [9], spec)
     assert len(plan_spans(dense, options, "w")) == 8  # the same budget cuts a mapped w into 8 spans

@@ -16,6 +16,10 @@ dotted keys. Only the model's tensors are exposed:
   model's own names start with ``model.`` too, so each reading is kept and ``align_names``
   picks the one whose names are the model's (the base's, or config.json's); without it, one
   level is taken off.
+
+``.metadata`` is a plain pickle (DCP's own reader would ``pickle.load`` it): it is unpickled with
+an allow-list of DCP's metadata classes (relex_merge.io.pickles) unless the user trusts the
+folder (``--allow-unsafe-pickle``); DCP loads the tensor items weights-only.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 
 from relex_merge.common.errors import RelexError
 from relex_merge.io.base import UNREADABLE_PICKLE, CheckpointFormat, CheckpointReader, TensorMeta, first_line
+from relex_merge.io.pickles import dcp_storage_reader, load_dcp_metadata, refused, weights_only_refusal
 
 __all__ = ["FORMAT", "DcpReader", "NON_MODEL_ROOTS"]
 
@@ -62,13 +67,13 @@ class DcpReader(CheckpointReader):
 
     whole_tensor_reads = True  # FileSystemReader.read_data torch.loads each stored item whole
 
-    def __init__(self, path: Path):
-        from torch.distributed.checkpoint import FileSystemReader
+    def __init__(self, path: Path, allow_unsafe_pickle: bool = False):
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         self.path = path
+        self._allow_unsafe = allow_unsafe_pickle
         try:
-            metadata = FileSystemReader(str(path)).read_metadata()  # a pickle
+            metadata = load_dcp_metadata(path / ".metadata", allow_unsafe_pickle)  # a pickle
         except UNREADABLE_PICKLE as exc:
             raise RelexError(f"{path}/.metadata: cannot read DCP metadata ({exc})") from None
         stored = {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
@@ -112,7 +117,6 @@ class DcpReader(CheckpointReader):
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import FileSystemReader
         from torch.distributed.checkpoint.api import CheckpointException
 
         meta = self._meta[name]
@@ -120,9 +124,16 @@ class DcpReader(CheckpointReader):
         try:
             with warnings.catch_warnings():  # "assuming single process": that is the intent
                 warnings.simplefilter("ignore", UserWarning)
-                dcp.load({self._stored[name]: tensor}, storage_reader=FileSystemReader(str(self.path)), no_dist=True)
+                reader = dcp_storage_reader(self.path, self._allow_unsafe)
+                dcp.load({self._stored[name]: tensor}, storage_reader=reader, no_dist=True)
         except (CheckpointException, OSError) as exc:  # CheckpointException: a BaseException, DCP's read errors
-            raise RelexError(f"{self.path}: cannot read tensor {name} ({first_line(_cause(exc))})") from None
+            cause = _cause(exc)
+            if isinstance(cause, RelexError):  # the metadata, refused
+                raise cause from None
+            what = weights_only_refusal(cause)
+            if what is not None:  # DCP loads tensor items weights-only
+                raise refused(f"{self.path}: tensor {name}", what) from None
+            raise RelexError(f"{self.path}: cannot read tensor {name} ({first_line(cause)})") from None
         if rows is None or tensor.dim() == 0:
             return tensor
         return tensor[rows[0] : rows[1]].clone()
@@ -139,7 +150,7 @@ def _cause(exc: BaseException) -> BaseException:
 
 
 def _open(path: Path, allow_unsafe_pickle: bool = False) -> DcpReader:
-    return DcpReader(path)  # DCP's own loader; no pickles of ours
+    return DcpReader(path, allow_unsafe_pickle)
 
 
 FORMAT = CheckpointFormat(
