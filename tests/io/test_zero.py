@@ -136,8 +136,8 @@ def test_a_file_holding_more_than_deepspeeds_types_needs_consent(tmp_path):
     refused = run_cli("convert", str(tag), str(tmp_path / "out"), "--config-from", str(FIXTURES / "base"))
     assert refused.exit_code == 2
     assert refused.stderr.strip() == (
-        f"error: {model_states}: this pickle holds more than tensors (fractions.Fraction) and could run code "
-        "when loaded; pass --allow-unsafe-pickle only if you trust where it came from"
+        f"error: {model_states}: refusing to unpickle fractions.Fraction, which this format never holds (it could "
+        "run code); pass --allow-unsafe-pickle only if you trust where it came from"
     )
     assert not (tmp_path / "out").exists()
     allowed = run_cli(
