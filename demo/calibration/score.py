@@ -447,7 +447,11 @@ def report(results: dict) -> str:
         "python demo/calibration/runs.py --data      # held-out test sets + task YAMLs (committed)",
         "python demo/calibration/runs.py             # train the runs into /work/runs/calibration (resumable)",
         "python demo/calibration/score.py            # configs + analyze, merges + verdicts, lm-eval, this file",
+        "python demo/calibration/verdict.py          # the verdict as a classifier: demo/calibration/verdict.md",
         "```",
+        "",
+        "How well the verdict predicts these outcomes (leave-one-run-out, confusion table, precision of go): "
+        "[calibration/verdict.md](calibration/verdict.md).",
         "",
         "Real GRPO runs (TRL) of a tiny Qwen2 (~80K parameters) on two tasks; every model scored with lm-eval "
         "(greedy exact match) on 1000 held-out problems of its task. Horizon = (target - last window step) / "
