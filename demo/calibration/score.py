@@ -81,23 +81,27 @@ CANDIDATES = {
         Candidate("true", "true", None, "true checkpoint at the target"),
         Candidate("linear", "relex", {"fit": "linear"}, "RELEX, fit: linear"),
         Candidate("auto", "relex", {"fit": "auto"}, "RELEX, fit: auto (the backtest picks family and shape)"),
-        # when the engine has them (the parameter names are the engine's to choose):
-        # Candidate("expo", "relex", {"fit": "expo"}, "two-point extrapolation, alpha by the backtest"),
-        # Candidate("average-5", "relex", {"fit": "average", "k": 5}, "mean of the last 5 window checkpoints"),
+        Candidate("expo", "relex", {"fit": "expo"}, "two-point extrapolation (ExPO), alpha by the backtest"),
+        Candidate("average", "relex", {"fit": "average"}, "mean of the last k checkpoints (LAWA), k by the backtest"),
+        Candidate("ema", "relex", {"fit": "ema"}, "EMA of the window checkpoints, half-life by the backtest"),
     ]
 }
 RELEX = [c for c in CANDIDATES.values() if c.build == "relex"]
 
 
 def verdict_word(v: dict) -> str:
-    """supported; uncertain (not supported, backtest closer than stopping); stop (stopping is
-    at least as close); untestable (the window is too short to backtest)."""
+    """The merge's verdict word (supported, not supported, untested), "not supported" split by
+    whether the backtest was closer than stopping ("not supported, closer") or not ("not
+    supported, stop"). Records scored before the engine had three words (no "verdict" key) are
+    read from their other fields: untested when the window could not backtest."""
     err, stop = v.get("backtest_error"), v.get("stop_error")
-    if err is None or stop is None or (isinstance(err, float) and math.isnan(err)):
-        return "untestable"
-    if v["supported"]:
-        return "supported"
-    return "stop" if err >= stop else "uncertain"
+    said = v.get("verdict")
+    if said is None:
+        untestable = err is None or stop is None or (isinstance(err, float) and math.isnan(err))
+        said = "untested" if untestable else ("supported" if v["supported"] else "not supported")
+    if said != "not supported":
+        return said
+    return "not supported, stop" if err >= stop else "not supported, closer"
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -443,13 +447,19 @@ def report(results: dict) -> str:
         "python demo/calibration/runs.py --data      # held-out test sets + task YAMLs (committed)",
         "python demo/calibration/runs.py             # train the runs into /work/runs/calibration (resumable)",
         "python demo/calibration/score.py            # configs + analyze, merges + verdicts, lm-eval, this file",
+        "python demo/calibration/verdict.py          # the verdict as a classifier: demo/calibration/verdict.md",
         "```",
+        "",
+        "How well the verdict predicts these outcomes (leave-one-run-out, confusion table, precision of go): "
+        "[calibration/verdict.md](calibration/verdict.md).",
         "",
         "Real GRPO runs (TRL) of a tiny Qwen2 (~80K parameters) on two tasks; every model scored with lm-eval "
         "(greedy exact match) on 1000 held-out problems of its task. Horizon = (target - last window step) / "
         "(last - first window step). `last` = the last window checkpoint (stopping), `true` = the real "
-        "checkpoint at the target. Verdict = what the merge returned before any evaluation: supported; "
-        "uncertain (not supported, backtest closer than stopping); stop (stopping is at least as close). "
+        "checkpoint at the target. Verdict = what the merge returned before any evaluation, under the rule in "
+        "force when it was scored (results.json keeps it): supported; not supported, closer (the backtest was "
+        "closer than stopping); not supported, stop (stopping was at least as close); untested. "
+        "`demo/calibration/verdict.md` recomputes every verdict under one rule and measures it as a classifier. "
         "Captured = share of the future gain, (prediction - last) / (true - last); n/a when true = last. "
         "± = lm-eval's stderr of one score (~0.016 at these accuracies).",
         "",
@@ -500,8 +510,9 @@ def report(results: dict) -> str:
             for c in relex:
                 p = row[c]
                 share = _share(p["accuracy"], last["accuracy"], row["true"]["accuracy"])
-                fit = f" ({p['fit']})" if c == "auto" else ""
-                cells += [f"{p['accuracy']:.3f}", p["verdict_word"] + fit, "n/a" if share is None else f"{share:+.2f}"]
+                fit = f" ({p['fit']})" if p["fit"] != c else ""  # what the backtest chose
+                said = verdict_word(p["verdict"]) + fit
+                cells += [f"{p['accuracy']:.3f}", said, "n/a" if share is None else f"{share:+.2f}"]
             lines.append("| " + " | ".join(cells) + " |")
     # summary
     lines += ["", "## Summary", "", f"{len({p[0] for p in pairs})} runs, {len(pairs)} (run, target) pairs.", ""]
@@ -552,8 +563,8 @@ def report(results: dict) -> str:
         "|---|---|---|---|---|---|",
     ]
     for c in relex:
-        for word in ("supported", "uncertain", "stop", "untestable"):
-            z = [outcome(*p[:2], p[3], c) for p in pairs if p[3][c]["verdict_word"] == word]
+        for word in ("supported", "not supported, closer", "not supported, stop", "untested"):
+            z = [outcome(*p[:2], p[3], c) for p in pairs if verdict_word(p[3][c]["verdict"]) == word]
             if z:
                 lines.append(
                     f"| {c} | {word} | {len(z)} | {sum(x > 1 for x in z)} | "

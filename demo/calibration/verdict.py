@@ -14,7 +14,10 @@ within 1 stderr (better or same). The rule's three numbers (``VerdictRule``: tol
 reach) are chosen by leave-one-run-out cross-validation: for each run, the rule that lets the
 most big wins through (> 2 stderr above stopping), then the most right go's, among the rules
 whose go's are right on >= 90 % of the OTHER runs' cases, is applied to the held-out run; the
-tables below pool those held-out decisions. No rule sees the run it is judged on. The rule
+tables below pool those held-out decisions. No rule sees the run it is judged on. A fourth knob,
+the fit families a go is allowed for (every family; no averages; no averages and no two-point
+line; averages only), is tuned the same way. When no rule reaches 90 % on the other runs, the
+rule is "never go" (nothing is supported). The rule
 chosen the same way on every run is the one relex-merge ships (core/rule.py, DEFAULT_RULE);
 this script says whether the two agree.
 
@@ -40,7 +43,23 @@ REPO = HERE.parents[1]
 TOLERANCES = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7, 1.0, math.inf)
 MARGINS = (0.0, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0)  # 0: never "go"
 REACHES = (0.25, 0.5, 1.0, 2.0, 4.0, math.inf)
+AVERAGES = ("average", "ema")  # families that do not extrapolate
+# the families a go is allowed for: (label, families excluded, or the only ones allowed)
+FAMILY_SETS = (
+    ("every family", None),
+    ("no averages", ("not", *AVERAGES)),
+    ("no averages, no expo", ("not", *AVERAGES, "expo")),
+    ("averages only", AVERAGES),
+)
 PRECISION = 0.9  # a rule qualifies when >= 90 % of its go's are right
+
+
+def allowed(families, family: str) -> bool:
+    if families is None:
+        return True
+    if families[0] == "not":
+        return family not in families[1:]
+    return family in families
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,10 @@ class Case:
     supported_horizons: tuple[float | None, ...]  # per TOLERANCES
 
     @property
+    def family(self) -> str:
+        return self.fit.split("(", 1)[0].strip()
+
+    @property
     def diff(self) -> float:
         return self.accuracy - self.last
 
@@ -81,6 +104,11 @@ class Case:
     @property
     def big_win(self) -> bool:
         return self.diff > 2 * self.stderr
+
+    @property
+    def true_gain(self) -> float:
+        """The true checkpoint minus the last, in units of the prediction's stderr."""
+        return (self.true - self.last) / self.stderr if self.stderr else 0.0
 
     @property
     def captured(self) -> float | None:
@@ -116,6 +144,7 @@ def cases_of_run(name: str, entry: dict, data: Path) -> list[Case]:
     scored = [
         (int(t), label, rec)
         for t, row in entry["targets"].items()
+        if "true" in row
         for label, rec in row.items()
         if isinstance(rec, dict) and "verdict" in rec
     ]
@@ -151,13 +180,25 @@ def cases_of_run(name: str, entry: dict, data: Path) -> list[Case]:
     return out
 
 
-def word(case: Case, tolerance: float, margin: float, reach: float) -> str:
-    """The verdict of VerdictRule(tolerance, margin, reach) on this case (core.verdict's logic,
-    on the precomputed backtest numbers)."""
+def word(case: Case, rule: tuple) -> str:
+    """The verdict of the rule (tolerance, margin, reach, family set) on this case: core.verdict's
+    TargetVerdict.word on the precomputed backtest numbers (checked against it in main), plus
+    the family set (a go only for a family the set allows)."""
+    tolerance, margin, reach, families = rule
+    if math.isnan(case.error) or case.horizon > reach * case.tested_horizon + 1e-9:
+        return "untested"
+    needed = min(case.horizon, case.tested_horizon)
+    held_to = case.supported_horizons[TOLERANCES.index(tolerance)]
+    held = held_to is not None and held_to >= needed - 1e-9
+    go = held and case.error < margin * case.stop_error and allowed(dict(FAMILY_SETS)[families], case.family)
+    return "supported" if go else "not supported"
+
+
+def engine_word(case: Case, tolerance: float, margin: float, reach: float) -> str:
+    """core.verdict's own verdict on this case (every family allowed)."""
     from relex_merge.core.verdict import TargetVerdict
 
-    supported = case.supported_horizons[TOLERANCES.index(tolerance)]
-    verdict = TargetVerdict(
+    return TargetVerdict(
         target=case.target,
         horizon=case.horizon,
         fit=parse_fit(case.fit),
@@ -165,82 +206,133 @@ def word(case: Case, tolerance: float, margin: float, reach: float) -> str:
         error=case.error,
         stop_error=case.stop_error,
         at_horizon=math.nan,
-        supported_horizon=supported,
+        supported_horizon=case.supported_horizons[TOLERANCES.index(tolerance)],
         tested_horizon=case.tested_horizon,
         tolerance=tolerance,
         last_step=0,
         margin=margin,
         reach=reach,
-    )
-    return verdict.word
+    ).word
 
 
-RULES = list(itertools.product(TOLERANCES, MARGINS, REACHES))
+RULES = list(itertools.product(TOLERANCES, MARGINS, REACHES, [label for label, _ in FAMILY_SETS]))
+NEVER = (TOLERANCES[0], 0.0, REACHES[0], FAMILY_SETS[0][0])  # margin 0: nothing is ever supported
 
 
-def score_rule(cases: list[Case], rule) -> tuple[int, int, int, float]:
-    """(big wins let through, right go's, go's, precision) of a rule on cases."""
-    go = [c for c in cases if word(c, *rule) == "supported"]
-    right = sum(c.right_to_go for c in go)
-    big = sum(c.big_win for c in go)
-    return big, right, len(go), (right / len(go) if go else 1.0)
+class Table:
+    """Each rule's go's on each run, computed once: (big wins let through, right go's, go's) per
+    run, so that choosing on "every run but one" is a subtraction."""
+
+    def __init__(self, cases: list[Case]):
+        self.runs = sorted({c.run for c in cases})
+        self.counts: dict[tuple, dict[str, tuple[int, int, int]]] = {}
+        for rule in RULES:
+            per = {r: [0, 0, 0] for r in self.runs}
+            if rule[1] > 0:
+                for c in cases:
+                    if word(c, rule) == "supported":
+                        n = per[c.run]
+                        n[0] += c.big_win
+                        n[1] += c.right_to_go
+                        n[2] += 1
+            self.counts[rule] = {r: tuple(n) for r, n in per.items()}
+
+    def score(self, rule: tuple, runs: list[str]) -> tuple[int, int, int]:
+        per = self.counts[rule]
+        return tuple(sum(per[r][i] for r in runs) for i in range(3))
+
+    def choose(self, runs: list[str]) -> tuple:
+        """The qualifying rule (precision >= PRECISION on ``runs``) that lets the most big wins
+        through, then the most right go's; ties to the stricter (lower tolerance, margin, reach,
+        then the family sets in FAMILY_SETS's order). When no qualifying rule says go even once,
+        rightly: never go."""
+        order = [label for label, _ in FAMILY_SETS]
+        best, key = NEVER, (0, 0)
+        for rule in RULES:
+            big, right, n = self.score(rule, runs)
+            if not n or right / n < PRECISION or right == 0:
+                continue
+            k = (big, right, -rule[0], -rule[1], -rule[2], -order.index(rule[3]))
+            if k > key:
+                best, key = rule, k
+        return best
 
 
-NEVER = (TOLERANCES[0], 0.0, REACHES[0])  # margin 0: nothing is ever supported
-
-
-def choose(cases: list[Case]) -> tuple:
-    """The qualifying rule (precision >= PRECISION) that lets the most big wins through, then
-    the most right go's; ties to the stricter (lower tolerance, then lower margin, lower reach).
-    When no qualifying rule says go even once, rightly: never go."""
-    best, key = NEVER, (0, 0)
-    for rule in RULES:
-        big, right, n, precision = score_rule(cases, rule)
-        if precision < PRECISION or right == 0:
-            continue
-        k = (big, right, -rule[0], -rule[1], -rule[2])
-        if k > key:
-            best, key = rule, k
-    return best
+OUTCOMES = ("better", "same", "worse")
 
 
 def confusion(rows: list[tuple[Case, str]]) -> dict:
-    table = {w: {o: 0 for o in ("better", "same", "worse")} for w in ("supported", "not supported", "untested")}
+    table = {w: dict.fromkeys(OUTCOMES, 0) for w in ("supported", "not supported", "untested")}
     for case, verdict in rows:
         table[verdict][case.outcome] += 1
     return table
 
 
+def _confusion_lines(title: str, rows: list[tuple[Case, str]]) -> list[str]:
+    lines = [f"| {title} | better | same | worse | total |", "|---|---|---|---|---|"]
+    for verdict, row in confusion(rows).items():
+        lines.append(f"| {verdict} | {row['better']} | {row['same']} | {row['worse']} | {sum(row.values())} |")
+    return lines
+
+
+def _precision(rows: list[tuple[Case, str]]) -> str:
+    go = [c for c, v in rows if v == "supported"]
+    if not go:
+        return "no go at all"
+    right = sum(c.right_to_go for c in go)
+    return f"{right} of {len(go)} right ({right / len(go):.0%})"
+
+
 def render(cases: list[Case], held_out: list[tuple[Case, str]], per_run: dict, pooled_rule, rule_now) -> str:
     go = [c for c, v in held_out if v == "supported"]
-    right = sum(c.right_to_go for c in go)
     bigs = [c for c in cases if c.big_win]
     let = [c for c, v in held_out if v == "supported" and c.big_win]
+    pairs = sorted({(c.run, c.target) for c in cases})
+    go_pairs = sorted({(c.run, c.target) for c in go})
+    never = [r for r, (rule, _, _) in per_run.items() if rule[1] == 0]
+    candidates = sorted({c.candidate for c in cases})
     lines = [
         "# The verdict as a classifier",
         "",
         "Generated by `python demo/calibration/verdict.py` from demo/calibration/results.json and the runs' fit "
         "caches (see its docstring for the method). Outcome of a prediction: better / same / worse than the last "
-        "window checkpoint by more than 1 stderr (lm-eval's, of the prediction's score); a go (supported) is right "
-        "when the outcome is better or same.",
+        "window checkpoint (stopping) by more than 1 stderr (lm-eval's, of the prediction's score); a go "
+        "(supported) is right when the outcome is better or same. A rule is (tolerance, margin, reach, families): "
+        "core/rule.py's VerdictRule, plus the fit families a go is allowed for.",
         "",
-        f"Corpus: {len({c.run for c in cases})} runs, {len({(c.run, c.target) for c in cases})} (run, target) pairs, "
-        f"{len(cases)} scored predictions ({', '.join(sorted({c.candidate for c in cases}))}), tasks "
+        f"Corpus: {len({c.run for c in cases})} runs, {len(pairs)} (run, target) pairs, "
+        f"{len(cases)} scored predictions ({', '.join(candidates)}), tasks "
         f"{', '.join(sorted({c.task for c in cases}))}.",
         "",
         "## Held-out runs (leave one run out)",
         "",
-        f"- go's: {len(go)}, right: {right}" + (f" (precision {right / len(go):.0%})" if go else " (no go at all)"),
-        f"- predictions that beat stopping by more than 2 stderr: {len(bigs)}; let through: {len(let)}",
+        f"- go's: {len(go)}, {_precision(held_out)}; target for a go: >= {PRECISION:.0%} right",
+        f"- (run, target) pairs with at least one go: {len(go_pairs)} of {len(pairs)}",
+        f"- predictions that beat stopping by more than 2 stderr: {len(bigs)}; let through: {len(let)}"
+        + (" (every one)" if bigs and len(let) == len(bigs) else ""),
+        f"- runs whose rule (chosen on the other runs) is never go: {len(never)} of {len(per_run)}",
         "",
-        "| verdict (held out) | better | same | worse |",
-        "|---|---|---|---|",
     ]
-    for verdict, row in confusion(held_out).items():
-        lines.append(f"| {verdict} | {row['better']} | {row['same']} | {row['worse']} |")
+    lines += [_conclusion(go, bigs, let, held_out), ""]
+    lines += _confusion_lines("verdict (held out)", held_out)
+    lines += ["", "What each held-out word predicted:", ""] + _shares_lines(held_out)
     lines += [
         "",
-        "| held-out run | rule chosen on the other runs (tolerance, margin, reach) | go's | right |",
+        "By candidate (held out):",
+        "",
+        "| candidate | predictions | go's | right | beat stopping by > 2 stderr | let through |",
+        "|---|---|---|---|---|---|",
+    ]
+    for cand in candidates:
+        mine = [(c, v) for c, v in held_out if c.candidate == cand]
+        g = [c for c, v in mine if v == "supported"]
+        lines.append(
+            f"| {cand} | {len(mine)} | {len(g)} | {sum(c.right_to_go for c in g)} | "
+            f"{sum(c.big_win for c, _ in mine)} | {sum(c.big_win for c in g)} |"
+        )
+    lines += [
+        "",
+        "| held-out run | rule chosen on the other runs | go's | right |",
         "|---|---|---|---|",
     ]
     for run, (rule, n, r) in per_run.items():
@@ -250,50 +342,128 @@ def render(cases: list[Case], held_out: list[tuple[Case, str]], per_run: dict, p
         "## The rule relex-merge ships",
         "",
         f"Chosen the same way on every run: {_rule(pooled_rule)}; core/rule.py's DEFAULT_RULE is "
-        f"{_rule(rule_now)}"
-        + (
-            " (the same)." if tuple(pooled_rule) == tuple(rule_now) else " (DIFFERENT: update core/rule.py or say why)."
-        ),
+        f"{_rule(rule_now)}" + _agreement(pooled_rule, rule_now, go),
+        "Figures on the runs a rule was chosen on are optimistic; the held-out figures above are the ones to quote.",
         "",
-        "| verdict (shipped rule, all runs) | better | same | worse |",
-        "|---|---|---|---|",
+        f"The rule chosen on every run, on every run: {_precision([(c, word(c, pooled_rule)) for c in cases])}.",
+        "",
     ]
-    for verdict, row in confusion([(c, word(c, *rule_now)) for c in cases]).items():
-        lines.append(f"| {verdict} | {row['better']} | {row['same']} | {row['worse']} |")
+    shipped = [(c, word(c, rule_now)) for c in cases]
+    lines += _confusion_lines("verdict (DEFAULT_RULE, all runs)", shipped)
+    lines += [
+        "",
+        "What each word predicted (DEFAULT_RULE, all runs): share of its predictions that were better / same / "
+        "worse than stopping.",
+        "",
+    ]
+    lines += _shares_lines(shipped)
     lines += [
         "",
         "## Share of the future gain captured",
         "",
-        "(prediction - last) / (true - last), by candidate and horizon (window spans); median [10th, 90th "
-        "percentile] over the (run, target) pairs where the true checkpoint moved.",
+        "(prediction - last) / (true - last), by candidate and horizon (window spans): median [10th, 90th "
+        "percentile] (n). First over every (run, target) pair where the true checkpoint moved at all (where it "
+        "barely moved the share divides by noise), then over the pairs where the true checkpoint beats the last "
+        "by more than 2 stderr (a real future gain).",
         "",
-        "| candidate | " + " | ".join(f"{a:g}-{b:g}x" for a, b in BUCKETS) + " |",
-        "|---" * (len(BUCKETS) + 1) + "|",
+        "| candidate | pairs | " + " | ".join(f"{a:g}-{b:g}x" for a, b in BUCKETS) + " | all |",
+        "|---" * (len(BUCKETS) + 3) + "|",
     ]
-    for cand in sorted({c.candidate for c in cases}):
+    for real in (False, True):
+        for cand in candidates:
+            cells = []
+            sel = [c for c in cases if c.candidate == cand and (not real or c.true_gain > 2)]
+            for a, b in BUCKETS:
+                cells.append(_spread(sorted(s for c in sel if a <= c.horizon < b and (s := c.captured) is not None)))
+            cells.append(_spread(sorted(s for c in sel if (s := c.captured) is not None)))
+            lines.append(f"| {cand} | {'true gains > 2 stderr' if real else 'all'} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Per run and horizon (captured share; in brackets the true checkpoint minus the last, in stderr):",
+        "",
+        "| run | target (horizon) [true - last] | " + " | ".join(candidates) + " |",
+        "|---|---" + "|---" * len(candidates) + "|",
+    ]
+    by_pair: dict[tuple[str, int], dict[str, Case]] = {}
+    for c in cases:
+        by_pair.setdefault((c.run, c.target), {})[c.candidate] = c
+    for (run, target), row in sorted(by_pair.items()):
+        any_case = next(iter(row.values()))
+        cells = ["" if cand not in row or (s := row[cand].captured) is None else f"{s:+.2f}" for cand in candidates]
+        lines.append(
+            f"| {run} | {target} ({any_case.horizon:.1f}x) [{any_case.true_gain:+.1f}] | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "Median per run (every target of the run; spread: min, max):", ""]
+    lines += ["| run | " + " | ".join(candidates) + " |", "|---" * (len(candidates) + 1) + "|"]
+    for run in sorted({c.run for c in cases}):
         cells = []
-        for a, b in BUCKETS:
-            shares = sorted(
-                s for c in cases if c.candidate == cand and a <= c.horizon < b and (s := c.captured) is not None
-            )
-            cells.append(_spread(shares))
-        lines.append(f"| {cand} | " + " | ".join(cells) + " |")
+        for cand in candidates:
+            shares = sorted(s for c in cases if c.run == run and c.candidate == cand and (s := c.captured) is not None)
+            cells.append(f"{statistics.median(shares):+.2f} [{shares[0]:+.2f}, {shares[-1]:+.2f}]" if shares else "")
+        lines.append(f"| {run} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 BUCKETS = ((0, 1.5), (1.5, 3), (3, 6), (6, 12), (12, 25))
 
 
+def _agreement(pooled_rule: tuple, rule_now: tuple, held_out_go: list[Case]) -> str:
+    if tuple(pooled_rule) == tuple(rule_now):
+        return " (the same)."
+    right = sum(c.right_to_go for c in held_out_go)
+    if held_out_go and right / len(held_out_go) >= PRECISION:
+        return " (DIFFERENT: the held-out figures support shipping the chosen rule; update core/rule.py)."
+    return (
+        " (different, but the procedure that chose it misses the target on held-out runs, so that is no "
+        "evidence for changing DEFAULT_RULE; see below what DEFAULT_RULE says on this corpus)."
+    )
+
+
+def _shares_lines(rows: list[tuple[Case, str]]) -> list[str]:
+    lines = ["| verdict | predictions | better | same | worse |", "|---|---|---|---|---|"]
+    for verdict, row in confusion(rows).items():
+        n = sum(row.values())
+        cells = " | ".join(f"{row[o] / n:.0%}" if n else "" for o in OUTCOMES)
+        lines.append(f"| {verdict} | {n} | {cells} |")
+    return lines
+
+
+def _conclusion(go: list[Case], bigs: list[Case], let: list[Case], held_out: list[tuple[Case, str]]) -> str:
+    """The held-out result in one sentence, from the numbers alone."""
+    right = sum(c.right_to_go for c in go)
+    better = sum(c.outcome == "better" for c, _ in held_out)
+    if go and right / len(go) >= PRECISION:
+        head = f"The held-out precision of go meets the target: {right} of {len(go)} go's were right."
+    elif go:
+        head = (
+            f"The held-out precision of go misses the {PRECISION:.0%} target: {right} of {len(go)} go's were right. "
+            "Rules tuned on the other runs do not carry to the run left out, so no rule on these grids says go "
+            "reliably: by this evidence the best rule is never go."
+        )
+    else:
+        head = "No held-out go at all: by this evidence the best rule is never go."
+    if not bigs:
+        head += (
+            f" No prediction beat stopping by more than 2 stderr ({better} of {len(held_out)} by more than 1), "
+            "so there was no win for a go to let through."
+        )
+    else:
+        head += f" Of the {len(bigs)} predictions that beat stopping by more than 2 stderr, {len(let)} got a go."
+    return head
+
+
 def _spread(values: list[float]) -> str:
     if not values:
         return ""
     q = lambda p: values[min(len(values) - 1, int(p * (len(values) - 1) + 0.5))]  # noqa: E731
-    return f"{statistics.median(values):.2f} [{q(0.1):.2f}, {q(0.9):.2f}] (n={len(values)})"
+    return f"{statistics.median(values):+.2f} [{q(0.1):+.2f}, {q(0.9):+.2f}] ({len(values)})"
 
 
 def _rule(rule) -> str:
-    t, m, r = (rule.tolerance, rule.margin, rule.reach) if hasattr(rule, "tolerance") else rule
-    return f"tolerance {t:g}, margin {m:g}, reach {r:g}" if m > 0 else "never go"
+    t, m, r, fams = rule
+    if m <= 0:
+        return "never go"
+    return f"tolerance {t:g}, margin {m:g}, reach {r:g}, {fams}"
 
 
 def main(argv=None) -> int:
@@ -305,29 +475,40 @@ def main(argv=None) -> int:
     from relex_merge.core.rule import DEFAULT_RULE
 
     results = json.loads(args.results.read_text())
-    cases = [c for name, entry in results["runs"].items() for c in cases_of_run(name, entry, args.data)]
-    runs = sorted({c.run for c in cases})
+    scored = {name: e for name, e in results["runs"].items() if "meta" in e and "reference" in e}
+    cases = [c for name, entry in scored.items() for c in cases_of_run(name, entry, args.data)]
+    rule_now = (DEFAULT_RULE.tolerance, DEFAULT_RULE.margin, DEFAULT_RULE.reach, FAMILY_SETS[0][0])
+    if rule_now[0] not in TOLERANCES:
+        raise SystemExit(f"DEFAULT_RULE's tolerance {rule_now[0]} is not on the grid {TOLERANCES}")
+    table = Table(cases)
     held_out, per_run = [], {}
-    for run in runs:
-        rule = choose([c for c in cases if c.run != run])
-        mine = [(c, word(c, *rule)) for c in cases if c.run == run]
+    for run in table.runs:
+        rule = table.choose([r for r in table.runs if r != run])
+        mine = [(c, word(c, rule)) for c in cases if c.run == run]
         held_out += mine
         go = [c for c, v in mine if v == "supported"]
         per_run[run] = (rule, len(go), sum(c.right_to_go for c in go))
-    pooled = choose(cases)
-    rule_now = (DEFAULT_RULE.tolerance, DEFAULT_RULE.margin, DEFAULT_RULE.reach)
+    pooled = table.choose(table.runs)
+    # this script's verdict is the engine's (every family allowed)
+    for rule in {pooled, rule_now, *(r for r, _, _ in per_run.values())}:
+        if rule[3] == FAMILY_SETS[0][0]:
+            for c in cases:
+                if word(c, rule) != engine_word(c, *rule[:3]):
+                    raise SystemExit(f"verdict.py's word differs from core.verdict's on {c} under {rule}")
     text = render(cases, held_out, per_run, pooled, rule_now)
     args.out.write_text(text)
-    (args.out.with_suffix(".json")).write_text(
+    args.out.with_suffix(".json").write_text(
         json.dumps(
             {
                 "cases": [{**asdict(c), "outcome": c.outcome, "held_out_verdict": v} for c, v in held_out],
+                "held_out_rules": {run: rule for run, (rule, _, _) in per_run.items()},
                 "pooled_rule": pooled,
                 "default_rule": rule_now,
             },
             indent=1,
             default=lambda x: None,
         )
+        + "\n"
     )
     print(text)
     return 0
