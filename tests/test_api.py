@@ -34,3 +34,15 @@ def test_every_module_declares_names_that_exist(name):
     assert len(declared) == len(set(declared)), f"{name}.__all__ lists a name twice"
     missing = [n for n in declared if not hasattr(module, n)]
     assert not missing, f"{name}.__all__ names what it does not define: {missing}"
+
+
+def test_the_docstrings_import_line_gives_the_functions():
+    """Issue 23, finding 1: ``from relex_merge import analyze, ...`` once gave the submodules of
+    the same names (``analyze(...)`` -> 'module' object is not callable)."""
+    import inspect
+
+    namespace: dict = {}
+    exec("from relex_merge import Options, run_merge, analyze, sweep, evaluate, convert", namespace)
+    for name in ("run_merge", "analyze", "sweep", "evaluate", "convert"):
+        assert inspect.isfunction(namespace[name]), (name, namespace[name])
+    assert inspect.isclass(namespace["Options"])

@@ -167,7 +167,8 @@ def _pct(x: float, digits: int = 0) -> str:
 @dataclass(frozen=True)
 class Assessment:
     """What the backtest says about a merge's outputs: each one's fit (resolved: auto and
-    missing shapes chosen here) and its verdict (None outside extrapolate mode)."""
+    missing shapes chosen here) and its verdict (None outside extrapolate mode, and for a target
+    inside the window: interpolation)."""
 
     backtest: Backtest
     fits: list[FitSpec]  # per output, in the order of the targets
@@ -238,7 +239,9 @@ def assess(
                 f"({grid[0]:.4g} .. {grid[-1]:.4g}); the best {fit.curve_family.shape.key} may lie beyond it"
             )
         chosen.append(fit)
-        extrapolating = output.mode == "extrapolate"
+        # a target inside the window is interpolation (planning warns): the backtest judges
+        # extrapolation past the window's end only, so it gets no verdict
+        extrapolating = output.mode == "extrapolate" and target > last
         verdicts.append(judge(backtest, target, fit, by_backtest, last, rule, output.scale) if extrapolating else None)
     return Assessment(backtest, chosen, verdicts, notes)
 

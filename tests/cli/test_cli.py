@@ -321,3 +321,17 @@ def test_the_horizon_is_printed_one_way_everywhere(qwen_run, tmp_path):
         assert "step 12 is 1.2x the window span past its end" in text
         # no other spelling of a horizon: "1.20 x", "1.20x", "1.2 x"
         assert not re.findall(r"\d\.\d\d ?x\b|\d x\b", text.replace("x the true", "")), text
+
+
+def test_a_target_inside_the_window_gets_no_verdict(qwen_run, tmp_path):
+    """Issue 23, finding 6: step 3 of a window of steps 1-6 was judged "at -0.6x the window span
+    past its end". It is interpolation: planning warns, and no verdict is printed or recorded."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 4, 5, 6], [3, 12])
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    verdicts = [line for line in result.stderr.splitlines() if line.startswith("verdict: ")]
+    assert len(verdicts) == 1 and "step 12 is 1.2x" in verdicts[0], result.stderr
+    assert "target step(s) [3] lie inside the window (last step 6): this interpolates" in result.stderr
+    assert "-0." not in result.stderr
+    assert (tmp_path / "out" / "step-12" / "relex_config.yml").read_text().startswith("# relex-merge verdict")
+    assert (tmp_path / "out" / "step-3" / "relex_config.yml").read_text().startswith("merge_method: relex")
