@@ -178,10 +178,12 @@ def span_gram(inputs: Sequence[torch.Tensor], scratch: Scratch, chunk: int, firs
             acc = grams[c]
             for lo in range(lo_c, hi_c, width):
                 _, deltas = block_deltas(inputs, lo, min(hi_c, lo + width), scratch)
+                # the whole block's product even for new rows only: the same GEMM shape as a full
+                # pass, so a row added later equals the row a full pass of this window computes
+                torch.mm(deltas, deltas.T, out=scratch.gram)
                 if first:
-                    acc[first:] += deltas[first:] @ deltas.T
+                    acc[first:] += scratch.gram[first:]
                 else:
-                    torch.mm(deltas, deltas.T, out=scratch.gram)
                     acc += scratch.gram  # float64 += compute dtype: converted exactly, one rounding
     if first:
         grams[:, :first, first:] = grams[:, first:, :first].transpose(1, 2)

@@ -326,6 +326,8 @@ class TensorTasks:
                 phase = "gram"
             pieces = [Span(name, phase, i, rows, start, numel) for i, (rows, start, numel) in enumerate(spans)]
             log.debug("%s: %d span(s); first pass: %s", name, len(pieces), _FIRST_PASS[phase])
+            if cached is None and job.gram_from:
+                raise RelexError(f"tensor {name}: no known Gram block to add new rows to (the fit cache lacks it)")
             if cached is None:
                 gram = torch.zeros(n, n, dtype=torch.float64)
             elif job.gram_from:  # the earlier block is known; the spans add the new rows

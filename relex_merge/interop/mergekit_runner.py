@@ -107,7 +107,7 @@ def run_mergekit(
         copy_tokenizer=True,
     )
     config_yaml = yaml.safe_dump({k: v for k, v in document.items() if k != "name"}, sort_keys=False)
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         # mergekit logs and prints through tqdm; keep our terminal output ours when quiet
         sink = io.StringIO()
         redirect = contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()

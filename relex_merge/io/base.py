@@ -8,11 +8,13 @@ Nothing here imports a format module: formats import this, the registry imports 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
+import threading
 import types
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -199,8 +201,10 @@ pickled under (``(LossScaler, "deepspeed.runtime.fp16.loss_scaler.LossScaler")``
 stand-in of ours, so that loading never imports (or runs) the library that wrote the file."""
 
 
-def load_torch_file(file: Path, allow_unsafe_pickle: bool = False, known_types: Sequence[KnownType] = ()):
-    """torch.load with mmap; one-line errors for files that are not readable torch checkpoints
+def load_torch_file(
+    file: Path, allow_unsafe_pickle: bool = False, known_types: Sequence[KnownType] = (), mmap: bool = True
+):
+    """torch.load (with mmap unless told otherwise); one-line errors for files that are not readable torch checkpoints
     (other exceptions propagate).
 
     This is the one place relex-merge unpickles a checkpoint. Without the user's consent
@@ -211,9 +215,9 @@ def load_torch_file(file: Path, allow_unsafe_pickle: bool = False, known_types: 
     try:
         if allow_unsafe_pickle:
             module = _substituting_pickle(known_types) if known_types else pickle
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=False, pickle_module=module)
-        with torch.serialization.safe_globals([*dtensor_safe_globals(), *known_types]):
-            return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=False, pickle_module=module)
+        with _allowed([*dtensor_safe_globals(), *known_types]):
+            return torch.load(file, map_location="cpu", mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as exc:
         if "Weights only load failed" in str(exc):
             holds = _unknown_globals(file, known_types)
@@ -221,6 +225,28 @@ def load_torch_file(file: Path, allow_unsafe_pickle: bool = False, known_types: 
         raise RelexError(f"{file}: cannot read: not a torch checkpoint ({first_line(exc)})") from None
     except UNREADABLE_TORCH_FILE as exc:
         raise RelexError(f"{file}: cannot read: truncated or not a torch checkpoint ({first_line(exc)})") from None
+
+
+_ALLOWED_LOCK = threading.Lock()
+
+
+def _global_name(entry) -> str:
+    if isinstance(entry, tuple):  # (stand-in, "module.Name")
+        return entry[1]
+    return f"{entry.__module__}.{entry.__qualname__}"
+
+
+@contextlib.contextmanager
+def _allowed(entries: Sequence) -> Iterator[None]:
+    """torch's weights-only allow-list, plus ``entries`` while the body runs. Only the entries
+    not already allowed are added, and only those are removed after (torch's own ``safe_globals``
+    removes every entry it names on exit: DTensor's, registered by torch itself, were lost for the
+    rest of the process). Serialized: the allow-list is process-wide."""
+    with _ALLOWED_LOCK:
+        present = {_global_name(g) for g in torch.serialization.get_safe_globals()}
+        missing = [g for g in entries if _global_name(g) not in present]
+        with torch.serialization.safe_globals(missing):
+            yield
 
 
 def _unknown_globals(file: Path, known_types: Sequence[KnownType]) -> str:

@@ -76,10 +76,7 @@ def _load(file: Path, allow_unsafe_pickle: bool, mmap: bool = True) -> dict:
     level = mesh_logger.level
     mesh_logger.setLevel(logging.ERROR)  # DeviceMesh warns about unpickling without process groups
     try:
-        if mmap:
-            state = load_torch_file(file, allow_unsafe_pickle)
-        else:
-            state = torch.load(file, map_location="cpu", weights_only=not allow_unsafe_pickle)
+        state = load_torch_file(file, allow_unsafe_pickle, mmap=mmap)
     finally:
         mesh_logger.setLevel(level)
     if not isinstance(state, dict):

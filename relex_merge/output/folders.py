@@ -4,6 +4,7 @@ beside its weights, and the model card."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -89,10 +90,13 @@ def check_output_path(out: Path, inputs: Sequence[Path], overwrite: bool) -> Non
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: Path) -> Iterator[Path]:
+def atomic_output_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder; on success it replaces ``out`` in one rename.
 
     Missing parent folders are made (like mkdir -p) and removed again if the merge fails.
+    Without ``overwrite`` the rename claims ``out`` only if it is still missing or empty (the
+    kernel's rename refuses a non-empty folder), so of two runs into one new OUT the later fails
+    in one line instead of silently replacing the earlier's output.
     """
     made = []
     for parent in reversed(out.parents):
@@ -114,9 +118,18 @@ def atomic_output_dir(out: Path) -> Iterator[Path]:
         _remove(tmp, made)
         raise
     old = out.parent / f".{out.name}.relex-old-{os.getpid()}"
-    if out.exists():
+    if overwrite and out.exists():
         out.rename(old)
-    tmp.rename(out)
+    try:
+        tmp.rename(out)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+            raise
+        _remove(tmp, made)
+        raise RelexError(
+            f"{out}: another run wrote this output folder while this one ran; this run's output was discarded "
+            "(pass --overwrite to replace it)"
+        ) from None
     if old.exists():
         shutil.rmtree(old, ignore_errors=True)
 
@@ -125,7 +138,7 @@ TOKEN_NAME = ".relex-rank0-token"  # proves every rank sees the folder rank 0 cr
 
 
 @contextlib.contextmanager
-def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
+def shared_output_dir(out: Path, group=None, overwrite: bool = False) -> Iterator[Path]:
     """``atomic_output_dir`` for every rank of a group: rank 0 creates the temporary folder, writes
     a token file into it, and every rank must see that token (the same file system) before any
     tensor is read; at the end every rank finishes before rank 0 renames the folder into place,
@@ -135,14 +148,14 @@ def shared_output_dir(out: Path, group=None) -> Iterator[Path]:
 
     group = group or process_group.current()
     if not group.distributed:
-        with atomic_output_dir(out) as tmp:
+        with atomic_output_dir(out, overwrite) as tmp:
             yield tmp
         return
     with contextlib.ExitStack() as stack:
         shared = None
         with group.step("creating the output folder"):
             if group.main:
-                tmp = stack.enter_context(atomic_output_dir(out))
+                tmp = stack.enter_context(atomic_output_dir(out, overwrite))
                 token = secrets.token_hex(16)
                 (tmp / TOKEN_NAME).write_text(token)
                 shared = (tmp.name, token)

@@ -57,7 +57,7 @@ def analyze(
     written: list[Path] = []
     with group.step("writing the analysis"):
         if out is not None and group.main:
-            with atomic_output_dir(out) as tmp:
+            with atomic_output_dir(out, options.overwrite) as tmp:
                 (tmp / "analysis.json").write_text(analysis.to_json())
                 write_fit_cache(tmp / CACHE_NAME, plan, stats.tensors)
                 names = ["analysis.json", CACHE_NAME]

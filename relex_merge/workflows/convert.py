@@ -61,6 +61,7 @@ class ConvertPlan:
     config_folder: Path  # where config.json and the tokenizer are copied from
     config_dtype: str | None  # the most common float dtype, for config.json
     warnings: list[str] = field(default_factory=list)  # the reader's, and what was not checked
+    overwrite: bool = False  # replace a non-empty OUT (checked again when the output is moved into place)
 
 
 def plan_convert(
@@ -103,7 +104,7 @@ def plan_convert(
     tensors = [OutputTensor(n, out_meta(n)) for n in names]
     float_dtypes = Counter(t.meta.dtype for t in tensors if t.meta.dtype.is_floating_point)
     config_dtype = CONFIG_NAMES.get(float_dtypes.most_common(1)[0][0]) if float_dtypes else None
-    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype, warnings)
+    return ConvertPlan(reader, out, tensors, config, config_folder, config_dtype, warnings, overwrite)
 
 
 def convert(
@@ -152,7 +153,7 @@ def write_converted(
     mine = assign(names, [reader.meta(n).nbytes for n in names], group.world_size)[group.rank]
     targets = {t.name: t for t in plan.tensors}
     progress.start("convert", sum(reader.meta(n).nbytes for n in mine), len(mine))
-    with shared_output_dir(plan.out, group) as tmp:
+    with shared_output_dir(plan.out, group, plan.overwrite) as tmp:
         with open_sinks(
             [tmp], plan.tensors, mine, shard_size=shard_size, output_format_name=output_format, group=group
         ) as (sink,):

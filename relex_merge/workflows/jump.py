@@ -114,7 +114,7 @@ def jump(
     if group.distributed:
         raise RelexError("--resume-layout verl: run jump as one process (the merge is small next to training)")
     step = targets[0] if resume_step == "target" else plan.job.steps[-1]
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, options.overwrite) as tmp:
         result = execute_merge(plan, tmp / "hf", engine, overwrite=False, **merge_args)
         step_dir = tmp / f"global_step_{step}"
         source = open_checkpoint(tmp / "hf")

@@ -183,7 +183,7 @@ def execute_merge(
         else [j for j, verdict in enumerate(assessment.verdicts) if verdict is not None and not verdict.supported]
     )
     predicted = [j for j in range(len(targets)) if j not in stopped]
-    with shared_output_dir(out, group) as tmp:
+    with shared_output_dir(out, group, overwrite) as tmp:
         folders = [tmp / name for name in names] if names else target_folders(tmp, output_names(targets))
         stats = gram_stats
         with open_sinks(

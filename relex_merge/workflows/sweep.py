@@ -184,7 +184,19 @@ def run_sweep(
         if not group.main:
             return None
         return _score_candidates(
-            built, plan, baseline, staging, out, tasks, manager, include_path, limit, keep_all, str(options.device), say
+            built,
+            plan,
+            baseline,
+            staging,
+            out,
+            tasks,
+            manager,
+            include_path,
+            limit,
+            keep_all,
+            str(options.device),
+            say,
+            overwrite,
         )
     finally:
         for folder in (staging, converted):
@@ -212,10 +224,10 @@ def _check_grid(plan: MergePlan, targets: Sequence[int], scales: Sequence[float]
 
 
 def _score_candidates(
-    built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device, say
+    built, plan, baseline_dir, staging, out, tasks, manager, include_path, limit, keep_all, device, say, overwrite
 ) -> SweepResult:
     baseline_step = plan.config.models[-1].parameters.step
-    with atomic_output_dir(out) as tmp:
+    with atomic_output_dir(out, overwrite) as tmp:
         staging.rename(tmp / "candidates")
         built = replace(built, outputs=[(t, s, tmp / "candidates" / f.name) for t, s, f in built.outputs])
         results = []

@@ -198,3 +198,17 @@ def test_outputs_are_the_elementwise_tree_whatever_blocks_spans_alignment_or_thr
     finally:
         torch.set_num_threads(threads)
     assert [name for name, out in results.items() if not torch.equal(out, expected)] == []
+
+
+@pytest.mark.parametrize("first", [1, 4, 7])
+def test_new_rows_only_equal_the_rows_of_a_full_pass(first):
+    """watch adds a checkpoint's row to a known Gram block (``first``): the rows from ``first`` on,
+    and their mirror, are the full pass's to the bit; the known block is left zero."""
+    t, shape = 8, (300, 512)
+    inputs = [x.reshape(-1) for x in _window(t, 300 * 512, torch.float32)]
+    chunk = gram_chunk(shape)
+    scratch = Scratch.allocate(t, block_columns(t, torch.float32), torch.float32, CPU)
+    full = fold_grams(span_gram(inputs, scratch, chunk))
+    rows = fold_grams(span_gram(inputs, scratch, chunk, first))
+    assert torch.equal(rows[first:], full[first:]) and torch.equal(rows[:, first:], full[:, first:])
+    assert torch.equal(rows[:first, :first], torch.zeros(first, first, dtype=torch.float64))

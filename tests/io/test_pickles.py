@@ -190,3 +190,36 @@ def test_the_restricted_unpickler_allows_dtypes_and_sizes_but_no_other_torch_nam
         Exception, match=r"^x: refusing to unpickle torch\.serialization\.load|^x: refusing to unpickle torch\.load"
     ):
         RestrictedUnpickler(io.BytesIO(evil), {("torch", "Size"): torch.Size}, "x").load()
+
+
+def test_the_allow_list_is_left_as_found_and_safe_across_threads():
+    """torch's ``safe_globals`` removes every entry it names on exit, DTensor's own included: a
+    plain weights-only load of a verl FSDP2 shard then failed for the rest of the process, and
+    concurrent loads refused DTensor at random. The allow-list is now left as it was found."""
+    import threading
+
+    import torch.distributed.tensor  # noqa: F401  (torch registers DTensor's types for weights-only loads)
+
+    from relex_merge.io.base import load_torch_file
+    from tests.helpers import REPO
+
+    shard = REPO / "tests/fixtures/real_writers/verl_fsdp2_ws2/run/global_step_2/actor/model_world_size_2_rank_0.pt"
+    before = list(torch.serialization.get_safe_globals())
+    load_torch_file(shard)
+    assert list(torch.serialization.get_safe_globals()) == before
+    torch.load(shard, map_location="cpu", weights_only=True)  # torch's own registration still holds
+    failures: list[BaseException] = []
+
+    def load_many():
+        for _ in range(5):
+            try:
+                load_torch_file(shard)
+            except BaseException as exc:  # noqa: BLE001
+                failures.append(exc)
+
+    workers = [threading.Thread(target=load_many) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert failures == []
