@@ -28,7 +28,7 @@ just before a block changes what happens to it (several may be stacked):
     <!-- docs-check: file PATH -->       the block is written to PATH in the scratch copy (not run)
     <!-- docs-check: synopsis -->        (a text block) each `relex-merge [COMMAND]` entry shows every
                                          flag of that command, and no flag it does not have
-    <!-- docs-check: timed KEY -->       the block must take at most 2.5x (+20 s) docs/timings.json's KEY
+    <!-- docs-check: timed KEY -->       the block must take at most 4x (+60 s) docs/timings.json's KEY
 
 Static checks (tests/test_docs.py runs them in every test run, --static alone):
 - relative links and images point at files that exist;
@@ -60,7 +60,7 @@ TIMINGS = ROOT / "docs" / "timings.json"
 RUN_LANGUAGES = {"bash": "bash", "sh": "bash", "python": "python"}
 READ_LANGUAGES = {"yaml", "text", "", "mermaid"}  # parsed (yaml) or shown as they are
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-SLACK_FACTOR, SLACK_SECONDS = 2.5, 20.0  # a timed block may take this much longer than measured
+SLACK_FACTOR, SLACK_SECONDS = 4.0, 60.0  # how much longer than measured a timed block may take (shared machines)
 # set while --timings measures: the quotes are what is being measured, so they are not checked
 UNQUOTED = "RELEX_DOCS_UNQUOTED"
 
