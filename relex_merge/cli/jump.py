@@ -42,7 +42,8 @@ def jump_command(config_path, out, resume_layout, resume_step, keep_hf, options,
     """Jump: merge to one target step, in the layout the trainer resumes from."""
     from relex_merge.workflows.jump import jump
 
-    quiet = quiet or not rank0()
+    main = rank0()
+    quiet = quiet or not main
     result = jump(
         config_path,
         out,
@@ -52,13 +53,16 @@ def jump_command(config_path, out, resume_layout, resume_step, keep_hf, options,
         keep_hf=keep_hf,
         progress=progress(quiet),
     )
-    if quiet:
+    if not main:
         return
-    console = Console()
+    # the verdict reaches stderr whatever -q says, as merge's does
     verdict = result.merge.assessment.verdicts[0]
     if verdict is not None:
         colour = "green" if verdict.supported else "yellow"
-        console.print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}", soft_wrap=True)
+        Console(stderr=True, soft_wrap=True).print(f"[bold {colour}]verdict:[/] {escape(verdict.line())}")
+    if quiet:
+        return
+    console = Console()
     if result.layout == "verl":
         console.print(
             escape(

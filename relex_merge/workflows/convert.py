@@ -13,6 +13,7 @@ from relex_merge.common.errors import RelexError
 from relex_merge.common.progress import NullProgress, Progress
 from relex_merge.common.units import default_max_memory
 from relex_merge.config.options import Options
+from relex_merge.config.trajectory import weights_dir
 from relex_merge.engine import chunk_rows, process_group, row_ranges
 from relex_merge.engine.sharding import assign
 from relex_merge.io.base import CheckpointReader, TensorMeta
@@ -74,6 +75,8 @@ def plan_convert(
     allow_unsafe_pickle: bool = False,
 ) -> ConvertPlan:
     """Open and check everything (headers only); nothing is written."""
+    if src.is_dir():  # a trainer's step folder: its weights where trajectory: finds them (verl's actor/, ...)
+        src = weights_dir(src)
     reader = open_checkpoint(src, allow_unsafe_pickle)
     config_file = _config_file(src, reader, config_from)
     config_folder = config_file.parent

@@ -61,6 +61,7 @@ def test_verl_layout_round_trip(tmp_path, writer):
     assert hf.exit_code == 0, hf.output
     result = run_cli("jump", str(config), str(tmp_path / "out"), "--resume-layout", "verl", "-q")
     assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("verdict: ") and result.stdout == ""  # -q hides all but the verdict
     out = tmp_path / "out"
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "9"
     actor = out / "global_step_9" / "actor"

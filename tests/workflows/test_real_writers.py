@@ -189,3 +189,15 @@ def test_the_formats_table_in_the_docs_is_the_manifests():
     assert f"<!-- include: tests/fixtures/real_writers/formats_table.md -->\n{table}<!-- end include -->" in page
     for writer in WRITERS:
         assert f"(`{writer}`)" in table
+
+
+@pytest.mark.parametrize("writer", ["verl_fsdp2_ws2", "accelerate_fsdp2_sharded"])
+def test_convert_takes_a_trainers_step_folder(writer, tmp_path):
+    """A new user points convert at the step folder (verl's global_step_N, accelerate's step_N), as
+    trajectory: does; the weights are found inside it (actor/, pytorch_model_fsdp_0/)."""
+    step = sorted(p for p in (FIXTURES / writer / "run").iterdir() if p.is_dir())[-1]
+    out = tmp_path / "out"
+    result = run_cli("convert", str(step), str(out), "--config-from", str(FIXTURES / "base"), "-q")
+    assert result.exit_code == 0, result.output
+    number = int(step.name.rsplit("_", 1)[-1])
+    _assert_identical(load_state(out), load_state(_references(writer)[number]))
