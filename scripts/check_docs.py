@@ -7,7 +7,7 @@ script that made it.
     python scripts/check_docs.py --static        # only the fast checks below, no block run (seconds)
     python scripts/check_docs.py --list          # every block and what happens to it
     python scripts/check_docs.py --sync          # rewrite the included regions from their files
-    python scripts/check_docs.py --timings       # measure set-up, demo, suite from nothing (~40 min);
+    python scripts/check_docs.py --timings       # measure set-up, demo, suite from nothing (~30 min);
                                                  # writes docs/timings.json, which the pages quote
 
 Run it with the project's virtual environment (``.venv/bin/python scripts/check_docs.py``): the
@@ -502,8 +502,8 @@ def _machine() -> str:
 
 
 def measure(log=print) -> dict:
-    """Set-up, demo, the README example, the suite and its fast part, and this check, each timed
-    from a fresh copy with a fresh environment made by `make install` (as a new user would)."""
+    """Set-up, demo, the README example and the suite, each timed from a fresh copy with a fresh
+    environment made by `make install` (as a new user would)."""
     readme_example = next((b for b in blocks(ROOT / "README.md") if b.marker("timed") == "example"), None)
     values: dict[str, float] = {}
     notes: list[str] = []
@@ -529,10 +529,6 @@ def measure(log=print) -> dict:
         values["make_test"], out = _timed(["make", "test"], scratch, env, "make test (installed)", log)
         passed = re.search(r"(\d+) passed", out)
         values["tests"] = float(passed.group(1)) if passed else 0.0
-        fast = [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-m", "not slow"]
-        values["fast_tests"], _ = _timed(fast, scratch, run_env, "the fast tests", log)
-        check = [str(venv / "bin" / "python"), "scripts/check_docs.py"]
-        values["docs_check"], _ = _timed(check, scratch, run_env, "this check", log)
         load_after = os.getloadavg()
     busy = max(load[0], load_after[0])
     if busy > (os.cpu_count() or 1):
