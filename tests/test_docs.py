@@ -171,6 +171,7 @@ def test_a_page_whose_commands_fail_fails_the_check(tmp_path, monkeypatch):
         """,
     )
     timings = {"values": {"quick": 0.5}}
+    monkeypatch.setattr(docs, "SLACK_FACTOR", 2.5)
     monkeypatch.setattr(docs, "SLACK_SECONDS", 1.5)  # 2.5 x 0.5 + 1.5 = 2.75 s allowed
     outcomes = docs.run_page(page, Path(sys.prefix), timings, timeout=120, log=lambda line: None)
     got = [(o.block.line, o.status) for o in outcomes]
