@@ -81,10 +81,20 @@ def watch_command(
     def on_demand(signum, frame):
         wanted["now"] = True
 
+    # Ctrl-C stops after the update in progress (a KeyboardInterrupt in the middle of a merge
+    # would leave the engine's workers waiting); a second Ctrl-C interrupts at once
+    stopping = {"now": False}
+
+    def on_interrupt(signum, frame):
+        if stopping["now"]:
+            raise KeyboardInterrupt
+        stopping["now"] = True
+
     previous = signal.signal(signal.SIGUSR1, on_demand) if hasattr(signal, "SIGUSR1") else None
+    previous_int = signal.signal(signal.SIGINT, on_interrupt)
     last_change = time.monotonic()
     try:
-        while True:
+        while not stopping["now"]:
             force = wanted["now"] and out_dir is not None
             wanted["now"] = False
             update = watcher.poll(force_write=force)
@@ -99,12 +109,15 @@ def watch_command(
                     console.print(f"no new checkpoint for {max_wait:g} s: stopping")
                 break
             deadline = time.monotonic() + poll
-            while time.monotonic() < deadline and not wanted["now"]:
+            while time.monotonic() < deadline and not wanted["now"] and not stopping["now"]:
                 time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+        if stopping["now"] and not quiet:
+            console.print("stopped")
     except KeyboardInterrupt:
         if not quiet:
             console.print("stopped")
     finally:
+        signal.signal(signal.SIGINT, previous_int)
         watcher.close()
         if previous is not None:
             signal.signal(signal.SIGUSR1, previous)
