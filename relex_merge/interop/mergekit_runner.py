@@ -5,9 +5,11 @@ is our own: mergekit's asks the hub about local paths, which fails offline."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -30,19 +32,100 @@ def known_methods() -> list[str]:
 
 def parse_mergekit_config(document: dict, where: str):
     """A mergekit document (our ``name:`` key dropped) as mergekit's MergeConfiguration; its
-    validation errors as one-line RelexErrors that start with ``where``."""
+    validation errors, and keys or parameters mergekit would silently ignore, as one-line
+    RelexErrors that start with ``where``."""
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
     body = {k: v for k, v in document.items() if k != "name"}
     try:
-        return MergeConfiguration.model_validate(body)
+        config = MergeConfiguration.model_validate(body)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<top>"
         raise RelexError(f"{where}: {loc}: {first['msg']}") from None
     except (RuntimeError, ValueError) as exc:
         raise RelexError(f"{where}: {exc}") from None
+    _check_keys(body, where)
+    return config
+
+
+# mergekit's pydantic models ignore keys they do not know, and its methods ignore parameters
+# they do not take: `densty: 0.5` would merge at the default density without a word.
+def _check_keys(document: dict, where: str) -> None:
+    from mergekit.common import ModelReference
+    from mergekit.config import (
+        InputModelDefinition,
+        InputSliceDefinition,
+        MergeConfiguration,
+        OutputModuleDefinition,
+        OutputSliceDefinition,
+    )
+    from mergekit.merge_methods import registry
+    from mergekit.tokenizer.config import TokenizerConfig
+
+    spec = registry.get(document["merge_method"]).spec
+    every = [p.name for p in spec.parameters]
+    per_input = [p.name for p in spec.input_parameters]
+
+    def keys(value: Any, model: type, loc: str) -> None:
+        if not isinstance(value, dict):
+            return
+        allowed = list(model.model_fields) + (["name"] if model is MergeConfiguration else [])
+        for key in value:
+            if key not in allowed:
+                _unknown(f"{where}: unknown key '{loc}{key}'", key, allowed)
+
+    def parameters(value: Any, loc: str, allowed: list[str]) -> None:
+        if not isinstance(value, dict):
+            return
+        for key in value:
+            if key in allowed:
+                continue
+            if key in every:  # a shared parameter given per model: mergekit never reads it there
+                raise RelexError(
+                    f"{where}: {loc}parameters.{key}: {spec.name} reads '{key}' once for every input; "
+                    "put it in the top-level parameters"
+                )
+            _unknown(f"{where}: {loc}parameters.{key}: not a parameter of {spec.name}", key, allowed)
+
+    def model_entry(entry: Any, model: type, loc: str) -> None:
+        keys(entry, model, loc)
+        if isinstance(entry, dict):
+            keys(entry.get("model"), ModelReference, f"{loc}model.")
+            parameters(entry.get("parameters"), loc, per_input)
+
+    def output_slice(entry: Any, loc: str) -> None:
+        keys(entry, OutputSliceDefinition, loc)
+        if isinstance(entry, dict):
+            keys(entry.get("base_model"), ModelReference, f"{loc}base_model.")
+            parameters(entry.get("parameters"), loc, every)
+            for i, source in enumerate(entry.get("sources") or []):
+                model_entry(source, InputSliceDefinition, f"{loc}sources.{i}.")
+
+    keys(document, MergeConfiguration, "")
+    keys(document.get("base_model"), ModelReference, "base_model.")
+    keys(document.get("tokenizer"), TokenizerConfig, "tokenizer.")
+    parameters(document.get("parameters"), "", every)
+    for i, entry in enumerate(document.get("models") or []):
+        model_entry(entry, InputModelDefinition, f"models.{i}.")
+    for i, entry in enumerate(document.get("slices") or []):
+        output_slice(entry, f"slices.{i}.")
+    for name, module in (document.get("modules") or {}).items():
+        loc = f"modules.{name}."
+        keys(module, OutputModuleDefinition, loc)
+        if isinstance(module, dict):
+            parameters(module.get("parameters"), loc, every)
+            for i, entry in enumerate(module.get("models") or []):
+                model_entry(entry, InputModelDefinition, f"{loc}models.{i}.")
+            for i, entry in enumerate(module.get("slices") or []):
+                output_slice(entry, f"{loc}slices.{i}.")
+
+
+def _unknown(message: str, key: str, allowed: list[str]) -> None:
+    hint = difflib.get_close_matches(key, allowed, n=1)
+    suggestion = f"did you mean '{hint[0]}'?" if hint else f"known: {', '.join(allowed) or 'none'}"
+    raise RelexError(f"{message} ({suggestion})")
 
 
 def _local_models(config) -> list[Path]:

@@ -355,7 +355,9 @@ def run_merge(
             # paths a stage reads (earlier stages' outputs among them) are checked when it runs
             where = f"{source}: {stage.label}" if len(stages) > 1 else source
             if stage.method == "relex":
-                parse_config(stage.document, where)
+                parsed = parse_config(stage.document, where)
+                if stage.name is not None and len(stages) > 1:
+                    _check_one_target(parsed.parameters, where)
             else:
                 parse_mergekit_config(stage.document, where)
         if options.lazy and options.intermediate_dir is None:
@@ -400,10 +402,6 @@ def run_merge(
                     plan = plan_merge(parse_config(document, where), options.allow_unsafe_pickle, source=where)
                     if options.fit_cache is not None:
                         plan = replace(plan, job=replace(plan.job, gram_cache=load_fit_cache(options.fit_cache, plan)))
-                    if not final and len(plan.job.targets) != 1:
-                        raise RelexError(
-                            f"stage '{stage.name}': a stage used by later stages needs exactly one target_step"
-                        )
                     check_output_path(target, plan.model_paths, overwrite)
                 for warning in plan.warnings:
                     progress.note(f"warning: {warning}")
@@ -444,6 +442,17 @@ def run_merge(
         if multi and options.intermediate_dir is None and stage_root.exists() and group.main:
             shutil.rmtree(stage_root, ignore_errors=True)
     return result
+
+
+def _check_one_target(parameters, where: str) -> None:
+    """A stage that later stages read is one model: one target (reconstruct modes default to the
+    window's last checkpoint)."""
+    targets = parameters.targets() or ([] if parameters.mode == "extrapolate" else ["the last checkpoint"])
+    if len(targets) != 1:
+        raise RelexError(
+            f"{where}: parameters.target_step: a stage used by later stages needs exactly one target step "
+            f"(found {len(targets)})"
+        )
 
 
 STAMP = ".relex-stage"  # in a finished stage's folder: the fingerprint of what made it

@@ -359,33 +359,62 @@ def test_python_callers_run_multistage_configs_without_click(tmp_path, monkeypat
     assert set(load_state(tmp_path / "out")) == set(base)
 
 
-@pytest.mark.parametrize("method", ["relex", "task_arithmetic"])
-def test_a_typo_in_a_later_stage_stops_the_merge_before_any_stage_runs(method, qwen_run, tmp_path, monkeypatch):
-    """The later document used to be parsed only after the earlier stages had merged."""
+_FINAL_TA = {
+    "merge_method": "task_arithmetic",
+    "models": [{"model": "rl", "parameters": {"weight": 1.0}}],
+}
+_LATER_STAGE_MISTAKES = {
+    "relex key": ({"parameters": {"rnk": 2}}, "document 2: unknown key 'parameters.rnk' (did you mean 'rank'?)"),
+    "mergekit value": ({"dtype": ["float32"]}, "document 2: dtype: Input should be a valid string"),
+    # mergekit's own models ignore these: they used to merge at the defaults without a word
+    "mergekit key": ({"paramters": {"lambda": 1.0}}, "document 2: unknown key 'paramters' (did you mean 'parameters'?)"),
+    "mergekit parameter": (
+        {"models": [{"model": "rl", "parameters": {"weight": 1.0, "densty": 0.5}}]},
+        "document 2: models.0.parameters.densty: not a parameter of task_arithmetic (did you mean 'density'?)",
+    ),
+    "mergekit model key": (
+        {"models": [{"model": "rl", "paramters": {"weight": 1.0}}]},
+        "document 2: unknown key 'models.0.paramters' (did you mean 'parameters'?)",
+    ),
+    "shared parameter per model": (
+        {"models": [{"model": "rl", "parameters": {"weight": 1.0, "normalize": True}}]},
+        "document 2: models.0.parameters.normalize: task_arithmetic reads 'normalize' once for every input; "
+        "put it in the top-level parameters",
+    ),
+    "top-level parameter": (
+        {"parameters": {"lamda": 1.0}},
+        "document 2: parameters.lamda: not a parameter of task_arithmetic (did you mean 'lambda'?)",
+    ),
+    # found in document 1 while planning it, after the checks of every document had passed
+    "two targets in a stage": (None, "document 1 (stage 'rl'): parameters.target_step: a stage used by later stages needs exactly one"),
+}
+
+
+@pytest.mark.parametrize("case", list(_LATER_STAGE_MISTAKES))
+def test_every_stage_is_checked_before_any_stage_runs(case, qwen_run, tmp_path, monkeypatch):
+    """Later documents used to be parsed only after the earlier stages had merged; mergekit
+    stages' misspelt keys and parameters were ignored."""
     from relex_merge.workflows import merge
 
     ran = []
     monkeypatch.setattr(merge, "execute_merge", lambda *args, **kwargs: ran.append(args))
     rl = {"name": "rl", **relex_doc(qwen_run, [1, 2, 3], 9)}
-    if method == "relex":
+    change, expected = _LATER_STAGE_MISTAKES[case]
+    if case == "relex key":
         final = {**relex_doc(qwen_run, [1, 2, 3], 9), "base_model": "rl"}
-        final["parameters"] = {**final["parameters"], "rnk": 2}
-        expected = "{cfg}: document 2: unknown key 'parameters.rnk' (did you mean 'rank'?)"
+        final["parameters"] = {**final["parameters"], **change["parameters"]}
+    elif change is None:
+        rl["parameters"] = {**rl["parameters"], "target_step": [9, 12]}
+        final = {**_FINAL_TA, "base_model": str(qwen_run / "base")}
     else:
-        final = {
-            "merge_method": "task_arithmetic",
-            "base_model": str(qwen_run / "base"),
-            "models": [{"model": "rl", "parameters": {"weight": 1.0}}],
-            "dtype": ["float32"],
-        }
-        expected = "{cfg}: document 2: dtype: Input should be a valid string"
+        final = {**_FINAL_TA, "base_model": str(qwen_run / "base"), **change}
     cfg = _write(tmp_path, [rl, final])
     out = tmp_path / "out"
     result = run_cli(str(cfg), str(out))
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(cfg=cfg)), lines
-    assert ran == [] and "stage 'rl'" not in result.output
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cfg}: {expected}"), lines
+    assert ran == [] and "stage 'rl' (relex)" not in result.output
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
