@@ -367,7 +367,10 @@ _LATER_STAGE_MISTAKES = {
     "relex key": ({"parameters": {"rnk": 2}}, "document 2: unknown key 'parameters.rnk' (did you mean 'rank'?)"),
     "mergekit value": ({"dtype": ["float32"]}, "document 2: dtype: Input should be a valid string"),
     # mergekit's own models ignore these: they used to merge at the defaults without a word
-    "mergekit key": ({"paramters": {"lambda": 1.0}}, "document 2: unknown key 'paramters' (did you mean 'parameters'?)"),
+    "mergekit key": (
+        {"paramters": {"lambda": 1.0}},
+        "document 2: unknown key 'paramters' (did you mean 'parameters'?)",
+    ),
     "mergekit parameter": (
         {"models": [{"model": "rl", "parameters": {"weight": 1.0, "densty": 0.5}}]},
         "document 2: models.0.parameters.densty: not a parameter of task_arithmetic (did you mean 'density'?)",
@@ -386,7 +389,10 @@ _LATER_STAGE_MISTAKES = {
         "document 2: parameters.lamda: not a parameter of task_arithmetic (did you mean 'lambda'?)",
     ),
     # found in document 1 while planning it, after the checks of every document had passed
-    "two targets in a stage": (None, "document 1 (stage 'rl'): parameters.target_step: a stage used by later stages needs exactly one"),
+    "two targets in a stage": (
+        None,
+        "document 1 (stage 'rl'): parameters.target_step: a stage used by later stages needs exactly one",
+    ),
 }
 
 
