@@ -124,6 +124,8 @@ def watch_command(
 
 
 def _render(console: Console, update, sketch) -> None:
+    for warning in update.warnings:
+        console.print(escape(f"warning: {warning}"), soft_wrap=True)
     if update.waiting:
         console.print(escape(f"waiting: {update.waiting}"), soft_wrap=True)
         return

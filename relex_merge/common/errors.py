@@ -16,6 +16,10 @@ class RelexError(Exception):
     exit_code = 2
 
 
+class WindowTooShort(RelexError):
+    """The window has too few checkpoints for the config (yet): ``watch`` keeps waiting on it."""
+
+
 class UnsupportedTarget(RelexError):
     """--require-supported: the backtest does not support a target; nothing was written (exit 3)."""
 

@@ -339,6 +339,12 @@ class TensorTasks:
             else:
                 gram = cached.to("cpu", torch.float64)
             passes = (1 if phase == "gram" else 0) + (1 if job.targets else 0)
+            if phase == "emit" and not self.options.allow_nonfinite and not bool(torch.isfinite(gram).all()):
+                # a cache analyze wrote under --allow-nonfinite: the consent does not carry over
+                raise RelexError(
+                    f"tensor {name}: the fit cache's Gram matrix has NaN or Inf (made with --allow-nonfinite); "
+                    "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
+                )
             self.states[name] = _TensorState(pieces, len(pieces), gram, passes)
             if phase == "emit":
                 self._start_outputs(name)

@@ -14,6 +14,7 @@ from pathlib import Path
 from relex_merge.common.errors import RelexError
 from relex_merge.evaluation.offline import offline_if_local
 from relex_merge.io.hf import is_hf_model
+from relex_merge.output.folders import TOKENIZER_FILES
 
 __all__ = ["RESULTS_NAME", "TaskScore", "EvalResult", "evaluate", "task_manager", "check_tasks"]
 
@@ -97,6 +98,11 @@ def evaluate(
     Offline when every task's data is local (relex_merge.evaluation.offline); the model folder always is."""
     if not is_hf_model(model_dir):
         raise RelexError(f"{model_dir}: not a Hugging Face model folder (config.json + weights); convert it first")
+    if not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):  # lm-eval died on an IndexError
+        raise RelexError(
+            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); copy the base model's "
+            "into it, or merge again with tokenizer_source"
+        )
     from lm_eval import simple_evaluate
 
     manager = manager or task_manager(include_path)

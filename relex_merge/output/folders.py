@@ -8,7 +8,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from relex_merge.common.errors import RelexError
@@ -22,6 +22,7 @@ __all__ = [
     "shared_output_dir",
     "write_model_config",
     "copy_side_files",
+    "tokenizer_folder",
 ]
 
 TOKENIZER_FILES = (
@@ -201,6 +202,15 @@ def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | Non
 def _source_folders(path: Path) -> list[Path]:
     folder = path if path.is_dir() else path.parent
     return [folder, folder / "huggingface"]
+
+
+def tokenizer_folder(path: Path, also: Iterable[Path] = ()) -> Path | None:
+    """The folder holding a checkpoint's tokenizer files: beside it, in huggingface/ (verl) or in
+    one of ``also`` (a reader's ``config_folders``); None when it has none."""
+    for folder in [*_source_folders(path), *also]:
+        if any((folder / n).is_file() for n in TOKENIZER_FILES):
+            return folder
+    return None
 
 
 def copy_side_files(base: Path, tokenizer_source: Path | None, dst: Path) -> list[str]:

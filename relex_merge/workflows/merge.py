@@ -457,6 +457,8 @@ def _check_one_target(parameters, where: str) -> None:
 
 STAMP = ".relex-stage"  # in a finished stage's folder: the fingerprint of what made it
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", ".json")
+# files without those suffixes that choose which weights are read (DeepSpeed's tag, verl's step)
+_POINTERS = ("latest", "latest_checkpointed_iteration.txt")
 
 
 def _paths_in(value: Any) -> Iterator[str]:
@@ -482,7 +484,11 @@ def stage_fingerprint(document: Any, source: str) -> str:
         path = Path(value) if Path(value).is_absolute() else here / value
         if not (path.is_file() or path.is_dir()):
             continue
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHTS)
+        files = (
+            [path]
+            if path.is_file()
+            else sorted(p for p in path.rglob("*") if p.is_file() and (p.suffix in _WEIGHTS or p.name in _POINTERS))
+        )
         files = [f for f in files if f.name != STAMP]
         digest.update(value.encode())
         digest.update(input_record(value, files, full_hash=False).fingerprint.encode())

@@ -4,12 +4,13 @@ small JSON files: no tensor data is read before the whole input has been checked
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from relex_merge.common.errors import RelexError, resolved_against
+from relex_merge.common.errors import RelexError, WindowTooShort, resolved_against
 from relex_merge.common.units import human_bytes
 from relex_merge.config.schema import RelexConfig, RelexParameters
 from relex_merge.config.trajectory import expand_trajectory
@@ -28,6 +29,7 @@ from relex_merge.io.hf import (
     model_tensors,
     read_model_config,
 )
+from relex_merge.output.folders import tokenizer_folder
 
 __all__ = ["MergePlan", "plan_merge", "check_targets"]
 
@@ -40,7 +42,7 @@ class MergePlan:
 
     config: RelexConfig  # expanded: models listed explicitly
     job: MergeJob
-    base_config: dict | None  # the base's config.json (None when it has none)
+    base_config: dict  # the base's config.json (or the last window checkpoint's: see _model_files)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -61,7 +63,7 @@ def _check_steps(config: RelexConfig, discovered: bool = False) -> list[int]:
     steps = [m.parameters.step for m in config.models or []]
     if discovered and len(steps) < 2:
         found = f"step {steps[0]}" if steps else "none"
-        raise RelexError(
+        raise WindowTooShort(
             f"trajectory: need at least 2 window checkpoints, found {len(steps)} ({found}); "
             "widen trajectory.steps or save checkpoints more often"
         )
@@ -76,7 +78,7 @@ def _check_steps(config: RelexConfig, discovered: bool = False) -> list[int]:
             )
         seen.add(step)
     if len(steps) < 2:
-        raise RelexError(f"models: need at least 2 window checkpoints, got {len(steps)}")
+        raise WindowTooShort(f"models: need at least 2 window checkpoints, got {len(steps)}")
     base_step = config.parameters.base_step
     if steps[0] <= base_step:
         raise RelexError(
@@ -92,10 +94,10 @@ def _check_parameters(
     p = config.parameters
     n = len(steps)
     if p.window is not None and p.window > n:
-        raise RelexError(f"parameters.window: {p.window} is more than the {n} checkpoints given")
+        raise WindowTooShort(f"parameters.window: {p.window} is more than the {n} checkpoints given")
     used = [steps[k] for k in window_indices(n, p.window)]
     if p.rank > len(used):
-        raise RelexError(f"parameters.rank: {p.rank} exceeds the {len(used)} checkpoints in the window")
+        raise WindowTooShort(f"parameters.rank: {p.rank} exceeds the {len(used)} checkpoints in the window")
     spec = p.spec()
     if p.mode != "reconstruct":
         _check_points(spec, len(used))
@@ -156,12 +158,12 @@ def _check_points(spec, n_used: int) -> None:
     shape = fit.resolved.shape if fit.resolved is not None else None
     need = family.min_points(shape)
     if need > n_used:
-        raise RelexError(family.too_few_points(shape, need, n_used))
+        raise WindowTooShort(family.too_few_points(shape, need, n_used))
     if spec.refit_window is not None:
         if spec.refit_window < need:
             raise RelexError(f"parameters.refit_window: {fit.family} needs at least {need} points per re-fit")
         if spec.refit_window > n_used:
-            raise RelexError(
+            raise WindowTooShort(
                 f"parameters.refit_window: {spec.refit_window} is more than the {n_used} checkpoints in the window"
             )
 
@@ -176,11 +178,11 @@ def _check_backtest_can_choose(spec, steps: list[int]) -> None:
         return
     got = f"needs at least {probe.min_points + 1} checkpoints in the window to choose (got {len(probe.steps)})"
     if spec.fit.family == fits.AUTO:
-        raise RelexError(
+        raise WindowTooShort(
             f"parameters.fit: auto: the backtest {got}; name a family (e.g. fit: linear) or observe more checkpoints"
         )
     key = spec.fit.curve_family.shape.key
-    raise RelexError(
+    raise WindowTooShort(
         f"parameters.{key}: {spec.fit.family}'s {key} is chosen by the backtest when not given, and the "
         f"backtest {got}; give {key}: or observe more checkpoints"
     )
@@ -235,6 +237,52 @@ def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader], 
                 raise RelexError(f"{reader.path}: tensor {name} is {b.dtype}, base has {a.dtype}")
 
 
+# config.json keys that say nothing about the model's function
+_CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
+
+
+def _mixed_window(config: RelexConfig, base_config: dict, checkpoints: list[CheckpointReader]) -> list[str]:
+    """Warnings for a window that is not one model saved again and again: a checkpoint stored in
+    another precision (its rounding enters the fit as movement along the run), or a config.json
+    that describes another model than the base's (the outputs take the base's)."""
+    warnings = []
+    stored = [_float_dtype(reader) for reader in checkpoints]
+    usual = Counter(stored).most_common(1)[0][0]  # ties: the earliest checkpoint's
+    odd = [(reader.path, dtype) for reader, dtype in zip(checkpoints, stored) if dtype != usual]
+    if odd:
+        more = f" (and {len(odd) - 1} more)" if len(odd) > 1 else ""
+        warnings.append(
+            f"{odd[0][0]}{more}: stored in {_dtype_name(odd[0][1])}, the rest of the window in {_dtype_name(usual)}: "
+            "the rounding enters the fit as movement; convert the window to one precision (relex-merge convert)"
+        )
+    for model, reader in zip(config.models or [], checkpoints):
+        other = read_model_config(model.model, reader.config_folders)
+        differ = sorted(
+            k
+            for k in set(other or {}) | set(base_config)
+            if k not in _CONFIG_NOISE and other and other.get(k) != base_config.get(k)
+        )
+        if differ:
+            key = differ[0]
+            warnings.append(
+                f"{model.model}: its config.json differs from the base model's in {key} ({other.get(key)!r} vs "
+                f"{base_config.get(key)!r}{f', and {len(differ) - 1} more key(s)' if len(differ) > 1 else ''}): "
+                "the outputs take the base's; check that the window is this model's run"
+            )
+            break  # one line: the first checkpoint that differs
+    return warnings
+
+
+def _float_dtype(reader: CheckpointReader) -> torch.dtype | None:
+    """The dtype most of a checkpoint's floating tensors are stored in."""
+    floats = Counter(d for name in reader.names() if (d := reader.meta(name).dtype).is_floating_point)
+    return floats.most_common(1)[0][0] if floats else None
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def _check_architectures(config: RelexConfig) -> dict | None:
     base_config = read_model_config(config.base_path)
     base_arch = (base_config or {}).get("architectures")
@@ -243,6 +291,41 @@ def _check_architectures(config: RelexConfig) -> dict | None:
         if base_arch and arch and arch != base_arch:
             raise RelexError(f"{m.model}: architecture {arch} differs from the base model's {base_arch}")
     return base_config
+
+
+def _model_files(
+    config: RelexConfig,
+    base_config: dict | None,
+    base_reader: CheckpointReader,
+    last: CheckpointReader,
+    warnings: list[str],
+) -> tuple[RelexConfig, dict]:
+    """config.json and tokenizer files make an output loadable. A base that lacks them (a
+    trainer's weights-only save) borrows the last window checkpoint's, with a warning; without
+    any config.json the output would not load, so the merge is refused."""
+    base = Path(config.base_path)
+    if base_config is None and find_model_config(base, base_reader.config_folders) is not None:
+        base_config = read_model_config(base, base_reader.config_folders)
+    if base_config is None:
+        found = find_model_config(last.path, last.config_folders)
+        if found is None:
+            raise RelexError(
+                f"{base}: the base model has no config.json, nor has the last window checkpoint {last.path}: the "
+                "output would not load; use as base_model the model folder the run started from"
+            )
+        base_config = read_model_config(found)
+        warnings.append(f"the base model {base} has no config.json: the outputs take {found}")
+    if config.tokenizer_source is None and tokenizer_folder(base, base_reader.config_folders) is None:
+        folder = tokenizer_folder(Path(last.path), last.config_folders)
+        if folder is None:
+            warnings.append(
+                f"neither the base model {base} nor the last window checkpoint has tokenizer files: the outputs "
+                "have none (set tokenizer_source to load them with a tokenizer, e.g. for relex-merge eval)"
+            )
+        else:
+            warnings.append(f"the base model {base} has no tokenizer files: the outputs take those of {folder}")
+            config = config.model_copy(update={"tokenizer_source": str(folder)})
+    return config, base_config
 
 
 def _check_paths(config: RelexConfig) -> None:
@@ -278,12 +361,14 @@ def plan_merge(
     warnings.extend(more)
     base_config = _check_architectures(config)
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
+    config, base_config = _model_files(config, base_config, base, checkpoints[-1], warnings)
     _check_base(config, base)
     for reader in checkpoints:  # a DCP save nested under model.: the reading with the base's names
         reader.align_names(base.names())
     _check_tensors(base, checkpoints, bool((base_config or {}).get("tie_word_embeddings")))
     for reader in [base, *checkpoints]:
         warnings.extend(reader.warnings)
+    warnings.extend(_mixed_window(config, base_config, checkpoints))
     resident = [reader for reader in [base, *checkpoints] if reader.resident_bytes]
     if resident:  # --max-memory bounds the spans only; these are held whole for the whole run
         warnings.append(

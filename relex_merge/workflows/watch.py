@@ -40,7 +40,7 @@ from typing import Literal
 
 import torch
 
-from relex_merge.common.errors import RelexError
+from relex_merge.common.errors import RelexError, WindowTooShort
 from relex_merge.config.options import Options
 from relex_merge.config.schema import RelexConfig, load_config
 from relex_merge.config.trajectory import discover_steps, select_steps, weights_dir
@@ -59,8 +59,6 @@ __all__ = ["Watcher", "WatchUpdate"]
 log = logging.getLogger(__name__)
 
 Write = Literal["supported", "always", "never"]
-# what plan_merge says when the window is too short for the config (yet): keep watching
-_TOO_SHORT = ("at least", "is more than the", "exceeds the")
 
 
 @dataclass
@@ -76,6 +74,7 @@ class WatchUpdate:
     bytes_read: int = 0
     fresh: bool = False  # the Gram matrices were computed afresh (not updated)
     waiting: str = ""  # why there is no analysis yet
+    warnings: list[str] = field(default_factory=list)  # the plan's warnings not shown before
 
 
 class Watcher:
@@ -111,6 +110,7 @@ class Watcher:
         self.history: list[dict] = []
         self.written_from: dict[int, list[int]] = {}  # target -> the window it was written from
         self.plan: MergePlan | None = None
+        self._warned: set[str] = set()  # each plan warning is shown once, not at every update
         self.analysis: Analysis | None = None
         if self.out is not None:
             if self.out.exists() and not self.out.is_dir():
@@ -158,11 +158,11 @@ class Watcher:
             return update
         try:
             plan = plan_merge(config, self.options.allow_unsafe_pickle, require_targets=False)
-        except RelexError as exc:
-            if any(words in str(exc) for words in _TOO_SHORT):  # a longer window will do
-                update.waiting = str(exc)
-                return update
-            raise
+        except WindowTooShort as exc:  # a longer window will do
+            update.waiting = str(exc)
+            return update
+        update.warnings = [w for w in plan.warnings if w not in self._warned]
+        self._warned.update(update.warnings)
         start = time.perf_counter()
         if self.sketch is None:
             update.bytes_read, update.fresh = self._update_exact(plan, steps)

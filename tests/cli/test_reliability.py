@@ -21,6 +21,7 @@ from relex_merge.testing.synthetic import make_planted_run
 from tests.helpers import (
     assert_relex_output,
     assert_state_matches,
+    generate,
     load_state,
     relex_expectation,
     run_cli,
@@ -145,6 +146,28 @@ def test_allow_nonfinite_copies_the_tensor_from_the_base(qwen_run, tmp_path):
     )
 
 
+def test_a_fit_cache_made_with_allow_nonfinite_does_not_carry_the_consent(qwen_run, tmp_path):
+    """A later merge given that cache copied the non-finite tensor without the flag."""
+    cfg, _, _ = _config_with_a_nonfinite_value(qwen_run, tmp_path, float("nan"))
+    analysis = tmp_path / "analysis"
+    assert run_cli("analyze", str(cfg), "--out", str(analysis), "--allow-nonfinite", "-q").exit_code == 0
+    cache = str(analysis / "fit_cache.safetensors")
+    refused = run_cli(str(cfg), str(tmp_path / "out"), "--fit-cache", cache, "-q")
+    assert refused.exit_code == 2, refused.output
+    assert refused.stderr.strip() == (
+        "error: tensor model.norm.weight: the fit cache's Gram matrix has NaN or Inf (made with --allow-nonfinite); "
+        "pass --allow-nonfinite to merge anyway (such tensors are copied from the base)"
+    )
+    assert not (tmp_path / "out").exists()
+    allowed = run_cli(str(cfg), str(tmp_path / "out"), "--fit-cache", cache, "--allow-nonfinite", "-q")
+    assert allowed.exit_code == 0, allowed.output
+    plain = run_cli(str(cfg), str(tmp_path / "plain"), "--allow-nonfinite", "-q")
+    assert plain.exit_code == 0, plain.output
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (
+        tmp_path / "plain" / "model.safetensors"
+    ).read_bytes()
+
+
 @pytest.mark.parametrize("command", ["analyze", "sweep"])
 def test_the_nonfinite_error_names_a_flag_the_command_has(command, qwen_run, tmp_path):
     """The engine's NaN error says "pass --allow-nonfinite"; analyze and sweep had no such flag."""
@@ -254,3 +277,101 @@ def test_fingerprint_of_identical_files_is_stable(tmp_path):
     assert a == b and a.fingerprint.startswith("fast:") and full.fingerprint.startswith("sha256:")
     f.write_bytes(b"x" * 1_500_000 + b"y" + b"x" * 1_499_999)  # same size, changed middle
     assert input_record("p", [f], False) != a
+
+
+def _without(folder: Path, names) -> Path:
+    for name in names:
+        (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize("missing", ["config", "tokenizer", "tokenizer everywhere", "both everywhere"])
+def test_a_base_without_config_or_tokenizer(missing, qwen_run, tmp_path):
+    """A weights-only base used to give an output transformers could not load (exit 0)."""
+    from relex_merge.output.folders import TOKENIZER_FILES
+
+    run = tmp_path / "run"
+    shutil.copytree(qwen_run, run)
+    tokenizer = [p.name for p in (run / "base").iterdir() if p.name in TOKENIZER_FILES]
+    assert "tokenizer.json" in tokenizer
+    for name in tokenizer if missing == "tokenizer" else []:  # a trainer's checkpoint holds one
+        shutil.copy2(run / "base" / name, run / "checkpoint-4" / name)
+    _without(run / "base", ["config.json"] if missing == "config" else tokenizer)
+    if missing == "both everywhere":
+        for folder in run.iterdir():
+            _without(folder, [n for n in ["config.json"] if (folder / n).exists()])
+    cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3, 4], 8)
+    out = tmp_path / "out"
+    result = run_cli(str(cfg), str(out), "-q")
+    if missing == "both everywhere":
+        assert result.exit_code == 2, result.output
+        assert result.stderr.splitlines() == [
+            f"error: {run / 'base'}: the base model has no config.json, nor has the last window checkpoint "
+            f"{run / 'checkpoint-4'}: the output would not load; use as base_model the model folder the run "
+            "started from"
+        ]
+        assert not out.exists()
+        return
+    assert result.exit_code == 0, result.output
+    taken = run / "checkpoint-4"
+    if missing == "tokenizer everywhere":  # transformers loads the model; a tokenizer is the user's to give
+        assert result.stderr.splitlines()[0] == (
+            f"warning: neither the base model {run / 'base'} nor the last window checkpoint has tokenizer files: "
+            "the outputs have none (set tokenizer_source to load them with a tokenizer, e.g. for relex-merge eval)"
+        )
+        assert not (out / "tokenizer.json").exists()
+        return
+    if missing == "config":
+        line = f"warning: the base model {run / 'base'} has no config.json: the outputs take {taken / 'config.json'}"
+        assert json.loads((out / "config.json").read_text()) == json.loads((taken / "config.json").read_text())
+    else:
+        line = f"warning: the base model {run / 'base'} has no tokenizer files: the outputs take those of {taken}"
+        for name in tokenizer:
+            assert (out / name).read_bytes() == (taken / name).read_bytes(), name
+        assert f"tokenizer_source: {taken}" in (out / "relex_config.yml").read_text()
+    assert line in result.stderr.splitlines()
+    generate(out)  # config and tokenizer are enough for transformers
+
+
+def test_eval_of_a_folder_without_tokenizer_says_so(qwen_run, tmp_path):
+    from relex_merge.output.folders import TOKENIZER_FILES
+
+    model = tmp_path / "model"
+    shutil.copytree(qwen_run / "base", model)
+    _without(model, [p.name for p in model.iterdir() if p.name in TOKENIZER_FILES])
+    result = run_cli("eval", str(model), "--tasks", "arithmetic_tiny", "--include-path", str(tmp_path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr.splitlines() == [
+        f"error: {model}: no tokenizer files (tokenizer.json, tokenizer_config.json, ...); copy the base model's "
+        "into it, or merge again with tokenizer_source"
+    ]
+
+
+@pytest.mark.parametrize("odd", ["dtype", "config"])
+def test_a_window_that_is_not_one_model_gets_a_warning(odd, qwen_run, tmp_path):
+    """A bf16 save in an fp32 window, or a config.json describing another model, merged silently."""
+    run = tmp_path / "run"
+    shutil.copytree(qwen_run, run)
+    ckpt = run / "checkpoint-2"
+    if odd == "dtype":
+        state = load_file(ckpt / "model.safetensors")
+        save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, ckpt / "model.safetensors", {"format": "pt"})
+        line = (
+            f"warning: {ckpt}: stored in bfloat16, the rest of the window in float32: the rounding enters the fit "
+            "as movement; convert the window to one precision (relex-merge convert)"
+        )
+    else:
+        config = json.loads((ckpt / "config.json").read_text())
+        heads = config["num_attention_heads"]
+        config["num_attention_heads"] = heads * 2
+        (ckpt / "config.json").write_text(json.dumps(config))
+        line = (
+            f"warning: {ckpt}: its config.json differs from the base model's in num_attention_heads ({heads * 2} vs "
+            f"{heads}): the outputs take the base's; check that the window is this model's run"
+        )
+    cfg = write_config(tmp_path / "c.yml", run, [1, 2, 3, 4], 8)
+    result = run_cli(str(cfg), str(tmp_path / "out"), "-q")
+    assert result.exit_code == 0, result.output
+    assert [x for x in result.stderr.splitlines() if x.startswith("warning: ")] == [line]
+    clean = run_cli(str(write_config(tmp_path / "d.yml", run, [3, 4, 5, 6], 8)), str(tmp_path / "out2"), "-q")
+    assert clean.exit_code == 0 and "warning: " not in clean.stderr, clean.output

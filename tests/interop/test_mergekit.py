@@ -458,3 +458,19 @@ def test_a_plain_mergekit_config_gives_mergekit_yamls_bytes(qwen_run, tmp_path):
         assert (tmp_path / "rx" / name).read_bytes() == (tmp_path / "mk" / name).read_bytes(), name
     echoed = [yaml.safe_load((tmp_path / d / "mergekit_config.yml").read_text()) for d in ("mk", "rx")]
     assert echoed[0] == echoed[1] == config
+
+
+def test_a_stage_fingerprint_follows_the_files_that_choose_the_weights(tmp_path):
+    """DeepSpeed's `latest` names the tag a checkpoint folder is read from; re-pointing it left
+    --lazy reusing a stage made from the other tag."""
+    from relex_merge.workflows.merge import stage_fingerprint
+
+    folder = tmp_path / "checkpoint-8"
+    (folder / "global_step8").mkdir(parents=True)
+    (folder / "global_step8" / "mp_rank_00_model_states.pt").write_bytes(b"x" * 64)
+    (folder / "latest").write_text("global_step8")
+    document = {"merge_method": "relex", "base_model": str(folder)}
+    before = stage_fingerprint(document, "")
+    assert stage_fingerprint(document, "") == before
+    (folder / "latest").write_text("global_step9")
+    assert stage_fingerprint(document, "") != before

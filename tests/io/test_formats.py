@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fractions
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -443,3 +444,49 @@ def test_convert_of_an_architecture_transformers_does_not_know_warns(qwen_run, t
         "it does not know); the tensors' names and shapes are not checked against it"
     )
     assert sorted(load_state(tmp_path / "out")) == sorted(load_state(folder))
+
+
+@pytest.mark.parametrize("fault", ["short reads", "end of file", "error"])
+def test_the_safetensors_reader_survives_short_reads_and_names_a_failed_one(fault, qwen_run, monkeypatch):
+    """os.preadv may return fewer bytes than asked (signals, network file systems) or 0 at the
+    end of a file truncated under us; the reader must loop on the first and say the second."""
+    from safetensors.torch import load_file
+
+    from relex_merge.common.errors import RelexError
+    from relex_merge.io.formats import safetensors as module
+
+    folder = qwen_run / "checkpoint-2"
+    reference = load_file(folder / "model.safetensors")
+    real = os.preadv
+    calls = []
+
+    def preadv(fd, buffers, offset):
+        calls.append(offset)
+        if fault == "short reads":  # 1..13 bytes a call, from exactly where the last one stopped
+            (buffer,) = buffers
+            return real(fd, [memoryview(buffer)[: 1 + len(calls) % 13]], offset)
+        if fault == "end of file" and len(calls) > 1:
+            return 0
+        if fault == "error":
+            raise OSError(5, "Input/output error")
+        (buffer,) = buffers
+        return real(fd, [memoryview(buffer)[: len(buffer) // 2]], offset)
+
+    monkeypatch.setattr(module.os, "preadv", preadv)
+    reader = open_checkpoint(folder)
+    name = "model.norm.weight"
+    if fault == "short reads":
+        for rows in [None, (1, 3) if reference[name].dim() > 1 else None]:
+            expected = reference[name] if rows is None else reference[name][rows[0] : rows[1]]
+            got = reader.read(name, rows)
+            assert got.dtype == expected.dtype and torch.equal(got, expected)
+        embed = "model.embed_tokens.weight"
+        assert torch.equal(reader.read(embed, (2, 5)), reference[embed][2:5])
+        return
+    with pytest.raises(RelexError) as caught:
+        reader.read(name)
+    assert str(caught.value) == f"{folder / 'model.safetensors'}: " + (
+        f"ended early while reading tensor {name}; the file is truncated"
+        if fault == "end of file"
+        else f"cannot read tensor {name} (Input/output error)"
+    )

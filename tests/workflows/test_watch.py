@@ -201,3 +201,40 @@ def test_count_sketch_spans_and_expectation():
     sd = relative_error_bound(64) * float(x.norm() * y.norm())
     assert abs(float(estimates.mean()) - truth) < 4 * sd / 200**0.5  # unbiased
     assert float(estimates.std()) <= sd  # within the bound
+
+
+def test_watch_waits_only_for_a_short_window_and_shows_plan_warnings_once(tmp_path):
+    """Any plan error containing "at least" used to be taken for "keep waiting", and the plan's
+    warnings were never shown."""
+    from safetensors.torch import load_file, save_file
+
+    from relex_merge.common.errors import RelexError
+
+    source = make_planted_run(tmp_path / "source", steps=range(1, 6), rate=1e-3)
+    ckpt = source / "checkpoint-3"  # saved in bf16 by a careless trainer
+    state = load_file(ckpt / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16) for k, v in state.items()}, ckpt / "model.safetensors", {"format": "pt"})
+    run = tmp_path / "run"
+    run.mkdir()
+    for step in (1, 2):
+        _land(source, run, step)
+    watcher = Watcher(_config(tmp_path / "c.yml", run, source / "base", rank=3), None, settle=0, write="never")
+    first = watcher.poll()
+    assert first.analysis is None and first.waiting == "parameters.rank: 3 exceeds the 2 checkpoints in the window"
+    _land(source, run, 3)
+    update = watcher.poll()
+    assert update.warnings == [
+        f"{run / 'checkpoint-3'}: stored in bfloat16, the rest of the window in float32: the rounding enters "
+        "the fit as movement; convert the window to one precision (relex-merge convert)"
+    ]
+    _land(source, run, 4)
+    assert watcher.poll().warnings == []  # said once
+    watcher.close()
+    strict = Watcher(
+        _config(tmp_path / "d.yml", run, source / "base", fit="polynomial", degree=2, refit_every=1, refit_window=2),
+        None,
+        settle=0,
+    )
+    with pytest.raises(RelexError, match="needs at least 3 points per re-fit"):  # a longer window will not help
+        strict.poll()
+    strict.close()

@@ -135,7 +135,10 @@ class SafetensorsReader(CheckpointReader):
         view = memoryview(target.numpy())
         done, fd = 0, self._fd(file)
         while done < length:
-            n = os.preadv(fd, [view[done:]], offset + skip + done)
+            try:
+                n = os.preadv(fd, [view[done:]], offset + skip + done)
+            except OSError as exc:  # EIO from a failing disk or network file system: name the file
+                raise RelexError(f"{file}: cannot read tensor {name} ({exc.strerror or exc})") from None
             if n <= 0:
                 raise RelexError(f"{file}: ended early while reading tensor {name}; the file is truncated")
             done += n
