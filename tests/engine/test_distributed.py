@@ -438,3 +438,16 @@ def test_a_killed_rank_0_that_hosts_the_store_is_named_by_rank_1(qwen_run, tmp_p
     assert re.fullmatch(SILENT.format(rank=0, host=".+"), lines[0]), lines
     assert not [line for line in results[2][1].splitlines() if line.startswith("error:")]  # one line in all
     assert took < 90, took  # not --timeout's 1800 s
+
+
+def test_warnings_are_printed_once_and_debug_lines_name_the_rank(qwen_run, tmp_path):
+    """torchrun, 2 ranks: the plan's warning comes from rank 0 only; -v's log lines say whose."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [3, 12])  # 3: inside the window
+    result = torchrun(2, str(cfg), str(tmp_path / "out"), "-q", "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "lie inside the window" in warnings[0], result.stderr[-3000:]
+    debug = [line for line in result.stderr.splitlines() if "relex_merge." in line and ": " in line]
+    for rank in (0, 1):
+        assert any(line.startswith(f"rank {rank}/2 relex_merge.") for line in debug), result.stderr[-3000:]
+    assert not [line for line in debug if line.startswith("relex_merge.")]  # none unnamed
