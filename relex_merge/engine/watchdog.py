@@ -185,7 +185,7 @@ def store_client(limit: float) -> tuple[Any, int | None]:
     timeout = datetime.timedelta(seconds=limit)
     try:
         store = dist.distributed_c10d._get_default_store().clone()  # a new connection, for this thread only
-    except (AttributeError, RuntimeError):  # torch < 2.6 cannot clone: a client of the same store
+    except (AttributeError, RuntimeError):  # an older torch cannot clone: a client of the same store
         client = dist.TCPStore(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, wait_for_workers=False
         )
