@@ -38,6 +38,37 @@ def fail_planning_on_rank_1() -> None:
     plan.plan_merge = plan_merge
 
 
+def _in_the_merge(rank: int, action) -> None:
+    """Run ``action`` on ``rank`` when it starts its share of the tensors (mid-merge: the output
+    folder exists, the other ranks go on and then wait for it in a collective); its pid goes to
+    RELEX_TEST_PID_FILE first."""
+    from relex_merge.engine.executors.threads import ThreadExecutor
+
+    real = ThreadExecutor.run
+
+    def run(self, *args, **kwargs):
+        if RANK == rank:
+            Path(os.environ["RELEX_TEST_PID_FILE"]).write_text(str(os.getpid()))
+            action()
+        return real(self, *args, **kwargs)
+
+    ThreadExecutor.run = run
+
+
+def freeze_rank_2() -> None:
+    """Rank 2 freezes mid-merge (SIGSTOP: a hung process that answers nothing)."""
+    import signal
+
+    _in_the_merge(2, lambda: os.kill(os.getpid(), signal.SIGSTOP))
+
+
+def kill_rank_0() -> None:
+    """Rank 0, which hosts the store when no torchrun agent does (srun), is killed mid-merge."""
+    import signal
+
+    _in_the_merge(0, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+
 def fake_lm_eval() -> None:
     """sweep's lm-eval replaced by ``fake_scoring``."""
     import importlib

@@ -64,7 +64,9 @@ class RelexCommand(click.Command):
         verbose = bool(ctx.params.get("verbose", False))
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         if verbose:
-            logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+            launched = process_group.launcher_environment()  # every rank logs: say which one
+            where = f"rank {launched[0]}/{launched[1]} " if launched else ""
+            logging.basicConfig(level=logging.WARNING, format=where + "%(name)s: %(message)s")
             logging.getLogger("relex_merge").setLevel(logging.DEBUG)
 
         def fail(exc: BaseException, code: int):
@@ -100,11 +102,13 @@ def quiet_and_verbose(func):
 
 class RichProgress:
     """The library's Progress protocol as a transient rich bar; notes are printed above it.
-    ``quiet``: no bar and no notes but warnings."""
+    ``quiet``: no bar and no notes but warnings. ``muted``: nothing at all (the ranks other than
+    rank 0 of a torchrun/srun run, which plan the same merge and would repeat its warnings)."""
 
-    def __init__(self, console: Console, quiet: bool = False):
+    def __init__(self, console: Console, quiet: bool = False, muted: bool = False):
         self.console = console
-        self.quiet = quiet
+        self.quiet = quiet or muted
+        self.muted = muted
         self.bar: RichBar | None = None
         self.task = None
         self.items = 0
@@ -140,6 +144,8 @@ class RichProgress:
 
     def note(self, text: str) -> None:
         """Print a line above the bar; ``warning: ...`` lines in yellow, and even when quiet."""
+        if self.muted:
+            return
         if text.startswith("warning: "):
             self.console.print(f"[yellow]warning:[/] {escape(text[9:])}")
         elif not self.quiet:
@@ -153,7 +159,8 @@ class RichProgress:
 
 
 def progress(quiet: bool) -> RichProgress:
-    return RichProgress(Console(stderr=True, soft_wrap=True), quiet)
+    """The bar and notes of a command; only rank 0 of a distributed run shows them."""
+    return RichProgress(Console(stderr=True, soft_wrap=True), quiet, muted=not rank0())
 
 
 def rank0() -> bool:

@@ -4,6 +4,7 @@
     tasks.py      the span tasks: per tensor a Gram pass over its spans, the fit, an output pass
     sharding.py   which rank runs which tensors (balanced by bytes, the same on every rank)
     process_group.py  who this process is in a torchrun/srun run, and the few collectives a merge needs
+    watchdog.py   every rank's heartbeat: a rank killed or frozen is named within a bounded time
     executors/    who runs them: threads in this process (threads.py), the ranks of a
                   torch.distributed group (distributed.py); a new executor is one new file
 

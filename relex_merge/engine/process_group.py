@@ -12,7 +12,8 @@ A single process is a group of one, so the merge code is the same either way:
 
 Launchers: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; ``srun`` sets
 SLURM_PROCID/SLURM_STEP_NUM_TASKS/SLURM_LOCALID and the job script exports MASTER_ADDR/MASTER_PORT.
-The collectives are tiny, so gloo serves CPU and GPU runs alike.
+The collectives are tiny, so gloo serves CPU and GPU runs alike. A rank killed without a word
+or frozen is noticed within ``RELEX_RANK_SILENCE_LIMIT`` seconds (default 60) by watchdog.py.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ import datetime
 import logging
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from relex_merge.common.errors import RelexError, exit_code, one_line
+from relex_merge.engine import watchdog
 
-__all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "leave"]
+__all__ = ["DEFAULT_TIMEOUT", "Group", "RankFailure", "current", "join", "launcher_environment", "leave"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,20 @@ class Group:
             f"rank {first.rank} of {self.world_size} ({first.host}): {first.message}{more}", first.exit_code or 1
         )
 
+    @contextlib.contextmanager
+    def cleanup_if_stopped(self, cleanup: Callable[[], None]) -> Iterator[None]:
+        """Run ``cleanup`` (say, remove the partial output) if the watchdog ends this process
+        while the body runs: its exit skips every ``finally``."""
+        dog = _WATCHDOG
+        if dog is None:
+            yield
+            return
+        dog.cleanups.append(cleanup)
+        try:
+            yield
+        finally:
+            dog.cleanups.remove(cleanup)
+
     def describe_failure(self, error: BaseException) -> str:
         """The line rank 0 prints for its own failure (ranks are named in distributed runs)."""
         if self.distributed and not isinstance(error, RankFailure):
@@ -124,7 +140,8 @@ class TorchGroup(Group):
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+        with _lost_peers():
+            dist.all_gather_object(out, obj)
         return out
 
     def broadcast(self, obj: Any) -> Any:
@@ -132,11 +149,25 @@ class TorchGroup(Group):
         import torch.distributed as dist
 
         box = [obj if self.main else None]
-        dist.broadcast_object_list(box, src=0)
+        with _lost_peers():
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
 
+@contextlib.contextmanager
+def _lost_peers() -> Iterator[None]:
+    """A collective that failed (gloo saw a peer's connection close: it was killed) waits for
+    the watchdog to name that rank; failing that, one line instead of gloo's message."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if _WATCHDOG is not None:
+            _WATCHDOG.closing.wait(_WATCHDOG.limit + 2 * _WATCHDOG.interval)  # it ends the process
+        raise RelexError(f"lost contact with the other ranks: {str(exc).splitlines()[0][:300]}") from exc
+
+
 _CURRENT: Group = Group()
+_WATCHDOG: watchdog.Watchdog | None = None
 
 
 def current() -> Group:
@@ -144,7 +175,7 @@ def current() -> Group:
     return _CURRENT
 
 
-def _launcher_environment() -> tuple[int, int, int] | None:
+def launcher_environment() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) from torchrun's or srun's variables; None when alone.
 
     SLURM: only srun's per-step SLURM_STEP_NUM_TASKS counts. The job-wide SLURM_NTASKS (and
@@ -161,10 +192,10 @@ def _launcher_environment() -> tuple[int, int, int] | None:
 def join(timeout: float = DEFAULT_TIMEOUT) -> Group:
     """Join the launcher's process group (gloo) if this process was started by torchrun or srun
     with several ranks; otherwise stay a group of one."""
-    global _CURRENT
+    global _CURRENT, _WATCHDOG
     if _CURRENT.distributed:
         return _CURRENT
-    found = _launcher_environment()
+    found = launcher_environment()
     if found is None:
         return _CURRENT
     rank, world, local = found
@@ -174,6 +205,7 @@ def join(timeout: float = DEFAULT_TIMEOUT) -> Group:
             f"distributed run (rank {rank} of {world}): set {' and '.join(missing)} to rank 0's host and a free "
             "port (torchrun sets them; under srun, export them in the job script: see docs/distributed.md)"
         )
+    limit = watchdog.limit_from_env()
     import torch.distributed as dist
 
     os.environ.setdefault("RANK", str(rank))
@@ -182,12 +214,20 @@ def join(timeout: float = DEFAULT_TIMEOUT) -> Group:
     log.debug("joining the process group: rank %d of %d (local %d)", rank, world, local)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
     _CURRENT = TorchGroup(rank, world, local)
+    store, store_host = watchdog.store_client(limit)
+    _WATCHDOG = watchdog.Watchdog(store, rank, world, limit, store_host)
+    _WATCHDOG.announce()
+    dist.barrier()  # every rank's first heartbeat is in the store before anyone reads them
+    _WATCHDOG.start()
     return _CURRENT
 
 
 def leave() -> None:
     """Leave the process group (at the end of a distributed command)."""
-    global _CURRENT
+    global _CURRENT, _WATCHDOG
+    if _WATCHDOG is not None:
+        _WATCHDOG.close()  # first: a finished rank must not look dead to the others
+        _WATCHDOG = None
     if _CURRENT.distributed:
         import torch.distributed as dist
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import shutil
@@ -157,6 +158,8 @@ def shared_output_dir(out: Path, group=None, overwrite: bool = False) -> Iterato
         with group.step("creating the output folder"):
             if group.main:
                 tmp = stack.enter_context(atomic_output_dir(out, overwrite))
+                # a rank that stops answering ends this process past every finally: remove it then too
+                stack.enter_context(group.cleanup_if_stopped(functools.partial(shutil.rmtree, tmp, ignore_errors=True)))
                 token = secrets.token_hex(16)
                 (tmp / TOKEN_NAME).write_text(token)
                 shared = (tmp.name, token)

@@ -1,7 +1,7 @@
 """Same bytes by construction (issue 23): a window whose tensors are large enough (1-2 MB) for a
 BLAS to split its products, merged and analysed in separate processes under every setting that
 used to change the arithmetic's order: reruns, worker threads, memory budgets (span sizes),
-OMP_NUM_THREADS and torchrun ranks. Every output and fit cache must be the same bytes.
+OMP_NUM_THREADS and torchrun ranks (2 and 3). Every output and fit cache must be the same bytes.
 
 On main before the fix the memory budget alone changed the Gram sums (span boundaries), and on
 MKL/AVX-512 machines reruns, threads and ranks did too."""
@@ -67,6 +67,7 @@ def test_outputs_and_fit_caches_are_the_same_bytes_whatever_threads_processes_an
         "OMP_NUM_THREADS=2": ([], {"OMP_NUM_THREADS": "2"}, 0),
         "torchrun 1": ([], {"OMP_NUM_THREADS": "1"}, 1),
         "torchrun 2": ([], {"OMP_NUM_THREADS": "2"}, 2),
+        "torchrun 3": ([], {"OMP_NUM_THREADS": "1"}, 3),
     }
     outputs = {}
     for i, (name, (flags, env, ranks)) in enumerate(variants.items()):

@@ -4,12 +4,16 @@ line from rank 0 and nothing left behind."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,7 +152,7 @@ def test_only_launched_tasks_join_a_group(monkeypatch, env, found):
             monkeypatch.delenv(name)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    assert process_group._launcher_environment() == found
+    assert process_group.launcher_environment() == found
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
@@ -323,17 +327,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_ranks(args: list[str], cwds: list[Path], patches: str = "", timeout: float = 180):
-    """Ranks 0 and 1 started by hand (each in its cwd), so that each rank's exit code is seen
-    (torchrun stops the others when one exits): (processes, [(stdout, stderr)])."""
+def two_ranks(args: list[str], cwds: list[Path], patches: str = "", timeout: float = 180, env: dict | None = None):
+    """Ranks 0 and 1 (one rank per folder in ``cwds``) started by hand, each in its cwd, so
+    that each rank's exit code is seen (torchrun stops the others when one exits), and rank 0
+    hosts the store as under srun: (processes, [(stdout, stderr)])."""
     port = str(_free_port())
     program = [str(REPO / "tests" / "patched_cli.py")] if patches else ["-m", "relex_merge"]
     procs = []
     for rank, cwd in enumerate(cwds):
         env = {
             **_env(),
+            **(env or {}),
             "RANK": str(rank),
-            "WORLD_SIZE": "2",
+            "WORLD_SIZE": str(len(cwds)),
             "LOCAL_RANK": str(rank),
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": port,
@@ -368,3 +374,80 @@ def test_an_output_folder_that_not_every_rank_sees_is_refused(qwen_run, tmp_path
     for rank in (0, 1):
         assert not (tmp_path / f"node{rank}" / "out" / "model").exists()
         assert not [p for p in (tmp_path / f"node{rank}").rglob("*") if p.is_file()]
+
+
+def _started(path: Path, within: float) -> float:
+    """Wait until ``path`` exists (a patched rank wrote its pid there); the time it appeared."""
+    end = time.monotonic() + within
+    while not path.exists():
+        assert time.monotonic() < end, f"{path.name} never appeared"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+SILENT = r"error: rank {rank} of 3 \({host}\) stopped answering (\d+) s ago \(killed or hung\); stopping every rank"
+
+
+def test_a_frozen_rank_is_named_within_the_silence_limit(qwen_run, tmp_path):
+    """torchrun, 3 ranks: rank 2 freezes mid-merge (SIGSTOP, so torchrun sees nothing wrong). The
+    others, blocked waiting for it, stop within the 5 s limit (not --timeout's 1800 s): one line
+    naming rank 2, a non-zero exit, no partial output."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [12, 20])
+    out, pid_file, log = tmp_path / "out", tmp_path / "frozen.pid", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3"]
+    cmd += [str(REPO / "tests" / "patched_cli.py"), str(cfg), str(out), "-q", "--threads", "1"]
+    env = {**_env(), "RELEX_TEST_PATCHES": "freeze_rank_2", "RELEX_TEST_PID_FILE": str(pid_file)}
+    env["RELEX_RANK_SILENCE_LIMIT"] = "5"
+    with log.open("w") as stderr:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        try:
+            frozen = _started(pid_file, within=120)
+            while not error_lines(subprocess.CompletedProcess([], 0, "", log.read_text())):
+                assert time.monotonic() - frozen < 40, log.read_text()[-3000:]
+                assert launcher.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.2)
+            waited = time.monotonic() - frozen
+        finally:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)  # else torchrun waits 30 s for it
+            launcher.wait(timeout=120)
+    assert launcher.returncode != 0
+    lines = error_lines(subprocess.CompletedProcess([], 0, "", log.read_text()))
+    assert len(lines) == 1, log.read_text()[-3000:]
+    assert re.fullmatch(SILENT.format(rank=2, host=re.escape(socket.gethostname())), lines[0]), lines
+    assert 5 <= int(re.search(r"(\d+) s ago", lines[0])[1]) <= 10
+    assert waited < 20, waited  # the limit and a few beats, on a loaded 2-core machine
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # rank 0 removed its partial output
+
+
+def test_a_killed_rank_0_that_hosts_the_store_is_named_by_rank_1(qwen_run, tmp_path):
+    """Three ranks started as srun starts them (rank 0 hosts the store); rank 0 is killed
+    mid-merge. Rank 1 names it within the limit, ranks 1 and 2 exit non-zero, rank 2 silently."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [12, 20])
+    pid_file = tmp_path / "killed.pid"
+    env = {"RELEX_RANK_SILENCE_LIMIT": "5", "RELEX_TEST_PID_FILE": str(pid_file)}
+    started = time.monotonic()
+    procs, results = two_ranks(
+        [str(cfg), str(tmp_path / "out"), "-q", "--threads", "1"], [REPO] * 3, patches="kill_rank_0", env=env
+    )
+    took = time.monotonic() - started
+    assert procs[0].returncode == -signal.SIGKILL
+    assert procs[1].returncode != 0 and procs[2].returncode != 0, results
+    lines = [line for line in results[1][1].splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, results[1][1][-3000:]
+    assert re.fullmatch(SILENT.format(rank=0, host=".+"), lines[0]), lines
+    assert not [line for line in results[2][1].splitlines() if line.startswith("error:")]  # one line in all
+    assert took < 90, took  # not --timeout's 1800 s
+
+
+def test_warnings_are_printed_once_and_debug_lines_name_the_rank(qwen_run, tmp_path):
+    """torchrun, 2 ranks: the plan's warning comes from rank 0 only; -v's log lines say whose."""
+    cfg = write_config(tmp_path / "c.yml", qwen_run, [1, 2, 3, 5, 6], [3, 12])  # 3: inside the window
+    result = torchrun(2, str(cfg), str(tmp_path / "out"), "-q", "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "lie inside the window" in warnings[0], result.stderr[-3000:]
+    debug = [line for line in result.stderr.splitlines() if "relex_merge." in line and ": " in line]
+    for rank in (0, 1):
+        assert any(line.startswith(f"rank {rank}/2 relex_merge.") for line in debug), result.stderr[-3000:]
+    assert not [line for line in debug if line.startswith("relex_merge.")]  # none unnamed
