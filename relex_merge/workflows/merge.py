@@ -247,10 +247,10 @@ def _write_side_files(
         header = "".join(f"# {line}\n" for line in _verdict_comment(verdict, stop))
         config_text = config.to_yaml()
         card = model_card(config, target, list(job.steps), summary, inputs, plan.warnings, verdict, stopped_at=stop)
-        if provenance is not None:
+        if provenance is not None:  # earlier stages by their names, not their deleted folders
             header += provenance.config_header
             config_text = provenance.restore_names(config_text)
-            card += provenance.card_section
+            card = provenance.restore_names(card) + provenance.card_section
             (folder / provenance.file_name).write_text(provenance.documents_yaml)
         (folder / "relex_config.yml").write_text(header + config_text)
         (folder / "README.md").write_text(card)

@@ -474,3 +474,30 @@ def test_a_stage_fingerprint_follows_the_files_that_choose_the_weights(tmp_path)
     assert stage_fingerprint(document, "") == before
     (folder / "latest").write_text("global_step9")
     assert stage_fingerprint(document, "") != before
+
+
+def test_a_final_relex_stage_names_its_input_stage_not_the_deleted_folder(tmp_path):
+    """The final relex stage's card (front matter, inputs table) named `.out.relex-stages/...`."""
+    from relex_merge.testing.synthetic import main as make_synthetic
+
+    make_synthetic([str(tmp_path / "runs" / "synthetic")])
+    denoise = {
+        "name": "denoised",
+        "merge_method": "relex",
+        "base_model": "runs/synthetic/base",
+        "trajectory": {"run_dir": "runs/synthetic", "steps": "1-8"},
+        "parameters": {"mode": "reconstruct", "target_step": 8},
+    }
+    final = {
+        "merge_method": "relex",
+        "base_model": "denoised",
+        "models": [{"model": f"runs/synthetic/checkpoint-{s}", "parameters": {"step": s + 2}} for s in (7, 8)],
+        "parameters": {"target_step": 12, "base_step": 8},
+    }
+    cfg = tmp_path / "two.yml"
+    cfg.write_text(yaml.safe_dump_all([denoise, final]))
+    result = run_cli(str(cfg), "out", "-q", cwd=tmp_path)
+    assert result.exit_code == 0, result.output
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ".relex-stages" not in card
+    assert "base_model: denoised\n" in card and "| `denoised` | 8 (base) |" in card
