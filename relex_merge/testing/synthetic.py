@@ -80,10 +80,17 @@ def tiny_config(arch: str = "qwen2", tied: bool = False, hidden: int = 32, layer
 def make_tiny_model(folder: Path, arch: str = "qwen2", tied: bool = False, seed: int = 0, **kw):
     """Save a randomly initialised tiny model and the char tokenizer to ``folder``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(arch, tied, **kw))
-    model.save_pretrained(folder)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per tiny checkpoint
+    try:
+        model.save_pretrained(folder)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     char_tokenizer().save_pretrained(folder)
     return model
 
