@@ -34,7 +34,8 @@ LAYER = [(768, 768)] * 4 + [(3072, 768), (3072, 768), (768, 3072)]
 
 
 def _shapes(n_checkpoints: int, memory: int) -> list[tuple[int, int]]:
-    """The embeddings and as many of the 12 layers as fit ``memory`` bytes for T + 1 copies."""
+    """The embeddings and as many of the 12 layers as fit ``memory`` bytes for T + 1 copies
+    (at least one layer)."""
     shapes = [(50304, 768)]
     for layer in range(12):
         more = shapes + LAYER
@@ -126,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         "| T | parameters | Gram, free / fixed (s) | outputs, free / fixed (s) | total, free / fixed (s) | cost |",
         "|---|---|---|---|---|---|",
     ]
+    shapes = _shapes(max(args.windows), int(args.memory * 1e9))  # one model for every T: rows compare
     for t in args.windows:
-        shapes = _shapes(t, int(args.memory * 1e9))
         tensors = _window(shapes, t)
         params = sum(a * b for a, b in shapes) / 1e6
         free, det = [], []

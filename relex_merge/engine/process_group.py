@@ -161,9 +161,9 @@ def _lost_peers() -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        if _WATCHDOG is not None:
-            _WATCHDOG.closing.wait(_WATCHDOG.limit + 2 * _WATCHDOG.interval)  # it ends the process
-        raise RelexError(f"lost contact with the other ranks: {str(exc).splitlines()[0][:300]}") from exc
+        left = _WATCHDOG.wait_for_verdict() if _WATCHDOG is not None else None  # or it ends the process
+        who = f"rank {left} left the run early; " if left is not None else ""
+        raise RelexError(f"lost contact with the other ranks: {who}{str(exc).splitlines()[0][:300]}") from exc
 
 
 _CURRENT: Group = Group()

@@ -73,6 +73,18 @@ class Watchdog:
         self.cleanups: list[Callable[[], None]] = []
         self._threads: list[threading.Thread] = []
 
+    def wait_for_verdict(self) -> int | None:
+        """After a collective failed: wait until the judge ends this process (a rank died or
+        froze) or a peer is seen to have left on purpose (returned: it failed alone and left;
+        there is nobody to wait for), at most ``limit`` and two beats."""
+        deadline = time.monotonic() + self.limit + 2 * self.interval
+        while time.monotonic() < deadline and not self.closing.is_set():
+            left = [peer for peer, (value, _) in self.seen.items() if value.startswith(_DONE)]
+            if left:
+                return left[0]
+            time.sleep(0.25)
+        return None
+
     def _key(self, rank: int) -> str:
         return f"relex-heartbeat/{rank}"
 
@@ -95,6 +107,20 @@ class Watchdog:
         self.closing.set()
         for thread in self._threads:
             thread.join(timeout=self.interval + 1)
+        if self.rank == self.store_host and self._threads:
+            self._wait_for_peers_to_leave()
+
+    def _wait_for_peers_to_leave(self) -> None:
+        """The store's host (rank 0 under srun) takes the store along when it exits: a peer still
+        finishing would find it gone and report rank 0. So it waits, at most ``limit`` seconds,
+        until every peer has marked itself done."""
+        keys = [self._key(r) for r in self.peers]
+        deadline = time.monotonic() + self.limit
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                if all(v.decode().startswith(_DONE) for v in self.store.multi_get(keys)):
+                    return
+                time.sleep(0.2)
 
     def _beat(self) -> None:
         keys = [self._key(r) for r in self.peers]
@@ -104,9 +130,8 @@ class Watchdog:
             try:
                 self.store.set(self._key(self.rank), f"{count} {self.host}")
                 self._read(keys)
-            except Exception:  # noqa: BLE001 - the store is gone: the judge counts the silence
-                log.debug("heartbeat: the store stopped answering", exc_info=True)
-                return
+            except Exception:  # noqa: BLE001 - the judge counts the silence; a passing fault heals
+                log.debug("heartbeat: the store did not answer", exc_info=True)
         with contextlib.suppress(Exception):
             self.store.set(self._key(self.rank), f"{_DONE} {self.host}")
 

@@ -24,6 +24,7 @@ __all__ = [
     "write_model_config",
     "copy_side_files",
     "tokenizer_folder",
+    "tokenizer_folders",
 ]
 
 TOKENIZER_FILES = (
@@ -205,6 +206,11 @@ def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | Non
 def _source_folders(path: Path) -> list[Path]:
     folder = path if path.is_dir() else path.parent
     return [folder, folder / "huggingface"]
+
+
+def tokenizer_folders(path: Path) -> list[Path]:
+    """Where ``copy_side_files`` looks for a model's tokenizer (beside it, or in huggingface/)."""
+    return _source_folders(path)
 
 
 def tokenizer_folder(path: Path, also: Iterable[Path] = ()) -> Path | None:

@@ -41,7 +41,13 @@ def analyze(
     group = process_group.current()
     out = Path(out_dir) if out_dir is not None else None
     with group.step("planning and checking the output folder"):  # a failure on one rank stops all
-        plan = plan_merge(load_config(config), options.allow_unsafe_pickle, require_targets=False, source=str(config))
+        plan = plan_merge(
+            load_config(config),
+            options.allow_unsafe_pickle,
+            require_targets=False,
+            source=str(config),
+            writes_models=False,
+        )
         engine = options.engine()
         if out is not None:
             check_output_path(out, plan.model_paths, options.overwrite)

@@ -29,7 +29,7 @@ from relex_merge.io.hf import (
     model_tensors,
     read_model_config,
 )
-from relex_merge.output.folders import tokenizer_folder
+from relex_merge.output.folders import tokenizer_folder, tokenizer_folders
 
 __all__ = ["MergePlan", "plan_merge", "check_targets"]
 
@@ -42,7 +42,7 @@ class MergePlan:
 
     config: RelexConfig  # expanded: models listed explicitly
     job: MergeJob
-    base_config: dict  # the base's config.json (or the last window checkpoint's: see _model_files)
+    base_config: dict | None  # the base's config.json, or the last window checkpoint's (see _model_files)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -237,8 +237,28 @@ def _check_tensors(base: CheckpointReader, checkpoints: list[CheckpointReader], 
                 raise RelexError(f"{reader.path}: tensor {name} is {b.dtype}, base has {a.dtype}")
 
 
-# config.json keys that say nothing about the model's function
-_CONFIG_NOISE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache", "architectures"}
+# config.json keys that fix a model's shapes and function. Only these are compared: the rest
+# (versions, rope and attention defaults a newer transformers writes out, pad_token_id a trainer
+# sets, auto_map, output_* flags) changes on every re-save of the same model.
+_ARCHITECTURE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+    "n_embd",
+    "n_layer",
+    "n_head",
+    "n_inner",
+    "num_experts",
+    "num_local_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+)
 
 
 def _mixed_window(config: RelexConfig, base_config: dict, checkpoints: list[CheckpointReader]) -> list[str]:
@@ -257,11 +277,9 @@ def _mixed_window(config: RelexConfig, base_config: dict, checkpoints: list[Chec
         )
     for model, reader in zip(config.models or [], checkpoints):
         other = read_model_config(model.model, reader.config_folders)
-        differ = sorted(
-            k
-            for k in set(other or {}) | set(base_config)
-            if k not in _CONFIG_NOISE and other and other.get(k) != base_config.get(k)
-        )
+        differ = [  # a key written by one config only is a default the other leaves implicit
+            k for k in _ARCHITECTURE_KEYS if other and k in other and k in base_config and other[k] != base_config[k]
+        ]
         if differ:
             key = differ[0]
             warnings.append(
@@ -299,15 +317,19 @@ def _model_files(
     base_reader: CheckpointReader,
     last: CheckpointReader,
     warnings: list[str],
-) -> tuple[RelexConfig, dict]:
+    writes_models: bool,
+) -> tuple[RelexConfig, dict | None]:
     """config.json and tokenizer files make an output loadable. A base that lacks them (a
     trainer's weights-only save) borrows the last window checkpoint's, with a warning; without
-    any config.json the output would not load, so the merge is refused."""
+    any config.json an output would not load, so a command that writes models is refused
+    (analyze, which writes none, goes on)."""
     base = Path(config.base_path)
     if base_config is None and find_model_config(base, base_reader.config_folders) is not None:
         base_config = read_model_config(base, base_reader.config_folders)
     if base_config is None:
         found = find_model_config(last.path, last.config_folders)
+        if found is None and not writes_models:
+            return config, None
         if found is None:
             raise RelexError(
                 f"{base}: the base model has no config.json, nor has the last window checkpoint {last.path}: the "
@@ -315,7 +337,10 @@ def _model_files(
             )
         base_config = read_model_config(found)
         warnings.append(f"the base model {base} has no config.json: the outputs take {found}")
-    if config.tokenizer_source is None and tokenizer_folder(base, base_reader.config_folders) is None:
+    own = tokenizer_folder(base, base_reader.config_folders)
+    if config.tokenizer_source is None and own is not None and own not in tokenizer_folders(base):
+        config = config.model_copy(update={"tokenizer_source": str(own)})  # beside a DeepSpeed tag, say
+    elif config.tokenizer_source is None and own is None and writes_models:
         folder = tokenizer_folder(Path(last.path), last.config_folders)
         if folder is None:
             warnings.append(
@@ -341,12 +366,17 @@ def _check_paths(config: RelexConfig) -> None:
 
 
 def plan_merge(
-    config: RelexConfig, allow_unsafe_pickle: bool = False, require_targets: bool = True, source: str | None = None
+    config: RelexConfig,
+    allow_unsafe_pickle: bool = False,
+    require_targets: bool = True,
+    source: str | None = None,
+    writes_models: bool = True,
 ) -> MergePlan:
     """Validate everything (headers only) and return the job; ``require_targets=False`` for
-    analyze, where targets only inform the verdict. ``source`` (the config file, or ``FILE:
-    document N``) starts the errors about the config's keys, as the parser's errors do; errors
-    about a checkpoint's contents name that checkpoint."""
+    analyze, where targets only inform the verdict; ``writes_models=False`` where no model
+    folder is written (analyze, watch without --out): nothing is needed to load one. ``source``
+    (the config file, or ``FILE: document N``) starts the errors about the config's keys, as the
+    parser's errors do; errors about a checkpoint's contents name that checkpoint."""
     discovered = config.trajectory is not None
     warnings: list[str] = []
     try:
@@ -361,7 +391,7 @@ def plan_merge(
     warnings.extend(more)
     base_config = _check_architectures(config)
     base, checkpoints = _open_all(config, allow_unsafe_pickle)
-    config, base_config = _model_files(config, base_config, base, checkpoints[-1], warnings)
+    config, base_config = _model_files(config, base_config, base, checkpoints[-1], warnings, writes_models)
     _check_base(config, base)
     for reader in checkpoints:  # a DCP save nested under model.: the reading with the base's names
         reader.align_names(base.names())

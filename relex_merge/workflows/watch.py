@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -59,6 +60,12 @@ __all__ = ["Watcher", "WatchUpdate"]
 log = logging.getLogger(__name__)
 
 Write = Literal["supported", "always", "never"]
+
+
+def _kind(warning: str) -> str:
+    """A warning without what changes as the window grows (paths, steps, counts, sizes,
+    parenthesised details): each kind of warning is shown once."""
+    return re.sub(r"\S*\d\S*", "#", re.sub(r"\s*\([^)]*\)", "", warning))
 
 
 @dataclass
@@ -157,12 +164,14 @@ class Watcher:
             update.waiting = f"{len(steps)} checkpoint(s) so far; the window needs at least 2"
             return update
         try:
-            plan = plan_merge(config, self.options.allow_unsafe_pickle, require_targets=False)
+            plan = plan_merge(
+                config, self.options.allow_unsafe_pickle, require_targets=False, writes_models=self.out is not None
+            )
         except WindowTooShort as exc:  # a longer window will do
             update.waiting = str(exc)
             return update
-        update.warnings = [w for w in plan.warnings if w not in self._warned]
-        self._warned.update(update.warnings)
+        update.warnings = [w for w in plan.warnings if _kind(w) not in self._warned]
+        self._warned.update(_kind(w) for w in update.warnings)
         start = time.perf_counter()
         if self.sketch is None:
             update.bytes_read, update.fresh = self._update_exact(plan, steps)

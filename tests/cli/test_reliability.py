@@ -311,6 +311,8 @@ def test_a_base_without_config_or_tokenizer(missing, qwen_run, tmp_path):
             "started from"
         ]
         assert not out.exists()
+        analysis = run_cli("analyze", str(cfg), "--out", str(tmp_path / "analysis"), "-q")  # writes no model
+        assert analysis.exit_code == 0, analysis.output
         return
     assert result.exit_code == 0, result.output
     taken = run / "checkpoint-4"
@@ -365,6 +367,11 @@ def test_a_window_that_is_not_one_model_gets_a_warning(odd, qwen_run, tmp_path):
         heads = config["num_attention_heads"]
         config["num_attention_heads"] = heads * 2
         (ckpt / "config.json").write_text(json.dumps(config))
+        # what a re-save by another transformers, or a trainer, changes: no warning for these
+        resaved = json.loads((run / "checkpoint-5" / "config.json").read_text())
+        resaved.update(transformers_version="4.43.0", pad_token_id=0, layer_types=None, _attn_implementation="sdpa")
+        resaved.pop("head_dim", None)
+        (run / "checkpoint-5" / "config.json").write_text(json.dumps(resaved))
         line = (
             f"warning: {ckpt}: its config.json differs from the base model's in num_attention_heads ({heads * 2} vs "
             f"{heads}): the outputs take the base's; check that the window is this model's run"
@@ -375,3 +382,24 @@ def test_a_window_that_is_not_one_model_gets_a_warning(odd, qwen_run, tmp_path):
     assert [x for x in result.stderr.splitlines() if x.startswith("warning: ")] == [line]
     clean = run_cli(str(write_config(tmp_path / "d.yml", run, [3, 4, 5, 6], 8)), str(tmp_path / "out2"), "-q")
     assert clean.exit_code == 0 and "warning: " not in clean.stderr, clean.output
+
+
+def test_a_tokenizer_beside_a_deepspeed_tag_base_is_copied(qwen_run, tmp_path):
+    """A base whose tokenizer sits in a folder its reader names (a DeepSpeed tag's parent) was
+    neither copied nor warned about."""
+    from types import SimpleNamespace
+
+    from relex_merge.config.schema import parse_config
+    from relex_merge.workflows.plan import _model_files
+
+    step = tmp_path / "checkpoint-2"
+    tag = step / "global_step2"
+    tag.mkdir(parents=True)
+    shutil.copy2(qwen_run / "base" / "tokenizer.json", step / "tokenizer.json")
+    config = parse_config(yaml.safe_load(write_config(tmp_path / "c.yml", qwen_run, [1, 2], 4).read_text()), "c.yml")
+    config = config.model_copy(update={"base_model": str(tag)})
+    base = SimpleNamespace(path=str(tag), config_folders=[step])
+    last = SimpleNamespace(path=str(qwen_run / "checkpoint-2"), config_folders=[])
+    warnings: list[str] = []
+    planned, _ = _model_files(config, {"model_type": "qwen2"}, base, last, warnings, True)
+    assert planned.tokenizer_source == str(step) and warnings == []

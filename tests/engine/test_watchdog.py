@@ -104,3 +104,61 @@ def test_a_bad_limit_is_one_line(monkeypatch, text):
     monkeypatch.setenv("RELEX_RANK_SILENCE_LIMIT", text)
     with pytest.raises(RelexError, match=r"^RELEX_RANK_SILENCE_LIMIT: expected seconds > 0, got"):
         watchdog.limit_from_env()
+
+
+def test_the_store_host_waits_for_its_peers_before_taking_the_store_along(monkeypatch):
+    """Under srun rank 0 hosts the store: leaving first, it made a peer still finishing report it."""
+    dog, store, clock = _dog(monkeypatch)
+    reads, finish_at = [], [3]
+
+    def multi_get(keys):
+        reads.append(keys)
+        if len(reads) == finish_at[0]:  # the peers finish while rank 0 waits
+            store.set("relex-heartbeat/1", "done node1")
+            store.set("relex-heartbeat/2", "done node2")
+        return [store.data[k].encode() for k in keys]
+
+    store.multi_get = multi_get
+    monkeypatch.setattr(watchdog.time, "sleep", lambda s: None)
+    dog._wait_for_peers_to_leave()
+    assert len(reads) == 3  # returned at the first reading where every peer was done
+    reads.clear()
+    finish_at[0] = 0
+    store.set("relex-heartbeat/1", "7 node1")  # a peer that never leaves: bounded by the limit
+    monkeypatch.setattr(watchdog.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    dog._wait_for_peers_to_leave()
+    assert 10 <= 0.2 * len(reads) <= 10.5
+
+
+def test_after_a_failed_collective_a_peer_that_left_is_named_at_once(monkeypatch):
+    dog, store, clock = _dog(monkeypatch)
+    monkeypatch.setattr(watchdog.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    assert dog.wait_for_verdict() is None  # nobody left: waited the limit and two beats
+    assert clock[0] == pytest.approx(100.0 + 10 + 2 * dog.interval, abs=0.3)
+    store.set("relex-heartbeat/2", "done node2")
+    dog._read([f"relex-heartbeat/{r}" for r in dog.peers])
+    assert dog.wait_for_verdict() == 2
+
+
+def test_one_failed_heartbeat_does_not_silence_a_rank_for_good():
+    import threading
+
+    class Flaky(_Store):
+        calls = 0
+
+        def set(self, key, value):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("connection reset")
+            super().set(key, value)
+
+    store = Flaky()
+    dog = Watchdog(store, 1, 2, 0.05, 0)
+    store.data["relex-heartbeat/0"] = "0 node0"
+    thread = threading.Thread(target=dog._beat)
+    thread.start()
+    threading.Event().wait(0.2)
+    dog.closing.set()
+    thread.join()
+    assert store.data["relex-heartbeat/1"].startswith("done")
+    assert Flaky.calls > 3  # it kept beating after the first failure
