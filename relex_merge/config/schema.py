@@ -355,5 +355,12 @@ def load_config(path: str | Path) -> RelexConfig:
     """A single-document relex config."""
     documents = load_documents(path)
     if len(documents) != 1:
-        raise RelexError(f"{path}: expected one YAML document, found {len(documents)}")
+        relex = [n for n, d in enumerate(documents, 1) if isinstance(d, dict) and d.get("merge_method") == "relex"]
+        hint = (
+            f"; this command takes one relex config: put document {relex[0]} (a relex stage) in a file of its "
+            "own, with its stage names replaced by paths"
+            if relex
+            else ""
+        )
+        raise RelexError(f"{path}: expected one YAML document, found {len(documents)}{hint}")
     return parse_config(documents[0], str(path))

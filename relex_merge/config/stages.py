@@ -4,6 +4,7 @@ document is the final output. Stages run in dependency order."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,9 @@ def parse_stages(documents: list[Any], source: str, known_methods: Iterable[str]
             raise RelexError(f"{where}: expected a YAML mapping")
         method = doc.get("merge_method")
         if not isinstance(method, str):
-            raise RelexError(f"{where}: merge_method: required (relex or a mergekit method)")
+            near = difflib.get_close_matches("merge_method", [str(k) for k in doc], n=1)
+            typo = f"; is '{near[0]}' a misspelling of it?" if near and near[0] != "merge_method" else ""
+            raise RelexError(f"{where}: merge_method: required (relex or a mergekit method){typo}")
         if method not in known:
             raise RelexError(f"{where}: merge_method: unknown method {method!r} (known: {', '.join(sorted(known))})")
         name = doc.get("name")
@@ -99,7 +102,9 @@ def parse_stages(documents: list[Any], source: str, known_methods: Iterable[str]
                     raise RelexError(f"{source}: {stage.label} uses itself as an input")
                 deps.append(ref)
             elif len(stages) > 1 and not Path(ref).exists():
-                raise RelexError(f"{source}: {stage.label}: '{ref}' is neither a stage name nor an existing path")
+                near = difflib.get_close_matches(ref, sorted(names), n=1)
+                hint = f" (did you mean stage '{near[0]}'?)" if near else ""
+                raise RelexError(f"{source}: {stage.label}: '{ref}' is neither a stage name nor an existing path{hint}")
         resolved.append(Stage(stage.name, stage.number, stage.document, tuple(dict.fromkeys(deps))))
     return _topological(resolved, source)
 

@@ -8,6 +8,7 @@ import contextlib
 import difflib
 import io
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from relex_merge.common.errors import RelexError
 from relex_merge.output.folders import atomic_output_dir, check_output_path
 from relex_merge.output.provenance import Provenance
 
-__all__ = ["known_methods", "parse_mergekit_config", "run_mergekit", "readable"]
+__all__ = ["known_methods", "parse_mergekit_config", "check_mergekit_inputs", "run_mergekit", "readable"]
 
 
 def known_methods() -> list[str]:
@@ -128,6 +129,49 @@ def _unknown(message: str, key: str, allowed: list[str]) -> None:
     raise RelexError(f"{message} ({suggestion})")
 
 
+def check_mergekit_inputs(document: dict, where: str, stages: Iterable[str] = ()) -> None:
+    """What mergekit finds only while merging, found before any stage runs, in one line that
+    names the model: a model folder without config.json (mergekit reads every model's), and a
+    tensor whose shape differs from the base's (mergekit's message names neither model).
+    Shapes are not compared when a ``tokenizer``/``tokenizer_source`` setting lets mergekit align
+    vocabularies of different sizes. ``stages``: names of earlier stages (made later, skipped)."""
+    from relex_merge.io.formats import open_checkpoint
+
+    config = parse_mergekit_config(document, where)
+    skip = set(stages)
+    models = [ref.model.path for ref in config.referenced_models() if ref.model.path not in skip]
+    models = [Path(p) for p in dict.fromkeys(models) if Path(p).is_dir()]  # missing paths: said elsewhere
+    for path in models:
+        if not (path / "config.json").is_file():
+            raise RelexError(
+                f"{where}: {path} has no config.json, which mergekit reads for every model; copy it from the "
+                "model the run started from"
+            )
+    if config.tokenizer is not None or config.tokenizer_source is not None or len(models) < 2:
+        return
+    base = Path(config.base_model.model.path) if config.base_model else models[0]
+    if base not in models:
+        return
+    try:
+        readers = {path: open_checkpoint(path) for path in models}
+    except RelexError:
+        return  # a format we cannot read headers of: mergekit will say what it thinks
+    reference = readers[base]
+    known = set(reference.names())
+    try:
+        for path, reader in readers.items():
+            for name in reader.names():
+                if name in known and reader.meta(name).shape != reference.meta(name).shape:
+                    raise RelexError(
+                        f"{where}: {path}: tensor {name} has shape {list(reader.meta(name).shape)}, {base} has "
+                        f"{list(reference.meta(name).shape)}: mergekit merges tensors of one shape (for "
+                        "vocabularies of different sizes, set tokenizer: {source: union})"
+                    )
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
 def _local_models(config) -> list[Path]:
     paths = []
     for ref in config.referenced_models():
@@ -192,14 +236,19 @@ def run_mergekit(
     config_yaml = yaml.safe_dump({k: v for k, v in document.items() if k != "name"}, sort_keys=False)
     with atomic_output_dir(out, overwrite) as tmp:
         # mergekit logs and prints through tqdm; keep our terminal output ours when quiet
+        from transformers.utils import logging as hf_logging
+
         sink = io.StringIO()
         redirect = contextlib.redirect_stderr(sink) if quiet else contextlib.nullcontext()
-        level = logging.getLogger().level
+        level, verbosity = logging.getLogger().level, hf_logging.get_verbosity()
+        if quiet:  # transformers' handler holds the real stderr: the redirect does not reach it
+            hf_logging.set_verbosity_error()
         try:
             with redirect:
                 run_merge(config, str(tmp), options=options)
         finally:
             logging.getLogger().setLevel(level)
+            hf_logging.set_verbosity(verbosity)
         base = config.base_model.model.path if config.base_model else None
         card = _card(config_yaml, base, config.merge_method)
         if provenance is not None:

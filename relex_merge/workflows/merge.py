@@ -31,7 +31,7 @@ from relex_merge.engine import (
     run_job,
     share_of,
 )
-from relex_merge.interop.mergekit_runner import known_methods, parse_mergekit_config, run_mergekit
+from relex_merge.interop.mergekit_runner import check_mergekit_inputs, known_methods, run_mergekit
 from relex_merge.io.fingerprints import input_record
 from relex_merge.io.hf import is_hf_model
 from relex_merge.output.card import model_card
@@ -359,7 +359,7 @@ def run_merge(
                 if stage.name is not None and len(stages) > 1:
                     _check_one_target(parsed.parameters, where)
             else:
-                parse_mergekit_config(stage.document, where)
+                check_mergekit_inputs(stage.document, where, [s.name for s in stages if s.name])
         if options.lazy and options.intermediate_dir is None:
             raise RelexError("--lazy: give --intermediate-dir, where finished stages are kept")
         check_output_path(out, [], options.overwrite)

@@ -501,3 +501,48 @@ def test_a_final_relex_stage_names_its_input_stage_not_the_deleted_folder(tmp_pa
     card = (tmp_path / "out" / "README.md").read_text()
     assert ".relex-stages" not in card
     assert "base_model: denoised\n" in card and "| `denoised` | 8 (base) |" in card
+
+
+@pytest.mark.parametrize("mistake", ["shape", "no config", "stage typo", "method key typo", "analyze"])
+def test_a_mergekit_stages_inputs_are_checked_before_any_stage_runs(mistake, tmp_path, monkeypatch):
+    """mergekit found these while merging, after the relex stage had run: a model of another shape
+    ("Tensor size mismatch ... Align vocabulary axes", naming no model), a base without config.json
+    ("Unrecognized model"); and two typos had no did-you-mean."""
+    import shutil
+
+    from relex_merge.testing.synthetic import main as make_synthetic
+    from relex_merge.workflows import merge
+
+    ran = []
+    monkeypatch.setattr(merge, "execute_merge", lambda *args, **kwargs: ran.append(args))
+    make_synthetic([str(tmp_path / "runs" / "synthetic")])
+    run = tmp_path / "runs" / "synthetic"
+    docs = list(yaml.safe_load_all((REPO / "merge_configs" / "relex-then-ties.yml").read_text()))
+    if mistake == "shape":  # another model's weights where the domain fine-tune should be
+        shutil.copy2(
+            REPO / "demo" / "run" / "base" / "model.safetensors", run / "domain-finetune" / "model.safetensors"
+        )
+        expected = "document 2: runs/synthetic/domain-finetune: tensor model.embed_tokens.weight has shape [83, 64], "
+        expected += "runs/synthetic/base has [83, 32]: mergekit merges tensors of one shape"
+    elif mistake == "no config":
+        (run / "domain-finetune" / "config.json").unlink()
+        expected = "document 2: runs/synthetic/domain-finetune has no config.json, which mergekit reads for every model"
+    elif mistake == "stage typo":
+        docs[1]["models"][0]["model"] = "rl-extrapolatd"
+        expected = (
+            "document 2: 'rl-extrapolatd' is neither a stage name nor an existing path "
+            "(did you mean stage 'rl-extrapolated'?)"
+        )
+    elif mistake == "method key typo":
+        docs[1]["merge_methd"] = docs[1].pop("merge_method")
+        expected = "document 2: merge_method: required (relex or a mergekit method); is 'merge_methd' a misspelling"
+    else:
+        expected = "expected one YAML document, found 2; this command takes one relex config: put document 1"
+    cfg = tmp_path / "two.yml"
+    cfg.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    args = ["analyze", "two.yml"] if mistake == "analyze" else ["two.yml", "out"]
+    result = run_cli(*args, cwd=tmp_path)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: two.yml: {expected}"), lines
+    assert ran == [] and not (tmp_path / "out").exists()
