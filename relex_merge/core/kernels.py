@@ -50,8 +50,11 @@ __all__ = [
 ]
 
 # The Gram reduction unit: whole rows, about this many elements (at least one row). A constant:
-# it must not depend on the memory budget, the worker count or the machine.
-CHUNK_ELEMENTS = 1 << 16
+# it must not depend on the memory budget, the worker count or the machine. 256 Ki elements:
+# a chunk holds whole blocks at T <= 8 (smaller chunks cut the blocks short: +14% against the
+# free-order kernels at T = 8 with 64 Ki, +7% with 256 Ki; bench/determinism_cost.py), and at
+# T = 30 in fp32 a chunk's inputs (31 MB) still fit one span (SPAN_BYTES).
+CHUNK_ELEMENTS = 1 << 18
 
 # A block's deltas (T x block in the compute dtype) should stay in cache. One worker alone is
 # fastest with blocks in L2 (1 MB on the 2-core bench machine), but the workers share the GIL
