@@ -8,6 +8,9 @@ finds them through a registry, so a new command is one new file.
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 import click
 
 from relex_merge.common.registry import Registry
@@ -33,6 +36,12 @@ class RelexGroup(click.Group):
     def parse_args(self, ctx, args):
         """Prepend ``merge`` when the first argument is not a subcommand (or help/version)."""
         if args and args[0] not in REGISTRY and args[0] not in ("--help", "-h", "--version"):
+            near = difflib.get_close_matches(args[0], REGISTRY.names(), n=1, cutoff=0.75)
+            if near and not Path(args[0]).exists():  # `relex-merge analyse ...`: not a config file
+                click.echo(
+                    f"error: {args[0]}: neither a command nor a config file (did you mean '{near[0]}'?)", err=True
+                )
+                ctx.exit(2)
             args = ["merge", *args]
         return super().parse_args(ctx, args)
 

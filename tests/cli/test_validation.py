@@ -719,3 +719,14 @@ def test_a_step_range_past_the_checkpoints_found_says_which_are_missing(qwen_run
     assert (
         quiet.exit_code == 0 and [line for line in quiet.stderr.splitlines() if not line.startswith("verdict: ")] == []
     )
+
+
+def test_a_misspelt_command_is_named_not_taken_for_a_config(tmp_path):
+    """`relex-merge analyse C` said "analyse: config file not found"."""
+    result = run_cli("analyse", "c.yml", cwd=tmp_path)
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "error: analyse: neither a command nor a config file (did you mean 'analyze'?)"
+    ]
+    (tmp_path / "analyse").write_text("merge_method: relex\n")  # a config that happens to be named so
+    assert "did you mean" not in run_cli("analyse", "out", cwd=tmp_path).stderr
