@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from relex_merge.common.errors import RelexError
+from relex_merge.io.formats import open_checkpoint
 from relex_merge.output.folders import atomic_output_dir, check_output_path
 from relex_merge.output.provenance import Provenance
 
@@ -135,8 +136,6 @@ def check_mergekit_inputs(document: dict, where: str, stages: Iterable[str] = ()
     tensor whose shape differs from the base's (mergekit's message names neither model).
     Shapes are not compared when a ``tokenizer``/``tokenizer_source`` setting lets mergekit align
     vocabularies of different sizes. ``stages``: names of earlier stages (made later, skipped)."""
-    from relex_merge.io.formats import open_checkpoint
-
     config = parse_mergekit_config(document, where)
     skip = set(stages)
     models = [ref.model.path for ref in config.referenced_models() if ref.model.path not in skip]
