@@ -261,7 +261,7 @@ _ARCHITECTURE_KEYS = (
 )
 
 
-def _mixed_window(config: RelexConfig, base_config: dict, checkpoints: list[CheckpointReader]) -> list[str]:
+def _mixed_window(config: RelexConfig, base_config: dict | None, checkpoints: list[CheckpointReader]) -> list[str]:
     """Warnings for a window that is not one model saved again and again: a checkpoint stored in
     another precision (its rounding enters the fit as movement along the run), or a config.json
     that describes another model than the base's (the outputs take the base's)."""
@@ -275,6 +275,8 @@ def _mixed_window(config: RelexConfig, base_config: dict, checkpoints: list[Chec
             f"{odd[0][0]}{more}: stored in {_dtype_name(odd[0][1])}, the rest of the window in {_dtype_name(usual)}: "
             "the rounding enters the fit as movement; convert the window to one precision (relex-merge convert)"
         )
+    if base_config is None:  # analyze of a base without config.json: nothing to compare with
+        return warnings
     for model, reader in zip(config.models or [], checkpoints):
         other = read_model_config(model.model, reader.config_folders)
         differ = [  # a key written by one config only is a default the other leaves implicit

@@ -313,6 +313,10 @@ def test_a_base_without_config_or_tokenizer(missing, qwen_run, tmp_path):
         assert not out.exists()
         analysis = run_cli("analyze", str(cfg), "--out", str(tmp_path / "analysis"), "-q")  # writes no model
         assert analysis.exit_code == 0, analysis.output
+        # an earlier checkpoint's config.json alone: nothing to compare it with (was a TypeError)
+        shutil.copy2(qwen_run / "checkpoint-1" / "config.json", run / "checkpoint-1" / "config.json")
+        analysis = run_cli("analyze", str(cfg), "--out", str(tmp_path / "analysis2"), "-q")
+        assert analysis.exit_code == 0, analysis.output
         return
     assert result.exit_code == 0, result.output
     taken = run / "checkpoint-4"
