@@ -203,20 +203,16 @@ def write_model_config(base_config: dict | None, dst: Path, out_dtype: str | Non
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def _source_folders(path: Path) -> list[Path]:
-    folder = path if path.is_dir() else path.parent
-    return [folder, folder / "huggingface"]
-
-
 def tokenizer_folders(path: Path) -> list[Path]:
     """Where ``copy_side_files`` looks for a model's tokenizer (beside it, or in huggingface/)."""
-    return _source_folders(path)
+    folder = path if path.is_dir() else path.parent
+    return [folder, folder / "huggingface"]
 
 
 def tokenizer_folder(path: Path, also: Iterable[Path] = ()) -> Path | None:
     """The folder holding a checkpoint's tokenizer files: beside it, in huggingface/ (verl) or in
     one of ``also`` (a reader's ``config_folders``); None when it has none."""
-    for folder in [*_source_folders(path), *also]:
+    for folder in [*tokenizer_folders(path), *also]:
         if any((folder / n).is_file() for n in TOKENIZER_FILES):
             return folder
     return None
@@ -225,13 +221,13 @@ def tokenizer_folder(path: Path, also: Iterable[Path] = ()) -> Path | None:
 def copy_side_files(base: Path, tokenizer_source: Path | None, dst: Path) -> list[str]:
     """Copy generation config and tokenizer files; returns the names copied."""
     copied = []
-    for folder in _source_folders(base):
+    for folder in tokenizer_folders(base):
         gen = folder / "generation_config.json"
         if gen.is_file():
             shutil.copy2(gen, dst / gen.name)
             copied.append(gen.name)
             break
-    for folder in _source_folders(tokenizer_source or base):
+    for folder in tokenizer_folders(tokenizer_source or base):
         found = [folder / n for n in TOKENIZER_FILES if (folder / n).is_file()]
         if found:
             for file in found:

@@ -326,7 +326,7 @@ def _model_files(
     any config.json an output would not load, so a command that writes models is refused
     (analyze, which writes none, goes on)."""
     base = Path(config.base_path)
-    if base_config is None and find_model_config(base, base_reader.config_folders) is not None:
+    if base_config is None:  # beside a DeepSpeed tag, say: in the reader's config folders
         base_config = read_model_config(base, base_reader.config_folders)
     if base_config is None:
         found = find_model_config(last.path, last.config_folders)
