@@ -312,6 +312,10 @@ DAMAGED = {
         lambda p: _raw_safetensors(p, {}, length=100 * 1024 * 1024 + 1),
         "{f}: truncated safetensors header ({size} bytes, header says 104857601); re-copy or re-save it",
     ),
+    "a header exactly at safetensors' 100 MB cap": (  # the cap itself is allowed, as safetensors allows it
+        lambda p: p.write_bytes(struct.pack("<Q", 100 * 1024 * 1024) + b"{}".ljust(100 * 1024 * 1024)) and p,
+        None,
+    ),
     "not JSON": (
         lambda p: p.write_bytes(struct.pack("<Q", 4) + b"{x: " + b"\0" * 8) and p,
         "{f}: corrupt safetensors header (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))",
@@ -348,6 +352,43 @@ def test_damaged_safetensors_files_are_named_with_what_is_wrong(case, tmp_path):
     with pytest.raises(RelexError) as caught:
         read_safetensors_header(f)
     assert str(caught.value) == expected.format(f=f, size=f.stat().st_size)
+
+
+def test_row_spans_of_a_misaligned_tensor_and_of_a_one_row_tensor(tmp_path):
+    """A tensor whose data does not start at a multiple of its item size (a writer that does not
+    pad the header) cannot be mapped: view falls back to a copy of the same rows. A tensor of
+    one row is one row's bytes."""
+    from relex_merge.io.formats.safetensors import SafetensorsReader
+
+    b, c = torch.arange(6, dtype=torch.float32).reshape(3, 2), torch.arange(4, dtype=torch.float32).reshape(1, 4)
+    header = {"a": _entry((1,), 0, 1, "U8"), "b": _entry((3, 2), 1, 25), "c": _entry((1, 4), 25, 41)}
+    text = json.dumps(header)
+    text += " " * ((1 - (8 + len(text) + 1)) % 4)  # b starts 1 byte past a multiple of 4
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(struct.pack("<Q", len(text)) + text.encode() + b"\x07" + b.numpy().tobytes() + c.numpy().tobytes())
+    reader = SafetensorsReader(f)
+    assert (8 + len(text) + 1) % 4 == 1
+    for rows in [None, (1, 3), (2, 3)]:
+        expected = b if rows is None else b[rows[0] : rows[1]]
+        assert torch.equal(reader.view("b", rows), expected) and torch.equal(reader.read("b", rows), expected)
+    assert torch.equal(reader.read("c", (0, 1)), c) and torch.equal(reader.view("c", (0, 1)), c)
+    reader.close()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts this process's descriptors in /proc")
+def test_a_reader_opens_each_file_once_however_many_spans_it_reads(qwen_run):
+    """A window of 30 checkpoints is read span by span, thousands of reads: a descriptor per
+    read would run out of them (EMFILE) on a large model."""
+    from relex_merge.io.formats.safetensors import SafetensorsReader
+
+    reader = SafetensorsReader(qwen_run / "checkpoint-1" / "model.safetensors")
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    for _ in range(20):
+        for name in reader.names():
+            reader.read(name)
+            reader.view(name)
+    assert len(list(Path("/proc/self/fd").iterdir())) <= before + 1
+    reader.close()
 
 
 def test_a_sharded_folder_whose_index_or_shards_disagree_is_refused(tmp_path):
